@@ -1,0 +1,13 @@
+"""Test set-up: 8 simulated CPU devices and a private, offline data dir.
+
+Both must happen before JAX's backend starts, so they live at import time here.
+"""
+import os
+import tempfile
+
+os.environ.setdefault("JAXACCEL_DATA_DIR", tempfile.mkdtemp(prefix="jaxaccel-tfds-"))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
