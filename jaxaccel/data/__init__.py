@@ -1,0 +1,148 @@
+"""Datasets as TFDS array_record files, read with random access and no TensorFlow.
+
+Built-in datasets (`digits`, `mnist5k`) and image folders are prepared on first use under
+the data dir and reused afterwards; TFDS catalog datasets (`mnist`, `cifar10`, ...) are only
+read from a data dir where they were prepared beforehand (nothing is ever downloaded).
+
+    source = get_source("mnist5k", "train")
+    batches = TrainBatches(source, dataset_spec("mnist5k"), global_batch_size=128, seed=0)
+    batch = batches.batch(step)   # {"image": float32 (B,H,W,C), "label": int32 (B,)}
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from jaxaccel.data import builders
+from jaxaccel.data.catalog import (
+    BUILTIN_SPECS,
+    CATALOG_SPECS,
+    DatasetSpec,
+    catalog_builder,
+    catalog_is_prepared,
+    default_data_dir,
+    not_prepared_error,
+)
+from jaxaccel.data.pipeline import (
+    ExampleSource,
+    TrainBatches,
+    eval_batches,
+    normalize,
+    read_arrays,
+)
+
+__all__ = [
+    "DATASETS",
+    "FOLDER_DATASET",
+    "DatasetSpec",
+    "ExampleSource",
+    "TrainBatches",
+    "dataset_spec",
+    "default_data_dir",
+    "eval_batches",
+    "get_source",
+    "is_prepared",
+    "list_datasets",
+    "normalize",
+    "prepare",
+    "read_arrays",
+]
+
+FOLDER_DATASET = "image_folder"
+
+DATASETS: dict[str, DatasetSpec] = {**BUILTIN_SPECS, **CATALOG_SPECS}
+
+
+def _check_name(name: str, path: str | None) -> str:
+    """The dataset's kind; ValueError for unknown names or a missing/extra folder path."""
+    if name == FOLDER_DATASET:
+        if not path:
+            raise ValueError(f"dataset {FOLDER_DATASET!r} needs path=<folder with train/ and test/>")
+        return "folder"
+    if name not in DATASETS:
+        valid = ", ".join([*DATASETS, FOLDER_DATASET])
+        raise ValueError(f"unknown dataset {name!r}; valid names: {valid}")
+    return DATASETS[name].kind
+
+
+def _builder(name: str, data_dir: str, path: str | None) -> Any:
+    """A TFDS builder for `name`, preparing built-in datasets and folders if needed."""
+    kind = _check_name(name, path)
+    if kind == "catalog":
+        builder = catalog_builder(name, data_dir)
+        if builder is None:
+            raise not_prepared_error(name, data_dir)
+        return builder
+    if kind == "folder":
+        builder = builders.folder_builder(builders.scan_folder(path), data_dir)
+    else:
+        builder = builders.builtin_builder(name, data_dir)
+    builders.prepare_builder(builder)
+    return builder
+
+
+def prepare(name: str, *, data_dir: str | None = None, path: str | None = None) -> None:
+    """Write the dataset's array_record files unless already prepared (idempotent).
+
+    Catalog datasets cannot be prepared offline: ValueError if they are not in `data_dir`.
+    """
+    _builder(name, default_data_dir(data_dir), path)
+
+
+def is_prepared(name: str, *, data_dir: str | None = None, path: str | None = None) -> bool:
+    """Whether `name` can be read from the data dir without building or downloading anything."""
+    kind = _check_name(name, path)
+    data_dir = default_data_dir(data_dir)
+    if kind == "catalog":
+        return catalog_is_prepared(name, data_dir)
+    if kind == "folder":
+        version_dir = builders.folder_version_dir(data_dir, builders.scan_folder(path))
+        return (version_dir / "dataset_info.json").exists()
+    return builders.builtin_builder(name, data_dir).is_prepared()
+
+
+def list_datasets(data_dir: str | None = None) -> list[tuple[str, bool]]:
+    """(name, prepared?) for every built-in and known catalog dataset, for `jaxaccel datasets`."""
+    return [(name, is_prepared(name, data_dir=data_dir)) for name in DATASETS]
+
+
+def dataset_spec(name: str, *, path: str | None = None, data_dir: str | None = None) -> DatasetSpec:
+    """Shape, classes and normalisation of a dataset.
+
+    For `image_folder` the folder is prepared if needed: classes are its train subfolders,
+    the shape is the images' common size, mean/std are measured on its train split.
+    """
+    kind = _check_name(name, path)
+    if kind != "folder":
+        return DATASETS[name]
+    info = _builder(name, default_data_dir(data_dir), path).info
+    metadata = info.metadata or {}
+    return DatasetSpec(
+        name=FOLDER_DATASET,
+        num_classes=info.features["label"].num_classes,
+        image_shape=tuple(int(d) for d in info.features["image"].shape),
+        mean=tuple(metadata["mean"]),
+        std=tuple(metadata["std"]),
+        kind="folder",
+    )
+
+
+_SPLIT_NAME = re.compile(r"^\s*([\w\-]+)")
+
+
+def get_source(
+    name: str, split: str, *, data_dir: str | None = None, path: str | None = None
+) -> ExampleSource:
+    """Random-access source of `{"image": uint8 HWC, "label": int}` for one split.
+
+    Prepares built-in datasets and folders on first use. `split` is "train"/"test" (catalog
+    datasets: their own split names) with optional TFDS slicing, e.g. "train[:10%]".
+    """
+    data_dir = default_data_dir(data_dir)
+    builder = _builder(name, data_dir, path)
+    base = _SPLIT_NAME.match(split)
+    splits = list(builder.info.splits.keys())
+    if base is None or (splits and base.group(1) not in splits):
+        raise ValueError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(splits)}")
+    return ExampleSource(builder.as_data_source(split=split), name=name, split=split)
