@@ -1,0 +1,74 @@
+"""Small plain CNNs: `CNN3` (three conv/pool stages, no BN) and `CNNBN` (two stages with BN)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxaccel.models.layers import conv, max_pool
+
+# BatchNorm settings shared by every BN model: PyTorch's momentum 0.1 (flax's 0.9) and eps.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def batch_norm(train: bool, dtype: Any, axis_name: str | None, name: str) -> nn.BatchNorm:
+    """BatchNorm with float32 params, running stats used at eval, optional cross-device sync."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        axis_name=axis_name,
+        name=name,
+    )
+
+
+class CNN3(nn.Module):
+    """conv1-conv2-conv3 (3x3 SAME + ReLU + 2x2 max-pool each), fc1 + ReLU, fc2."""
+
+    num_classes: int
+    features: Sequence[int] = (32, 64, 128)
+    hidden: int = 128
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = x.astype(self.dtype)
+        for i, f in enumerate(self.features):
+            x = conv(f, 3, padding="SAME", dtype=self.dtype, conv_impl=self.conv_impl, name=f"conv{i + 1}")(x)
+            x = max_pool(nn.relu(x), 2, conv_impl=self.conv_impl)
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)
+        return x.astype(jnp.float32)
+
+
+class CNNBN(nn.Module):
+    """conv1(32)+bn1+ReLU+pool, conv2(64)+bn2+ReLU+pool, fc. With `use_bn=False` the convs carry biases."""
+
+    num_classes: int
+    features: Sequence[int] = (32, 64)
+    use_bn: bool = True
+    bn_axis_name: str | None = None
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = x.astype(self.dtype)
+        for i, f in enumerate(self.features):
+            x = conv(
+                f, 3, padding="SAME", use_bias=not self.use_bn, dtype=self.dtype,
+                conv_impl=self.conv_impl, name=f"conv{i + 1}",
+            )(x)
+            if self.use_bn:
+                x = batch_norm(train, self.dtype, self.bn_axis_name, f"bn{i + 1}")(x)
+            x = max_pool(nn.relu(x), 2, conv_impl=self.conv_impl)
+        x = x.reshape((x.shape[0], -1))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+        return x.astype(jnp.float32)

@@ -1,0 +1,52 @@
+"""LeNet-300-100 (fully connected) and Caffe's LeNet-5 (20-50-500), as used in pruning papers."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxaccel.models.layers import conv, max_pool
+
+
+class LeNet300100(nn.Module):
+    """flatten, fc1(300) ReLU, fc2(100) ReLU, fc3(num_classes)."""
+
+    num_classes: int
+    hidden: Sequence[int] = (300, 100)
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"  # unused (no convs); accepted so every model has the same fields
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = x.astype(self.dtype).reshape((x.shape[0], -1))
+        for i, h in enumerate(self.hidden):
+            x = nn.relu(nn.Dense(h, dtype=self.dtype, name=f"fc{i + 1}")(x))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name=f"fc{len(self.hidden) + 1}")(x)
+        return x.astype(jnp.float32)
+
+
+class LeNet5(nn.Module):
+    """conv1(20, 5x5) pool, conv2(50, 5x5) pool, fc1(500) ReLU, fc2. No ReLU after convs (Caffe).
+
+    `padding="SAME"` lets it run on tiny inputs such as 8x8 digits.
+    """
+
+    num_classes: int
+    features: Sequence[int] = (20, 50)
+    hidden: int = 500
+    padding: str = "VALID"
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = x.astype(self.dtype)
+        for i, f in enumerate(self.features):
+            x = conv(f, 5, padding=self.padding, dtype=self.dtype, conv_impl=self.conv_impl, name=f"conv{i + 1}")(x)
+            x = max_pool(x, 2, conv_impl=self.conv_impl)
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)
+        return x.astype(jnp.float32)

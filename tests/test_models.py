@@ -1,0 +1,187 @@
+"""Tests for jaxaccel.models: shapes, exact parameter counts, registry errors, dtypes, BN."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxaccel.models import MODELS, get_model, init_variables
+
+KEY = jax.random.key(0)
+
+
+def abstract(model, shape):
+    """Variables' shapes without running (or compiling) the initialisers."""
+    v = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1,) + shape), train=False), KEY)
+    return {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
+
+
+def n_params(tree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def apply(model, variables, x, train=False):
+    if train:
+        return model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return model.apply(variables, x, train=False)
+
+
+@pytest.mark.parametrize(
+    "name,shape,kwargs",
+    [
+        ("cnn3", (32, 32, 3), {}),
+        ("cnn3", (28, 28, 1), {}),
+        ("lenet300_100", (28, 28, 1), {}),
+        ("lenet5", (28, 28, 1), {}),
+        ("lenet5", (8, 8, 1), {"padding": "SAME"}),
+        ("resnet20", (32, 32, 3), {}),
+        ("cnn_bn", (28, 28, 1), {}),
+    ],
+)
+def test_output_shape_and_dtype(name, shape, kwargs):
+    model = get_model(name, 10, **kwargs)
+    variables = init_variables(model, KEY, shape)
+    assert set(variables) == {"params", "batch_stats"}
+    x = jax.random.normal(KEY, (3,) + shape)
+    y = apply(model, variables, x)
+    assert y.shape == (3, 10) and y.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(y)))
+
+
+@pytest.mark.parametrize(
+    "name,shape,count",
+    [
+        ("cnn3", (32, 32, 3), 356_810),
+        ("lenet300_100", (28, 28, 1), 266_610),
+        ("lenet5", (28, 28, 1), 431_080),
+        # Projection shortcuts (option B): 269,722 (option A, the paper's 0.27M) + 2,752.
+        ("resnet20", (32, 32, 3), 272_474),
+        ("cnn_bn", (28, 28, 1), 50_282),
+    ],
+)
+def test_parameter_counts(name, shape, count):
+    assert n_params(abstract(get_model(name, 10), shape)["params"]) == count
+
+
+def test_init_variables_accepts_nhwc_and_rejects_bad_shape():
+    model = get_model("cnn3", 10)
+    a = init_variables(model, KEY, (32, 32, 3))
+    b = init_variables(model, KEY, (4, 32, 32, 3))
+    chex.assert_trees_all_equal(a, b)
+    assert a["batch_stats"] == {}
+    with pytest.raises(ValueError, match="input_shape"):
+        init_variables(model, KEY, (32, 3))
+
+
+def test_names_follow_contract():
+    p = abstract(get_model("cnn3", 10), (32, 32, 3))["params"]
+    assert sorted(p) == ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    assert p["conv2"]["kernel"].shape == (3, 3, 32, 64) and p["fc2"]["kernel"].shape == (128, 10)
+    p = abstract(get_model("lenet300_100", 10), (28, 28, 1))["params"]
+    assert sorted(p) == ["fc1", "fc2", "fc3"]
+    p = abstract(get_model("lenet5", 10), (28, 28, 1))["params"]
+    assert sorted(p) == ["conv1", "conv2", "fc1", "fc2"] and p["conv1"]["kernel"].shape == (5, 5, 1, 20)
+    v = abstract(get_model("resnet20", 10), (32, 32, 3))
+    blocks = [f"stage{s}_block{b}" for s in (1, 2, 3) for b in (1, 2, 3)]
+    assert sorted(v["params"]) == sorted(["conv_init", "bn_init", "fc"] + blocks)
+    for blk in blocks:
+        has_proj = blk in ("stage2_block1", "stage3_block1")
+        expected = {"conv1", "bn1", "conv2", "bn2"} | ({"proj_conv", "proj_bn"} if has_proj else set())
+        assert set(v["params"][blk]) == expected
+        assert set(v["batch_stats"][blk]["bn1"]) == {"mean", "var"}
+    assert v["params"]["stage3_block1"]["proj_conv"]["kernel"].shape == (1, 1, 32, 64)
+    assert "bias" not in v["params"]["stage1_block1"]["conv1"]
+    p = abstract(get_model("cnn_bn", 10), (28, 28, 1))["params"]
+    assert sorted(p) == ["bn1", "bn2", "conv1", "conv2", "fc"]
+
+
+def test_unknown_name_dtype_impl_field():
+    with pytest.raises(ValueError, match=r"'vgg'.*cnn3.*resnet20"):
+        get_model("vgg", 10)
+    with pytest.raises(ValueError, match="'float64'"):
+        get_model("cnn3", 10, dtype="float64")
+    with pytest.raises(ValueError, match="'cudnn'"):
+        get_model("cnn3", 10, conv_impl="cudnn")
+    with pytest.raises(ValueError, match="bogus"):
+        get_model("cnn3", 10, bogus=3)
+    with pytest.raises(ValueError, match="width"):
+        get_model("cnn3", 10, width=0.0)
+    with pytest.raises(ValueError, match="inner_widths"):
+        abstract(get_model("resnet20", 10, inner_widths=(4, 4)), (32, 32, 3))
+    assert set(MODELS) == {"cnn3", "lenet300_100", "lenet5", "resnet20", "cnn_bn"}
+
+
+@pytest.mark.parametrize("name,shape", [("cnn3", (32, 32, 3)), ("resnet20", (16, 16, 3))])
+def test_bfloat16_compute_float32_params_and_logits(name, shape):
+    m32 = get_model(name, 10)
+    m16 = get_model(name, 10, dtype="bfloat16")
+    v = init_variables(m16, KEY, shape)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(v))
+    x = jax.random.normal(KEY, (2,) + shape)
+    y16, y32 = apply(m16, v, x), apply(m32, v, x)
+    assert y16.dtype == jnp.float32
+    # Computed in bfloat16: close to, but not bit-identical with, the float32 result.
+    assert not np.array_equal(np.asarray(y16), np.asarray(y32))
+    np.testing.assert_allclose(y16, y32, atol=0.1 * float(jnp.abs(y32).max()) + 0.05)
+    # The HLO really computes convs/dots in bfloat16.
+    hlo = jax.jit(lambda v, x: m16.apply(v, x)).lower(v, x).as_text()
+    assert "bf16" in hlo
+
+
+@pytest.mark.parametrize("name,shape", [("cnn_bn", (28, 28, 1)), ("resnet20", (32, 32, 3))])
+def test_use_bn_false_has_conv_biases_and_no_bn(name, shape):
+    with_bn = abstract(get_model(name, 10), shape)
+    without = init_variables(get_model(name, 10, use_bn=False), KEY, shape)
+    assert without["batch_stats"] == {}
+    flat_with = {"/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(with_bn["params"])}
+    flat_without = {"/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(without["params"])}
+    assert not any("bn" in p for p in flat_without)
+    convs = {p.rsplit("/", 1)[0] for p in flat_with if p.endswith("kernel") and "conv" in p}
+    for c in convs:
+        assert f"{c}/kernel" in flat_without and f"{c}/bias" in flat_without
+        assert f"{c}/bias" not in flat_with
+    y = apply(get_model(name, 10, use_bn=False), without, jnp.ones((2,) + shape))
+    assert y.shape == (2, 10)
+
+
+def test_width_multiplier():
+    p = abstract(get_model("cnn3", 10, width=0.5), (32, 32, 3))["params"]
+    assert p["conv1"]["kernel"].shape == (3, 3, 3, 16)
+    assert p["conv3"]["kernel"].shape == (3, 3, 32, 64)
+    assert p["fc1"]["kernel"].shape == (4 * 4 * 64, 64)
+    p = abstract(get_model("lenet300_100", 10, width=0.001), (28, 28, 1))["params"]
+    assert p["fc1"]["kernel"].shape == (784, 1)  # min width 1
+    p = abstract(get_model("resnet20", 10, width=2.0), (32, 32, 3))["params"]
+    assert p["stage3_block3"]["conv2"]["kernel"].shape == (3, 3, 128, 128)
+    # Explicit fields win over the multiplier; inner widths are per block.
+    inner = (4, 5, 6, 7, 8, 9, 10, 11, 12)
+    p = abstract(get_model("resnet20", 10, width=2.0, inner_widths=inner), (32, 32, 3))["params"]
+    assert p["stage2_block2"]["conv1"]["kernel"].shape == (3, 3, 64, 8)
+    assert p["stage2_block2"]["conv2"]["kernel"].shape == (3, 3, 8, 64)
+    p = abstract(get_model("cnn3", 10, width=0.5, features=(8, 8, 8)), (32, 32, 3))["params"]
+    assert p["conv3"]["kernel"].shape == (3, 3, 8, 8) and p["fc1"]["kernel"].shape == (128, 64)
+
+
+@pytest.mark.parametrize("name,shape", [("cnn_bn", (28, 28, 1)), ("resnet20", (16, 16, 3))])
+def test_batch_stats_update_in_train_mode_only(name, shape):
+    model = get_model(name, 10)
+    v = init_variables(model, KEY, shape)
+    x = 3.0 + 2.0 * jax.random.normal(KEY, (4,) + shape)
+    y, updates = apply(model, v, x, train=True)
+    assert y.shape == (4, 10)
+    old, new = jax.tree.leaves(v["batch_stats"]), jax.tree.leaves(updates["batch_stats"])
+    assert len(old) == len(new) and all(not np.allclose(a, b) for a, b in zip(old, new))
+    # Eval mode uses running statistics and is deterministic per example.
+    y_eval = apply(model, v, x)
+    y_eval_one = apply(model, v, x[:1])
+    np.testing.assert_allclose(y_eval[:1], y_eval_one, rtol=1e-5, atol=1e-5)
+
+
+def test_bn_axis_name_syncs_statistics_across_devices():
+    model = get_model("cnn_bn", 10, bn_axis_name="batch")
+    v = init_variables(model, KEY, (8, 8, 1))
+    n = min(2, jax.local_device_count())
+    x = jax.random.normal(KEY, (n, 4, 8, 8, 1)) + jnp.arange(n, dtype=jnp.float32)[:, None, None, None, None]
+    _, upd = jax.pmap(lambda x: model.apply(v, x, train=True, mutable=["batch_stats"]), axis_name="batch")(x)
+    means = upd["batch_stats"]["bn1"]["mean"]
+    np.testing.assert_allclose(means[0], means[-1], rtol=1e-5, atol=1e-6)
