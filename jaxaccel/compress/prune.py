@@ -68,13 +68,14 @@ def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         raise ValueError(f"unknown {name}={value!r}; valid choices: {', '.join(map(repr, choices))}")
 
 
-def _is_traced(x: Any) -> bool:
+def is_traced(x: Any) -> bool:
+    """True for values only known at run time (inside jit), which cannot be validated."""
     return isinstance(x, jax.core.Tracer)
 
 
-def _check_fraction(value: Any, what: str) -> None:
-    """Concrete values must lie in [0, 1); traced values are taken on trust."""
-    if _is_traced(value):
+def check_fraction(value: Any, what: str) -> None:
+    """ValueError unless ``value`` lies in [0, 1); traced values are taken on trust."""
+    if is_traced(value):
         return
     try:
         v = float(value)
@@ -337,7 +338,7 @@ def magnitude_masks(
             if path not in prunable:
                 raise ValueError(f"per_layer path {path!r} is not a prunable leaf; "
                                  f"valid: {', '.join(prunable)}")
-            _check_fraction(value, f"per_layer[{path!r}]")
+            check_fraction(value, f"per_layer[{path!r}]")
     if scope == "global" and (granularity != "unstructured" or distribution != "uniform"
                               or per_layer):
         raise ValueError(f"scope='global' supports only granularity='unstructured' with "
@@ -351,10 +352,10 @@ def magnitude_masks(
         for p in prunable:
             new[p] = _nm_mask(weights[p], n, m, priors[p])
     elif scope == "global":
-        _check_fraction(sparsity, "sparsity")
+        check_fraction(sparsity, "sparsity")
         new = _global_masks({p: weights[p] for p in prunable}, sparsity, priors)
     else:
-        _check_fraction(sparsity, "sparsity")
+        check_fraction(sparsity, "sparsity")
         layer_sparsity = {p: sparsity for p in prunable}
         if distribution == "erk" and prunable:
             erk = _erk_sparsities([np.shape(weights[p]) for p in prunable], sparsity)
@@ -381,7 +382,7 @@ def _check_nm(weights, prunable, sparsity, n, m, distribution, per_layer) -> Non
     if distribution != "uniform" or per_layer:
         raise ValueError(f"granularity='n:m' fixes every layer to {n}:{m}; "
                          f"distribution={distribution!r} and per_layer do not apply")
-    if sparsity is not None and not _is_traced(sparsity) and \
+    if sparsity is not None and not is_traced(sparsity) and \
             abs(float(sparsity) - (1 - n / m)) > 1e-6:
         raise ValueError(f"granularity='n:m' with n={n}, m={m} means sparsity {1 - n / m}; "
                          f"got sparsity={sparsity!r} (pass None)")
