@@ -1,0 +1,279 @@
+"""Experiment configs: loading `get_config()` files, command-line overrides, validation.
+
+An experiment is a Python file exposing `get_config()` that returns an ml_collections
+`ConfigDict`, usually built from `default_config()` with a few fields changed. This module
+is the one place that knows the schema: every choice the framework accepts is listed in
+`CHOICES`, and `validate` turns any bad value into a `ConfigError` naming it and the valid
+choices.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+# Keys that only change how a run is executed, not what it computes. A resumed run may
+# change them without being refused as a different experiment.
+RUNTIME_KEYS = ("parallel", "distributed", "log_every", "eval_every", "checkpoint_every",
+                "keep_checkpoints", "progress", "num_steps")
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer.name": ("sgd", "adam", "adamw"),
+    "optimizer.schedule": ("constant", "cosine", "warmup_cosine", "piecewise"),
+    "parallel.strategy": ("data", "fsdp", "pmap"),
+    "model.dtype": ("float32", "bfloat16"),
+    "nonfinite": ("stop", "skip"),
+}
+
+
+class ConfigError(ValueError):
+    """A bad experiment config or override; the message is one line meant for users."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with its default. Experiments override a few."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "mnist5k"
+    c.dataset.path = ""            # image_folder: root with train/ and test/ subfolders
+    c.dataset.data_dir = ""        # "" -> $JAXACCEL_DATA_DIR or ~/.cache/jaxaccel/tfds
+    c.dataset.train_split = "train"
+    c.dataset.test_split = "test"
+    c.dataset.crop_padding = 0     # random crop after zero padding (0 = off)
+    c.dataset.flip = False         # random horizontal flip
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "cnn3"
+    c.model.width = 1.0
+    c.model.dtype = "float32"
+    c.model.conv_impl = "auto"
+    c.model.kwargs = ml_collections.ConfigDict()  # extra model fields, e.g. padding="SAME"
+
+    c.batch_size = 128             # global, across all devices and processes
+    c.eval_batch_size = 512
+    c.num_steps = 1000
+    c.label_smoothing = 0.0
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adam"
+    c.optimizer.lr = 1e-3
+    c.optimizer.momentum = 0.9     # sgd
+    c.optimizer.nesterov = False   # sgd
+    c.optimizer.b1 = 0.9           # adam/adamw
+    c.optimizer.b2 = 0.999
+    c.optimizer.weight_decay = 0.0  # adamw: decoupled; sgd/adam: added to the gradient (L2)
+    c.optimizer.grad_clip_norm = 0.0  # 0 = off
+    c.optimizer.schedule = "constant"
+    c.optimizer.warmup_steps = 0
+    c.optimizer.boundaries = (0,)  # piecewise: steps where lr is multiplied by decay_factor
+    c.optimizer.decay_factor = 0.1
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.strategy = "data"
+    c.parallel.cpu_devices = 0     # >0: simulate this many CPU devices (before the backend starts)
+    c.parallel.num_devices = 0     # >0: use only the first N devices (single process); 0 = all
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # host:port; "" -> env vars or single process
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+
+    c.log_every = 50
+    c.eval_every = 0               # 0 -> only at the end
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 2
+    c.progress = True              # progress bar when attached to a terminal
+    c.init_from = ""               # workdir or checkpoint dir to start from (transfer learning)
+    c.nonfinite = "stop"
+    return c
+
+
+def load_experiment(path: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
+    """Import an experiment file, call its `get_config()` and apply `key=value` overrides."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path!r}")
+    module = _import_file(path)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path!r} has no get_config() function")
+    config = module.get_config()
+    apply_overrides(config, overrides or [])
+    return config
+
+
+def _import_file(path: str):
+    spec = importlib.util.spec_from_file_location(
+        "jaxaccel_experiment_" + os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """Apply `a.b=value` strings (values parsed as Python literals, else kept as strings)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        set_value(config, key.strip(), parse_value(raw))
+
+
+def parse_value(raw: str) -> Any:
+    """`'0.1'` -> 0.1, `'true'` -> True, `'(1,2)'` -> (1, 2); anything else stays a string."""
+    low = raw.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def set_value(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """Set a dotted key, refusing unknown keys and values of the wrong type."""
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(_unknown_key(config, ".".join(parts[: i + 1])))
+        node = node[part]
+    leaf = parts[-1]
+    if not isinstance(node, ml_collections.ConfigDict):
+        raise ConfigError(_unknown_key(config, key))
+    if key.startswith("model.kwargs."):
+        node[leaf] = value  # free-form model fields, validated by the model itself
+        return
+    if leaf not in node:
+        raise ConfigError(_unknown_key(config, key))
+    old = node[leaf]
+    if isinstance(old, ml_collections.ConfigDict):
+        raise ConfigError(f"override {key!r} names a section, not a value; "
+                          f"valid keys: {', '.join(sorted(old.keys()))}")
+    value = _coerce(key, old, value)
+    node[leaf] = value
+
+
+def _coerce(key: str, old: Any, value: Any) -> Any:
+    if isinstance(old, bool) or isinstance(value, bool):
+        if isinstance(old, bool) and isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected {type(old).__name__}")
+    if isinstance(old, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(old, tuple) and isinstance(value, (int, float)):
+        value = (value,)
+    if isinstance(old, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if old is not None and not isinstance(value, type(old)):
+        raise ConfigError(f"{key}={value!r}: expected {type(old).__name__}, "
+                          f"got {type(value).__name__}")
+    return value
+
+
+def _unknown_key(config: ml_collections.ConfigDict, key: str) -> str:
+    keys = flat_keys(config)
+    close = difflib.get_close_matches(key, keys, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown config key {key!r}{hint}"
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of a config."""
+    out = []
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out.extend(flat_keys(v, prefix + k + "."))
+        else:
+            out.append(prefix + k)
+    return out
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check every choice and range the trainer relies on; raise ConfigError if bad."""
+    from jaxaccel import data, models  # local: keeps `import jaxaccel.config` light
+
+    for key, choices in CHOICES.items():
+        value = _get(config, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+    if config.model.name not in models.MODELS:
+        raise ConfigError(f"model.name={config.model.name!r} is not valid; "
+                          f"choose one of: {', '.join(sorted(models.MODELS))}")
+    datasets = sorted(data.DATASETS) + [data.FOLDER_DATASET]
+    if config.dataset.name not in datasets:
+        raise ConfigError(f"dataset.name={config.dataset.name!r} is not valid; "
+                          f"choose one of: {', '.join(datasets)}")
+    if config.dataset.name == "image_folder" and not os.path.isdir(config.dataset.path or ""):
+        raise ConfigError(f"dataset.path={config.dataset.path!r}: image folder not found")
+    for key in ("batch_size", "eval_batch_size"):
+        if _get(config, key) <= 0:
+            raise ConfigError(f"{key}={_get(config, key)} must be positive")
+    if config.num_steps < 0:
+        raise ConfigError(f"num_steps={config.num_steps} must be >= 0")
+    if config.optimizer.lr <= 0:
+        raise ConfigError(f"optimizer.lr={config.optimizer.lr} must be positive")
+    if config.model.width <= 0:
+        raise ConfigError(f"model.width={config.model.width} must be positive")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        raise ConfigError(f"label_smoothing={config.label_smoothing} must be in [0, 1)")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        if _get(config, key) <= 0:
+            raise ConfigError(f"{key}={_get(config, key)} must be positive")
+
+
+def validate_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """The global batch must split evenly over the devices."""
+    for key in ("batch_size", "eval_batch_size"):
+        if _get(config, key) % num_devices:
+            raise ConfigError(f"{key}={_get(config, key)} is not divisible by the "
+                              f"{num_devices} devices; use a multiple of {num_devices}")
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    """Stable JSON of a config (what `workdir/config.json` holds)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """Rebuild a config from `to_json` output; lists become tuples as in the original."""
+    def tuples(x):
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return tuple(tuples(v) for v in x)
+        return x
+    return ml_collections.ConfigDict(tuples(json.loads(text)))
+
+
+def differences(saved: ml_collections.ConfigDict, requested: ml_collections.ConfigDict) -> list[str]:
+    """Dotted keys whose values differ, ignoring keys that only affect execution."""
+    a = dict(_flat_items(saved))
+    b = dict(_flat_items(requested))
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k.split(".")[0] in RUNTIME_KEYS:
+            continue
+        if a.get(k) != b.get(k):
+            out.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return out
+
+
+def _flat_items(config: ml_collections.ConfigDict, prefix: str = ""):
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            yield from _flat_items(v, prefix + k + ".")
+        else:
+            yield prefix + k, tuple(v) if isinstance(v, list) else v

@@ -1,0 +1,73 @@
+"""Config loading, overrides and validation."""
+import os
+
+import ml_collections
+import pytest
+
+from jaxaccel import config as config_lib
+
+
+def test_overrides_parse_and_coerce():
+    c = config_lib.default_config()
+    config_lib.apply_overrides(c, ["optimizer.lr=0.01", "num_steps=7", "dataset.flip=true",
+                                   "optimizer.boundaries=(5,9)", "optimizer.momentum=1",
+                                   "model.kwargs.padding=SAME"])
+    assert c.optimizer.lr == 0.01 and c.num_steps == 7 and c.dataset.flip is True
+    assert c.optimizer.boundaries == (5, 9)
+    assert isinstance(c.optimizer.momentum, float)
+    assert c.model.kwargs.padding == "SAME"
+
+
+@pytest.mark.parametrize("item,needle", [
+    ("optimizer.lrr=0.1", "did you mean optimizer.lr"),
+    ("nosuch=1", "nosuch"),
+    ("num_steps=abc", "expected int"),
+    ("dataset.flip=3", "expected bool"),
+    ("optimizer=1", "section"),
+    ("num_steps", "key=value"),
+])
+def test_bad_overrides(item, needle):
+    with pytest.raises(config_lib.ConfigError, match=needle):
+        config_lib.apply_overrides(config_lib.default_config(), [item])
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("optimizer.name", "lion", "adamw"),
+    ("parallel.strategy", "tp", "fsdp"),
+    ("model.name", "vit", "cnn3"),
+    ("dataset.name", "imagenet", "mnist5k"),
+    ("optimizer.schedule", "linear", "warmup_cosine"),
+    ("batch_size", 0, "positive"),
+    ("label_smoothing", 1.5, "label_smoothing"),
+])
+def test_validate_names_bad_value_and_choices(key, value, needle):
+    c = config_lib.default_config()
+    config_lib.set_value(c, key, value)
+    with pytest.raises(config_lib.ConfigError, match=needle):
+        config_lib.validate(c)
+
+
+def test_batch_must_divide_devices():
+    c = config_lib.default_config()
+    c.batch_size = 60
+    with pytest.raises(config_lib.ConfigError, match="divisible by the 8 devices"):
+        config_lib.validate_devices(c, 8)
+
+
+def test_json_round_trip_and_differences():
+    c = config_lib.default_config()
+    back = config_lib.from_json(config_lib.to_json(c))
+    assert config_lib.differences(c, back) == []
+    back.optimizer.lr = 0.5
+    back.log_every = 3  # runtime-only: ignored
+    assert config_lib.differences(c, back) == ["optimizer.lr: 0.001 -> 0.5"]
+
+
+def test_experiments_load_and_validate():
+    import glob
+    root = os.path.join(os.path.dirname(__file__), "..", "experiments")
+    for path in glob.glob(os.path.join(root, "*.py")):
+        c = config_lib.load_experiment(path)
+        assert isinstance(c, ml_collections.ConfigDict)
+        if c.dataset.name in ("digits", "mnist5k"):
+            config_lib.validate(c)
