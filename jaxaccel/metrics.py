@@ -44,6 +44,12 @@ class MetricWriter:
                     self._tb.add_scalar(f"{prefix}/{k}", v, step)
             self._tb.flush()
 
+    def __enter__(self) -> "MetricWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

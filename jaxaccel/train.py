@@ -6,7 +6,9 @@ evaluation, results.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -26,6 +28,7 @@ import optax
 from jaxaccel import checkpoint as ckpt_lib
 from jaxaccel import config as config_lib
 from jaxaccel import data, metrics, models, parallel
+from jaxaccel.preemption import Preempted, PreemptionGuard
 
 log = logging.getLogger("jaxaccel")
 
@@ -222,6 +225,65 @@ def transfer(state: TrainState, source_workdir: str) -> tuple[TrainState, list[s
 # ----------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------
+class Runner:
+    """Compiled train/eval steps for one model and optimizer on one mesh and strategy.
+
+    Hides the difference between `jit` (data, fsdp) and `pmap`: `run_step`, `run_eval`,
+    `to_device`/`to_host` (host = an unreplicated state, what checkpoints hold).
+    """
+
+    def __init__(self, setup: Setup, mesh, strategy: str):
+        config, spec = setup.config, setup.spec
+        self.setup, self.mesh, self.strategy = setup, mesh, strategy
+        pmap = strategy == "pmap"
+        axis = parallel.AXIS if pmap else None
+        step_fn = make_train_step(setup.model, setup.tx, setup.schedule,
+                                  num_classes=spec.num_classes,
+                                  label_smoothing=config.label_smoothing, axis_name=axis,
+                                  skip_nonfinite=config.nonfinite == "skip")
+        eval_fn = make_eval_step(setup.model, num_classes=spec.num_classes, axis_name=axis)
+        self.abstract = jax.eval_shape(setup.init_state, jax.random.PRNGKey(0))
+        if pmap:
+            devices = list(mesh.devices.flat)
+            split = lambda b: parallel.split_for_pmap(b, len(devices))  # noqa: E731
+            p_step = jax.pmap(step_fn, axis_name=parallel.AXIS, donate_argnums=(0,),
+                              devices=devices)
+            p_eval = jax.pmap(eval_fn, axis_name=parallel.AXIS, devices=devices)
+            self.shardings = None
+            self._init = jax.jit(setup.init_state)
+            self.run_step = lambda s, b: p_step(s, split(b))
+            self.run_eval = lambda s, b: parallel.unreplicate(
+                p_eval(s.params, s.batch_stats, split(b)))
+            self.to_device = lambda s: parallel.replicate(s, devices)
+            self.to_host = parallel.unreplicate
+        else:
+            sh = parallel.state_shardings(self.abstract, mesh, strategy)
+            batch_sh, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+            j_step = jax.jit(step_fn, in_shardings=(sh, batch_sh), out_shardings=(sh, rep),
+                             donate_argnums=(0,))
+            j_eval = jax.jit(eval_fn, in_shardings=(sh.params, sh.batch_stats, batch_sh),
+                             out_shardings=rep)
+            self.shardings = sh
+            self._init = jax.jit(setup.init_state, out_shardings=sh)
+            self.run_step = lambda s, b: j_step(s, parallel.shard_batch(b, mesh))
+            self.run_eval = lambda s, b: j_eval(s.params, s.batch_stats,
+                                                parallel.shard_batch(b, mesh))
+            self.to_device = lambda s: jax.device_put(s, sh)
+            self.to_host = lambda s: s
+
+    def init(self, rng: jax.Array) -> TrainState:
+        """A fresh state, placed for this strategy."""
+        state = self._init(rng)
+        return self.to_device(state) if self.strategy == "pmap" else state
+
+    def restore_target(self) -> Any:
+        """Abstract state with this strategy's shardings, for orbax restores."""
+        return ckpt_lib.abstract_like(self.abstract, self.shardings)
+
+    def host_step(self, state: TrainState) -> int:
+        return int(self.to_host(state).step)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict:
     """Train (or resume) the experiment `config` in `workdir`; returns the results dict."""
     # -- Set-up ------------------------------------------------------------------------
@@ -231,7 +293,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     parallel.initialize_distributed(config.distributed.coordinator_address,
                                     config.distributed.num_processes,
                                     config.distributed.process_id)
-    strategy = config.parallel.strategy
     num_devices = config.parallel.num_devices or jax.device_count()
     if config.parallel.num_devices and jax.process_count() > 1:
         raise config_lib.ConfigError("parallel.num_devices must be 0 in a multi-process run")
@@ -241,91 +302,80 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     _prepare_workdir(config, workdir, overwrite=overwrite, is_main=is_main)
 
     setup = build(config)
-    spec = setup.spec
-    data_dir = config.dataset.data_dir or None
-    path = config.dataset.path or None
+    data_dir, path = config.dataset.data_dir or None, config.dataset.path or None
     train_source = data.get_source(config.dataset.name, config.dataset.train_split,
                                    data_dir=data_dir, path=path)
     test_source = data.get_source(config.dataset.name, config.dataset.test_split,
                                   data_dir=data_dir, path=path)
-    batches = data.TrainBatches(train_source, spec, global_batch_size=config.batch_size,
+    batches = data.TrainBatches(train_source, setup.spec, global_batch_size=config.batch_size,
                                 seed=config.seed, crop_padding=config.dataset.crop_padding,
                                 flip=config.dataset.flip, process_index=pid,
                                 process_count=pcount)
+    evaluate = functools.partial(evaluate_source, source=test_source, spec=setup.spec,
+                                 batch_size=config.eval_batch_size, process_index=pid,
+                                 process_count=pcount)
 
     # -- Model, optimizer & shardings ----------------------------------------------------
-    mesh = parallel.make_mesh(num_devices)
-    step_fn = make_train_step(setup.model, setup.tx, setup.schedule,
-                              num_classes=spec.num_classes,
-                              label_smoothing=config.label_smoothing,
-                              axis_name=parallel.AXIS if strategy == "pmap" else None,
-                              skip_nonfinite=config.nonfinite == "skip")
-    eval_fn = make_eval_step(setup.model, num_classes=spec.num_classes,
-                             axis_name=parallel.AXIS if strategy == "pmap" else None)
-    rng = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(setup.init_state, rng)
-    if strategy == "pmap":
-        shardings = jax.tree.map(lambda _: None, abstract)
-        init = jax.jit(setup.init_state)
-        devices = list(mesh.devices.flat)
-        p_step = jax.pmap(step_fn, axis_name=parallel.AXIS, donate_argnums=(0,),
-                          devices=devices)
-        p_eval = jax.pmap(eval_fn, axis_name=parallel.AXIS, devices=devices)
-        run_step = lambda s, b: p_step(s, parallel.split_for_pmap(b, len(devices)))  # noqa: E731
-        run_eval = lambda s, b: parallel.unreplicate(  # noqa: E731
-            p_eval(s.params, s.batch_stats, parallel.split_for_pmap(b, len(devices))))
-        to_device = lambda s: parallel.replicate(s, devices)  # noqa: E731
-        to_host = parallel.unreplicate
-    else:
-        shardings = parallel.state_shardings(abstract, mesh, strategy)
-        init = jax.jit(setup.init_state, out_shardings=shardings)
-        batch_sh = parallel.batch_sharding(mesh)
-        rep = parallel.replicated(mesh)
-        j_step = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
-                         out_shardings=(shardings, rep), donate_argnums=(0,))
-        j_eval = jax.jit(eval_fn, in_shardings=(shardings.params, shardings.batch_stats,
-                                                batch_sh), out_shardings=rep)
-        run_step = lambda s, b: j_step(s, parallel.shard_batch(b, mesh))  # noqa: E731
-        run_eval = lambda s, b: j_eval(s.params, s.batch_stats,  # noqa: E731
-                                       parallel.shard_batch(b, mesh))
-        to_device = lambda s: s  # noqa: E731
-        to_host = lambda s: s  # noqa: E731
+    runner = Runner(setup, parallel.make_mesh(num_devices), config.parallel.strategy)
 
     # -- Load checkpoint (resume) or initialise -----------------------------------------
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     latest = checkpointer.latest_step()
     if latest is not None:
-        restore_target = ckpt_lib.abstract_like(abstract, None if strategy == "pmap"
-                                                else shardings)
-        state, meta = checkpointer.restore(latest, restore_target)
+        state, _ = checkpointer.restore(latest, runner.restore_target())
+        state = runner.to_device(state) if runner.strategy == "pmap" else state
         log.info("resumed from step %d (%s)", latest, checkpointer.directory)
     else:
-        state = init(rng)
+        state = runner.init(jax.random.PRNGKey(config.seed))
         if config.init_from:
-            state, reinit = transfer(state, config.init_from)
+            state, reinit = transfer(runner.to_host(state), config.init_from)
+            state = runner.to_device(state)
             log.info("initialised from %s; re-initialised (shape mismatch): %s",
                      config.init_from, ", ".join(reinit) or "none")
-            if strategy != "pmap":
-                state = jax.device_put(state, shardings)
-    state = to_device(state)
-    start = int(to_host(state).step) if strategy == "pmap" else int(state.step)
 
     # -- Update steps -------------------------------------------------------------------
-    writer = metrics.MetricWriter(workdir, enabled=is_main)
-    progress = metrics.Progress(config.num_steps, start, enabled=is_main and config.progress)
+    with contextlib.ExitStack() as stack:  # closes writers, restores signal handlers
+        writer = stack.enter_context(metrics.MetricWriter(workdir, enabled=is_main))
+        guard = stack.enter_context(PreemptionGuard())
+        state, stats = train_loop(runner, state, batches, evaluate, checkpointer, writer, guard,
+                                  num_steps=config.num_steps, show_progress=is_main and config.progress)
+        # -- Evaluation & results ---------------------------------------------------------
+        final = evaluate(runner.run_eval, state)
+        writer.write(config.num_steps, final, prefix="test")
+        checkpointer.close()
+    results = {
+        "test_accuracy": final["accuracy"], "test_loss": final["loss"],
+        "steps": config.num_steps, "num_devices": num_devices, "num_processes": pcount,
+        "strategy": runner.strategy, "model": config.model.name,
+        "dataset": config.dataset.name, **stats,
+        "num_params": int(sum(np.size(x) for x in jax.tree.leaves(runner.to_host(state).params))),
+    }
+    if is_main:
+        _write_json(os.path.join(workdir, "results.json"), results)
+    return results
+
+
+def train_loop(runner: Runner, state: TrainState, batches, evaluate: Callable, checkpointer,
+               writer, guard, *, num_steps: int, show_progress: bool = True,
+               meta: dict | None = None) -> tuple[TrainState, dict]:
+    """Run steps `state.step .. num_steps`: log, evaluate, checkpoint, honour preemption."""
+    config = runner.setup.config
+    start = runner.host_step(state)
+    progress = metrics.Progress(num_steps, start, enabled=show_progress)
     window, rates, nonfinite, timed_steps = [], [], 0, 0
     compile_seconds = None
-    t0 = time.perf_counter()
-
-    def save(step: int) -> None:
-        checkpointer.save(step, to_host(state),
-                          {"step": step, "epoch": step // batches.steps_per_epoch})
-
     # XLA:CPU can deadlock in a collective's rendezvous when two multi-device steps are in
     # flight at once (seen here with 8 simulated devices); wait for each step there.
-    sync_each_step = jax.default_backend() == "cpu" and num_devices > 1
-    for step in range(start, config.num_steps):
-        state, m = run_step(state, batches.batch(step))
+    sync_each_step = jax.default_backend() == "cpu" and runner.mesh.devices.size > 1
+
+    def save(step: int) -> None:
+        checkpointer.save(step, runner.to_host(state),
+                          {**(meta or {}), "step": step,
+                           "epoch": step // batches.steps_per_epoch})
+
+    t0 = time.perf_counter()
+    for step in range(start, num_steps):
+        state, m = runner.run_step(state, batches.batch(step))
         if sync_each_step:
             jax.block_until_ready(m)
         window.append(m)
@@ -336,13 +386,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
         else:
             timed_steps += 1
         side_work = False
-        if done % config.log_every == 0 or done == config.num_steps:
+        if done % config.log_every == 0 or done == num_steps:
             host = jax.device_get(window)
             elapsed = time.perf_counter() - t0
             bad = [done - len(host) + i for i, h in enumerate(host) if np.sum(h["nonfinite"])]
             nonfinite += len(bad)
             if bad and config.nonfinite == "stop":
-                writer.close()
                 raise FloatingPointError(f"non-finite loss or gradient at step {bad[0]}; "
                                          f"set nonfinite='skip' to skip such updates")
             row = {k: float(np.mean([h[k] for h in host]))
@@ -356,43 +405,33 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
             writer.write(done, row, prefix="train")
             progress.update(done, row)
             window, timed_steps, side_work = [], 0, True
-        if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
-            writer.write(done, evaluate(run_eval, state, test_source, spec, config, pid, pcount),
-                         prefix="test")
+        if config.eval_every and done % config.eval_every == 0 and done != num_steps:
+            writer.write(done, evaluate(runner.run_eval, state), prefix="test")
             side_work = True
-        if done % config.checkpoint_every == 0 or done == config.num_steps:
+        if done % config.checkpoint_every == 0 or done == num_steps:
             save(done)
             side_work = True
         if side_work:
             t0 = time.perf_counter()
+        if guard.should_stop():
+            if checkpointer.latest_step() != done:
+                save(done)
+            checkpointer.close()
+            progress.close()
+            raise Preempted(done, guard.signal_name)
     progress.close()
-    if start == config.num_steps and checkpointer.latest_step() != config.num_steps:
-        save(config.num_steps)
-
-    # -- Evaluation & results -------------------------------------------------------------
-    final = evaluate(run_eval, state, test_source, spec, config, pid, pcount)
-    writer.write(config.num_steps, final, prefix="test")
-    checkpointer.close()
-    writer.close()
-    results = {
-        "test_accuracy": final["accuracy"], "test_loss": final["loss"],
-        "steps": config.num_steps, "train_images_per_sec": statistics.median(rates) if rates else None,
-        "compile_seconds": compile_seconds, "num_devices": num_devices,
-        "num_processes": pcount, "strategy": strategy, "nonfinite_steps": nonfinite,
-        "model": config.model.name, "dataset": config.dataset.name,
-        "num_params": int(sum(np.size(x) for x in jax.tree.leaves(to_host(state).params))),
-    }
-    if is_main:
-        _write_json(os.path.join(workdir, "results.json"), results)
-    return results
+    if start == num_steps and checkpointer.latest_step() != num_steps:
+        save(num_steps)
+    return state, {"train_images_per_sec": statistics.median(rates) if rates else None,
+                   "compile_seconds": compile_seconds, "nonfinite_steps": nonfinite}
 
 
-def evaluate(run_eval: Callable, state: TrainState, source, spec, config, pid: int,
-             pcount: int) -> dict:
+def evaluate_source(run_eval: Callable, state: TrainState, *, source, spec, batch_size: int,
+                    process_index: int = 0, process_count: int = 1) -> dict:
     """Test-set loss and accuracy over every example exactly once."""
     sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in data.eval_batches(source, spec, batch_size=config.eval_batch_size,
-                                   process_index=pid, process_count=pcount):
+    for batch in data.eval_batches(source, spec, batch_size=batch_size,
+                                   process_index=process_index, process_count=process_count):
         out = jax.device_get(run_eval(state, batch))
         for k in sums:
             sums[k] += float(out[k])

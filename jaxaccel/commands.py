@@ -1,0 +1,56 @@
+"""The core subcommands: `jaxaccel train` and `jaxaccel datasets`."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = "Extra --config.KEY=VALUE arguments override config fields."
+    p.add_argument("--config", required=True, help="experiment file with get_config()")
+    p.add_argument("--workdir", required=True, help="where checkpoints, metrics, results go")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="simulate N CPU devices (sets parallel.cpu_devices)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard a different experiment's checkpoints/metrics in --workdir")
+    p.add_argument("--coordinator-address", default=None,
+                   help="multi-process: host:port of process 0 (or $JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+
+
+def run_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from jaxaccel import config as config_lib
+    from jaxaccel import parallel
+
+    config = config_lib.load_experiment(args.config, overrides)
+    if args.cpu_devices is not None:
+        config.parallel.cpu_devices = args.cpu_devices
+    if args.coordinator_address is not None:
+        config.distributed.coordinator_address = args.coordinator_address
+    if args.num_processes is not None:
+        config.distributed.num_processes = args.num_processes
+    if args.process_id is not None:
+        config.distributed.process_id = args.process_id
+    config_lib.validate(config)
+    parallel.set_cpu_devices(config.parallel.cpu_devices)  # before the backend starts
+
+    from jaxaccel.train import train
+    results = train(config, args.workdir, overwrite=args.overwrite)
+    print(f"test_accuracy={results['test_accuracy']:.4f} test_loss={results['test_loss']:.4f} "
+          f"steps={results['steps']} devices={results['num_devices']} "
+          f"strategy={results['strategy']} workdir={args.workdir}")
+    return 0
+
+
+def add_datasets_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None)
+
+
+def run_datasets(args: argparse.Namespace, overrides: list[str]) -> int:
+    from jaxaccel import data
+    for name, prepared in data.list_datasets(args.data_dir):
+        print(f"{name:16s} {'prepared' if prepared else 'not prepared'}")
+    print(f"{data.FOLDER_DATASET:16s} your folder: --config.dataset.path=ROOT "
+          f"(ROOT/train/<class>/*.png, ROOT/test/<class>/*.png)")
+    print(f"data dir: {data.default_data_dir(args.data_dir)}")
+    return 0
