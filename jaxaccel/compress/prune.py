@@ -178,25 +178,37 @@ def default_filter(*, skip_first: bool = False, skip_last: bool = False,
     return filter_fn
 
 
-def execution_order(model: nn.Module, variables: PyTree, *args: Any, **kwargs: Any) -> list[str]:
-    """Module paths of the layers that own a ``kernel``, in the order ``model`` calls them.
+def layer_calls(model: nn.Module, variables: PyTree, *args: Any,
+                **kwargs: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """``(module path, output shape)`` of every call of a layer that owns a ``kernel``.
 
-    Traces ``model.apply(variables, *args, **kwargs)`` abstractly (no FLOPs) with a Flax
-    method interceptor. Use it as ``default_filter(layer_order=...)``.
+    In call order; traces ``model.apply(variables, *args, **kwargs)`` abstractly (no
+    FLOPs, ``variables`` may be ``jax.eval_shape`` structs) with a Flax method interceptor.
     """
     kernels = {p.rsplit("/", 1)[0] for p, leaf in named_leaves(variables["params"])
                if is_kernel(p, leaf)}
-    seen: list[str] = []
+    calls: list[tuple[str, tuple[int, ...]]] = []
 
     def record(next_fun, call_args, call_kwargs, context):
+        out = next_fun(*call_args, **call_kwargs)
         path = "/".join(context.module.path)
-        if path in kernels and path not in seen:
-            seen.append(path)
-        return next_fun(*call_args, **call_kwargs)
+        if path in kernels and context.method_name == "__call__":
+            calls.append((path, tuple(out.shape)))
+        return out
 
     with nn.intercept_methods(record):
         jax.eval_shape(lambda v, *a: model.apply(v, *a, **kwargs), variables, *args)
-    return seen
+    return calls
+
+
+def execution_order(model: nn.Module, variables: PyTree, *args: Any, **kwargs: Any) -> list[str]:
+    """Module paths of the layers that own a ``kernel``, in the order ``model`` first calls
+    them (see ``layer_calls``). Use it as ``default_filter(layer_order=...)``."""
+    order: list[str] = []
+    for path, _ in layer_calls(model, variables, *args, **kwargs):
+        if path not in order:
+            order.append(path)
+    return order
 
 
 # --------------------------------------------------------------------------- masks
