@@ -76,7 +76,8 @@ def test_bad_schedule_arguments(call, match):
 
 
 def test_gradual_pruning_inside_jitted_step_reaches_final_sparsity():
-    params = {"fc1": {"kernel": jax.random.normal(jax.random.key(0), (32, 16)), "bias": jnp.zeros(16)}}
+    params = {"fc1": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(32, 16)), jnp.float32),
+                      "bias": jnp.zeros(16)}}
     tx = prune.masked(optax.sgd(0.01))
     kw = dict(initial=0.0, final=0.75, begin_step=2, end_step=12, frequency=2)
 
@@ -104,10 +105,11 @@ def test_gradual_pruning_inside_jitted_step_reaches_final_sparsity():
 
 
 def mlp(seed):
-    k = jax.random.split(jax.random.key(seed), 3)
-    return {"fc1": {"kernel": jax.random.normal(k[0], (40, 30)), "bias": jnp.zeros(30)},
-            "fc2": {"kernel": jax.random.normal(k[1], (30, 20)), "bias": jnp.zeros(20)},
-            "fc3": {"kernel": jax.random.normal(k[2], (20, 10)), "bias": jnp.zeros(10)}}
+    rng = np.random.default_rng(seed)
+    f32 = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    return {"fc1": {"kernel": f32(40, 30), "bias": jnp.zeros(30)},
+            "fc2": {"kernel": f32(30, 20), "bias": jnp.zeros(20)},
+            "fc3": {"kernel": f32(20, 10), "bias": jnp.zeros(10)}}
 
 
 def test_imp_sparsity_formula():

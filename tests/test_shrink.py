@@ -75,7 +75,7 @@ def test_shrunk_model_equals_masked_model(name):
 
     masks, coupled_params, kernel_only_params = prepare(params)
     fwd = fast_jit(lambda v, x: model.apply(v, x, train=False))
-    x = jax.random.normal(jax.random.key(1), (4,) + shape)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(4,) + shape), jnp.float32)
     masked_out = fwd(dict(variables, params=coupled_params), x)
 
     small_model, small_vars = shrink.shrink(model, variables, masks)
@@ -140,7 +140,7 @@ def test_fully_pruned_layer_keeps_one_zero_channel_and_unstructured_zeros_surviv
     masks, coupled_params = prepare(params)
     small_model, small_vars = shrink.shrink(model, variables, masks)
     assert small_model.features[1] == 1
-    x = jax.random.normal(jax.random.key(2), (2,) + shape)
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2,) + shape), jnp.float32)
     np.testing.assert_allclose(np.asarray(forward(small_model, small_vars, x)),
                                np.asarray(forward(model, dict(variables, params=coupled_params), x)),
                                atol=1e-4, rtol=0)
@@ -177,3 +177,5 @@ def test_errors():
     del masks["fc1"]["bias"]
     with pytest.raises(ValueError, match=r"missing 'fc1/bias'"):
         shrink.shrink(model, variables, masks)
+    with pytest.raises(ValueError, match=r"input_shape must be .* got \(8, 8\)"):
+        shrink.flops(model, (8, 8))

@@ -97,7 +97,7 @@ _PLANS: dict[type, Callable[[Any], list[ChannelGroup]]] = {
 
 def channel_groups(model: nn.Module) -> list[ChannelGroup]:
     """The removable channel groups of ``model`` (one of the jaxaccel models)."""
-    plan = _PLANS.get(type(model))
+    plan = next((_PLANS[c] for c in type(model).__mro__ if c in _PLANS), None)
     if plan is None:
         raise ValueError(f"shrink does not know model {type(model).__name__!r}; supported: "
                          f"{', '.join(c.__name__ for c in _PLANS)}")
@@ -233,6 +233,8 @@ def flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     shape = tuple(input_shape)
     if len(shape) == 3:
         shape = (1,) + shape
+    if len(shape) != 4:
+        raise ValueError(f"input_shape must be (H, W, C) or (N, H, W, C), got {input_shape!r}")
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     variables = jax.eval_shape(lambda r, x: model.init(r, x, train=False), jax.random.key(0), x)
     kernels = {p.rsplit("/", 1)[0]: leaf.shape for p, leaf in prune.named_leaves(variables["params"])
