@@ -20,6 +20,7 @@ EXIT_PREEMPTED = 3
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("jaxaccel.commands", "train (or resume) an experiment in a workdir"),
     "datasets": ("jaxaccel.commands", "list datasets and whether each is prepared"),
+    "bench": ("jaxaccel.bench", "time training, scaling, input, inference; print tables, write JSON"),
 }
 
 
