@@ -1,0 +1,246 @@
+"""Real int8 inference: int8 x int8 -> int32 convs / matmuls with static calibrated scales.
+
+`convert_int8` turns a float model's variables plus calibrated activation QParams (from
+`quant.calibrate`) into an `Int8Model`: for every quantized conv/dense layer an int8 kernel,
+per-output-channel `out_scale = s_x * s_w`, the float bias and the static input scale / zero
+point; no float copy of those kernels is kept. `int8_apply` runs the unchanged linen model,
+intercepting each quantized `nn.Conv` / `nn.Dense` call: the float input is quantized with the
+static scale (one fused multiply-round-clip-convert pass, no reductions), the layer runs as
+`lax.conv_general_dilated` / `lax.dot_general` on int8 operands with
+`preferred_element_type=int32`, and the int32 accumulator is rescaled once (zero-point
+correction, `* out_scale + bias`) in the same elementwise pass that XLA fuses with the model's
+ReLU / pooling and with the next layer's quantization. Layers in `skip` (e.g. a first conv with 3
+input channels, where int8 is slower on CPU) stay float.
+
+The result equals `quant.apply_fake_quant` with the same weight config and `skip` up to float
+summation order: integer codes are computed exactly as `fake_quant` does (multiply by the float32
+inverse scale, round half to even, clamp).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+
+from jaxaccel.compress.quant import (WEIGHT_CONFIG, QParams, QuantConfig, _check_skip, is_kernel, path_str,
+                                     quantize, tensor_qparams)
+
+
+@struct.dataclass
+class Int8Layer:
+    """One int8 conv/dense layer. `kernel` holds (q_w - zp_w) as int8, output channel last."""
+
+    kernel: jax.Array            # int8, HWIO or (in, out)
+    out_scale: jax.Array         # float32 (out,): s_x * s_w
+    bias: jax.Array              # float32 (out,) (zeros if the layer has none)
+    inv_input_scale: jax.Array   # float32 scalar: 1 / s_x (as fake_quant multiplies)
+    input_zero_point: jax.Array  # float32 scalar, in the int8 code space
+    zp_correction: jax.Array     # int32 (out,): zp_x * sum of the kernel over its input axes
+    qmin: int = struct.field(pytree_node=False)
+    qmax: int = struct.field(pytree_node=False)
+    zero_point_is_zero: bool = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class Int8Model:
+    """Int8 layers by module path plus the float remainder of the variables (other layers, BN...)."""
+
+    layers: dict[str, Int8Layer]
+    variables: dict
+
+
+def _module_path(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def _get(tree: Mapping, parts: list[str]) -> Any:
+    for p in parts:
+        tree = tree[p]
+    return tree
+
+
+def _strip(params: Any, module_paths: set[str]) -> dict:
+    """Copy of `params` without the kernel/bias leaves of `module_paths` (empty dicts dropped)."""
+    def rec(tree: Mapping, prefix: str) -> dict:
+        out = {}
+        for k, v in tree.items():
+            p = f"{prefix}/{k}" if prefix else str(k)
+            if isinstance(v, Mapping):
+                sub = rec(v, p)
+                if sub:
+                    out[k] = sub
+            elif not (prefix in module_paths and k in ("kernel", "bias")):
+                out[k] = v
+        return out
+    return rec(params, "")
+
+
+def convert_int8(variables: Mapping, act_qparams: Mapping[str, QParams], *,
+                 weight_config: QuantConfig = WEIGHT_CONFIG, skip: Iterable[str] = ()) -> Int8Model:
+    """Int8 form of every conv/dense kernel not in `skip` (call outside jit: it inspects values).
+
+    Needs symmetric weights (zero point folded into the int8 codes) quantized per output channel
+    (last axis) or per tensor, and per-tensor activation QParams for each layer's input. 8-bit
+    unsigned activation codes are shifted by -128 into int8 (same real values).
+    """
+    skip = _check_skip(skip)
+    if not weight_config.symmetric:
+        raise ValueError("int8 inference needs symmetric weights (weight_config.symmetric=True), "
+                         f"got {weight_config!r}")
+    params = variables["params"]
+    kernels, biases, scales, zps, ranges = {}, {}, {}, {}, {}
+    for path, kernel in jax.tree_util.tree_flatten_with_path(params)[0]:
+        p = path_str(path)
+        mod = _module_path(p)
+        if not is_kernel(p, kernel) or mod in skip:
+            continue
+        if mod not in act_qparams:
+            raise ValueError(f"no activation qparams for layer {mod!r}; calibrate it or add it to skip")
+        aq = act_qparams[mod]
+        if aq.axis is not None or jnp.ndim(aq.scale) != 0:
+            raise ValueError(f"int8 inference needs per-tensor activation qparams, layer {mod!r} has axis={aq.axis!r}")
+        if weight_config.per_channel and weight_config.axis % kernel.ndim != kernel.ndim - 1:
+            raise ValueError(f"int8 inference needs per-channel weight scales along the last (output) axis, "
+                             f"got axis={weight_config.axis!r} for {p!r}")
+        # Activation codes in int8: shift uint8's [0, 255] by -128 (the zero point moves with it).
+        offset = 128 if aq.qmax > 127 else 0
+        if aq.qmin - offset < -128 or aq.qmax - offset > 127:
+            raise ValueError(f"activation range [{aq.qmin}, {aq.qmax}] of layer {mod!r} does not fit int8")
+        bias = _get(params, p.split("/")[:-1]).get("bias")
+        kernels[mod] = kernel
+        biases[mod] = jnp.zeros((kernel.shape[-1],), jnp.float32) if bias is None else bias
+        scales[mod], zps[mod] = aq.scale, aq.zero_point
+        ranges[mod] = (aq.qmin - offset, aq.qmax - offset, offset)
+    arrays = _convert_arrays(kernels, biases, scales, zps, {k: r[2] for k, r in ranges.items()}, weight_config)
+    layers = {}
+    for mod, a in arrays.items():
+        layers[mod] = Int8Layer(**a, qmin=ranges[mod][0], qmax=ranges[mod][1],
+                                zero_point_is_zero=bool(np.asarray(a["input_zero_point"]) == 0))
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    rest["params"] = _strip(params, set(layers))
+    return Int8Model(layers=layers, variables=rest)
+
+
+@functools.partial(jax.jit, static_argnames=("offsets", "weight_config"))
+def _convert_arrays_jit(kernels, biases, scales, zps, offsets, weight_config):
+    out = {}
+    for mod, off in offsets:
+        kernel = kernels[mod]
+        wq = tensor_qparams(kernel, weight_config)
+        codes = (quantize(kernel, wq, jnp.int32) - _bcast_last(wq.zero_point, kernel.ndim, wq.axis)).astype(jnp.int8)
+        w_scale = jnp.broadcast_to(jnp.asarray(wq.scale, jnp.float32), (kernel.shape[-1],))
+        x_scale = jnp.asarray(scales[mod], jnp.float32)
+        zp = jnp.asarray(zps[mod], jnp.int32) - off
+        kernel_sum = jnp.sum(codes.astype(jnp.int32), axis=tuple(range(kernel.ndim - 1)))
+        out[mod] = dict(kernel=codes, out_scale=x_scale * w_scale, bias=jnp.asarray(biases[mod], jnp.float32),
+                        inv_input_scale=jnp.float32(1.0) / x_scale, input_zero_point=zp.astype(jnp.float32),
+                        zp_correction=zp * kernel_sum)
+    return out
+
+
+def _convert_arrays(kernels, biases, scales, zps, offsets: dict, weight_config):
+    """All layers' int8 arrays in one compiled program (eager op-by-op would compile dozens of ops)."""
+    return _convert_arrays_jit(kernels, biases, scales, zps, tuple(sorted(offsets.items())), weight_config)
+
+
+def _bcast_last(v: jax.Array, ndim: int, axis: int | None) -> jax.Array:
+    v = jnp.asarray(v)
+    if axis is None:
+        return v
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return v.reshape(shape)
+
+
+def quantize_input(x: jax.Array, layer: Int8Layer) -> jax.Array:
+    """int8 codes clamp(round_half_even(x * (1/s_x)) + zp, qmin, qmax): one fused elementwise pass."""
+    q = jnp.round(x.astype(jnp.float32) * layer.inv_input_scale) + layer.input_zero_point
+    return jnp.clip(q, layer.qmin, layer.qmax).astype(jnp.int8)
+
+
+def _broadcast_int(v: Any, n: int) -> tuple[int, ...]:
+    if v is None:
+        return (1,) * n
+    if isinstance(v, int):
+        return (v,) * n
+    return tuple(v)
+
+
+def _int8_conv(module: nn.Conv, layer: Int8Layer, x: jax.Array) -> jax.Array:
+    n = layer.kernel.ndim - 2
+    if module.mask is not None:
+        raise ValueError(f"int8 conv does not support a masked nn.Conv ({'/'.join(module.path)})")
+    batch_shape = x.shape[: x.ndim - (n + 1)]
+    x = x.reshape((-1,) + x.shape[x.ndim - (n + 1):])
+    strides = _broadcast_int(module.strides, n)
+    lhs_dil = _broadcast_int(module.input_dilation, n)
+    rhs_dil = _broadcast_int(module.kernel_dilation, n)
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding not in ("SAME", "VALID"):
+            raise ValueError(f"int8 conv supports SAME/VALID/explicit padding, got {padding!r}")
+    elif isinstance(padding, int):
+        padding = [(padding, padding)] * n
+    else:
+        padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    q = quantize_input(x, layer)
+    if not layer.zero_point_is_zero and padding != "VALID":
+        # Pad with the code of real 0 (the zero point), then run VALID: exact for affine inputs.
+        if any(d != 1 for d in lhs_dil):
+            raise ValueError("int8 conv with input_dilation needs a zero activation zero point")
+        if isinstance(padding, str):
+            dilated = [(k - 1) * d + 1 for k, d in zip(layer.kernel.shape[:n], rhs_dil)]
+            padding = lax.padtype_to_pads(x.shape[1:-1], dilated, strides, padding)
+        pad_value = jnp.asarray(layer.input_zero_point).astype(jnp.int8)
+        q = jnp.pad(q, [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)], constant_values=pad_value)
+        padding = "VALID"
+    lhs_spec = (0, n + 1) + tuple(range(1, n + 1))
+    dn = lax.ConvDimensionNumbers(lhs_spec, (n + 1, n) + tuple(range(n)), lhs_spec)
+    acc = lax.conv_general_dilated(q, layer.kernel, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
+                                   dimension_numbers=dn, feature_group_count=module.feature_group_count,
+                                   preferred_element_type=jnp.int32)
+    y = _rescale(acc, layer)
+    return y.reshape(batch_shape + y.shape[1:])
+
+
+def _int8_dense(module: nn.Dense, layer: Int8Layer, x: jax.Array) -> jax.Array:
+    q = quantize_input(x, layer)
+    acc = lax.dot_general(q, layer.kernel, (((q.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    return _rescale(acc, layer)
+
+
+def _rescale(acc: jax.Array, layer: Int8Layer) -> jax.Array:
+    if not layer.zero_point_is_zero:
+        acc = acc - layer.zp_correction
+    return acc.astype(jnp.float32) * layer.out_scale + layer.bias
+
+
+def int8_apply(model: nn.Module, int8_model: Int8Model, images: jax.Array) -> jax.Array:
+    """Eval-mode logits of `model` with its int8 layers run in integer arithmetic. Jittable."""
+    layers = int8_model.layers
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, (nn.Conv, nn.Dense)):
+            return next_fun(*args, **kwargs)
+        key = "/".join(module.path)
+        layer = layers.get(key)
+        if layer is None:
+            return next_fun(*args, **kwargs)
+        x = args[0]
+        y = _int8_conv(module, layer, x) if isinstance(module, nn.Conv) else _int8_dense(module, layer, x)
+        return y.astype(module.dtype or x.dtype)
+
+    with nn.intercept_methods(interceptor):
+        return model.apply(int8_model.variables, images, train=False)
+
+
+def int8_size_bytes(int8_model: Int8Model) -> int:
+    """Bytes of all arrays in an Int8Model (int8 kernels, scales, float remainder)."""
+    return int(sum(np.asarray(a).nbytes for a in jax.tree.leaves(int8_model)))
