@@ -92,6 +92,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.progress = True              # progress bar when attached to a terminal
     c.init_from = ""               # workdir or checkpoint dir to start from (transfer learning)
     c.nonfinite = "stop"
+
+    # Multi-stage pipelines (see jaxaccel/stages.py): () = one train stage of num_steps.
+    from jaxaccel import stages  # local: stages imports nothing heavy
+    c.stages = ()
+    c.imp = stages.imp_defaults()
+    c.rewind_step = 0              # snapshot for `rewind` stages: weights after this many steps
     return c
 
 
@@ -244,7 +250,13 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
 
 def to_json(config: ml_collections.ConfigDict) -> str:
     """Stable JSON of a config (what `workdir/config.json` holds)."""
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_plain)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, ml_collections.ConfigDict):
+        return x.to_dict()
+    return list(x)
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
@@ -260,20 +272,25 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 def differences(saved: ml_collections.ConfigDict, requested: ml_collections.ConfigDict) -> list[str]:
     """Dotted keys whose values differ, ignoring keys that only affect execution."""
-    a = dict(_flat_items(saved))
-    b = dict(_flat_items(requested))
+    a = dict(_flat_items(from_json(to_json(saved))))
+    b = dict(_flat_items(from_json(to_json(requested))))
     out = []
     for k in sorted(set(a) | set(b)):
         if k.split(".")[0] in RUNTIME_KEYS:
             continue
         if a.get(k) != b.get(k):
-            out.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
+            out.append(f"{k}: {a.get(k, 'missing')} -> {b.get(k, 'missing')}")
     return out
 
 
-def _flat_items(config: ml_collections.ConfigDict, prefix: str = ""):
-    for k, v in config.items():
-        if isinstance(v, ml_collections.ConfigDict):
-            yield from _flat_items(v, prefix + k + ".")
-        else:
-            yield prefix + k, tuple(v) if isinstance(v, list) else v
+def _flat_items(node: Any, prefix: str = ""):
+    """(dotted key, JSON value) pairs; lists of sections are indexed: `stages.1.prune.sparsity`."""
+    if isinstance(node, (dict, ml_collections.ConfigDict)):
+        for k, v in node.items():
+            yield from _flat_items(v, f"{prefix}{k}.")
+    elif isinstance(node, (list, tuple)) and any(isinstance(v, (dict, ml_collections.ConfigDict))
+                                                for v in node):
+        for i, v in enumerate(node):
+            yield from _flat_items(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], json.dumps(node, sort_keys=True, default=_plain)

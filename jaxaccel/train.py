@@ -28,6 +28,8 @@ import optax
 from jaxaccel import checkpoint as ckpt_lib
 from jaxaccel import config as config_lib
 from jaxaccel import data, metrics, models, parallel
+from jaxaccel import stages as stages_lib
+from jaxaccel.compress import prune, quant
 from jaxaccel.preemption import Preempted, PreemptionGuard
 
 log = logging.getLogger("jaxaccel")
@@ -41,6 +43,7 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array
+    qat: Any = flax.struct.field(default_factory=dict)  # QAT activation ranges ({} if unused)
 
 
 # ----------------------------------------------------------------------------------------
@@ -100,30 +103,47 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                     num_classes: int, label_smoothing: float = 0.0, axis_name: str | None = None,
-                    skip_nonfinite: bool = False) -> Callable:
-    """`(state, batch) -> (state, metrics)`; with `axis_name`, averages over that pmap axis."""
+                    skip_nonfinite: bool = False, mask_update: Callable | None = None,
+                    qat_config: Any = None) -> Callable:
+    """`(state, batch) -> (state, metrics)`; with `axis_name`, averages over that pmap axis.
+
+    `mask_update(params, masks, step) -> masks` re-prunes inside the step (gradual pruning;
+    `tx` must be `prune.masked(...)`); `qat_config` runs the forward pass with fake-quant
+    (straight-through gradients) and tracks activation ranges in `state.qat`.
+    """
+
+    def forward(params, state, images, rng):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        if qat_config is None:
+            out = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                              rngs={"dropout": rng})
+            return out, state.qat
+        return quant.qat_apply(model, variables, state.qat, images, train=True,
+                               step=state.step, config=qat_config, mutable=["batch_stats"])
 
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(params):
-            variables = {"params": params, "batch_stats": state.batch_stats}
-            logits, mutated = model.apply(variables, batch["image"], train=True,
-                                          mutable=["batch_stats"], rngs={"dropout": rng})
+            (logits, mutated), qat_state = forward(params, state, batch["image"], rng)
             loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
-            return loss, (logits, mutated.get("batch_stats", {}))
+            return loss, (logits, mutated.get("batch_stats", {}), qat_state)
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+        (loss, (logits, batch_stats, qat_state)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         if axis_name is not None:
-            grads, loss, accuracy, batch_stats = jax.lax.pmean(
-                (grads, loss, accuracy, batch_stats), axis_name)
+            grads, loss, accuracy, batch_stats, qat_state = jax.lax.pmean(
+                (grads, loss, accuracy, batch_stats, qat_state), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        if mask_update is not None:
+            masks = mask_update(params, prune.get_masks(opt_state), state.step)
+            params = prune.apply_masks(params, masks)
+            opt_state = prune.set_masks(opt_state, masks)
+        grad_norm = optax.tree.norm(grads)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                                  opt_state=opt_state)
+                                  opt_state=opt_state, qat=qat_state)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip_nonfinite:  # keep the old state (but advance the step) on a bad update
             kept = state.replace(step=state.step + 1)
@@ -136,12 +156,17 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
     return step_fn
 
 
-def make_eval_step(model, *, num_classes: int, axis_name: str | None = None) -> Callable:
-    """`(params, batch_stats, batch) -> sums of loss, correct, count` over the unmasked rows."""
+def make_eval_step(model, *, num_classes: int, axis_name: str | None = None,
+                   qat_config: Any = None) -> Callable:
+    """`(state, batch) -> sums of loss, correct, count` over the unmasked rows."""
 
-    def eval_fn(params, batch_stats, batch):
-        logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                             train=False)
+    def eval_fn(state: TrainState, batch: dict) -> dict:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        if qat_config is None:
+            logits = model.apply(variables, batch["image"], train=False)
+        else:
+            logits, _ = quant.qat_apply(model, variables, state.qat, batch["image"],
+                                        train=False, step=state.step, config=qat_config)
         mask = batch["mask"].astype(jnp.float32)
         loss = cross_entropy(logits, batch["label"], num_classes)
         out = {"loss": jnp.sum(loss * mask),
@@ -159,8 +184,9 @@ def make_eval_step(model, *, num_classes: int, axis_name: str | None = None) -> 
 # ----------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Setup:
-    """The pure pieces a run is made of, derived from its config alone."""
+    """The pure pieces of one training stage, derived from the config alone."""
     config: ml_collections.ConfigDict
+    stage: ml_collections.ConfigDict
     spec: Any
     model: Any
     tx: optax.GradientTransformation
@@ -168,32 +194,48 @@ class Setup:
     input_shape: tuple[int, ...]
     init_state: Callable[[jax.Array], TrainState]
     predict_fn: Callable
+    mask_update: Callable | None = None
+    qat_config: Any = None
 
 
-def build(config: ml_collections.ConfigDict) -> Setup:
-    """Model, optimizer and state initialiser for a config (touches no files but dataset metadata)."""
+def build(config: ml_collections.ConfigDict,
+          stage: ml_collections.ConfigDict | None = None) -> Setup:
+    """Model, optimizer and state initialiser for a config's stage (default: its first).
+
+    The optimizer is always wrapped in `prune.masked`, so every state carries masks (all
+    True until something prunes) and every stage keeps pruned weights at exactly zero.
+    """
+    stage = stage if stage is not None else stages_lib.expand(config)[0]
     spec = data.dataset_spec(config.dataset.name, path=config.dataset.path or None,
                              data_dir=config.dataset.data_dir or None)
     model = models.get_model(config.model.name, spec.num_classes, width=config.model.width,
                              dtype=config.model.dtype, conv_impl=config.model.conv_impl,
                              **dict(config.model.kwargs))
-    tx, schedule = make_optimizer(config.optimizer, config.num_steps)
+    inner, schedule = make_optimizer(stages_lib.stage_optimizer(config, stage),
+                                     max(stage.steps, 1))
+    tx = prune.masked(inner)
     input_shape = (1,) + tuple(spec.image_shape)
+    qat_config = stages_lib.qat_config(stage.quant) if stage.quant.mode == "qat" else None
+    mask_update = (stages_lib.gradual_mask_update(stage.prune, stage.steps)
+                   if stage.prune.method == "gradual" else None)
 
     def init_state(rng: jax.Array) -> TrainState:
         init_rng, state_rng = jax.random.split(rng)
-        variables = model.init(init_rng, jnp.zeros(input_shape, jnp.float32), train=False)
+        images = jnp.zeros(input_shape, jnp.float32)
+        variables = model.init(init_rng, images, train=False)
         params = variables["params"]
+        qat = quant.qat_init(model, variables, images, qat_config) if qat_config else {}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           batch_stats=variables.get("batch_stats", {}),
-                          opt_state=tx.init(params), rng=state_rng)
+                          opt_state=tx.init(params), rng=state_rng, qat=qat)
 
     @jax.jit
     def predict_fn(variables, images):
         x = data.normalize(jnp.asarray(images), spec)
         return model.apply(variables, x, train=False)
 
-    return Setup(config, spec, model, tx, schedule, input_shape, init_state, predict_fn)
+    return Setup(config, stage, spec, model, tx, schedule, input_shape, init_state, predict_fn,
+                 mask_update, qat_config)
 
 
 def transfer(state: TrainState, source_workdir: str) -> tuple[TrainState, list[str]]:
@@ -226,7 +268,7 @@ def transfer(state: TrainState, source_workdir: str) -> tuple[TrainState, list[s
 # The loop
 # ----------------------------------------------------------------------------------------
 class Runner:
-    """Compiled train/eval steps for one model and optimizer on one mesh and strategy.
+    """Compiled train/eval steps for one stage's model and optimizer on one mesh and strategy.
 
     Hides the difference between `jit` (data, fsdp) and `pmap`: `run_step`, `run_eval`,
     `to_device`/`to_host` (host = an unreplicated state, what checkpoints hold).
@@ -240,8 +282,10 @@ class Runner:
         step_fn = make_train_step(setup.model, setup.tx, setup.schedule,
                                   num_classes=spec.num_classes,
                                   label_smoothing=config.label_smoothing, axis_name=axis,
-                                  skip_nonfinite=config.nonfinite == "skip")
-        eval_fn = make_eval_step(setup.model, num_classes=spec.num_classes, axis_name=axis)
+                                  skip_nonfinite=config.nonfinite == "skip",
+                                  mask_update=setup.mask_update, qat_config=setup.qat_config)
+        eval_fn = make_eval_step(setup.model, num_classes=spec.num_classes, axis_name=axis,
+                                 qat_config=setup.qat_config)
         self.abstract = jax.eval_shape(setup.init_state, jax.random.PRNGKey(0))
         if pmap:
             devices = list(mesh.devices.flat)
@@ -250,10 +294,8 @@ class Runner:
                               devices=devices)
             p_eval = jax.pmap(eval_fn, axis_name=parallel.AXIS, devices=devices)
             self.shardings = None
-            self._init = jax.jit(setup.init_state)
             self.run_step = lambda s, b: p_step(s, split(b))
-            self.run_eval = lambda s, b: parallel.unreplicate(
-                p_eval(s.params, s.batch_stats, split(b)))
+            self.run_eval = lambda s, b: parallel.unreplicate(p_eval(s, split(b)))
             self.to_device = lambda s: parallel.replicate(s, devices)
             self.to_host = parallel.unreplicate
         else:
@@ -261,20 +303,34 @@ class Runner:
             batch_sh, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
             j_step = jax.jit(step_fn, in_shardings=(sh, batch_sh), out_shardings=(sh, rep),
                              donate_argnums=(0,))
-            j_eval = jax.jit(eval_fn, in_shardings=(sh.params, sh.batch_stats, batch_sh),
-                             out_shardings=rep)
+            j_eval = jax.jit(eval_fn, in_shardings=(sh, batch_sh), out_shardings=rep)
             self.shardings = sh
-            self._init = jax.jit(setup.init_state, out_shardings=sh)
             self.run_step = lambda s, b: j_step(s, parallel.shard_batch(b, mesh))
-            self.run_eval = lambda s, b: j_eval(s.params, s.batch_stats,
-                                                parallel.shard_batch(b, mesh))
+            self.run_eval = lambda s, b: j_eval(s, parallel.shard_batch(b, mesh))
             self.to_device = lambda s: jax.device_put(s, sh)
             self.to_host = lambda s: s
 
     def init(self, rng: jax.Array) -> TrainState:
         """A fresh state, placed for this strategy."""
-        state = self._init(rng)
-        return self.to_device(state) if self.strategy == "pmap" else state
+        return self.to_device(jax.jit(self.setup.init_state)(rng))
+
+    def start(self, carry: dict) -> TrainState:
+        """A state for this stage from the previous stage's weights, masks and rng.
+
+        The optimizer state is fresh (a stage may change the optimizer); masks carry over.
+        """
+        template = jax.eval_shape(self.setup.init_state, jax.random.PRNGKey(0))
+        qat = (quant.qat_init(self.setup.model, {"params": carry["params"],
+                                                 "batch_stats": carry["batch_stats"]},
+                              jnp.zeros(self.setup.input_shape, jnp.float32),
+                              self.setup.qat_config)
+               if self.setup.qat_config else {})
+        opt_state = prune.set_masks(self.setup.tx.init(carry["params"]), carry["masks"])
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=carry["params"],
+                           batch_stats=carry["batch_stats"], opt_state=opt_state,
+                           rng=carry["rng"], qat=qat)
+        chex_structure_matches(template, state)
+        return self.to_device(state)
 
     def restore_target(self) -> Any:
         """Abstract state with this strategy's shardings, for orbax restores."""
@@ -284,11 +340,45 @@ class Runner:
         return int(self.to_host(state).step)
 
 
+def checkpoint_target(config: ml_collections.ConfigDict, stage_index: int,
+                      shardings: Any = None) -> tuple[Setup, dict]:
+    """(setup, abstract payload) for restoring a checkpoint written by stage `stage_index`."""
+    stages = stages_lib.expand(config)
+    if not 0 <= stage_index < len(stages) or stages[stage_index].kind != "train":
+        raise ValueError(f"a checkpoint names stage {stage_index}, which is not a train stage "
+                         f"of this config")
+    setup = build(config, stages[stage_index])
+    abstract = jax.eval_shape(setup.init_state, jax.random.PRNGKey(0))
+    target = {"state": ckpt_lib.abstract_like(abstract, shardings)}
+    if any(s.kind == "rewind" and s.rewind == "snapshot" for s in stages):
+        target["snapshot"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                          abstract.params)
+    return setup, target
+
+
+def chex_structure_matches(expected: Any, got: Any) -> None:
+    """Fail early (not deep inside jit) if a carried state does not fit the stage."""
+    if jax.tree.structure(expected) != jax.tree.structure(got):
+        raise ValueError("state structure does not match the stage's optimizer/model")
+
+
+def carry_of(runner: Runner, state: TrainState) -> dict:
+    """What passes from one stage to the next: weights, BN stats, masks, rng."""
+    host = runner.to_host(state)
+    return {"params": host.params, "batch_stats": host.batch_stats,
+            "masks": prune.get_masks(host.opt_state), "rng": host.rng}
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict:
-    """Train (or resume) the experiment `config` in `workdir`; returns the results dict."""
+    """Train (or resume) the experiment `config` in `workdir`; returns the results dict.
+
+    Runs the config's stages in order (one `train` stage if it declares none). Checkpoints
+    carry the stage and step, so a run killed in any stage resumes there.
+    """
     # -- Set-up ------------------------------------------------------------------------
     config = ml_collections.ConfigDict(config.to_dict())  # private copy
     config_lib.validate(config)
+    stages = stages_lib.expand(config)
     parallel.set_cpu_devices(config.parallel.cpu_devices)
     parallel.initialize_distributed(config.distributed.coordinator_address,
                                     config.distributed.num_processes,
@@ -301,81 +391,195 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     is_main = pid == 0
     _prepare_workdir(config, workdir, overwrite=overwrite, is_main=is_main)
 
-    setup = build(config)
+    setups = {i: build(config, s) for i, s in enumerate(stages) if s.kind == "train"}
+    first = setups[min(setups)] if setups else build(config, stages[0])
+    spec = first.spec
     data_dir, path = config.dataset.data_dir or None, config.dataset.path or None
     train_source = data.get_source(config.dataset.name, config.dataset.train_split,
                                    data_dir=data_dir, path=path)
     test_source = data.get_source(config.dataset.name, config.dataset.test_split,
                                   data_dir=data_dir, path=path)
-    batches = data.TrainBatches(train_source, setup.spec, global_batch_size=config.batch_size,
+    batches = data.TrainBatches(train_source, spec, global_batch_size=config.batch_size,
                                 seed=config.seed, crop_padding=config.dataset.crop_padding,
                                 flip=config.dataset.flip, process_index=pid,
                                 process_count=pcount)
-    evaluate = functools.partial(evaluate_source, source=test_source, spec=setup.spec,
+    evaluate = functools.partial(evaluate_source, source=test_source, spec=spec,
                                  batch_size=config.eval_batch_size, process_index=pid,
                                  process_count=pcount)
-
-    # -- Model, optimizer & shardings ----------------------------------------------------
-    runner = Runner(setup, parallel.make_mesh(num_devices), config.parallel.strategy)
+    mesh = parallel.make_mesh(num_devices)
+    uses_snapshot = any(s.kind == "rewind" and s.rewind == "snapshot" for s in stages)
+    offsets = np.cumsum([0] + [s.steps for s in stages]).tolist()  # global step per stage
 
     # -- Load checkpoint (resume) or initialise -----------------------------------------
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, _ = checkpointer.restore(latest, runner.restore_target())
-        state = runner.to_device(state) if runner.strategy == "pmap" else state
-        log.info("resumed from step %d (%s)", latest, checkpointer.directory)
+    resume_stage, restored, snapshot, done_rows = 0, None, None, []
+    runners: dict[int, Runner] = {}
+
+    def runner_for(i: int) -> Runner:
+        if i not in runners:
+            runners.clear()  # one stage's compiled steps at a time
+            runners[i] = Runner(setups[i], mesh, config.parallel.strategy)
+        return runners[i]
+
+    def restore_target(meta: dict) -> dict:
+        _, target = checkpoint_target(config, int(meta.get("stage", 0)))
+        target["state"] = runner_for(int(meta.get("stage", 0))).restore_target()
+        return target
+
+    # The newest checkpoint that restores and passes its checksums (corrupt ones skipped).
+    found = checkpointer.restore_latest(restore_target)
+    if found is not None:
+        latest, payload, meta = found
+        resume_stage = int(meta.get("stage", 0))
+        done_rows = list(meta.get("rows", []))  # results of the stages before it
+        runner = runner_for(resume_stage)
+        restored = payload["state"]
+        if runner.strategy == "pmap":
+            restored = runner.to_device(restored)
+        snapshot = payload.get("snapshot")
+        log.info("resumed from step %d (stage %s) in %s", latest,
+                 stages[resume_stage].name, checkpointer.directory)
+        carry = None
     else:
-        state = runner.init(jax.random.PRNGKey(config.seed))
+        state0 = jax.jit(first.init_state)(jax.random.PRNGKey(config.seed))
         if config.init_from:
-            state, reinit = transfer(runner.to_host(state), config.init_from)
-            state = runner.to_device(state)
+            state0, reinit = transfer(state0, config.init_from)
             log.info("initialised from %s; re-initialised (shape mismatch): %s",
                      config.init_from, ", ".join(reinit) or "none")
+        carry = {"params": state0.params, "batch_stats": state0.batch_stats,
+                 "masks": prune.get_masks(state0.opt_state), "rng": state0.rng}
+        if uses_snapshot and config.rewind_step == 0:
+            snapshot = jax.device_get(carry["params"])  # a host copy: steps donate the state
 
-    # -- Update steps -------------------------------------------------------------------
+    # -- Stages ---------------------------------------------------------------------------
+    rows, stats, final = done_rows, {}, None
     with contextlib.ExitStack() as stack:  # closes writers, restores signal handlers
         writer = stack.enter_context(metrics.MetricWriter(workdir, enabled=is_main))
         guard = stack.enter_context(PreemptionGuard())
-        state, stats = train_loop(runner, state, batches, evaluate, checkpointer, writer, guard,
-                                  num_steps=config.num_steps, show_progress=is_main and config.progress)
-        # -- Evaluation & results ---------------------------------------------------------
-        final = evaluate(runner.run_eval, state)
-        writer.write(config.num_steps, final, prefix="test")
+        for i, st in enumerate(stages):
+            if i < resume_stage:
+                continue
+            row = {"name": st.name, "kind": st.kind, "steps": st.steps}
+            if st.kind == "train":
+                runner = runner_for(i)
+                if i == resume_stage and restored is not None:
+                    state, restored = restored, None
+                else:
+                    state = runner.start(carry)
+                extras = {"snapshot": snapshot} if uses_snapshot else {}
+                snapshot_at = (config.rewind_step if uses_snapshot and snapshot is None
+                               else None)
+                state, stats_i, extras = train_loop(
+                    runner, state, batches, lambda s: evaluate(runner.run_eval, s),
+                    checkpointer, writer, guard, num_steps=st.steps, step_offset=offsets[i],
+                    meta={"stage": i, "stage_name": st.name, "rows": rows}, extras=extras,
+                    snapshot_at=snapshot_at, show_progress=is_main and config.progress)
+                snapshot = extras.get("snapshot", snapshot)
+                stats = {**stats_i, **{k: v for k, v in stats.items() if stats_i.get(k) is None}}
+                carry = carry_of(runner, state)
+                result = evaluate(runner.run_eval, state)
+            else:
+                carry, result, extra_row = _transform(st, i, carry, snapshot, config, setups,
+                                                      first, train_source, batches, evaluate,
+                                                      mesh, runner_for, stages)
+                row.update(extra_row)
+            bits = st.quant.weight_bits if st.quant.mode != "none" else 32
+            row.update(test_accuracy=result["accuracy"], test_loss=result["loss"],
+                       **stages_lib.weight_stats(carry["params"], carry["masks"], bits))
+            writer.write(offsets[i + 1], {**result, "stage": st.name}, prefix="test")
+            rows.append(row)
+            final = row
         checkpointer.close()
+
+    # -- Results --------------------------------------------------------------------------
     results = {
-        "test_accuracy": final["accuracy"], "test_loss": final["loss"],
-        "steps": config.num_steps, "num_devices": num_devices, "num_processes": pcount,
-        "strategy": runner.strategy, "model": config.model.name,
-        "dataset": config.dataset.name, **stats,
-        "num_params": int(sum(np.size(x) for x in jax.tree.leaves(runner.to_host(state).params))),
+        "test_accuracy": final["test_accuracy"], "test_loss": final["test_loss"],
+        "steps": int(offsets[-1]), "num_devices": num_devices, "num_processes": pcount,
+        "strategy": config.parallel.strategy, "model": config.model.name,
+        "dataset": config.dataset.name, "train_images_per_sec": stats.get("train_images_per_sec"),
+        "compile_seconds": stats.get("compile_seconds"),
+        "nonfinite_steps": stats.get("nonfinite_steps", 0),
+        "num_params": int(sum(np.size(x) for x in jax.tree.leaves(carry["params"]))),
+        "sparsity": final["sparsity"], "model_bytes": final["model_bytes"],
+        "stages": rows,
     }
     if is_main:
         _write_json(os.path.join(workdir, "results.json"), results)
     return results
 
 
+def _transform(st, i, carry, snapshot, config, setups, first, train_source, batches, evaluate,
+               mesh, runner_for, stages) -> tuple[dict, dict, dict]:
+    """Run a non-training stage on the carried weights; returns (carry, test result, row)."""
+    # Evaluate with the most recent train stage's compiled steps (same model).
+    prev = max([j for j in setups if j <= i], default=None)
+    if prev is None:
+        prev = min(setups) if setups else None
+    runner = runner_for(prev) if prev is not None else Runner(first, mesh, config.parallel.strategy)
+    row: dict[str, Any] = {}
+    if st.kind == "prune":
+        params, masks = stages_lib.prune_once(carry["params"], carry["masks"], st.prune)
+        carry = {**carry, "params": params, "masks": masks}
+    elif st.kind == "rewind":
+        if st.rewind == "snapshot":
+            if snapshot is None:
+                raise ValueError(f"stage {st.name!r}: no snapshot (rewind_step="
+                                 f"{config.rewind_step} was never reached)")
+            params = prune.apply_masks(snapshot, carry["masks"])
+        else:
+            rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1000 + i)
+            fresh = jax.jit(runner.setup.init_state)(rng).params
+            params = prune.apply_masks(fresh, carry["masks"])
+        carry = {**carry, "params": params}
+    state = runner.start(carry)
+    result = evaluate(runner.run_eval, state)
+    if st.kind == "quantize":
+        setup = runner.setup
+        variables = {"params": carry["params"], "batch_stats": carry["batch_stats"]}
+        calib = [batches.batch(k)["image"] for k in range(st.quant.calibration_batches)]
+        ptq = stages_lib.ptq_evaluate(
+            setup.model, variables, st.quant, input_shape=setup.input_shape,
+            calibration_images=calib,
+            eval_batches=lambda: data.eval_batches(evaluate.keywords["source"], setup.spec,
+                                                   batch_size=config.eval_batch_size))
+        row.update(float_accuracy=result["accuracy"],
+                   int8_accuracy=ptq.get("int8", {}).get("accuracy"),
+                   int8_bytes=ptq.get("int8_bytes"))
+        result = ptq["fake_quant"]
+    return carry, result, row
+
+
 def train_loop(runner: Runner, state: TrainState, batches, evaluate: Callable, checkpointer,
-               writer, guard, *, num_steps: int, show_progress: bool = True,
-               meta: dict | None = None) -> tuple[TrainState, dict]:
-    """Run steps `state.step .. num_steps`: log, evaluate, checkpoint, honour preemption."""
+               writer, guard, *, num_steps: int, step_offset: int = 0,
+               meta: dict | None = None, extras: dict | None = None,
+               snapshot_at: int | None = None,
+               show_progress: bool = True) -> tuple[TrainState, dict, dict]:
+    """Run a stage's steps `state.step .. num_steps`: log, evaluate, checkpoint, honour
+    preemption. Global step = `step_offset` + stage step (data order, checkpoint ids, logs).
+    `extras` are saved beside the state; with `snapshot_at` the params after that many
+    global steps are stored as `extras["snapshot"]` (for rewinding)."""
     config = runner.setup.config
+    extras = dict(extras or {})
+    stage_name = (meta or {}).get("stage_name", "train")
     start = runner.host_step(state)
-    progress = metrics.Progress(num_steps, start, enabled=show_progress)
+    progress = metrics.Progress(step_offset + num_steps, step_offset + start,
+                                enabled=show_progress)
     window, rates, nonfinite, timed_steps = [], [], 0, 0
     compile_seconds = None
     # XLA:CPU can deadlock in a collective's rendezvous when two multi-device steps are in
     # flight at once (seen here with 8 simulated devices); wait for each step there.
     sync_each_step = jax.default_backend() == "cpu" and runner.mesh.devices.size > 1
 
-    def save(step: int) -> None:
-        checkpointer.save(step, runner.to_host(state),
-                          {**(meta or {}), "step": step,
-                           "epoch": step // batches.steps_per_epoch})
+    def save(done: int) -> None:
+        checkpointer.save(step_offset + done, {"state": runner.to_host(state), **extras},
+                          {**(meta or {}), "stage_step": done, "step": step_offset + done,
+                           "epoch": (step_offset + done) // batches.steps_per_epoch})
 
+    if snapshot_at is not None and snapshot_at == step_offset + start:
+        extras["snapshot"] = jax.device_get(runner.to_host(state).params)
     t0 = time.perf_counter()
     for step in range(start, num_steps):
-        state, m = runner.run_step(state, batches.batch(step))
+        state, m = runner.run_step(state, batches.batch(step_offset + step))
         if sync_each_step:
             jax.block_until_ready(m)
         window.append(m)
@@ -385,11 +589,14 @@ def train_loop(runner: Runner, state: TrainState, batches, evaluate: Callable, c
             compile_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
         else:
             timed_steps += 1
+        if snapshot_at is not None and snapshot_at == step_offset + done:
+            extras["snapshot"] = jax.device_get(runner.to_host(state).params)
         side_work = False
         if done % config.log_every == 0 or done == num_steps:
             host = jax.device_get(window)
             elapsed = time.perf_counter() - t0
-            bad = [done - len(host) + i for i, h in enumerate(host) if np.sum(h["nonfinite"])]
+            bad = [step_offset + done - len(host) + i for i, h in enumerate(host)
+                   if np.sum(h["nonfinite"])]
             nonfinite += len(bad)
             if bad and config.nonfinite == "stop":
                 raise FloatingPointError(f"non-finite loss or gradient at step {bad[0]}; "
@@ -402,11 +609,13 @@ def train_loop(runner: Runner, state: TrainState, batches, evaluate: Callable, c
                 row["images_per_sec"] = timed_steps * config.batch_size / elapsed
                 row["step_ms"] = 1000 * elapsed / timed_steps
                 rates.append(row["images_per_sec"])
-            writer.write(done, row, prefix="train")
-            progress.update(done, row)
+            row["stage"] = stage_name
+            writer.write(step_offset + done, row, prefix="train")
+            progress.update(step_offset + done, row)
             window, timed_steps, side_work = [], 0, True
         if config.eval_every and done % config.eval_every == 0 and done != num_steps:
-            writer.write(done, evaluate(runner.run_eval, state), prefix="test")
+            writer.write(step_offset + done, {**evaluate(state), "stage": stage_name},
+                         prefix="test")
             side_work = True
         if done % config.checkpoint_every == 0 or done == num_steps:
             save(done)
@@ -414,16 +623,16 @@ def train_loop(runner: Runner, state: TrainState, batches, evaluate: Callable, c
         if side_work:
             t0 = time.perf_counter()
         if guard.should_stop():
-            if checkpointer.latest_step() != done:
+            if checkpointer.latest_step() != step_offset + done:
                 save(done)
             checkpointer.close()
             progress.close()
-            raise Preempted(done, guard.signal_name)
+            raise Preempted(step_offset + done, guard.signal_name)
     progress.close()
-    if start == num_steps and checkpointer.latest_step() != num_steps:
+    if start == num_steps and checkpointer.latest_step() != step_offset + num_steps:
         save(num_steps)
     return state, {"train_images_per_sec": statistics.median(rates) if rates else None,
-                   "compile_seconds": compile_seconds, "nonfinite_steps": nonfinite}
+                   "compile_seconds": compile_seconds, "nonfinite_steps": nonfinite}, extras
 
 
 def evaluate_source(run_eval: Callable, state: TrainState, *, source, spec, batch_size: int,

@@ -1,0 +1,300 @@
+"""Multi-stage pipelines: train → prune → finetune → quantize → evaluate, declared in a config.
+
+A config's `stages` is an ordered tuple of stage ConfigDicts made with `stage(...)`. Kinds:
+  * `train`    — `steps` optimizer steps (its own `optimizer` overrides); optional gradual
+                 pruning (`prune.method="gradual"`) or QAT (`quant.mode="qat"`) inside the step;
+  * `prune`    — one-shot magnitude pruning of the current weights (`prune.*`), or an IMP
+                 round (`prune.method="imp"`: prune `rate` of the weights still kept);
+  * `rewind`   — weights back to the snapshot taken at `config.rewind_step` (0 = init), or to
+                 fresh random weights (`rewind="random"`, the lottery-ticket control), masked;
+  * `quantize` — post-training quantization: fold BN, calibrate activations, evaluate W/A
+                 fake-quant and real int8 (`quant.*`);
+  * `evaluate` — evaluate the current state.
+Masks carry from stage to stage (a pruned weight stays exactly zero afterwards). A config
+without stages is one `train` stage of `num_steps`. `config.imp.rounds > 0` expands into
+IMP rounds (train → prune → rewind) without writing them out.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+KINDS = ("train", "prune", "rewind", "quantize", "evaluate")
+PRUNE_METHODS = ("none", "one_shot", "gradual", "imp")
+QUANT_MODES = ("none", "ptq", "qat")
+REWIND_TO = ("snapshot", "random")
+
+
+def prune_defaults() -> ml_collections.ConfigDict:
+    """Fields of a stage's `prune` section (magnitude_masks arguments + schedule)."""
+    p = ml_collections.ConfigDict()
+    p.method = "none"
+    p.sparsity = 0.0            # one_shot/gradual target (final) sparsity
+    p.initial = 0.0             # gradual: s_i
+    p.begin_step = 0            # gradual: t0 (stage steps)
+    p.end_step = 0              # gradual: t0 + nΔt (0 -> 3/4 of the stage)
+    p.frequency = 50            # gradual: Δt
+    p.scope = "layer"
+    p.granularity = "unstructured"
+    p.n = 2
+    p.m = 4
+    p.norm = 1
+    p.distribution = "uniform"
+    p.skip_first = False
+    p.skip_last = False
+    p.rate = 0.2                # imp: fraction of the remaining weights pruned per round
+    p.round = 0                 # imp: set by expansion
+    p.per_layer_rates = ml_collections.ConfigDict()  # imp: e.g. {"fc3/kernel": 0.1}
+    p.per_layer = ml_collections.ConfigDict()        # one_shot/gradual per-leaf sparsities
+    return p
+
+
+def quant_defaults() -> ml_collections.ConfigDict:
+    """Fields of a stage's `quant` section."""
+    q = ml_collections.ConfigDict()
+    q.mode = "none"
+    q.weight_bits = 8
+    q.act_bits = 8
+    q.per_channel = True         # weights per output channel (else per tensor)
+    q.symmetric = True           # weights symmetric (activations are asymmetric, per tensor)
+    q.observer = "minmax"        # activations: minmax | ema | percentile
+    q.calibration_batches = 8
+    q.delay = 0                  # qat: steps before fake-quant switches on
+    q.int8 = True                # ptq: also run real int8 inference (8-bit only)
+    return q
+
+
+def stage(name: str, kind: str, *, steps: int = 0, optimizer: dict | None = None,
+          prune: dict | None = None, quant: dict | None = None,
+          rewind: str = "snapshot") -> ml_collections.ConfigDict:
+    """One stage; `optimizer` holds overrides of the config's optimizer (e.g. a lower lr)."""
+    s = ml_collections.ConfigDict()
+    s.name = name
+    s.kind = kind
+    s.steps = steps
+    s.optimizer = ml_collections.ConfigDict(optimizer or {})
+    s.prune = prune_defaults()
+    s.prune.update(prune or {})
+    s.quant = quant_defaults()
+    s.quant.update(quant or {})
+    s.rewind = rewind
+    return s
+
+
+def imp_defaults() -> ml_collections.ConfigDict:
+    """`config.imp`: iterative magnitude pruning rounds (lottery tickets)."""
+    i = ml_collections.ConfigDict()
+    i.rounds = 0
+    i.rate = 0.2
+    i.per_layer_rates = ml_collections.ConfigDict()
+    i.rewind = "snapshot"        # snapshot (weights at config.rewind_step) | random (control)
+    i.steps = 0                  # training steps per round (0 -> num_steps)
+    return i
+
+
+def expand(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+    """The stages a config runs, with IMP rounds written out and every stage validated."""
+    stages = [ml_collections.ConfigDict(s) for s in config.stages]
+    imp = config.imp
+    if imp.rounds:
+        if stages:
+            raise ValueError("use either stages or imp.rounds, not both")
+        steps = imp.steps or config.num_steps
+        stages = [stage("round0/train", "train", steps=steps)]
+        for r in range(1, imp.rounds + 1):
+            stages += [
+                stage(f"round{r}/prune", "prune",
+                      prune={"method": "imp", "rate": imp.rate, "round": r,
+                             "per_layer_rates": imp.per_layer_rates.to_dict()}),
+                stage(f"round{r}/rewind", "rewind", rewind=imp.rewind),
+                stage(f"round{r}/train", "train", steps=steps),
+            ]
+    if not stages:
+        stages = [stage("train", "train", steps=config.num_steps)]
+    names = set()
+    for i, s in enumerate(stages):
+        _validate(i, s)
+        if s.name in names:
+            raise ValueError(f"stages[{i}].name={s.name!r} is used twice")
+        names.add(s.name)
+    return stages
+
+
+def _validate(i: int, s: ml_collections.ConfigDict) -> None:
+    where = f"stages[{i}] ({s.get('name', '?')})"
+    if s.kind not in KINDS:
+        raise ValueError(f"{where}.kind={s.kind!r} is not valid; choose one of: {', '.join(KINDS)}")
+    if s.prune.method not in PRUNE_METHODS:
+        raise ValueError(f"{where}.prune.method={s.prune.method!r} is not valid; choose one of: "
+                         f"{', '.join(PRUNE_METHODS)}")
+    if s.quant.mode not in QUANT_MODES:
+        raise ValueError(f"{where}.quant.mode={s.quant.mode!r} is not valid; choose one of: "
+                         f"{', '.join(QUANT_MODES)}")
+    if s.kind == "train" and s.steps < 0:
+        raise ValueError(f"{where}.steps={s.steps} must be >= 0 for a train stage")
+    if s.kind != "train" and s.steps:
+        raise ValueError(f"{where}.steps={s.steps}: only train stages take steps")
+    if s.kind == "prune" and s.prune.method not in ("one_shot", "imp"):
+        raise ValueError(f"{where}.prune.method={s.prune.method!r}: a prune stage is one_shot or imp")
+    if s.kind == "train" and s.prune.method not in ("none", "gradual"):
+        raise ValueError(f"{where}.prune.method={s.prune.method!r}: a train stage prunes "
+                         f"only gradually (or none)")
+    if s.kind == "quantize" and s.quant.mode != "ptq":
+        raise ValueError(f"{where}.quant.mode={s.quant.mode!r}: a quantize stage is ptq")
+    if s.kind == "train" and s.quant.mode not in ("none", "qat"):
+        raise ValueError(f"{where}.quant.mode={s.quant.mode!r}: a train stage quantizes only with qat")
+    if s.kind == "rewind" and s.rewind not in REWIND_TO:
+        raise ValueError(f"{where}.rewind={s.rewind!r} is not valid; choose one of: {', '.join(REWIND_TO)}")
+    for key in ("weight_bits", "act_bits"):
+        if not 2 <= s.quant[key] <= 8:
+            raise ValueError(f"{where}.quant.{key}={s.quant[key]} must be in 2..8")
+    if not 0.0 <= s.prune.sparsity < 1.0:
+        raise ValueError(f"{where}.prune.sparsity={s.prune.sparsity} must be in [0, 1)")
+
+
+def stage_optimizer(config: ml_collections.ConfigDict,
+                    s: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config's optimizer with the stage's overrides applied."""
+    opt = ml_collections.ConfigDict(config.optimizer.to_dict())
+    for k, v in s.optimizer.items():
+        if k not in opt:
+            raise ValueError(f"stage {s.name!r}: optimizer.{k} is not an optimizer field; "
+                             f"valid: {', '.join(sorted(opt.keys()))}")
+        opt[k] = v
+    return opt
+
+
+def summary(stages: list[ml_collections.ConfigDict]) -> list[dict[str, Any]]:
+    """A short, JSON-able description of each stage (for logs and results)."""
+    return [{"name": s.name, "kind": s.kind, "steps": s.steps} for s in stages]
+
+
+# ----------------------------------------------------------------------------------------
+# What stages do to the weights (pure functions on pytrees; train.py calls them)
+# ----------------------------------------------------------------------------------------
+def _mask_kwargs(p: ml_collections.ConfigDict) -> dict[str, Any]:
+    from jaxaccel.compress import prune
+    return dict(scope=p.scope, granularity=p.granularity, n=p.n, m=p.m, norm=p.norm,
+                distribution=p.distribution, per_layer=dict(p.per_layer) or None,
+                filter_fn=prune.default_filter(skip_first=p.skip_first, skip_last=p.skip_last))
+
+
+def gradual_mask_update(p: ml_collections.ConfigDict, steps: int) -> Callable:
+    """`(params, masks, step) -> masks` for Zhu & Gupta's cubic schedule inside a train step."""
+    from jaxaccel.compress import prune, schedules
+    end = p.end_step or max(p.begin_step + p.frequency, (3 * steps) // 4)
+    kwargs = _mask_kwargs(p)
+    if p.granularity == "n:m":
+        raise ValueError("prune.granularity='n:m' has a fixed sparsity; use a one_shot prune stage")
+
+    def update(params, masks, step):
+        # Masks are recomputed on the weights after the update at steps t0, t0+Δt, …, end.
+        target = schedules.polynomial(step, initial=p.initial, final=p.sparsity,
+                                      begin_step=p.begin_step, end_step=end,
+                                      frequency=p.frequency)
+        return jax.lax.cond(
+            schedules.should_update(step, p.begin_step, end, p.frequency),
+            lambda: prune.magnitude_masks(params, target, prior_masks=masks, **kwargs),
+            lambda: masks)
+
+    return update
+
+
+def prune_once(params, masks, p: ml_collections.ConfigDict):
+    """One-shot or IMP-round masks (subsets of `masks`), and the params they zero."""
+    from jaxaccel.compress import prune, schedules
+    kwargs = _mask_kwargs(p)
+    if p.method == "imp":
+        kwargs.pop("per_layer")
+        new = schedules.imp_masks(params, masks, p.round, rate=p.rate,
+                                  per_layer_rates=dict(p.per_layer_rates) or None, **kwargs)
+    else:
+        sparsity = None if p.granularity == "n:m" else p.sparsity
+        new = prune.magnitude_masks(params, sparsity, prior_masks=masks, **kwargs)
+    return prune.apply_masks(params, new), new
+
+
+def qat_config(q: ml_collections.ConfigDict):
+    """The `quant.QATConfig` of a stage's `quant` section."""
+    from jaxaccel.compress import quant
+    return quant.QATConfig(
+        weights=quant.QuantConfig(bits=q.weight_bits, symmetric=q.symmetric,
+                                  per_channel=q.per_channel, narrow_range=q.symmetric),
+        activations=quant.QuantConfig(bits=q.act_bits, symmetric=False, per_channel=False,
+                                      observer="ema"),
+        delay=q.delay)
+
+
+def ptq_configs(q: ml_collections.ConfigDict):
+    """(weight, activation) QuantConfigs for post-training quantization."""
+    from jaxaccel.compress import quant
+    weights = quant.QuantConfig(bits=q.weight_bits, symmetric=q.symmetric,
+                                per_channel=q.per_channel, narrow_range=q.symmetric)
+    acts = quant.QuantConfig(bits=q.act_bits, symmetric=False, per_channel=False,
+                             observer=q.observer)
+    return weights, acts
+
+
+def weight_stats(params, masks, bits: int = 32) -> dict[str, Any]:
+    """Sparsity of the prunable kernels and an honest size estimate of the weights.
+
+    `model_bytes` counts kernels as nonzeros × bits/8 plus a 1-bit-per-weight mask when
+    sparse, everything else (biases, BN) as float32; `dense_bytes` is all params in float32.
+    """
+    from jaxaccel.compress import prune
+    flat_p = dict(prune.named_leaves(params))
+    flat_m = dict(prune.named_leaves(masks))
+    kernel_size = kernel_nnz = 0
+    model_bytes = dense_bytes = 0.0
+    for path, w in flat_p.items():
+        size = int(np.size(w))
+        dense_bytes += 4 * size
+        if prune.is_kernel(path, w):
+            nnz = int(np.count_nonzero(np.asarray(flat_m[path])))
+            kernel_size += size
+            kernel_nnz += nnz
+            model_bytes += nnz * bits / 8 + (size / 8 if nnz < size else 0)
+        else:
+            model_bytes += 4 * size
+    return {"sparsity": 1.0 - kernel_nnz / max(kernel_size, 1), "bits": bits,
+            "nonzero_weights": kernel_nnz, "model_bytes": int(np.ceil(model_bytes)),
+            "dense_bytes": int(dense_bytes)}
+
+
+def ptq_evaluate(model, variables: dict, q: ml_collections.ConfigDict, *, input_shape,
+                 calibration_images: list, eval_batches: Callable) -> dict[str, Any]:
+    """Fold BN, calibrate activations, then test accuracy with fake-quant and with real int8.
+
+    `eval_batches()` yields dicts with normalised `image`, `label`, `mask`.
+    """
+    from jaxaccel.compress import fold, int8, quant
+    folded_model, folded = fold.fold_bn(model, variables, input_shape=input_shape)
+    w_cfg, a_cfg = ptq_configs(q)
+    act_qparams = quant.calibrate(folded_model, folded, calibration_images, a_cfg)
+    fake = jax.jit(lambda v, x: quant.apply_fake_quant(folded_model, v, x, act_qparams,
+                                                       weight_config=w_cfg))
+    out = {"fake_quant": _accuracy(lambda x: fake(folded, x), eval_batches)}
+    if q.int8 and q.weight_bits == 8 and q.act_bits == 8 and q.symmetric:
+        int8_model = int8.convert_int8(folded, act_qparams, weight_config=w_cfg)
+        run = jax.jit(lambda m, x: int8.int8_apply(folded_model, m, x))
+        out["int8"] = _accuracy(lambda x: run(int8_model, x), eval_batches)
+        out["int8_bytes"] = int8.int8_size_bytes(int8_model)
+    return out
+
+
+def _accuracy(logits_fn: Callable, eval_batches: Callable) -> dict[str, float]:
+    correct = count = loss = 0.0
+    for b in eval_batches():
+        logits = np.asarray(logits_fn(jnp.asarray(b["image"])), np.float64)
+        mask = np.asarray(b["mask"], np.float64)
+        labels = np.asarray(b["label"])
+        logp = logits - logits.max(-1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+        loss += float(np.sum(-logp[np.arange(len(labels)), labels] * mask))
+        correct += float(np.sum((logits.argmax(-1) == labels) * mask))
+        count += float(mask.sum())
+    return {"accuracy": correct / max(count, 1.0), "loss": loss / max(count, 1.0)}

@@ -1,0 +1,140 @@
+"""Multi-stage pipelines: train → prune → finetune → quantize → evaluate, resumable."""
+import json
+import os
+import shutil
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import jaxaccel
+from jaxaccel import config as config_lib, metrics, stages
+from jaxaccel.compress import prune
+
+
+def pipeline_config(**changes):
+    c = config_lib.default_config()
+    c.dataset.name = "digits"
+    c.model.name = "lenet300_100"
+    c.batch_size = 64
+    c.eval_batch_size = 120
+    c.optimizer.lr = 2e-3
+    c.log_every = 10
+    c.checkpoint_every = 10
+    c.keep_checkpoints = 20
+    c.progress = False
+    c.parallel.num_devices = 1
+    c.stages = (
+        stages.stage("train", "train", steps=60),
+        stages.stage("prune", "prune", prune={"method": "one_shot", "sparsity": 0.8}),
+        stages.stage("finetune", "train", steps=30, optimizer={"lr": 2e-4}),
+        stages.stage("quantize", "quantize", quant={"mode": "ptq", "calibration_batches": 2}),
+        stages.stage("evaluate", "evaluate"),
+    )
+    for k, v in changes.items():
+        config_lib.set_value(c, k, v)
+    return c
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("pipeline"))
+    return wd, jaxaccel.train(pipeline_config(), wd)
+
+
+def test_five_stage_pipeline_rows(pipeline_run):
+    wd, results = pipeline_run
+    rows = {r["name"]: r for r in results["stages"]}
+    assert list(rows) == ["train", "prune", "finetune", "quantize", "evaluate"]
+    assert rows["train"]["sparsity"] == 0.0
+    for name in ("prune", "finetune", "quantize", "evaluate"):
+        assert rows[name]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert rows["quantize"]["bits"] == 8 and rows["train"]["bits"] == 32
+    assert rows["quantize"]["model_bytes"] < rows["finetune"]["model_bytes"] < rows["train"]["model_bytes"]
+    # Fine-tuning recovers what one-shot pruning lost; int8 tracks fake-quant.
+    assert rows["finetune"]["test_accuracy"] >= rows["prune"]["test_accuracy"]
+    assert rows["train"]["test_accuracy"] > 0.8
+    assert abs(rows["quantize"]["test_accuracy"] - rows["finetune"]["test_accuracy"]) < 0.03
+    assert abs(rows["quantize"]["int8_accuracy"] - rows["quantize"]["test_accuracy"]) <= 0.01
+    assert results["steps"] == 90
+    saved = json.load(open(os.path.join(wd, "results.json")))
+    assert [r["name"] for r in saved["stages"]] == list(rows)
+    stages_logged = {r.get("stage") for r in metrics.read_metrics(wd) if r["split"] == "train"}
+    assert stages_logged == {"train", "finetune"}
+
+
+def test_pruned_weights_stay_zero_through_finetune(pipeline_run):
+    wd, _ = pipeline_run
+    params = jaxaccel.load(wd).variables["params"]
+    summary = prune.sparsity_summary(params)
+    kernel = summary["leaves"]["fc1/kernel"]
+    assert kernel["sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_resume_after_kill_in_third_stage(pipeline_run, tmp_path):
+    ref_wd, ref = pipeline_run
+    wd = str(tmp_path / "run")
+    shutil.copytree(ref_wd, wd)
+    # Kill during "finetune" (global steps 61..90): lose everything after step 70.
+    for step in os.listdir(os.path.join(wd, "checkpoints")):
+        if step.isdigit() and int(step) > 70:
+            shutil.rmtree(os.path.join(wd, "checkpoints", step))
+    os.remove(os.path.join(wd, "results.json"))
+    results = jaxaccel.train(pipeline_config(), wd)
+    chex.assert_trees_all_equal(jaxaccel.load(wd).variables["params"],
+                                jaxaccel.load(ref_wd).variables["params"])
+    assert [r["test_accuracy"] for r in results["stages"][2:]] == \
+        [r["test_accuracy"] for r in ref["stages"][2:]]
+
+
+def test_gradual_pruning_and_qat_stage(tmp_path):
+    c = pipeline_config()
+    c.stages = (
+        stages.stage("gradual", "train", steps=40,
+                     prune={"method": "gradual", "sparsity": 0.9, "begin_step": 0,
+                            "end_step": 30, "frequency": 10}),
+        stages.stage("qat", "train", steps=10, quant={"mode": "qat", "weight_bits": 4}),
+    )
+    results = jaxaccel.train(c, str(tmp_path))
+    rows = results["stages"]
+    assert rows[0]["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert rows[1]["sparsity"] == pytest.approx(0.9, abs=1e-3)  # sparsity survives QAT
+    assert rows[1]["bits"] == 4
+    assert rows[1]["test_accuracy"] > 0.5
+
+
+def test_imp_rounds_expand():
+    c = pipeline_config()
+    c.stages = ()
+    c.imp.rounds = 2
+    c.imp.steps = 5
+    names = [s.name for s in stages.expand(c)]
+    assert names == ["round0/train", "round1/prune", "round1/rewind", "round1/train",
+                     "round2/prune", "round2/rewind", "round2/train"]
+
+
+def test_imp_rewinds_to_init_and_prunes_geometrically(tmp_path):
+    c = pipeline_config(**{"num_steps": 20})
+    c.stages = ()
+    c.imp.rounds = 2
+    c.imp.rate = 0.5
+    results = jaxaccel.train(c, str(tmp_path))
+    sp = {r["name"]: r["sparsity"] for r in results["stages"]}
+    assert sp["round1/train"] == pytest.approx(0.5, abs=1e-3)
+    assert sp["round2/train"] == pytest.approx(0.75, abs=1e-3)
+
+
+@pytest.mark.parametrize("stage_kwargs,needle", [
+    ({"kind": "shrinkify"}, "kind='shrinkify'"),
+    ({"kind": "prune", "prune": {"method": "gradual"}}, "one_shot or imp"),
+    ({"kind": "train", "steps": 5, "quant": {"mode": "ptq"}}, "qat"),
+    ({"kind": "quantize", "quant": {"mode": "ptq", "weight_bits": 9}}, "weight_bits=9"),
+    ({"kind": "prune", "prune": {"method": "one_shot", "sparsity": 1.5}}, "sparsity=1.5"),
+])
+def test_bad_stages(stage_kwargs, needle):
+    c = pipeline_config()
+    kind = stage_kwargs.pop("kind")
+    c.stages = (stages.stage("s", kind, **stage_kwargs),)
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        stages.expand(c)
