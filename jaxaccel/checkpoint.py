@@ -161,6 +161,7 @@ class Checkpointer:
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
         self._pending: int | None = None  # step of an asynchronous save not yet known good
+        self._closed = False
         if not read_only:
             self._remove_unfinished()
         try:
@@ -206,9 +207,29 @@ class Checkpointer:
         self._pending = None
 
     def close(self) -> None:
-        self._guard(self.manager.wait_until_finished, self._pending)
-        self._pending = None
-        self.manager.close()
+        """Finish pending saves (raising `CheckpointSaveError` if one failed) and close."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._guard(self.manager.wait_until_finished, self._pending)
+        finally:
+            self._pending = None
+            self.manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Pending saves always finish; while another error propagates, a failed save is
+        only logged so the first error stays the one reported."""
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CheckpointSaveError as e:
+            log.warning("jaxaccel: warning: %s", e)
 
     def _guard(self, fn: Callable[[], Any], step: int | None) -> None:
         try:

@@ -1,7 +1,11 @@
 """Metric writers: `workdir/metrics.jsonl`, TensorBoard events, and a progress display.
 
 `metrics.jsonl` holds one JSON object per line, appended and flushed per write, so a crash
-never loses earlier rows; `read_metrics` skips a torn last line.
+never loses earlier rows. A crash mid-write can leave a torn last line: readers skip it and
+the next writer starts on a fresh line. Each run (fresh or resumed) first appends a `start`
+row naming the step it starts from; rows an earlier, crashed run wrote past that step
+describe lost work, and `read_metrics` drops them (and keeps only the last copy of a row
+written twice), so the history reads as one uninterrupted run. `raw=True` gives every line.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from typing import Any, Iterator
 
 log = logging.getLogger("jaxaccel")
 
+START = "start"  # split name of the row a run writes when it starts or resumes
+
 
 class MetricWriter:
     """Appends `{"step", "split", **values}` rows to metrics.jsonl and TensorBoard."""
@@ -26,7 +32,12 @@ class MetricWriter:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        torn = _ends_with_torn_line(path)
+        self._file = open(path, "a")
+        if torn:  # a crash cut the last row short: keep it on its own (skipped) line
+            self._file.write("\n")
+            self._file.flush()
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported lazily: only writers need it
             self._tb = SummaryWriter(os.path.join(workdir, "events"))
@@ -43,6 +54,10 @@ class MetricWriter:
                 if isinstance(v, (int, float)) and v is not None:
                     self._tb.add_scalar(f"{prefix}/{k}", v, step)
             self._tb.flush()
+
+    def mark_start(self, step: int) -> None:
+        """Record that a run starts (or resumes) at `step`: later rows replace those past it."""
+        self.write(step, {}, prefix=START)
 
     def __enter__(self) -> "MetricWriter":
         return self
@@ -66,17 +81,57 @@ def _jsonable(v: Any) -> Any:
     return None if math.isnan(f) or math.isinf(f) else f
 
 
-def read_metrics(workdir: str) -> Iterator[dict]:
-    """Rows of `workdir/metrics.jsonl`; a torn (half-written) line is skipped."""
+def _ends_with_torn_line(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
+
+
+def read_metrics(workdir: str, *, raw: bool = False) -> Iterator[dict]:
+    """Rows of `workdir/metrics.jsonl` as one consistent history; torn lines are skipped.
+
+    Rows written before a `start` row at step s with a step > s are dropped (that work was
+    lost and redone), a row written again for the same (split, step, stage) replaces the
+    earlier copy, and `start` rows themselves are left out. `raw=True`: every parsed line.
+    """
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return
+    rows = []
     with open(path) as f:
         for line in f:
             try:
-                yield json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
+    if raw:
+        yield from rows
+        return
+    kept: list[dict | None] = []
+    where: dict[tuple, int] = {}
+    for row in rows:
+        step = row.get("step")
+        if row.get("split") == START:
+            if isinstance(step, (int, float)):
+                for i, r in enumerate(kept):
+                    if r is not None and isinstance(r.get("step"), (int, float)) \
+                            and r["step"] > step:
+                        kept[i] = None
+            continue
+        key = (row.get("split"), step, str(row.get("stage")))
+        if key in where:
+            kept[where[key]] = None
+        where[key] = len(kept)
+        kept.append(row)
+    yield from (r for r in kept if r is not None)
 
 
 class Progress:
