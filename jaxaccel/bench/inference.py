@@ -1,0 +1,151 @@
+"""`jaxaccel bench infer`: eval-mode forward time of compressed models against float32.
+
+Variants, all jitted forward passes on one device-resident batch, timed interleaved:
+  * float32: `model.apply(variables, x, train=False)` (the dense reference);
+  * fake-quant: `compress.quant.apply_fake_quant` with activation scales calibrated on a
+    batch (the PTQ reference: simulated int8 in float arithmetic);
+  * int8: `compress.int8.int8_apply` on `convert_int8` of the same scales (integer
+    convs/matmuls), goal ≥ 1.4× faster than float32 for cnn3 at batch 256 on CPU;
+  * pruned-and-shrunk: channel masks at each sparsity (`prune.magnitude_masks(...,
+    granularity="channel", filter_fn=shrink.shrinkable_filter(model))`), then
+    `shrink.shrink` to a physically smaller model; goal at 50%: ≥ 1.8× faster.
+Weights are the model's random initialisation: speed does not depend on their values.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Sequence
+
+from jaxaccel.bench import timing, workload
+
+GOAL_INT8 = 1.4
+GOAL_PRUNED_50 = 1.8
+DEFAULT_SPARSITIES = (0.25, 0.5, 0.75)
+
+
+def _int8_module() -> tuple[Any, str]:
+    try:
+        return importlib.import_module("jaxaccel.compress.int8"), "ok"
+    except ImportError as e:
+        return None, f"jaxaccel.compress.int8 is not available ({e})"
+
+
+def resolve_skip(skip: str | Sequence[str], order: Sequence[str]) -> tuple[str, ...]:
+    """'first' -> the first conv/dense layer run; 'none' -> (); else the listed layer paths."""
+    if isinstance(skip, str):
+        if skip == "first":
+            return tuple(order[:1])
+        if skip in ("none", ""):
+            return ()
+        skip = [s for s in skip.split(",") if s]
+    unknown = [s for s in skip if s not in order]
+    if unknown:
+        raise ValueError(f"unknown layer(s) {unknown} to keep float; layers: {', '.join(order)}")
+    return tuple(skip)
+
+
+def bench_infer(model: str = "cnn3", batch_size: int = 256,
+                input_shape: Sequence[int] = workload.DEFAULT_INPUT_SHAPE, *,
+                sparsities: Sequence[float] = DEFAULT_SPARSITIES, int8_skip: str | Sequence[str] = "first",
+                conv_impl: str = "auto", warmup: int = 3, repeats: int = 20,
+                seed: int = 0) -> dict[str, Any]:
+    """Median forward time of float32, fake-quant, int8 and pruned+shrunk models; speed-ups."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxaccel import models
+    from jaxaccel.compress import prune, quant, shrink
+
+    timing.check_counts(warmup, repeats)
+    input_shape = workload.parse_input_shape(input_shape)
+    workload.check_model(model)
+    sparsities = workload.parse_fractions(sparsities, "sparsities")
+    net = models.get_model(model, workload.NUM_CLASSES, conv_impl=conv_impl)
+    variables = models.init_variables(net, jax.random.PRNGKey(seed), input_shape)
+    x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch_size, *input_shape), jnp.float32)
+    calib = x[: min(batch_size, 64)]
+    order = prune.execution_order(net, variables, calib, train=False)
+    skip = resolve_skip(int8_skip, order)
+    notes: list[str] = []
+
+    def forward(m: Any) -> Any:
+        return jax.jit(lambda v, x: m.apply(v, x, train=False))
+
+    fns: dict[str, tuple[Any, tuple]] = {"float32": (forward(net), (variables, x))}
+    act_qparams = quant.calibrate(net, variables, [calib], skip=skip)
+    fake = jax.jit(lambda v, q, x: quant.apply_fake_quant(net, v, x, q, skip=skip))
+    fns["fake-quant"] = (fake, (variables, act_qparams, x))
+    int8_lib, int8_status = _int8_module()
+    if int8_lib is not None:
+        int8_model = int8_lib.convert_int8(variables, act_qparams, skip=skip)
+        fns["int8"] = (jax.jit(lambda m, x: int8_lib.int8_apply(net, m, x)), (int8_model, x))
+    else:
+        notes.append(f"int8 skipped: {int8_status}")
+
+    dense_macs = shrink.flops(net, input_shape)
+    macs: dict[str, int] = {"float32": dense_macs}
+    filter_fn = shrink.shrinkable_filter(net)
+    for s in sparsities:
+        masks = prune.magnitude_masks(variables["params"], s, granularity="channel", filter_fn=filter_fn)
+        small, small_vars = shrink.shrink(net, variables, masks)
+        name = f"pruned {round(100 * s)}%"
+        fns[name] = (forward(small), (small_vars, x))
+        macs[name] = shrink.flops(small, input_shape)
+
+    outputs = {name: np.asarray(fn(*args)) for name, (fn, args) in fns.items()}  # compiles
+    works = {name: (lambda fn=fn, args=args: jax.block_until_ready(fn(*args))) for name, (fn, args) in fns.items()}
+    timings = timing.time_interleaved(works, warmup=warmup, repeats=repeats)
+
+    base = timings["float32"].median_ms
+    top1 = {k: v.argmax(-1) for k, v in outputs.items()}
+    results = []
+    for name, t in timings.items():
+        row = {"variant": name, **t.as_dict("forward"),
+               "images_per_sec": batch_size / (t.median_ms / 1000.0),
+               "speedup_vs_float32": timing.ratio(base, t.median_ms),
+               "macs": macs.get(name), "mac_fraction": timing.ratio(macs.get(name), dense_macs)}
+        if name in ("fake-quant", "int8"):
+            row["top1_agreement_vs_float32"] = float(np.mean(top1[name] == top1["float32"]))
+        if name == "int8":
+            row["top1_agreement_vs_fake_quant"] = float(np.mean(top1["int8"] == top1["fake-quant"]))
+            row["max_abs_diff_vs_fake_quant"] = float(np.max(np.abs(outputs["int8"] - outputs["fake-quant"])))
+        results.append(row)
+    by_name = {r["variant"]: r for r in results}
+    out: dict[str, Any] = {
+        "bench": "infer", "model": model, "batch_size": batch_size, "input_shape": list(input_shape),
+        "conv_impl": conv_impl, "int8_float_layers": list(skip), "sparsities": list(sparsities),
+        "warmup": warmup, "repeats": repeats, "results": results,
+        "float32_ms_median": base,
+        "fake_quant_speedup": by_name["fake-quant"]["speedup_vs_float32"],
+        "int8_speedup": by_name.get("int8", {}).get("speedup_vs_float32"),
+        "int8_status": int8_status,
+    }
+    for s in sparsities:
+        out[f"pruned_{round(100 * s)}_speedup"] = by_name[f"pruned {round(100 * s)}%"]["speedup_vs_float32"]
+    if out["int8_speedup"] is not None:
+        out["int8_goal_met"] = out["int8_speedup"] >= GOAL_INT8
+    if "pruned_50_speedup" in out:
+        out["pruned_50_goal_met"] = out["pruned_50_speedup"] >= GOAL_PRUNED_50
+    out["notes"] = notes
+    out["table"] = _table(out)
+    return out
+
+
+def _table(r: dict[str, Any]) -> dict[str, Any]:
+    rows = []
+    for x in r["results"]:
+        check = ""
+        if "top1_agreement_vs_float32" in x:
+            check = f"top-1 = float32 on {100 * x['top1_agreement_vs_float32']:.0f}%"
+        if "top1_agreement_vs_fake_quant" in x:
+            check += f"; = fake-quant on {100 * x['top1_agreement_vs_fake_quant']:.0f}%"
+        rows.append([x["variant"], f"{x['forward_ms_median']:.2f} (± {x['forward_ms_iqr']:.2f})",
+                     f"{x['images_per_sec']:.0f}", f"{x['speedup_vs_float32']:.2f}×",
+                     f"{x['mac_fraction']:.2f}" if x["mac_fraction"] is not None else "–", check])
+    shape = "×".join(str(v) for v in r["input_shape"])
+    floats = ", ".join(r["int8_float_layers"]) or "none"
+    return {"title": f"infer ({r['model']}, batch {r['batch_size']}, {shape}; float layers in int8/fake-quant: {floats})",
+            "columns": ["variant", "ms / batch (median ± IQR)", "img/s", "speed-up vs float32",
+                        "MACs vs dense", "check"],
+            "rows": rows}

@@ -1,0 +1,75 @@
+"""Benchmark results as markdown tables and JSON files."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterable
+
+
+def markdown_table(table: dict[str, Any]) -> str:
+    """A `{"title", "columns", "rows"}` table as GitHub markdown, title as a heading."""
+    cols = table["columns"]
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = [f"### {table['title']}", "", "| " + " | ".join(map(esc, cols)) + " |",
+             "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in table["rows"]]
+    return "\n".join(lines)
+
+
+def markdown_result(result: dict[str, Any]) -> str:
+    """One benchmark's table followed by its notes."""
+    text = markdown_table(result["table"])
+    notes = result.get("notes") or []
+    if notes:
+        text += "\n\n" + "\n".join(f"- {n}" for n in notes)
+    return text
+
+
+def markdown_header(machine: dict[str, Any], command: str) -> str:
+    load = machine.get("load_average")
+    load_text = " / ".join(f"{x:.2f}" for x in load) if load else "n/a"
+    return "\n".join([
+        f"- machine: {machine.get('cpu')}, {machine.get('cores')} cores"
+        + (f", {machine['memory_gib']} GiB" if "memory_gib" in machine else "")
+        + f"; backend {machine.get('backend')} ({machine.get('devices')} devices, "
+        f"{machine.get('device_kind')})",
+        f"- load average (1/5/15 min) at the start: {load_text}",
+        f"- jax {machine.get('jax')}, jaxlib {machine.get('jaxlib')}, Python {machine.get('python')}",
+        f"- command: `{command}`",
+    ])
+
+
+def markdown_report(results: Iterable[dict[str, Any]], machine: dict[str, Any], command: str) -> str:
+    parts = [markdown_header(machine, command)] + [markdown_result(r) for r in results]
+    return "\n\n".join(parts) + "\n"
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python, tuples -> lists."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if hasattr(x, "item") and callable(x.item) and getattr(x, "ndim", 1) == 0:
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(path: str, obj: dict[str, Any]) -> None:
+    """Write `obj` as indented JSON atomically, creating parent dirs."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_clean(obj), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
