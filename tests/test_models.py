@@ -185,3 +185,34 @@ def test_bn_axis_name_syncs_statistics_across_devices():
     _, upd = jax.pmap(lambda x: model.apply(v, x, train=True, mutable=["batch_stats"]), axis_name="batch")(x)
     means = upd["batch_stats"]["bn1"]["mean"]
     np.testing.assert_allclose(means[0], means[-1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,shape", [("cnn3", (32, 32, 3)), ("lenet5", (28, 28, 1)), ("cnn_bn", (16, 16, 1))])
+def test_every_conv_impl_same_params_and_same_forward_and_grads(name, shape):
+    from jaxaccel.models.layers import CONV_IMPLS
+
+    models = {impl: get_model(name, 10, conv_impl=impl) for impl in CONV_IMPLS}
+    trees = {impl: abstract(m, shape) for impl, m in models.items()}
+    for impl in CONV_IMPLS:
+        assert trees[impl] == trees["xla"], impl  # checkpoints are interchangeable
+    v = init_variables(models["xla"], KEY, shape)
+    x = jax.random.normal(jax.random.key(1), (3,) + shape)
+    labels = jnp.arange(3) % 10
+
+    @jax.jit
+    def all_impls(params, x):
+        out = {}
+        for impl, m in models.items():
+            def loss(p, x, m=m):
+                logits, _ = m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
+                                    mutable=["batch_stats"])
+                return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(3), labels]), logits
+            (g_p, g_x), logits = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+            out[impl] = {"logits": logits, "grad_params": g_p, "grad_input": g_x}
+        return out
+
+    res = all_impls(v["params"], x)
+    for impl in CONV_IMPLS:
+        for a, e in zip(jax.tree.leaves(res[impl]), jax.tree.leaves(res["xla"])):
+            a, e = np.asarray(a), np.asarray(e)
+            assert np.abs(a - e).max() <= 1e-4 * np.abs(e).max(), impl

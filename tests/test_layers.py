@@ -1,0 +1,172 @@
+"""Equivalence of every conv_impl's conv and max-pool with plain XLA (values and gradients)."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from jaxaccel.models import layers
+from jaxaccel.models.layers import CONV_IMPLS, conv, max_pool, max_pool_2d, resolve_conv_impl
+
+FAST_IMPLS = [i for i in CONV_IMPLS if i not in ("auto", "xla")]
+RTOL = 1e-4
+
+
+def assert_rel_close(actual, expected, rtol=RTOL):
+    """max |a - e| <= rtol * max |e|, leaf by leaf."""
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        assert a.shape == e.shape
+        scale = max(np.abs(e).max(), 1e-30)
+        assert np.abs(a - e).max() <= rtol * scale, (np.abs(a - e).max(), scale)
+
+
+def check_all_impls_match_xla(x, kernel, features, padding, strides=1, use_bias=True):
+    """Values and grads (kernel, bias, input) of every fast impl vs "xla", in one compiled program."""
+    layers_by_impl = {
+        impl: conv(features, kernel, padding=padding, strides=strides, use_bias=use_bias, conv_impl=impl)
+        for impl in ["xla"] + FAST_IMPLS
+    }
+    shapes = {impl: jax.eval_shape(l.init, jax.random.key(1), x)["params"] for impl, l in layers_by_impl.items()}
+    for impl in FAST_IMPLS:  # identical parameter trees
+        assert shapes[impl] == shapes["xla"], impl
+    keys = iter(jax.random.split(jax.random.key(1), 8))
+    params = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape), shapes["xla"])
+    cot = jax.random.normal(jax.random.key(2), jax.eval_shape(layers_by_impl["xla"].apply, {"params": params}, x).shape)
+
+    @jax.jit
+    def all_results(p, x):
+        out = {}
+        for impl, layer in layers_by_impl.items():
+            def f(p, x, layer=layer):
+                y = layer.apply({"params": p}, x)
+                return jnp.sum(y * cot), y
+            grads, y = jax.grad(f, argnums=(0, 1), has_aux=True)(p, x)
+            out[impl] = (y, grads)
+        return out
+
+    results = all_results(params, x)
+    for impl in FAST_IMPLS:
+        assert_rel_close(results[impl], results["xla"])
+    return results["xla"][0]
+
+
+@pytest.mark.parametrize(
+    "shape,kernel,features,padding",
+    [
+        ((3, 8, 8, 1), 3, 4, "SAME"),
+        ((2, 9, 7, 3), 3, 5, "SAME"),  # odd, non-square
+        ((2, 9, 7, 3), 3, 5, "VALID"),
+        ((2, 6, 6, 32), 3, 8, "SAME"),
+        ((2, 11, 11, 1), 5, 6, "VALID"),  # lenet5-like
+        ((2, 8, 8, 3), 5, 4, "SAME"),
+        ((2, 7, 7, 3), 1, 4, "VALID"),
+        ((2, 7, 7, 2), 3, 4, ((2, 0), (1, 1))),  # explicit asymmetric padding
+    ],
+)
+def test_conv_matches_xla_values_and_grads(shape, kernel, features, padding):
+    x = jax.random.normal(jax.random.key(0), shape)
+    check_all_impls_match_xla(x, kernel, features, padding)
+
+
+@pytest.mark.parametrize("strides,kernel", [(2, 3), (2, 1)])
+def test_conv_strided_falls_back_and_matches(strides, kernel):
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    y = check_all_impls_match_xla(x, kernel, 6, "SAME", strides=strides, use_bias=False)
+    assert y.shape == (2, 4, 4, 6)
+
+
+def test_im2col_patches_layout_matches_kernel_order():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    p = layers.im2col_patches(x, (3, 3), ((1, 1), (1, 1)))
+    assert p.shape == (2 * 5 * 6, 27)
+    y = (p @ k.reshape(27, 4)).reshape(2, 5, 6, 4)
+    ref = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert_rel_close(y, ref)
+
+
+def test_fast_conv_compiles_to_no_native_conv_for_small_patches():
+    """The im2col path really replaces the conv: the compiled parameter gradient has no convolution."""
+    x = jnp.ones((2, 8, 8, 3))
+    for impl, has_conv in (("xla", True), ("im2col", False), ("cpu", False)):
+        layer = conv(4, 3, conv_impl=impl)
+        p = layer.init(jax.random.key(0), x)["params"]
+        hlo = jax.jit(jax.grad(lambda p: layer.apply({"params": p}, x).sum())).lower(p).compile().as_text()
+        assert ("convolution(" in hlo) == has_conv, impl
+
+
+def xla_pool(window):
+    return lambda x: nn.max_pool(x, (window, window), strides=(window, window), padding="VALID")
+
+
+@functools.lru_cache(maxsize=None)
+def pool_value_and_grad(impl: str, window: int):
+    """Jitted (x, cot) -> (pool(x), d<pool(x), cot>/dx), cached so hypothesis examples reuse compiles."""
+    fn = xla_pool(window) if impl == "xla" else (lambda x: max_pool_2d(x, window))
+
+    def f(x, cot):
+        y = fn(x)
+        return jnp.sum(y * cot), y
+
+    grad = jax.jit(jax.grad(f, has_aux=True))
+
+    def run(x):
+        cot = jax.random.normal(jax.random.key(3), jax.eval_shape(fn, x).shape, x.dtype)
+        g, y = grad(x, cot)
+        return y, g
+
+    return run
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2), (3, 5, 5, 1), (2, 16, 16, 32)])
+@pytest.mark.parametrize("window", [2, 3])
+def test_max_pool_matches_nn_max_pool_on_random_data(shape, window):
+    x = jax.random.normal(jax.random.key(0), shape)
+    y_ref, g_ref = pool_value_and_grad("xla", window)(x)
+    y, g = pool_value_and_grad("fast", window)(x)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(g, g_ref)
+    # Cropped rows/columns of odd sizes get no gradient.
+    h, w = shape[1:3]
+    assert not np.any(np.asarray(g)[:, (h // window) * window:]) and not np.any(np.asarray(g)[:, :, (w // window) * window:])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    data=st.lists(st.integers(0, 2), min_size=2 * 6 * 5 * 2, max_size=2 * 6 * 5 * 2),
+    window=st.sampled_from([2, 3]),
+)
+def test_max_pool_ties_route_gradient_like_nn_max_pool(data, window):
+    """Many exact ties (values in {0,1,2}, also relu-style zeros): same first-maximum routing."""
+    x = jnp.asarray(np.array(data, np.float32).reshape(2, 6, 5, 2))
+    y_ref, g_ref = pool_value_and_grad("xla", window)(x)
+    y, g = pool_value_and_grad("fast", window)(x)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(g, g_ref)
+
+
+def test_max_pool_all_equal_window_gives_whole_gradient_to_first_element():
+    x = jnp.zeros((1, 2, 2, 1))
+    g = jax.grad(lambda x: max_pool_2d(x, 2).sum())(x)
+    np.testing.assert_array_equal(np.asarray(g)[0, :, :, 0], [[1.0, 0.0], [0.0, 0.0]])
+
+
+def test_max_pool_bfloat16():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4)).astype(jnp.bfloat16)
+    y, g = pool_value_and_grad("fast", 2)(x)
+    y_ref, g_ref = pool_value_and_grad("xla", 2)(x)
+    np.testing.assert_array_equal(np.asarray(max_pool(x, 2, conv_impl="cpu"), np.float32), np.asarray(y, np.float32))
+    assert y.dtype == g.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g_ref, np.float32))
+
+
+def test_conv_impl_names_and_resolution():
+    assert set(CONV_IMPLS) >= {"auto", "xla", "im2col", "cpu"}
+    assert resolve_conv_impl("auto") == ("cpu" if jax.default_backend() == "cpu" else "xla")
+    assert resolve_conv_impl("xla") == "xla"
+    with pytest.raises(ValueError, match="'winograd'.*xla"):
+        resolve_conv_impl("winograd")
