@@ -1,0 +1,373 @@
+"""Compressed checkpoints: sparse low-bit kernels in one small file, rebuilt for inference.
+
+`save_compressed` writes a single ``.npz`` (zlib-compressed, readable with plain numpy and
+``allow_pickle=False``). Every conv/dense kernel (``prune.is_kernel``) is stored as
+
+* ``mask``:  ``np.packbits`` of its nonzero pattern (omitted when the kernel is dense),
+* ``codes``: the integer codes of the nonzero entries only, in C order — ``int8`` for 8 bits,
+  for 2..7 bits the offset codes ``q - qmin`` packed ``bits`` per entry,
+* ``scale``: symmetric per-output-channel (or per-tensor) scales,
+
+so no float copy of the weights exists. Codes follow ``quant.quantize`` with the same
+weight config as the project's PTQ stage (symmetric, narrow range, e.g. [-127, 127]), so the
+dequantized kernel ``codes * scale`` equals ``quant.quantize_weights`` of the (masked)
+float kernel bit for bit. Biases, BatchNorm parameters and statistics are stored as float32
+(or float16). A JSON record inside the file names the registered model and its fields, so
+`load_compressed` rebuilds ``(model, variables)`` without the original workdir.
+
+`kernel_bytes` is the size formula of one stored kernel; the report (``compress.report``)
+uses it, and the tests check it against the arrays actually written.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import os
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel import models
+from jaxaccel.compress import prune, quant
+
+PyTree = Any
+
+FORMAT = "jaxaccel-compressed"
+VERSION = 1
+FLOAT_DTYPES = ("float32", "float16")
+_META_KEY = "meta"
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def kernel_bytes(size: int, nonzeros: int, channels: int, bits: int, *,
+                 per_channel: bool = True, scale_bytes: int = 4) -> int:
+    """Bytes of one kernel stored sparse: codes + bit-mask + scales.
+
+    ``ceil(nonzeros * bits / 8)`` for the values, ``ceil(size / 8)`` for the mask unless the
+    kernel is dense, and one scale per output channel (or one per tensor) of
+    ``scale_bytes`` each. ``bits=32`` means float32 values and no scales (an unquantized
+    kernel in the same sparse layout; a dense one is then plain float32).
+    """
+    mask = 0 if nonzeros == size else math.ceil(size / 8)
+    scales = 0 if bits >= 32 else (channels if per_channel else 1) * scale_bytes
+    return math.ceil(nonzeros * bits / 8) + mask + scales
+
+
+def directory_bytes(path: str | os.PathLike) -> int:
+    """Total size of the files under ``path`` (a file: its size)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+
+# --------------------------------------------------------------------------- code packing
+
+
+def pack_codes(codes: np.ndarray, bits: int, qmin: int) -> np.ndarray:
+    """Integer codes in ``[qmin, qmin + 2**bits)``: int8 as is for 8 bits, else the offset
+    codes ``codes - qmin`` packed ``bits`` per entry (big-endian) into uint8."""
+    codes = np.asarray(codes)
+    if bits == 8:
+        return codes.astype(np.int8)
+    offset = (codes.astype(np.int16) - qmin).astype(np.uint8)
+    planes = np.unpackbits(offset[:, None], axis=1)[:, 8 - bits:]
+    return np.packbits(planes.ravel())
+
+
+def unpack_codes(packed: np.ndarray, count: int, bits: int, qmin: int) -> np.ndarray:
+    """Inverse of `pack_codes`: ``count`` codes as int32."""
+    packed = np.asarray(packed)
+    if bits == 8:
+        return packed.astype(np.int32)
+    planes = np.unpackbits(packed)[:count * bits].reshape(count, bits)
+    full = np.zeros((count, 8), np.uint8)
+    full[:, 8 - bits:] = planes
+    return np.packbits(full, axis=1)[:, 0].astype(np.int32) + qmin
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _host_tree(tree: PyTree) -> PyTree:
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _check_finite(collection: str, tree: PyTree) -> None:
+    for path, leaf in prune.named_leaves(tree):
+        leaf = np.asarray(leaf)
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise ValueError(f"{collection}[{path!r}] has dtype {leaf.dtype}; only float "
+                             f"leaves can be stored")
+        bad = ~np.isfinite(leaf)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{collection}[{path!r}] has the non-finite value "
+                             f"{leaf[where]!r} at index {where}")
+
+
+def _check_mask_values(masks: PyTree) -> None:
+    for path, mk in prune.named_leaves(masks):
+        mk = np.asarray(mk)
+        if mk.dtype == np.bool_:
+            continue
+        bad = (mk != 0) & (mk != 1)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"masks[{path!r}] must be boolean (or 0/1), got the value "
+                             f"{mk[where]!r} at index {where}")
+
+
+def _check_float_dtype(float_dtype: str) -> None:
+    if float_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"float_dtype={float_dtype!r} is not valid; choose one of: "
+                         f"{', '.join(FLOAT_DTYPES)}")
+
+
+def weight_config(bits: int, per_channel: bool = True) -> quant.QuantConfig:
+    """The weight quantization of packages: symmetric, narrow range, as the PTQ stage uses."""
+    return quant.QuantConfig(bits=bits, symmetric=True, per_channel=per_channel,
+                             narrow_range=True)
+
+
+# --------------------------------------------------------------------------- model spec
+
+
+def _registry_name(model: nn.Module) -> str:
+    for cls in type(model).__mro__:
+        for name, registered in models.MODELS.items():
+            if registered is cls:
+                return name
+    raise ValueError(f"cannot package model {type(model).__name__!r}: not a registered model; "
+                     f"registered: {', '.join(sorted(models.MODELS))}")
+
+
+def _jsonable(name: str, value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(name, v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    raise ValueError(f"model field {name}={value!r} cannot be stored in a package")
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """JSON description of a registered model: registry name, num_classes, dtype, fields."""
+    name = _registry_name(model)
+    fields = {}
+    for field in type(model).__dataclass_fields__:
+        if field in ("parent", "name", "num_classes", "dtype", "conv_impl"):
+            continue
+        fields[field] = _jsonable(field, getattr(model, field))
+    dtype = jnp.dtype(model.dtype).name
+    if dtype not in models.DTYPES:
+        raise ValueError(f"model dtype {dtype!r} cannot be stored; valid: {', '.join(models.DTYPES)}")
+    return {"name": name, "num_classes": int(model.num_classes), "dtype": dtype,
+            "conv_impl": model.conv_impl, "fields": fields}
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def model_from_spec(spec: Mapping[str, Any]) -> nn.Module:
+    """The module `model_spec` described (via ``models.get_model``)."""
+    fields = {k: _tuples(v) for k, v in spec["fields"].items()}
+    return models.get_model(spec["name"], spec["num_classes"], dtype=spec["dtype"],
+                            conv_impl=spec["conv_impl"], **fields)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _quantize_kernels_jit(kernels: dict[str, jax.Array], config: quant.QuantConfig):
+    out = {}
+    for path, k in kernels.items():
+        qp = quant.tensor_qparams(k, config)
+        out[path] = (quant.quantize(k, qp, jnp.int32), jnp.asarray(qp.scale, jnp.float32))
+    return out
+
+
+def _quantize_kernels(kernels: dict[str, np.ndarray], config: quant.QuantConfig):
+    """Codes (int32) and scales of all kernels in one compiled program (cached per shapes)."""
+    return jax.device_get(_quantize_kernels_jit(kernels, config)) if kernels else {}
+
+
+def _flatten(variables: Mapping[str, PyTree]) -> list[tuple[str, np.ndarray]]:
+    out = []
+    for collection in sorted(variables):
+        for path, leaf in prune.named_leaves(variables[collection]):
+            out.append((f"{collection}/{path}", leaf))
+    return out
+
+
+def encode(variables: Mapping[str, PyTree], masks: PyTree | None = None, *, bits: int = 8,
+           per_channel: bool = True,
+           float_dtype: str = "float32") -> tuple[dict[str, np.ndarray], list[dict]]:
+    """The arrays of a package and the per-leaf records describing them (no file I/O).
+
+    ``masks`` (over ``variables["params"]``, True = keep) zero entries first; the stored
+    pattern of a kernel is its nonzeros after that. ValueError names the leaf for bad bits,
+    masks that do not match the params, non-boolean masks and non-finite values.
+    """
+    config = weight_config(bits, per_channel)  # validates bits (2..8)
+    _check_float_dtype(float_dtype)
+    if "params" not in variables:
+        raise ValueError(f"variables need a 'params' collection, got {sorted(variables)}")
+    variables = {k: _host_tree(v) for k, v in variables.items()}
+    params = variables["params"]
+    if masks is not None:
+        prune.check_masks(params, masks)
+        masks = _host_tree(masks)
+        _check_mask_values(masks)
+        params = jax.tree.map(lambda p, mk: np.where(mk.astype(bool), p, np.zeros((), p.dtype)),
+                              params, masks)
+        variables = {**variables, "params": params}
+    for collection, tree in variables.items():
+        _check_finite(collection, tree)
+    flat = _flatten(variables)
+    kernels = {p: np.asarray(v, np.float32) for p, v in flat
+               if p.startswith("params/") and prune.is_kernel(p, v)}
+    quantized = _quantize_kernels(kernels, config)
+    arrays: dict[str, np.ndarray] = {}
+    records: list[dict] = []
+    for i, (path, leaf) in enumerate(flat):
+        leaf = np.asarray(leaf)
+        record = {"path": path, "shape": list(leaf.shape), "dtype": leaf.dtype.name}
+        if path in kernels:
+            codes, scale = quantized[path]
+            nonzero = kernels[path] != 0
+            nnz = int(nonzero.sum())
+            record.update(encoding="sparse_int", bits=bits, qmin=config.qmin,
+                          nonzeros=nnz, per_channel=per_channel)
+            if nnz < leaf.size:
+                arrays[f"{i}.mask"] = np.packbits(nonzero.ravel())
+            arrays[f"{i}.codes"] = pack_codes(codes[nonzero], bits, config.qmin)
+            arrays[f"{i}.scale"] = np.atleast_1d(scale).astype(float_dtype)
+        else:
+            record.update(encoding="float")
+            arrays[f"{i}.value"] = leaf.astype(float_dtype)
+        records.append(record)
+    return arrays, records
+
+
+def _decode_leaf(record: Mapping[str, Any], arrays: Mapping[str, np.ndarray], i: int) -> np.ndarray:
+    shape = tuple(record["shape"])
+    if record["encoding"] == "float":
+        return np.asarray(arrays[f"{i}.value"]).astype(jnp.dtype(record["dtype"])).reshape(shape)
+    size = int(np.prod(shape))
+    nnz = int(record["nonzeros"])
+    if f"{i}.mask" in arrays:
+        mask = np.unpackbits(arrays[f"{i}.mask"])[:size].astype(bool).reshape(shape)
+    else:
+        mask = np.ones(shape, bool)
+    if int(mask.sum()) != nnz:
+        raise ValueError(f"package leaf {record['path']!r}: mask holds {int(mask.sum())} "
+                         f"entries, record says {nnz}")
+    codes = unpack_codes(arrays[f"{i}.codes"], nnz, int(record["bits"]), int(record["qmin"]))
+    scale = np.asarray(arrays[f"{i}.scale"], np.float32)
+    scale = np.broadcast_to(scale, shape)  # (cout,) per channel, (1,) per tensor
+    out = np.zeros(shape, np.float32)
+    out[mask] = codes.astype(np.float32) * scale[mask]  # as fake_quant: (q - 0) * scale in float32
+    return out.astype(jnp.dtype(record["dtype"]))
+
+
+def decode(arrays: Mapping[str, np.ndarray], records: list[dict],
+           collections: list[str]) -> dict[str, PyTree]:
+    """Float variables (dequantized kernels, zeros in place) from `encode`'s output."""
+    out: dict[str, dict] = {c: {} for c in collections}
+    for i, record in enumerate(records):
+        node = out
+        *parents, leaf = record["path"].split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = _decode_leaf(record, arrays, i)
+    return out
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save_compressed(path: str | os.PathLike, model: nn.Module, variables: Mapping[str, PyTree],
+                    masks: PyTree | None = None, *, bits: int = 8, per_channel: bool = True,
+                    float_dtype: str = "float32",
+                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write a compressed checkpoint of ``model``/``variables`` to ``path`` (one .npz file).
+
+    See the module docstring for the layout. ``extra`` (JSON) is stored alongside, e.g. the
+    dataset and input shape. Returns ``{"path", "file_bytes", "payload_bytes",
+    "dense_float32_bytes", "ratio", "bits", "kernel_params", "kernel_nonzeros", "sparsity"}``:
+    ``file_bytes`` is the size on disk, ``dense_float32_bytes`` 4 bytes per stored variable,
+    ``ratio`` the second over the first.
+    """
+    spec = model_spec(model)
+    arrays, records = encode(variables, masks, bits=bits, per_channel=per_channel,
+                             float_dtype=float_dtype)
+    meta = {"format": FORMAT, "version": VERSION, "model": spec, "bits": bits,
+            "per_channel": per_channel, "float_dtype": float_dtype,
+            "collections": sorted(variables), "leaves": records, "extra": dict(extra or {})}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays, **{_META_KEY: np.array(json.dumps(meta))})
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+    os.replace(tmp, path)  # a reader never sees half a package
+    file_bytes = os.path.getsize(path)
+    dense = 4 * sum(int(np.prod(r["shape"])) for r in records)
+    kernels = [r for r in records if r["encoding"] == "sparse_int"]
+    size = sum(int(np.prod(r["shape"])) for r in kernels)
+    nnz = sum(r["nonzeros"] for r in kernels)
+    return {"path": path, "file_bytes": file_bytes,
+            "payload_bytes": int(sum(a.nbytes for a in arrays.values())),
+            "dense_float32_bytes": dense, "ratio": dense / file_bytes, "bits": bits,
+            "kernel_params": size, "kernel_nonzeros": nnz,
+            "sparsity": 1.0 - nnz / size if size else 0.0}
+
+
+def read_package(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(meta, arrays)`` of a package; ValueError if ``path`` is not one."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no compressed package at {path!r}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        meta = json.loads(str(arrays.pop(_META_KEY)))
+    except (zipfile.BadZipFile, KeyError, OSError, json.JSONDecodeError, ValueError) as e:
+        raise ValueError(f"{path!r} is not a jaxaccel compressed package ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not a jaxaccel compressed package (format="
+                         f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{path!r}: package version {meta.get('version')!r} is not supported "
+                         f"(this jaxaccel reads version {VERSION})")
+    return meta, arrays
+
+
+def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, dict[str, PyTree]]:
+    """Rebuild ``(model, variables)`` from a package: float32 variables with the kernels
+    dequantized (``codes * scale``) and every pruned entry exactly zero; ready for
+    ``model.apply(variables, images, train=False)``."""
+    meta, arrays = read_package(path)
+    try:
+        model = model_from_spec(meta["model"])
+        variables = decode(arrays, meta["leaves"], meta["collections"])
+    except (KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{os.fspath(path)!r}: damaged package ({type(e).__name__}: {e})") from None
+    return model, jax.tree.map(jnp.asarray, variables)
