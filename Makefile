@@ -25,6 +25,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 bench: setup
+	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
 	bash scripts/bench.sh
 
 clean:

@@ -13,8 +13,8 @@ ALL_ORDER = ("train", "scaling", "input", "infer", "sweep", "compile")
 
 # Defaults that depend on the benchmark: (train, scaling, input, infer).
 _BATCH = {"infer": 256}
-_REPEATS = {"train": 20, "scaling": 10, "input": 20, "infer": 20}
-_WARMUP = {"train": 3, "scaling": 2, "input": 2, "infer": 3}
+_REPEATS = {"train": 15, "scaling": 6, "input": 20, "infer": 15}
+_WARMUP = {"train": 2, "scaling": 1, "input": 2, "infer": 2}
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,13 +34,17 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-counts", default="1,2,4,8", help="scaling: device counts (default 1,2,4,8)")
     p.add_argument("--strategies", default="data,fsdp,pmap", help="scaling: strategies")
     p.add_argument("--cpu-devices", type=int, default=None,
-                   help="simulate N CPU devices (default: enough for --device-counts in scaling/all)")
+                   help="simulate N CPU devices (default: scaling simulates max(--device-counts); "
+                        "all runs scaling in a child process that does)")
     p.add_argument("--dataset", default="mnist5k", help="input: a prepared dataset (default mnist5k)")
     p.add_argument("--data-dir", default=None, help="input: TFDS data dir")
     p.add_argument("--sparsities", default="0.25,0.5,0.75", help="infer: channel sparsities")
     p.add_argument("--int8-skip", default="first",
                    help="infer: layers kept float in int8/fake-quant: first | none | a,b (default first)")
     p.add_argument("--sweep-points", type=int, default=4, help="sweep: K points (default 4)")
+    p.add_argument("--sweep-steps", type=int, default=50, help="sweep: steps per point (default 50)")
+    p.add_argument("--sweep-config", default=None,
+                   help="sweep: experiment file (default experiments/digits_lenet5.py)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (medians are reported)")
     p.add_argument("--matmul-size", type=int, default=2048, help="train: n of the n³ matmul peak")
@@ -107,7 +111,8 @@ def _validate(args: argparse.Namespace) -> None:
     for s in [args.strategy] + args.strategies.split(","):
         if s not in parallel.STRATEGIES:
             raise ValueError(f"unknown strategy {s!r}; valid strategies: {', '.join(parallel.STRATEGIES)}")
-    for name in ("batch_size", "warmup", "repeats", "devices", "matmul_size", "sweep_points"):
+    for name in ("batch_size", "warmup", "repeats", "devices", "matmul_size", "sweep_points",
+                 "sweep_steps"):
         value = getattr(args, name)
         minimum = 0 if name == "warmup" else 1
         if value is not None and value < minimum:
@@ -128,6 +133,8 @@ def _runner(name: str, args: argparse.Namespace) -> Callable[[], dict[str, Any]]
                                    baseline_conv_impl=args.baseline_conv_impl, strategy=args.strategy,
                                    num_devices=args.devices, warmup=warmup, repeats=repeats,
                                    matmul_size=args.matmul_size, compare_torch=args.compare_torch)
+    if name == "scaling" and args.suite == "all" and _needs_own_process(args):
+        return lambda: _scaling_subprocess(args)
     if name == "scaling":
         from jaxaccel.bench.scaling import bench_scaling
         return lambda: bench_scaling(args.model, batch, shape,
@@ -145,11 +152,53 @@ def _runner(name: str, args: argparse.Namespace) -> Callable[[], dict[str, Any]]
                                    warmup=warmup, repeats=repeats)
     if name == "sweep":
         from jaxaccel.bench.sweep import bench_sweep
-        return lambda: bench_sweep(args.sweep_points)
+        return lambda: bench_sweep(args.sweep_points, experiment=args.sweep_config,
+                                   steps=args.sweep_steps)
     if name == "compile":
         from jaxaccel.bench.compilation_cache import bench_compile
         return lambda: bench_compile(args.model, batch, shape, conv_impl=args.conv_impl)
     raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(SUITES)}")
+
+
+def _needs_own_process(args: argparse.Namespace) -> bool:
+    """In `all` on a CPU host with too few devices, scaling runs in a child process that
+    simulates them, so the other benchmarks keep the default one-device set-up."""
+    import jax
+
+    from jaxaccel.bench import workload
+
+    needed = max(workload.parse_int_list(args.device_counts, "--device-counts"))
+    return jax.default_backend() == "cpu" and jax.device_count() < needed
+
+
+def _scaling_subprocess(args: argparse.Namespace) -> dict[str, Any]:
+    import json
+    import subprocess
+    import tempfile
+
+    from jaxaccel.bench import workload
+
+    needed = max(workload.parse_int_list(args.device_counts, "--device-counts"))
+    with tempfile.TemporaryDirectory(prefix="jaxaccel-bench-scaling-") as tmp:
+        path = os.path.join(tmp, "scaling.json")
+        argv = [sys.executable, "-m", "jaxaccel", "bench", "scaling", "--model", args.model,
+                "--input-shape", args.input_shape, "--device-counts", args.device_counts,
+                "--strategies", args.strategies, "--conv-impl", args.conv_impl,
+                "--cpu-devices", str(needed), "--json", path]
+        for flag, value in (("--batch-size", args.batch_size), ("--warmup", args.warmup),
+                            ("--repeats", args.repeats)):
+            if value is not None:
+                argv += [flag, str(value)]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.exists(path):
+            tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+            raise RuntimeError(f"scaling subprocess failed (exit {proc.returncode}): {tail}")
+        with open(path) as f:
+            result = json.load(f)
+    result.pop("machine", None)
+    result["subprocess_command"] = result.pop("command", None)
+    result.setdefault("notes", []).append(f"run in a child process with {needed} simulated CPU devices")
+    return result
 
 
 def run_bench(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -160,7 +209,7 @@ def run_bench(args: argparse.Namespace, overrides: list[str]) -> int:
     from jaxaccel.bench import workload
 
     needed = max(workload.parse_int_list(args.device_counts, "--device-counts"))
-    _configure_devices(args, needed if args.suite in ("scaling", "all") else args.devices)
+    _configure_devices(args, needed if args.suite == "scaling" else args.devices)
 
     from jaxaccel.bench import report, timing
 

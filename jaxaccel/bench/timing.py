@@ -95,9 +95,12 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return float(numerator) / float(denominator)
 
 
-def matmul_peak(size: int = 2048, *, warmup: int = 2, repeats: int = 5) -> dict[str, float]:
-    """float32 `size`³ matmul throughput on the default device: the practical FLOP/s peak
-    that model FLOPs utilisation is measured against (same process, same moment)."""
+def matmul_work(size: int = 2048) -> tuple[Callable[[], Any], float]:
+    """(work, flops): a float32 `size`³ matmul on the default device that blocks until done.
+
+    Its throughput is the practical FLOP/s peak that model FLOPs utilisation is measured
+    against; time it interleaved with the model so both see the same machine.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -107,8 +110,17 @@ def matmul_peak(size: int = 2048, *, warmup: int = 2, repeats: int = 5) -> dict[
     a = jax.random.normal(k1, (size, size), jnp.float32)
     b = jax.random.normal(k2, (size, size), jnp.float32)
     matmul = jax.jit(jnp.matmul)
-    timing = time_calls(lambda: matmul(a, b).block_until_ready(), warmup=warmup, repeats=repeats)
+    return (lambda: matmul(a, b).block_until_ready()), 2.0 * size ** 3
+
+
+def matmul_peak(size: int = 2048, *, warmup: int = 2, repeats: int = 5,
+                timing: Timing | None = None) -> dict[str, float]:
+    """GFLOP/s of a float32 `size`³ matmul: from `timing` if given (e.g. measured interleaved
+    with a model), else measured now."""
     flops = 2.0 * size ** 3
+    if timing is None:
+        work, flops = matmul_work(size)
+        timing = time_calls(work, warmup=warmup, repeats=repeats)
     return {"matmul_size": size, "matmul_ms_median": timing.median_ms,
             "matmul_peak_gflops": flops / (timing.median_ms / 1000.0) / 1e9,
             "matmul_best_gflops": flops / (timing.min_ms / 1000.0) / 1e9}
