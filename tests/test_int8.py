@@ -56,6 +56,8 @@ def test_int8_matches_fake_quant_on_trained_model(trained, skip):
     fq = jax.jit(lambda v, x: q.apply_fake_quant(model, v, x, act, skip=skip))(variables, x)
     qm = i8.convert_int8(variables, act, skip=skip)
     out = jax.jit(lambda m, x: i8.int8_apply(model, m, x))(qm, x)
+    unfused = jax.jit(lambda m, x: i8.int8_apply(model, m, x, fuse=False))(qm, x)
+    np.testing.assert_array_equal(out, unfused)  # fusing the requantization changes nothing
     ref = jax.jit(model.apply)(variables, x)
     assert _acc(ref, y) > 80  # the model did learn
     assert abs(_acc(out, y) - _acc(fq, y)) <= 0.1
@@ -157,3 +159,44 @@ def test_int8_sharded_params(trained, fsdp):
         assert qm.layers["conv3"].kernel.sharding.spec[-1] == "d"
     got = run(qm, x[:16])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_plan_follows_dataflow(trained):
+    model, variables, act, x, _ = trained
+    qm = i8.convert_int8(variables, act, skip=("conv1",))
+    # ReLU / max-pool / flatten between all layers: every hand-off becomes int8 codes
+    assert i8.fusion_plan(model, qm, x[:2]) == {"conv1": "conv2", "conv2": "conv3", "conv3": "fc1", "fc1": "fc2"}
+    res = get_model("resnet20", 10, width=0.25, use_bn=False)
+    rv = init_variables(res, jax.random.key(0), (8, 8, 3))
+    rx = jnp.ones((2, 8, 8, 3))
+    layer_names = {"/".join(str(k.key) for k in path[:-1])
+                   for path, _ in jax.tree_util.tree_flatten_with_path(rv["params"])[0]}
+    unit = {k: q.QParams(jnp.float32(0.1), jnp.int32(0), -128, 127) for k in layer_names}  # no calibration
+    plan = i8.fusion_plan(res, i8.convert_int8(rv, unit), rx)
+    # residual adds are not monotone in the codes: only conv1 -> relu -> conv2 inside blocks fuse
+    assert plan["stage2_block1/conv1"] == "stage2_block1/conv2"
+    assert "stage2_block1/conv2" not in plan and "conv_init" not in plan and "fc" not in plan
+
+
+class _Mixed(nn.Module):
+    """Hand-offs that must not be fused: a scale, an average pool, ReLU6."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(4, (3, 3), name="c1")(x) * 2.0
+        x = nn.avg_pool(nn.Conv(4, (3, 3), name="c2")(x), (2, 2), (2, 2))
+        x = jnp.minimum(nn.relu(nn.Conv(4, (3, 3), name="c3")(x)), 6.0)
+        x = nn.relu(nn.Conv(4, (3, 3), name="c4")(x))
+        return nn.Dense(3, name="d")(x.reshape(x.shape[0], -1))
+
+
+def test_no_fusion_through_non_monotone_ops():
+    model = _Mixed()
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 2))
+    variables = model.init(jax.random.key(1), x)
+    act = q.calibrate(model, variables, [x])
+    qm = i8.convert_int8(variables, act)
+    assert i8.fusion_plan(model, qm, x) == {"c4": "d"}
+    fq = jax.jit(lambda v, x: q.apply_fake_quant(model, v, x, act))(variables, x)
+    out = jax.jit(lambda m, x: i8.int8_apply(model, m, x))(qm, x)
+    np.testing.assert_allclose(out, fq, rtol=1e-4, atol=1e-4)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import lax
+from jax.extend.core import Literal, Primitive
 
 from jaxaccel.compress.quant import (WEIGHT_CONFIG, QParams, QuantConfig, _check_skip, is_kernel, path_str,
                                      quantize, tensor_qparams)
@@ -44,7 +45,21 @@ class Int8Layer:
     zp_correction: jax.Array     # int32 (out,): zp_x * sum of the kernel over its input axes
     qmin: int = struct.field(pytree_node=False)
     qmax: int = struct.field(pytree_node=False)
-    zero_point_is_zero: bool = struct.field(pytree_node=False)
+    zero_point: int = struct.field(pytree_node=False)  # the same zero point, as a static int
+
+    @property
+    def zero_point_is_zero(self) -> bool:
+        return self.zero_point == 0
+
+    @property
+    def code_dtype(self) -> Any:
+        """Dtype holding the shifted codes q - zp (real 0 -> 0), or None if they fit neither 8-bit type."""
+        lo, hi = self.qmin - self.zero_point, self.qmax - self.zero_point
+        if lo >= -128 and hi <= 127:
+            return jnp.int8
+        if lo >= 0 and hi <= 255:
+            return jnp.uint8
+        return None
 
 
 @struct.dataclass
@@ -121,7 +136,7 @@ def convert_int8(variables: Mapping, act_qparams: Mapping[str, QParams], *,
     layers = {}
     for mod, a in arrays.items():
         layers[mod] = Int8Layer(**a, qmin=ranges[mod][0], qmax=ranges[mod][1],
-                                zero_point_is_zero=bool(np.asarray(a["input_zero_point"]) == 0))
+                                zero_point=int(np.asarray(a["input_zero_point"])))
     rest = {k: v for k, v in variables.items() if k != "params"}
     rest["params"] = _strip(params, set(layers))
     return Int8Model(layers=layers, variables=rest)
@@ -164,6 +179,19 @@ def quantize_input(x: jax.Array, layer: Int8Layer) -> jax.Array:
     return jnp.clip(q, layer.qmin, layer.qmax).astype(jnp.int8)
 
 
+def _codes_for(y: jax.Array, consumer: Int8Layer) -> jax.Array:
+    """Shifted input codes (q - zp, real 0 -> 0) of `consumer` for float values `y`."""
+    q = jnp.clip(jnp.round(y.astype(jnp.float32) * consumer.inv_input_scale) + consumer.input_zero_point,
+                 consumer.qmin, consumer.qmax)
+    return (q - consumer.input_zero_point).astype(consumer.code_dtype)
+
+
+def _codes_to_int8(u: jax.Array, layer: Int8Layer) -> jax.Array:
+    if layer.zero_point_is_zero and u.dtype == jnp.int8:
+        return u
+    return (u.astype(jnp.int32) + layer.zero_point).astype(jnp.int8)
+
+
 def _broadcast_int(v: Any, n: int) -> tuple[int, ...]:
     if v is None:
         return (1,) * n
@@ -172,12 +200,13 @@ def _broadcast_int(v: Any, n: int) -> tuple[int, ...]:
     return tuple(v)
 
 
-def _int8_conv(module: nn.Conv, layer: Int8Layer, x: jax.Array) -> jax.Array:
+def _conv_acc(module: nn.Conv, layer: Int8Layer, q: jax.Array) -> jax.Array:
+    """int32 accumulator of an int8 conv of int8 codes `q` (zero-point corrected)."""
     n = layer.kernel.ndim - 2
     if module.mask is not None:
         raise ValueError(f"int8 conv does not support a masked nn.Conv ({'/'.join(module.path)})")
-    batch_shape = x.shape[: x.ndim - (n + 1)]
-    x = x.reshape((-1,) + x.shape[x.ndim - (n + 1):])
+    batch_shape = q.shape[: q.ndim - (n + 1)]
+    q = q.reshape((-1,) + q.shape[q.ndim - (n + 1):])
     strides = _broadcast_int(module.strides, n)
     lhs_dil = _broadcast_int(module.input_dilation, n)
     rhs_dil = _broadcast_int(module.kernel_dilation, n)
@@ -189,41 +218,134 @@ def _int8_conv(module: nn.Conv, layer: Int8Layer, x: jax.Array) -> jax.Array:
         padding = [(padding, padding)] * n
     else:
         padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-    q = quantize_input(x, layer)
     if not layer.zero_point_is_zero and padding != "VALID":
         # Pad with the code of real 0 (the zero point), then run VALID: exact for affine inputs.
         if any(d != 1 for d in lhs_dil):
             raise ValueError("int8 conv with input_dilation needs a zero activation zero point")
         if isinstance(padding, str):
             dilated = [(k - 1) * d + 1 for k, d in zip(layer.kernel.shape[:n], rhs_dil)]
-            padding = lax.padtype_to_pads(x.shape[1:-1], dilated, strides, padding)
-        pad_value = jnp.asarray(layer.input_zero_point).astype(jnp.int8)
-        q = jnp.pad(q, [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)], constant_values=pad_value)
+            padding = lax.padtype_to_pads(q.shape[1:-1], dilated, strides, padding)
+        q = jnp.pad(q, [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)],
+                    constant_values=np.int8(layer.zero_point))
         padding = "VALID"
     lhs_spec = (0, n + 1) + tuple(range(1, n + 1))
     dn = lax.ConvDimensionNumbers(lhs_spec, (n + 1, n) + tuple(range(n)), lhs_spec)
     acc = lax.conv_general_dilated(q, layer.kernel, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
                                    dimension_numbers=dn, feature_group_count=module.feature_group_count,
                                    preferred_element_type=jnp.int32)
-    y = _rescale(acc, layer)
-    return y.reshape(batch_shape + y.shape[1:])
+    if not layer.zero_point_is_zero:
+        acc = acc - layer.zp_correction
+    return acc.reshape(batch_shape + acc.shape[1:])
 
 
-def _int8_dense(module: nn.Dense, layer: Int8Layer, x: jax.Array) -> jax.Array:
-    q = quantize_input(x, layer)
+def _dense_acc(layer: Int8Layer, q: jax.Array) -> jax.Array:
     acc = lax.dot_general(q, layer.kernel, (((q.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    return _rescale(acc, layer)
+    if not layer.zero_point_is_zero:
+        acc = acc - layer.zp_correction
+    return acc
 
 
 def _rescale(acc: jax.Array, layer: Int8Layer) -> jax.Array:
-    if not layer.zero_point_is_zero:
-        acc = acc - layer.zp_correction
     return acc.astype(jnp.float32) * layer.out_scale + layer.bias
 
 
-def int8_apply(model: nn.Module, int8_model: Int8Model, images: jax.Array) -> jax.Array:
-    """Eval-mode logits of `model` with its int8 layers run in integer arithmetic. Jittable."""
+# ---------------------------------------------------------------------------------------------
+# Fusion analysis: where may a layer hand the NEXT layer's int8 codes to the model code?
+# ---------------------------------------------------------------------------------------------
+# Quantization q(y) = clamp(round(y/s) + zp) is monotone, so it commutes with ReLU (max(., 0),
+# since q(0) = zp) and with max-pooling, and (per-tensor) with any reshape/slice/transpose. When
+# everything the model does between a conv/dense output and the next int8 layer's input is such
+# an op, the layer can emit the next layer's codes directly: the requantization is fused into its
+# int32 epilogue and the model's ReLU / pooling run on bytes instead of float32 -- with results
+# identical to quantizing after them. Anything else (residual adds, averages, casts) keeps the
+# float hand-off. The check runs on the jaxpr of the model with marker primitives around layers.
+_LAYER_OUT = Primitive("jaxaccel_int8_layer_out")
+_LAYER_IN = Primitive("jaxaccel_int8_layer_in")
+for _p in (_LAYER_OUT, _LAYER_IN):
+    _p.def_impl(lambda x, **_: x)
+    _p.def_abstract_eval(lambda x, **_: x)
+
+_SELECTION_OPS = frozenset({"reshape", "slice", "transpose", "squeeze", "expand_dims", "broadcast_in_dim",
+                            "copy", "copy_p", "reduce_max", "reduce_window_max", "rev"})
+_CALL_JAXPR_PARAM = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
+                     "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr"}
+
+
+def _is_zero_literal(v: Any) -> bool:
+    return isinstance(v, Literal) and np.ndim(v.val) == 0 and float(v.val) == 0.0
+
+
+def _commutes_with_quantization(eqn: Any, var: Any) -> bool:
+    """True if `eqn`, applied to `var` (its only non-constant input), commutes with q(.)."""
+    name = eqn.primitive.name
+    if len(eqn.outvars) != 1:
+        return False
+    if name in _CALL_JAXPR_PARAM:
+        if len(eqn.invars) != 1 or eqn.params.get("num_consts", 0):
+            return False
+        closed = eqn.params[_CALL_JAXPR_PARAM[name]]
+        inner = getattr(closed, "jaxpr", closed)
+        return not inner.constvars and _is_linear_chain(inner)
+    if name == "max":
+        others = [v for v in eqn.invars if v is not var]
+        return len(eqn.invars) == 2 and len(others) == 1 and _is_zero_literal(others[0])
+    if name == "convert_element_type":
+        return eqn.params["new_dtype"] == var.aval.dtype
+    return name in _SELECTION_OPS and len(eqn.invars) == 1
+
+
+def _is_linear_chain(jaxpr: Any) -> bool:
+    """One input flows through commuting ops, each used once, to the one output."""
+    if len(jaxpr.invars) != 1 or len(jaxpr.outvars) != 1:
+        return False
+    cur = jaxpr.invars[0]
+    for eqn in jaxpr.eqns:
+        uses = [v for v in eqn.invars if v is cur]
+        if not uses or not _commutes_with_quantization(eqn, cur):
+            return False
+        cur = eqn.outvars[0]
+    return cur is jaxpr.outvars[0]
+
+
+def _fusion_plan(jaxpr: Any) -> dict[str, str]:
+    """{producer layer: consumer int8 layer} for marked outputs that reach one marked input
+    through commuting ops only (each intermediate used exactly once)."""
+    users: dict[Any, list] = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not isinstance(v, Literal):
+                users.setdefault(v, []).append(eqn)
+    outs = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
+    outs_k = [e.params["key"] for e in jaxpr.eqns if e.primitive is _LAYER_OUT]
+    ins_k = [e.params["key"] for e in jaxpr.eqns if e.primitive is _LAYER_IN]
+    shared = {k for k in outs_k + ins_k if outs_k.count(k) > 1 or ins_k.count(k) > 1}  # applied twice
+    plan: dict[str, str] = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is not _LAYER_OUT or eqn.params["key"] in shared:
+            continue
+        cur = eqn.outvars[0]
+        while True:
+            us = users.get(cur, [])
+            if cur in outs or len(us) != 1:
+                break
+            nxt = us[0]
+            if nxt.primitive is _LAYER_IN:
+                if nxt.params["key"] not in shared:
+                    plan[eqn.params["key"]] = nxt.params["key"]
+                break
+            if not _commutes_with_quantization(nxt, cur):
+                break
+            cur = nxt.outvars[0]
+    return plan
+
+
+def _run(model: nn.Module, int8_model: Int8Model, images: jax.Array, plan: Mapping[str, str] | None,
+         mark: bool = False) -> jax.Array:
+    """Apply `model` with its int8 layers in integer arithmetic; `plan` = producer -> consumer fusions."""
     layers = int8_model.layers
+    plan = dict(plan or {})
+    plan = {p: c for p, c in plan.items() if layers[c].code_dtype is not None}
+    receives_codes = set(plan.values())
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -231,14 +353,44 @@ def int8_apply(model: nn.Module, int8_model: Int8Model, images: jax.Array) -> ja
             return next_fun(*args, **kwargs)
         key = "/".join(module.path)
         layer = layers.get(key)
-        if layer is None:
-            return next_fun(*args, **kwargs)
         x = args[0]
-        y = _int8_conv(module, layer, x) if isinstance(module, nn.Conv) else _int8_dense(module, layer, x)
-        return y.astype(module.dtype or x.dtype)
+        out_dtype = module.dtype or (x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32)
+        if layer is None:  # a float layer (skipped, or not a kernel layer)
+            y = next_fun(*args, **kwargs)
+        else:
+            if mark:
+                x = _LAYER_IN.bind(x, key=key)
+            q = _codes_to_int8(x, layer) if key in receives_codes else quantize_input(x, layer)
+            acc = _conv_acc(module, layer, q) if isinstance(module, nn.Conv) else _dense_acc(layer, q)
+            y = _rescale(acc, layer)
+        y = y.astype(out_dtype)
+        if key in plan:
+            y = _codes_for(y, layers[plan[key]])
+        if mark:
+            y = _LAYER_OUT.bind(y, key=key)
+        return y
 
     with nn.intercept_methods(interceptor):
         return model.apply(int8_model.variables, images, train=False)
+
+
+def fusion_plan(model: nn.Module, int8_model: Int8Model, images: jax.Array) -> dict[str, str]:
+    """Which layers hand their successor int8 codes instead of float32 (see the note above)."""
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), (int8_model, images))
+    closed = jax.make_jaxpr(lambda m, x: _run(model, m, x, None, mark=True))(*abstract)
+    return _fusion_plan(closed.jaxpr)
+
+
+def int8_apply(model: nn.Module, int8_model: Int8Model, images: jax.Array, *, fuse: bool = True) -> jax.Array:
+    """Eval-mode logits of `model` with its int8 layers run in integer arithmetic. Jittable.
+
+    `fuse` (default): where provably exact (`fusion_plan`), a layer requantizes its int32
+    accumulator straight to the next int8 layer's codes and the model's ReLU / max-pool run on
+    them; otherwise each int8 layer returns float32 and the next one quantizes its input.
+    Both give identical results.
+    """
+    plan = fusion_plan(model, int8_model, images) if fuse else {}
+    return _run(model, int8_model, images, plan)
 
 
 def int8_size_bytes(int8_model: Int8Model) -> int:
