@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("jaxaccel.commands", "train (or resume) an experiment in a workdir"),
     "datasets": ("jaxaccel.commands", "list datasets and whether each is prepared"),
     "bench": ("jaxaccel.bench", "time training, scaling, input, inference; print tables, write JSON"),
+    "compress": ("jaxaccel.compress.commands", "per-layer compression report; compressed checkpoint package"),
 }
 
 
