@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "datasets": ("jaxaccel.commands", "list datasets and whether each is prepared"),
     "bench": ("jaxaccel.bench", "time training, scaling, input, inference; print tables, write JSON"),
     "compress": ("jaxaccel.compress.commands", "per-layer compression report; compressed checkpoint package"),
+    "sweep": ("jaxaccel.sweep", "run every point of an experiment's get_sweep() in sub-workdirs"),
+    "report": ("jaxaccel.report", "rebuild a sweep's results.csv/md and plots from its sub-workdirs"),
 }
 
 

@@ -1,0 +1,591 @@
+"""Vectorized sweeps: K points of one experiment trained as one compiled program.
+
+When the points differ only in keys that do not change any shape (`VECTORIZABLE`: seed,
+learning rate, weight decay, Adam betas, SGD momentum, label smoothing), every train state
+gets a leading configuration axis of size K and one jitted step trains all of them:
+`jax.vmap` over (state, batch, hyperparameters), the varying hyperparameters being (K,)
+arrays passed into the step. One compile, one input pipeline, one eval pass over the test
+set, one dispatch per step. Each point still gets its own sub-workdir with the same
+`config.json`, `metrics.jsonl`, `results.json` and final checkpoint as a sequential run,
+so `jaxaccel report` and `jaxaccel.load` cannot tell the difference.
+
+What "the same run" means: point k's `seed` seeds both its initialisation and its data
+order, exactly as in `jaxaccel train`. The step gathers point k's batch from a
+`TrainBatches` with that seed (all of them read one in-memory copy of the split), so a
+vectorized point matches the sequential run with the same config to float tolerance.
+When all points share one seed they share one batch, fed once (`in_axes=None`).
+
+Resume: the stacked state is checkpointed in `<workdir>/_vectorized/<group>/` every
+`checkpoint_every` steps; re-running the same pending points resumes there. Points'
+own checkpoints from sequential attempts are not used (a stacked state needs one step).
+
+On CPU the arithmetic of K models is not cheaper vmapped than one after the other; what
+is saved is per-run overhead (compiles, data loading, evaluation set-up, dispatch).
+`chunk` runs the K points as `lax.map` over vmapped chunks of that size (1 = a loop
+inside the one program), a knob for hardware where batched matmuls are slow.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import time
+import traceback
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxaccel import checkpoint as ckpt_lib
+from jaxaccel import config as config_lib
+from jaxaccel import data, metrics, parallel, sweep
+from jaxaccel import stages as stages_lib
+from jaxaccel import train as train_lib
+from jaxaccel.compress import prune
+from jaxaccel.preemption import Preempted, PreemptionGuard
+
+log = logging.getLogger("jaxaccel")
+
+# Config keys that may differ between vectorized points -> name inside the step.
+HYPER = {"optimizer.lr": "lr", "optimizer.weight_decay": "weight_decay",
+         "optimizer.b1": "b1", "optimizer.b2": "b2", "optimizer.momentum": "momentum",
+         "label_smoothing": "label_smoothing"}
+VECTORIZABLE = ("seed", *HYPER)
+GROUP_DIR = "_vectorized"
+
+
+# ----------------------------------------------------------------------------------------
+# Which sweeps can be vectorized
+# ----------------------------------------------------------------------------------------
+def _flat(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """Dotted key -> JSON text of every leaf (run-time keys included: one loop runs all)."""
+    out = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = json.dumps(node, sort_keys=True)
+
+    walk(json.loads(config_lib.to_json(config)), "")
+    return out
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def check_vectorizable(configs: Sequence[ml_collections.ConfigDict]) -> None:
+    """ValueError naming the first key (other than VECTORIZABLE) on which points differ."""
+    if not configs:
+        raise ValueError("no points to vectorize")
+    first = _flat(configs[0])
+    for c in configs[1:]:
+        other = _flat(c)
+        for k in sorted(set(first) | set(other)):
+            if k not in VECTORIZABLE and first.get(k) != other.get(k):
+                raise ValueError(
+                    f"--vectorize: points differ in {k} ({first.get(k)} vs {other.get(k)}); "
+                    f"only {', '.join(VECTORIZABLE)} may vary")
+    c = configs[0]
+    if tuple(c.stages) or c.imp.rounds:
+        raise ValueError("--vectorize trains single-stage configs; config.stages/imp.rounds "
+                         "are not supported yet")
+    if c.init_from:
+        raise ValueError("--vectorize does not support init_from yet")
+    if jax.process_count() > 1:
+        raise ValueError("--vectorize runs in a single process")
+    if len({cfg.label_smoothing for cfg in configs}) > 1 and not smoothing_can_vary():
+        raise ValueError("--vectorize: label_smoothing cannot vary between points until "
+                         "train.cross_entropy accepts a traced label_smoothing")
+    momenta = {cfg.optimizer.momentum > 0 for cfg in configs}
+    if c.optimizer.name == "sgd" and len(momenta) > 1:
+        raise ValueError("--vectorize: optimizer.momentum must be > 0 in all points or in "
+                         "none (SGD with and without momentum keep different state)")
+
+
+# ----------------------------------------------------------------------------------------
+# The step with hyperparameters as inputs
+# ----------------------------------------------------------------------------------------
+class Structure:
+    """What is static across the points: optimizer kind and which terms are present."""
+
+    def __init__(self, configs: Sequence[ml_collections.ConfigDict]):
+        opt = configs[0].optimizer
+        self.name, self.schedule, self.nesterov = opt.name, opt.schedule, opt.nesterov
+        self.clip = opt.grad_clip_norm
+        self.num_steps = configs[0].num_steps
+        # A term whose coefficient is 0 in some points is kept for all: adding 0 is exact.
+        self.decay = any(c.optimizer.weight_decay > 0 for c in configs)
+        self.momentum = all(c.optimizer.momentum > 0 for c in configs)
+        self.smoothing = configs[0].label_smoothing
+        self.smoothing_varies = len({c.label_smoothing for c in configs}) > 1
+        self.schedule_fields = tuple(sorted(
+            (k, tuple(v) if isinstance(v, (list, tuple)) else v)
+            for k, v in opt.to_dict().items() if k in ("schedule", "warmup_steps",
+                                                       "boundaries", "decay_factor")))
+
+
+def hyper_values(configs: Sequence[ml_collections.ConfigDict]) -> dict[str, np.ndarray]:
+    """(K,) float32 arrays of every HYPER value, point by point."""
+    out = {}
+    for key, name in HYPER.items():
+        out[name] = np.asarray([_get(c, key) for c in configs], np.float32)
+    return out
+
+
+def hyper_optimizer(structure: Structure, hp: dict) -> tuple[optax.GradientTransformation,
+                                                             optax.Schedule]:
+    """`train.make_optimizer` with lr/decay/betas/momentum taken from `hp` (maybe traced)."""
+    sched_cfg = SimpleNamespace(lr=hp["lr"], **dict(structure.schedule_fields))
+    schedule = train_lib.make_schedule(sched_cfg, structure.num_steps)
+    parts = []
+    if structure.clip > 0:
+        parts.append(optax.clip_by_global_norm(structure.clip))
+    if structure.name == "adamw":
+        parts.append(optax.adamw(schedule, b1=hp["b1"], b2=hp["b2"],
+                                 weight_decay=hp["weight_decay"]))
+    else:
+        if structure.decay:
+            parts.append(optax.add_decayed_weights(hp["weight_decay"]))
+        if structure.name == "sgd":
+            parts.append(optax.sgd(schedule, momentum=hp["momentum"] if structure.momentum
+                                   else None, nesterov=structure.nesterov))
+        elif structure.name == "adam":
+            parts.append(optax.adam(schedule, b1=hp["b1"], b2=hp["b2"]))
+        else:
+            raise ValueError(f"--vectorize: optimizer.name={structure.name!r} is not supported; "
+                             f"choose one of: sgd, adam, adamw")
+    return optax.chain(*parts), schedule
+
+
+def smoothing_can_vary() -> bool:
+    """Whether `train.cross_entropy` accepts a traced label_smoothing (needed to vary it)."""
+    logits, labels = jnp.zeros((1, 2)), jnp.zeros((1,), jnp.int32)
+    try:
+        jax.eval_shape(lambda a: train_lib.cross_entropy(logits, labels, 2, a), 0.1)
+    except jax.errors.ConcretizationTypeError:
+        return False
+    return True
+
+
+def make_point_step(setup: train_lib.Setup, structure: Structure, *,
+                    skip_nonfinite: bool) -> Callable:
+    """`(state, batch, hp) -> (state, metrics)` for ONE point: `train.make_train_step` with
+    an optimizer built from the hyperparameters `hp` (vmap it over points)."""
+
+    def step_fn(state: train_lib.TrainState, batch: dict, hp: dict):
+        inner, schedule = hyper_optimizer(structure, hp)
+        smoothing = hp["label_smoothing"] if structure.smoothing_varies else structure.smoothing
+        step = train_lib.make_train_step(
+            setup.model, prune.masked(inner), schedule, num_classes=setup.spec.num_classes,
+            label_smoothing=smoothing, skip_nonfinite=skip_nonfinite,
+            mask_update=setup.mask_update, qat_config=setup.qat_config)
+        return step(state, batch)
+
+    return step_fn
+
+
+def vectorize(fn: Callable, in_axes: tuple, num_points: int, chunk: int | None) -> Callable:
+    """vmap `fn` over the points; with `chunk` < K, `lax.map` over vmapped chunks."""
+    if not chunk or chunk >= num_points:
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def mapped(*args):
+        shared = [a if ax is None else None for a, ax in zip(args, in_axes)]
+        xs = tuple(a for a, ax in zip(args, in_axes) if ax is not None)
+
+        def one(x):
+            it = iter(x)
+            return fn(*[s if ax is None else next(it) for s, ax in zip(shared, in_axes)])
+
+        return jax.lax.map(one, xs, batch_size=chunk)
+
+    return mapped
+
+
+# ----------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------
+class ArraySource:
+    """A split held in memory as arrays, with the random-access protocol TrainBatches reads."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[int(i)], "label": int(self.labels[int(i)])}
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        return [self[i] for i in indices]
+
+
+class StackedBatches:
+    """Point k's `TrainBatches(seed_k).batch(step)`, stacked to (K, B, ...).
+
+    Points sharing a seed share a pipeline; if all share one, `shared` is True and `batch`
+    returns the single (B, ...) batch.
+    """
+
+    def __init__(self, source, spec, configs: Sequence[ml_collections.ConfigDict]):
+        images, labels = data.read_arrays(source, np.arange(len(source)))
+        memory = ArraySource(images, labels)
+        c = configs[0]
+        self.seeds = [int(cfg.seed) for cfg in configs]
+        self.pipelines = {
+            s: data.TrainBatches(memory, spec, global_batch_size=c.batch_size, seed=s,
+                                 crop_padding=c.dataset.crop_padding, flip=c.dataset.flip,
+                                 cache=False)
+            for s in dict.fromkeys(self.seeds)}
+        self.shared = len(self.pipelines) == 1
+        self.steps_per_epoch = next(iter(self.pipelines.values())).steps_per_epoch
+
+    def batch(self, step: int) -> dict:
+        per_seed = {s: p.batch(step) for s, p in self.pipelines.items()}
+        if self.shared:
+            return next(iter(per_seed.values()))
+        return jax.tree.map(lambda *xs: np.stack(xs), *[per_seed[s] for s in self.seeds])
+
+
+# ----------------------------------------------------------------------------------------
+# Training K points
+# ----------------------------------------------------------------------------------------
+def group_id(names: Sequence[str]) -> str:
+    """Stable id of a set of points (the stacked checkpoint's directory)."""
+    return hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]
+
+
+def _prepare_point_dir(run: sweep.PointRun) -> None:
+    """Like `jaxaccel train`: refuse a workdir holding a different experiment."""
+    path = os.path.join(run.workdir, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = config_lib.from_json(f.read())
+        diff = config_lib.differences(saved, run.config)
+        if diff:
+            raise config_lib.ConfigError(
+                f"workdir {run.workdir!r} holds a different experiment "
+                f"({'; '.join(diff[:3])}{' …' if len(diff) > 3 else ''}); use another "
+                f"--workdir or --overwrite")
+    os.makedirs(run.workdir, exist_ok=True)
+    _write_text(path, config_lib.to_json(run.config))
+
+
+def run_points(runs: Sequence[sweep.PointRun], *, chunk: int | None = None,
+               on_change: Callable[[], None] = lambda: None,
+               save_checkpoints: bool = True) -> None:
+    """Train `runs` (sweep points of one experiment) together; statuses and files updated.
+
+    Raises ValueError before training if they cannot be vectorized. A point that fails at
+    run time (its workdir holds another experiment, non-finite loss with nonfinite="stop")
+    gets error.txt; the others go on.
+    """
+    runs = [r for r in runs if sweep.status_of(r.workdir) != sweep.DONE]
+    if not runs:
+        return
+    configs = [r.config for r in runs]
+    check_vectorizable(configs)
+    for r in runs:
+        sweep.mark_started(r)
+    active = []
+    for r in runs:
+        try:
+            _prepare_point_dir(r)
+            active.append(r)
+        except config_lib.ConfigError as e:
+            sweep.mark_failed(r, f"{type(e).__name__}: {e}")
+    on_change()
+    if not active:
+        return
+    t0 = time.perf_counter()
+    try:
+        _train(active, chunk=chunk, on_change=on_change, save_checkpoints=save_checkpoints)
+    except Preempted:
+        raise
+    except Exception as e:  # noqa: BLE001 - the group failed as a whole
+        details = traceback.format_exc()
+        for r in active:
+            if r.status != sweep.FAILED:
+                sweep.mark_failed(r, f"{type(e).__name__}: {e}", details)
+        log.error("vectorized sweep failed: %s", e)
+    seconds = time.perf_counter() - t0
+    for r in active:
+        r.seconds = seconds
+    on_change()
+
+
+def _train(runs: list[sweep.PointRun], *, chunk: int | None, on_change: Callable[[], None],
+           save_checkpoints: bool) -> None:
+    # -- Set-up ------------------------------------------------------------------------
+    configs = [r.config for r in runs]
+    config, k_points = configs[0], len(runs)
+    parallel.set_cpu_devices(config.parallel.cpu_devices)
+    num_devices = config.parallel.num_devices or jax.device_count()
+    config_lib.validate_devices(config, num_devices)
+    mesh = parallel.make_mesh(num_devices)
+    setup = train_lib.build(config)
+    spec = setup.spec
+    data_dir, path = config.dataset.data_dir or None, config.dataset.path or None
+    train_source = data.get_source(config.dataset.name, config.dataset.train_split,
+                                   data_dir=data_dir, path=path)
+    test_source = data.get_source(config.dataset.name, config.dataset.test_split,
+                                  data_dir=data_dir, path=path)
+    batches = StackedBatches(train_source, spec, configs)
+
+    # -- Model, optimizer & shardings ----------------------------------------------------
+    structure = Structure(configs)
+    hp_host = hyper_values(configs)
+    inner0, _ = hyper_optimizer(structure, {k: float(v[0]) for k, v in hp_host.items()})
+    tx0 = prune.masked(inner0)  # like train.build: every state carries (all-True) masks
+
+    def init_one(rng):
+        state = setup.init_state(rng)
+        return state.replace(opt_state=tx0.init(state.params))
+
+    rep = parallel.replicated(mesh)
+    abstract = jax.eval_shape(jax.vmap(init_one), jax.ShapeDtypeStruct((k_points, 2), jnp.uint32))
+    state_sh = jax.tree.map(lambda _: rep, abstract)
+    batch_axis = None if batches.shared else 0
+    batch_sh = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(parallel.AXIS) if batches.shared
+        else jax.sharding.PartitionSpec(None, parallel.AXIS))
+    step_fn = make_point_step(setup, structure, skip_nonfinite=config.nonfinite == "skip")
+    v_step = jax.jit(vectorize(step_fn, (0, batch_axis, 0), k_points, chunk),
+                     in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
+                     donate_argnums=(0,))
+    eval_fn = train_lib.make_eval_step(setup.model, num_classes=spec.num_classes,
+                                       qat_config=setup.qat_config)
+    v_eval = jax.jit(jax.vmap(eval_fn, in_axes=(0, None)),
+                     in_shardings=(state_sh, parallel.batch_sharding(mesh)), out_shardings=rep)
+    hp = jax.device_put({k: jnp.asarray(v) for k, v in hp_host.items()}, rep)
+
+    def put_batch(b):
+        return jax.tree.map(lambda x: jax.device_put(x, batch_sh), b)
+
+    def evaluate(states) -> list[dict]:
+        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        totals = {k: np.zeros(k_points) for k in sums}
+        for b in data.eval_batches(test_source, spec, batch_size=config.eval_batch_size):
+            b = jax.device_put(b, parallel.batch_sharding(mesh))
+            out = jax.device_get(v_eval(states, b))
+            for k in sums:
+                totals[k] += np.asarray(out[k], np.float64)
+        n = np.maximum(totals["count"], 1.0)
+        return [{"loss": float(totals["loss"][i] / n[i]),
+                 "accuracy": float(totals["correct"][i] / n[i]),
+                 "count": int(totals["count"][i])} for i in range(k_points)]
+
+    # -- Load the stacked checkpoint (resume) or initialise ---------------------------------
+    names = [r.name for r in runs]
+    group_dir = os.path.join(os.path.dirname(os.path.abspath(runs[0].workdir)), GROUP_DIR,
+                             group_id(names))
+    checkpointer = ckpt_lib.Checkpointer(group_dir, keep=2)
+    failed: dict[str, str] = {}
+    found = checkpointer.restore_latest(
+        lambda meta: {"states": ckpt_lib.abstract_like(abstract, state_sh)})
+    if found is not None:
+        latest, payload, meta = found
+        states, failed = payload["states"], dict(meta.get("failed", {}))
+        log.info("vectorized: resumed %d points from step %d (%s)", k_points, latest, group_dir)
+    else:
+        keys = jnp.stack([jax.random.PRNGKey(c.seed) for c in configs])
+        states = jax.jit(jax.vmap(init_one), out_shardings=state_sh)(keys)
+    for r in runs:
+        if r.name in failed:
+            sweep.mark_failed(r, failed[r.name])
+    _write_text(os.path.join(group_dir, "points.json"), json.dumps(names, indent=2))
+
+    # -- Update steps -------------------------------------------------------------------
+    num_steps = config.num_steps
+    start = int(jax.device_get(states.step[0]))
+    sync_each_step = jax.default_backend() == "cpu" and mesh.devices.size > 1
+    window, rates, timed_steps = [], [], 0
+    nonfinite = np.zeros(k_points, int)
+    compile_seconds = None
+
+    def save(step: int) -> None:
+        checkpointer.save(step, {"states": states},
+                          {"step": step, "names": names, "failed": failed,
+                           "epoch": step // batches.steps_per_epoch})
+
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(metrics.MetricWriter(r.workdir)) for r in runs]
+        for w in writers:
+            w.mark_start(start)  # like train: rows a crashed attempt wrote past it are void
+        guard = stack.enter_context(PreemptionGuard())
+        progress = metrics.Progress(num_steps, start, enabled=config.progress)
+        t0 = time.perf_counter()
+        for step in range(start, num_steps):
+            states, m = v_step(states, put_batch(batches.batch(step)), hp)
+            if sync_each_step:
+                jax.block_until_ready(m)
+            window.append(m)
+            done = step + 1
+            if compile_seconds is None:
+                jax.block_until_ready(m)
+                compile_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
+            else:
+                timed_steps += 1
+            side_work = False
+            if done % config.log_every == 0 or done == num_steps:
+                host = jax.device_get(window)
+                elapsed = time.perf_counter() - t0
+                stacked = {k: np.stack([np.asarray(h[k]) for h in host]) for k in host[0]}
+                rate = timed_steps * config.batch_size / elapsed if timed_steps else None
+                if rate:
+                    rates.append(rate)
+                for i, r in enumerate(runs):
+                    if r.name in failed:
+                        continue
+                    bad = np.flatnonzero(stacked["nonfinite"][:, i])
+                    nonfinite[i] += len(bad)
+                    if len(bad) and config.nonfinite == "stop":
+                        failed[r.name] = (f"FloatingPointError: non-finite loss or gradient at "
+                                          f"step {done - len(host) + int(bad[0])}; set "
+                                          f"nonfinite='skip' to skip such updates")
+                        sweep.mark_failed(r, failed[r.name])
+                        on_change()
+                        continue
+                    row = {k: float(np.mean(stacked[k][:, i]))
+                           for k in ("loss", "accuracy", "grad_norm")}
+                    row["lr"] = float(stacked["lr"][-1, i])
+                    row["nonfinite_total"] = int(nonfinite[i])
+                    if rate:
+                        row["images_per_sec"] = rate
+                        row["step_ms"] = 1000 * elapsed / timed_steps
+                    writers[i].write(done, row, prefix="train")
+                progress.update(done, {"loss": float(np.mean(stacked["loss"][-1])),
+                                       "images_per_sec": (rate or 0.0) * k_points})
+                window, timed_steps, side_work = [], 0, True
+            if config.eval_every and done % config.eval_every == 0 and done != num_steps:
+                for i, ev in enumerate(evaluate(states)):
+                    if runs[i].name not in failed:
+                        writers[i].write(done, ev, prefix="test")
+                side_work = True
+            if done % config.checkpoint_every == 0 or done == num_steps:
+                save(done)
+                side_work = True
+            if side_work:
+                t0 = time.perf_counter()
+            if guard.should_stop():
+                if checkpointer.latest_step() != done:
+                    save(done)
+                checkpointer.close()
+                progress.close()
+                raise Preempted(done, guard.signal_name)
+        progress.close()
+        if start == num_steps and checkpointer.latest_step() != num_steps:
+            save(num_steps)
+
+        # -- Evaluation & results (what train.train writes for a one-stage run) -------------
+        finals = evaluate(states)
+        checkpointer.close()
+        host_states = jax.device_get(states)
+        stage = setup.stage
+        rate = statistics.median(rates) if rates else None
+        for i, r in enumerate(runs):
+            if r.name in failed:
+                continue
+            state = point_state(r.config, host_states, i)
+            writers[i].write(num_steps, {**finals[i], "stage": stage.name}, prefix="test")
+            if save_checkpoints:
+                ckpt = ckpt_lib.Checkpointer(r.workdir, keep=r.config.keep_checkpoints)
+                ckpt.save(num_steps, {"state": state},
+                          {"stage": 0, "stage_name": stage.name, "rows": [],
+                           "stage_step": num_steps, "step": num_steps,
+                           "epoch": num_steps // batches.steps_per_epoch, "vectorized": True})
+                ckpt.close()
+            row = {"name": stage.name, "kind": stage.kind, "steps": stage.steps,
+                   "test_accuracy": finals[i]["accuracy"], "test_loss": finals[i]["loss"],
+                   **stages_lib.weight_stats(state.params, prune.get_masks(state.opt_state),
+                                             32)}
+            results = {
+                "test_accuracy": row["test_accuracy"], "test_loss": row["test_loss"],
+                "steps": num_steps, "num_devices": num_devices, "num_processes": 1,
+                "strategy": config.parallel.strategy, "model": config.model.name,
+                "dataset": config.dataset.name, "train_images_per_sec": rate,
+                "compile_seconds": compile_seconds, "nonfinite_steps": int(nonfinite[i]),
+                "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params))),
+                "sparsity": row["sparsity"], "model_bytes": row["model_bytes"],
+                "stages": [row],
+                "vectorized": {"points": k_points, "chunk": chunk or k_points,
+                               "images_per_sec": rate * k_points if rate else None},
+            }
+            _write_json(os.path.join(r.workdir, sweep.RESULTS_FILE), results)
+            r.status = sweep.DONE
+    on_change()
+    if all(r.status == sweep.DONE for r in runs):  # only resumes need the stacked state
+        shutil.rmtree(group_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(group_dir))  # if no other group is unfinished
+
+
+def point_state(config: ml_collections.ConfigDict, host_states: Any,
+                i: int) -> train_lib.TrainState:
+    """Point i of stacked states, in the structure its own `jaxaccel train` run has.
+
+    The vectorized optimizer may hold extra stateless terms (weight decay 0 for this
+    point), so the arrays are matched leaf by leaf against the point's own init state.
+    """
+    target = jax.eval_shape(train_lib.build(config).init_state, jax.random.PRNGKey(0))
+    leaves = [np.asarray(x[i]) for x in jax.tree.leaves(host_states)]
+    target_leaves, treedef = jax.tree.flatten(target)
+    if [(tuple(t.shape), t.dtype) for t in target_leaves] != [(x.shape, x.dtype) for x in leaves]:
+        raise ValueError(f"point {i}: the vectorized state does not match the "
+                         f"point's own train state")
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def run_vectorized(config: ml_collections.ConfigDict, points: Sequence[sweep.Point],
+                   workdir: str, *, chunk: int | None = None,
+                   save_checkpoints: bool = True) -> list[dict]:
+    """Train `points` (override dicts on `config`) as one vectorized program in `workdir`.
+
+    Returns each point's results dict in order (read from its results.json; points that
+    were already finished are not retrained); a failed point gives `{"error": message}`.
+    """
+    runs = sweep.plan(config, points, workdir)
+    run_points(runs, chunk=chunk, save_checkpoints=save_checkpoints)
+    out = []
+    for r in runs:
+        path = os.path.join(r.workdir, sweep.RESULTS_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                out.append(json.load(f))
+        else:
+            out.append({"error": sweep.read_error(r.workdir) or "not finished"})
+    return out
+
+
+def _write_json(path: str, obj: dict) -> None:
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        return x
+    _write_text(path, json.dumps(clean(obj), indent=2, sort_keys=True))
+
+
+def _write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)

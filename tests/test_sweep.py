@@ -1,0 +1,170 @@
+"""Sweeps: point helpers, names and CLI values; a 2x2 grid x 2 seeds with a failing point,
+re-runs that skip finished points; worker processes; bad keys fail before anything runs."""
+import json
+import os
+import textwrap
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+
+from jaxaccel import cli, config as config_lib, sweep
+
+EXPERIMENT = '''
+from jaxaccel import sweep
+from jaxaccel.config import default_config
+
+def get_config():
+    c = default_config()
+    c.dataset.name = "digits"
+    c.model.name = "lenet300_100"
+    c.batch_size = 32
+    c.eval_batch_size = 360
+    c.num_steps = 6
+    c.log_every = 3
+    c.checkpoint_every = 6
+    c.progress = False
+    c.parallel.num_devices = 1
+    return c
+
+def get_sweep():
+    return {sweep_expr}
+'''
+
+
+def write_experiment(tmp_path, sweep_expr: str, name="exp.py") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(EXPERIMENT.replace("{sweep_expr}", sweep_expr)))
+    return str(path)
+
+
+# -- building sweeps ------------------------------------------------------------------------
+def test_grid_product_zip_concat_seeds():
+    g = sweep.product(sweep.grid("optimizer.lr", [1e-3, 3e-3]), sweep.grid("model.width", [0.5, 1.0]),
+                      sweep.seeds(2))
+    assert len(g) == 8
+    assert g[0] == {"optimizer.lr": 1e-3, "model.width": 0.5, "seed": 0}
+    assert g[-1] == {"optimizer.lr": 3e-3, "model.width": 1.0, "seed": 1}
+    z = sweep.zipit(sweep.grid("optimizer.lr", [1, 2]), sweep.grid("seed", [5, 6]))
+    assert z == [{"optimizer.lr": 1, "seed": 5}, {"optimizer.lr": 2, "seed": 6}]
+    assert sweep.concat(z, [{}]) == z + [{}]
+    with pytest.raises(ValueError, match="different lengths"):
+        sweep.zipit(sweep.grid("a", [1, 2]), sweep.grid("b", [1]))
+    with pytest.raises(ValueError, match="'seed' is set twice"):
+        sweep.product(sweep.seeds(2), sweep.seeds(2))
+    with pytest.raises(ValueError, match="no values"):
+        sweep.grid("optimizer.lr", [])
+
+
+def test_sample_is_deterministic_and_in_range():
+    space = {"optimizer.lr": sweep.loguniform(1e-4, 1e-1), "label_smoothing": sweep.uniform(0, 0.2),
+             "optimizer.name": ["adam", "sgd"]}
+    a, b = sweep.sample(space, 20, seed=3), sweep.sample(space, 20, seed=3)
+    assert a == b and a != sweep.sample(space, 20, seed=4)
+    for p in a:
+        assert 1e-4 <= p["optimizer.lr"] <= 1e-1 and 0 <= p["label_smoothing"] <= 0.2
+        assert p["optimizer.name"] in ("adam", "sgd")
+    with pytest.raises(ValueError, match="0 < low < high"):
+        sweep.loguniform(0, 1)
+
+
+def test_point_names_are_stable_safe_and_unique():
+    assert sweep.point_name({"seed": 0, "optimizer.lr": 0.001}) == "optimizer.lr=0.001,seed=0"
+    assert sweep.point_name({}) == "default"
+    weird = {"dataset.path": "/data/my set", "model.kwargs.padding": "SAME",
+             "optimizer.boundaries": (100, 200), "optimizer.nesterov": True}
+    name = sweep.point_name(weird)
+    assert "/" not in name and " " not in name and "boundaries=100-200" in name
+    long = {f"model.kwargs.k{i}": 1.0 / 3 for i in range(20)}
+    assert len(sweep.point_name(long)) <= 120
+    assert sweep.point_name(long) != sweep.point_name({**long, "seed": 1})
+
+
+scalar = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False),
+                   st.booleans(), st.text(max_size=12), st.none())
+
+
+@settings(max_examples=50, deadline=None)
+@given(value=st.one_of(scalar, st.lists(st.integers(-100, 100), max_size=4).map(tuple)))
+def test_cli_values_round_trip(value):
+    """What a worker process gets on its command line parses back to the same value."""
+    assert config_lib.parse_value(sweep.format_value(value)) == value
+
+
+def test_bad_key_fails_up_front_with_one_line(tmp_path, capsys):
+    exp = write_experiment(tmp_path, 'sweep.grid("optimizer.lrr", [0.1, 0.2])')
+    wd = tmp_path / "wd"
+    assert cli.main(["sweep", "--config", exp, "--workdir", str(wd)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jaxaccel: error:")
+    assert "optimizer.lrr" in err[0] and "optimizer.lr" in err[0]
+    assert not wd.exists()  # nothing ran, nothing was written
+    exp = write_experiment(tmp_path, 'sweep.grid("model.width", [1.0, 1.0])', "dup.py")
+    assert cli.main(["sweep", "--config", exp, "--workdir", str(wd)]) == 2
+    assert "same point" in capsys.readouterr().err
+
+
+# -- running --------------------------------------------------------------------------------
+def mtimes(wd, names):
+    return {n: os.path.getmtime(os.path.join(wd, n, "results.json")) for n in names}
+
+
+def test_grid_with_seeds_failure_and_rerun(tmp_path, capsys):
+    exp = write_experiment(tmp_path, 'sweep.product(sweep.grid("optimizer.lr", [1e-3, 3e-3]), '
+                                     'sweep.grid("model.width", [0.5, 1.0]), sweep.seeds(2))')
+    wd = tmp_path / "runs"
+    bad = "model.width=1.0,optimizer.lr=0.003,seed=1"
+    # Force one point to fail: its sub-workdir already holds another experiment.
+    os.makedirs(wd / bad)
+    (wd / bad / "config.json").write_text(json.dumps({"seed": 99}))
+
+    assert cli.main(["sweep", "--config", exp, "--workdir", str(wd)]) == 1
+    out = capsys.readouterr().out
+    assert "7/8 points done" in out and f"failed {bad}" in out
+    names = [sweep.point_name(p) for p in sweep.load_sweep(exp)]
+    assert len(set(names)) == 8 and "model.width=0.5,optimizer.lr=0.001,seed=0" in names
+    status = json.loads((wd / "sweep.json").read_text())
+    by_name = {p["name"]: p for p in status["points"]}
+    assert by_name[bad]["status"] == "failed" and "different experiment" in by_name[bad]["error"]
+    assert sum(p["status"] == "done" for p in status["points"]) == 7
+    assert (wd / bad / "error.txt").read_text().startswith("ConfigError:")
+    for n in names:
+        if n != bad:
+            results = json.loads((wd / n / "results.json").read_text())
+            assert results["steps"] == 6 and 0 <= results["test_accuracy"] <= 1
+            assert json.loads((wd / n / "point.json").read_text())["name"] == n
+
+    # Report: one csv row per point; md rows grouped over the 2 seeds; PNGs that open.
+    rows = (wd / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 9 and rows[0].startswith("point,status,optimizer.lr,model.width,seed")
+    md = (wd / "results.md").read_text()
+    assert "±" in md and "## Failed points" in md and bad in md
+    for png in ("accuracy_vs_sparsity.png", "accuracy_vs_bits.png", "training_curves.png"):
+        with Image.open(wd / png) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+
+    # Re-run: finished points are skipped; the fixed point runs.
+    (wd / bad / "config.json").unlink()
+    before = mtimes(wd, [n for n in names if n != bad])
+    result = sweep.run(exp, str(wd))
+    assert sorted(result.skipped) == sorted(n for n in names if n != bad)
+    assert not result.failed and all(r.status == "done" for r in result.runs)
+    assert mtimes(wd, before) == before
+    assert not (wd / bad / "error.txt").exists() and (wd / bad / "results.json").exists()
+    assert "## Failed points" not in (wd / "results.md").read_text()
+    # And once more: nothing to do.
+    assert len(sweep.run(exp, str(wd), report=False).skipped) == 8
+
+
+def test_worker_processes_and_their_failures(tmp_path):
+    """Two `jaxaccel train` processes; a point that fails at run time records its error."""
+    exp = write_experiment(tmp_path, 'sweep.grid("batch_size", [32, 5000])')
+    wd = tmp_path / "runs"
+    result = sweep.run(exp, str(wd), workers=2, overrides=["optimizer.lr=0.002"], report=False)
+    ok, bad = wd / "batch_size=32", wd / "batch_size=5000"
+    assert [r.status for r in result.runs] == ["done", "failed"]
+    assert "5000" in result.runs[1].error and "exceeds" in result.runs[1].error
+    assert (bad / "log.txt").exists() and (bad / "error.txt").exists()
+    saved = config_lib.from_json((ok / "config.json").read_text())
+    assert saved.optimizer.lr == 0.002 and saved.batch_size == 32  # CLI values round-tripped
+    assert json.loads((ok / "results.json").read_text())["steps"] == 6
