@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import zlib
 from typing import Any, Callable
@@ -154,6 +155,33 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + " …"
 
 
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _describe(e: BaseException) -> str:
+    """The operating-system cause of a failed write, short: 'No space left on device (…)'."""
+    if isinstance(e, OSError) and e.errno:
+        return f"{os.strerror(e.errno)} ({e.filename})" if e.filename else os.strerror(e.errno)
+    code = _OS_ERROR_CODE.search(str(e))
+    if code:  # tensorstore reports the errno inside its message
+        return f"{os.strerror(int(code.group(1)))} (errno {code.group(1)}): {_one_line(e, 160)}"
+    return _one_line(e)
+
+
+class _OneLineOrbaxErrors(logging.Filter):
+    """Orbax logs full tracebacks from its background save threads when a write fails; the
+    failure reaches the user as one `CheckpointSaveError` line, so keep those logs one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if f"{os.sep}orbax{os.sep}" in (record.pathname or "") and record.levelno >= logging.ERROR:
+            record.msg, record.args = " ".join(record.getMessage().split())[:300], ()
+            record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+logging.getLogger("absl").addFilter(_OneLineOrbaxErrors())
+
+
 class Checkpointer:
     """`workdir/checkpoints`: save every N steps and at the end, keep the last K."""
 
@@ -169,9 +197,11 @@ class Checkpointer:
                 self.directory,
                 options=ocp.CheckpointManagerOptions(
                     max_to_keep=keep, create=not read_only, read_only=read_only))
+            if not read_only:  # fail now, not after hours of training
+                self._probe_writable()
         except OSError as e:
-            raise CheckpointSaveError(f"cannot open checkpoint directory {self.directory}: "
-                                      f"{_one_line(e)}") from e
+            raise CheckpointSaveError(f"cannot write checkpoints in {self.directory}: "
+                                      f"{_describe(e)}") from e
 
     def _remove_unfinished(self) -> None:
         """Delete temporary directories of saves that never finished (a killed process)."""
@@ -197,6 +227,7 @@ class Checkpointer:
         """
         record = {**meta, CHECKSUMS_KEY: tree_checksums(state)}
         record[RECORD_CRC_KEY] = _record_crc(record)
+        self._guard(self._probe_writable, step)
         self._guard(lambda: self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)), force=True),
             step)
@@ -231,6 +262,16 @@ class Checkpointer:
         except CheckpointSaveError as e:
             log.warning("jaxaccel: warning: %s", e)
 
+    def _probe_writable(self) -> None:
+        """Fail fast on a directory we cannot write: orbax's background threads would
+        otherwise wait minutes for a step directory that can never be created."""
+        if "://" in self.directory:  # object stores: no directories to probe
+            return
+        probe = os.path.join(self.directory, f".write-probe-{jax.process_index()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+
     def _guard(self, fn: Callable[[], Any], step: int | None) -> None:
         try:
             fn()
@@ -242,7 +283,7 @@ class Checkpointer:
                     else "no earlier checkpoint exists")
             what = f"step {step}" if step is not None else "a checkpoint"
             raise CheckpointSaveError(f"could not save {what} in {self.directory}: "
-                                      f"{_one_line(e)}; {kept}") from e
+                                      f"{_describe(e)}; {kept}") from e
 
     def _finalized_steps(self) -> list[int]:
         try:

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -292,3 +291,226 @@ def test_same_config_and_seed_give_bitwise_identical_runs(tmp_path):
     keys = ("split", "step", "loss", "accuracy", "grad_norm")
     rows = [[tuple(r.get(k) for k in keys) for r in metrics.read_metrics(w)] for w in (a, b)]
     assert rows[0] == rows[1] and len(rows[0]) >= 3
+
+
+# ----------------------------------------------------------------------------------------
+# The real command in a subprocess: signals, kills, failed saves
+# ----------------------------------------------------------------------------------------
+def experiment_file(directory, **changes):
+    """An experiment file whose get_config() is exactly `tiny_config(**changes)`."""
+    path = os.path.join(str(directory), "tiny_experiment.py")
+    with open(path, "w") as f:
+        f.write("from jaxaccel.config import from_json\n\n\ndef get_config():\n"
+                f"    return from_json({config_lib.to_json(tiny_config(**changes))!r})\n")
+    return path
+
+
+def train_argv(experiment, workdir, *overrides):
+    return [sys.executable, "-m", "jaxaccel", "train", "--config", experiment,
+            "--workdir", workdir, *[f"--config.{o}" for o in overrides]]
+
+
+def run(argv, **kwargs):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAXACCEL_DEBUG": ""}, **kwargs)
+
+
+def last_line(stderr):
+    return [line for line in stderr.strip().splitlines() if line.strip()][-1]
+
+
+def wait_until(condition, proc, what, deadline=240):
+    """Poll until `condition()` (a deadline only guards against a hang; nothing is timed)."""
+    end = time.monotonic() + deadline
+    while not condition():
+        assert proc.poll() is None, f"process ended before {what}: {proc.communicate()}"
+        assert time.monotonic() < end, f"no {what} after {deadline} s"
+        time.sleep(0.02)
+
+
+def train_rows(workdir):
+    return [r for r in metrics.read_metrics(workdir) if r["split"] == "train"]
+
+
+@pytest.mark.multiprocess
+def test_sigterm_checkpoints_exits_3_and_resumes_exactly(reference, tmp_path):
+    exp = experiment_file(tmp_path, num_steps=100_000, log_every=1, checkpoint_every=100_000)
+    wd = str(tmp_path / "run")
+    proc = subprocess.Popen(train_argv(exp, wd), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: os.path.exists(os.path.join(wd, "metrics.jsonl")) and train_rows(wd),
+               proc, "a logged step")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    line = last_line(err)
+    assert line.startswith("jaxaccel: preempted by SIGTERM at step ") and "resume" in line
+    stopped = int(line.split("at step ")[1].split(";")[0])
+    assert steps_in(wd) == [stopped]  # the checkpoint written on the way out
+    assert train_rows(wd)[-1]["step"] == stopped  # and the metrics so far
+    assert "Traceback" not in err
+    # Resume with the same command (num_steps may change: it only moves the end).
+    end = max(20, stopped + 3)
+    done = run(train_argv(exp, wd, f"num_steps={end}"))
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from step {stopped}" in done.stderr
+    assert [r["step"] for r in train_rows(wd)] == list(range(1, end + 1))
+    ref = reference[0]
+    if end != 20:  # stopped late: compare with an uninterrupted run of the same length
+        ref = str(tmp_path / "uninterrupted")
+        jaxaccel.train(tiny_config(num_steps=end, checkpoint_every=100_000), ref)
+    chex.assert_trees_all_equal(params_of(wd), params_of(ref))
+
+
+@pytest.mark.multiprocess
+def test_sigint_checkpoints_and_exits_3(tmp_path):
+    exp = experiment_file(tmp_path, num_steps=100_000, log_every=1, checkpoint_every=100_000)
+    wd = str(tmp_path / "run")
+    proc = subprocess.Popen(train_argv(exp, wd), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: os.path.exists(os.path.join(wd, "metrics.jsonl")) and train_rows(wd),
+               proc, "a logged step")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert last_line(err).startswith("jaxaccel: preempted by SIGINT at step ")
+    stopped = int(last_line(err).split("at step ")[1].split(";")[0])
+    assert steps_in(wd) == [stopped]
+
+
+KILL_IN_SAVE = """
+import os, signal, sys
+from orbax.checkpoint._src.path import atomicity
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def killing_finalize(self):
+    if self.get_final().name == sys.argv[1]:  # step directory written, not yet renamed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await finalize(self)
+atomicity.AtomicRenameTemporaryPath.finalize = killing_finalize
+from jaxaccel.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.multiprocess
+def test_sigkill_in_the_middle_of_a_checkpoint_write(reference, tmp_path):
+    exp = experiment_file(tmp_path)
+    wd = str(tmp_path / "run")
+    argv = train_argv(exp, wd)
+    killed = run([sys.executable, "-c", KILL_IN_SAVE, "20"] + argv[3:])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    leftovers = [d for d in os.listdir(os.path.join(wd, "checkpoints")) if d.startswith("20.")]
+    assert leftovers and steps_in(wd) == [10]  # step 20 was half written
+    done = run(argv)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from step 10" in done.stderr
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["10", "20"]
+    chex.assert_trees_all_equal(params_of(wd), params_of(reference[0]))
+
+
+@pytest.mark.multiprocess
+def test_sigkill_at_random_moments_then_resume_gives_identical_params(reference, tmp_path):
+    """Kill a real run three times at random moments (mostly inside the per-step saves)."""
+    exp = experiment_file(tmp_path, checkpoint_every=1, log_every=1, keep_checkpoints=2)
+    wd = str(tmp_path / "run")
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen(train_argv(exp, wd), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        before = max(steps_in(wd), default=0) if os.path.isdir(
+            os.path.join(wd, "checkpoints")) else 0
+        wait_until(lambda: os.path.isdir(os.path.join(wd, "checkpoints"))
+                   and max(steps_in(wd), default=0) > before, proc, "a new checkpoint")
+        time.sleep(rng.uniform(0.0, 1.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=60)
+    assert kills >= 1
+    done = run(train_argv(exp, wd))
+    assert done.returncode == 0, done.stderr
+    chex.assert_trees_all_equal(params_of(wd), params_of(reference[0]))
+    assert [r["step"] for r in train_rows(wd)] == list(range(1, 21))  # each step once
+    assert not [d for d in os.listdir(os.path.join(wd, "checkpoints"))
+                if checkpoint.TMP_SUFFIX in d]
+
+
+# Runs argv[1:] with files limited to 64 KB; SIGXFSZ ignored so writes fail with EFBIG.
+LIMIT_FILE_SIZE = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def test_disk_full_during_save_is_one_clear_error_and_keeps_previous(reference, tmp_path):
+    """A file-size limit (RLIMIT_FSIZE) stands in for a full disk: writes past 64 KB fail."""
+    wd = copy_run(reference, tmp_path)
+    shutil.rmtree(os.path.join(wd, "checkpoints", "20"))
+    exp = experiment_file(tmp_path)
+    full = run([sys.executable, "-c", LIMIT_FILE_SIZE] + train_argv(exp, wd))
+    assert full.returncode == 2, full.stderr
+    line = last_line(full.stderr)
+    assert line.startswith("jaxaccel: error: could not save step 20")
+    assert "File too large" in line and "previous checkpoint (step 10) is intact" in line
+    assert steps_in(wd) == [10]
+    chex.assert_trees_all_equal(params_of(wd, 10), params_of(reference[0], 10))
+    # With space again, the same command finishes the run with the same answer.
+    done = run(train_argv(exp, wd))
+    assert done.returncode == 0, done.stderr
+    chex.assert_trees_all_equal(params_of(wd), params_of(reference[0]))
+
+
+@contextlib.contextmanager
+def immutable(path):
+    """chattr +i: even root cannot create files in the directory (a read-only mount)."""
+    if subprocess.run(["chattr", "+i", path], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available on this file system")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", path], check=True)
+
+
+def test_read_only_checkpoint_dir_fails_before_training(reference, tmp_path):
+    wd = copy_run(reference, tmp_path)
+    shutil.rmtree(os.path.join(wd, "checkpoints", "20"))
+    with immutable(os.path.join(wd, "checkpoints")):
+        with pytest.raises(checkpoint.CheckpointSaveError) as info:
+            jaxaccel.train(tiny_config(), wd)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"cannot write checkpoints in {wd}/checkpoints: "
+                              f"Operation not permitted")
+    assert steps_in(wd) == [10]
+    chex.assert_trees_all_equal(params_of(wd, 10), params_of(reference[0], 10))
+
+
+def test_directory_turning_read_only_between_saves(tmp_path):
+    wd = str(tmp_path)
+    tree = {"w": jnp.arange(1000, dtype=jnp.float32)}
+    ck = checkpoint.Checkpointer(wd)
+    ck.save(10, tree, {"step": 10})
+    ck.wait()
+    with immutable(os.path.join(wd, "checkpoints")):
+        with pytest.raises(checkpoint.CheckpointSaveError,
+                           match=r"could not save step 20 .*Operation not permitted.*"
+                                 r"previous checkpoint \(step 10\) is intact"):
+            ck.save(20, {"w": tree["w"] + 1}, {"step": 20})
+    ck.close()
+    ck = checkpoint.Checkpointer(wd)
+    assert ck.all_steps() == [10]
+    payload, meta = ck.restore(10, checkpoint.abstract_like(tree))
+    np.testing.assert_array_equal(payload["w"], tree["w"])
+    assert meta == {"step": 10}
+    ck.close()
+
+
+def test_a_file_where_the_checkpoint_dir_should_be(tmp_path):
+    wd = str(tmp_path)
+    open(os.path.join(wd, "checkpoints"), "w").close()
+    with pytest.raises(checkpoint.CheckpointSaveError,
+                       match=f"cannot write checkpoints in {wd}/checkpoints: Not a directory"):
+        checkpoint.Checkpointer(wd)
