@@ -1,0 +1,205 @@
+"""The reproduction experiments (experiments/repro_*.py) and their tables (scripts/repro_tables.py).
+
+Fast checks of every file (loads, validates, expands, sweep points are valid overrides with
+>= 3 seeds, per-layer pruning names real leaves), the table verdicts on hand-made results,
+and one smoke run: the lottery-ticket pipeline shrunk to 1 round of 10 steps, run through
+`jaxaccel.sweep` and read back by its table (early-stopping iterations included).
+"""
+import glob
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxaccel import config as config_lib
+from jaxaccel import models, stages, sweep
+from jaxaccel.compress import prune
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPRO_FILES = sorted(glob.glob(os.path.join(ROOT, "experiments", "repro_*.py")))
+INPUT_SHAPES = {"mnist5k": (1, 28, 28, 1), "cifar10": (1, 32, 32, 3)}
+
+
+def _module(path):
+    spec = importlib.util.spec_from_file_location(
+        "repro_test_" + os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tables = _module(os.path.join(ROOT, "scripts", "repro_tables.py"))
+
+
+def test_all_reproductions_present():
+    names = {os.path.basename(p) for p in REPRO_FILES}
+    assert {"repro_han_lenet300.py", "repro_han_lenet5.py", "repro_zhu_gupta.py",
+            "repro_lottery.py", "repro_int8.py", "repro_resnet20_cifar10.py"} <= names
+    for name in ("han", "zhu_gupta", "lottery", "int8", "resnet20_cifar10"):
+        script = os.path.join(ROOT, "scripts", f"reproduce_{name}.sh")
+        assert os.access(script, os.X_OK), script
+
+
+@pytest.mark.parametrize("path", REPRO_FILES, ids=os.path.basename)
+def test_config_loads_validates_and_expands(path):
+    config = config_lib.load_experiment(path)
+    config_lib.validate(config)
+    expanded = stages.expand(config)
+    assert expanded and any(s.kind == "train" for s in expanded)
+    assert config.progress is False
+    doc = _module(path).__doc__
+    assert "scripts/reproduce_" in doc and "jaxaccel train --config" in doc
+
+
+@pytest.mark.parametrize("path", REPRO_FILES, ids=os.path.basename)
+def test_sweep_points_are_valid_overrides_with_three_seeds(path, tmp_path):
+    base = config_lib.load_experiment(path)
+    points = sweep.load_sweep(path)
+    runs = sweep.plan(base, points, str(tmp_path))  # validates every point's config
+    groups = {}
+    for run in runs:
+        stages.expand(run.config)
+        key = json.dumps({k: v for k, v in run.overrides.items() if k != "seed"},
+                         sort_keys=True, default=str)
+        groups.setdefault(key, set()).add(run.config.seed)
+    assert all(len(seeds) >= 3 for seeds in groups.values()), groups
+
+
+def _random_params(config):
+    """Params of the config's model with random values (no init compile: eval_shape only)."""
+    model = models.get_model(config.model.name, 10, **dict(config.model.kwargs))
+    abstract = jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros(INPUT_SHAPES[config.dataset.name]), train=False))
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                        abstract["params"])
+
+
+# Kernel sparsity after the first prune stage(s): Han's per-layer ratios keep ~8%.
+EXPECTED_SPARSITY = {"repro_han_lenet300.py": (0.91, 0.925), "repro_han_lenet5.py": (0.91, 0.925),
+                     "repro_lottery.py": (0.35, 0.37)}
+
+
+@pytest.mark.parametrize("path", REPRO_FILES, ids=os.path.basename)
+def test_prune_stages_run_on_the_models_params(path):
+    """The first prune stages run on the model's params (per-layer paths must be real leaves)."""
+    config = config_lib.load_experiment(path)
+    prune_stages = [s for s in stages.expand(config) if s.kind == "prune"][:2]
+    if not prune_stages:
+        pytest.skip("no prune stage")
+    params = _random_params(config)
+    if config.dataset.name == "cifar10":  # large: only check the per-layer paths (fast)
+        kernels = {p for p, leaf in prune.named_leaves(params) if prune.is_kernel(p, leaf)}
+        for s in prune_stages:
+            assert s.prune.per_layer and set(s.prune.per_layer) <= kernels
+        return
+    masks = jax.tree.map(lambda x: np.ones(x.shape, bool), params)
+    for s in prune_stages:
+        _, masks = stages.prune_once(params, masks, s.prune)
+    lo, hi = EXPECTED_SPARSITY[os.path.basename(path)]
+    assert lo < stages.weight_stats(params, masks)["sparsity"] < hi
+
+
+def test_han_retrains_at_a_tenth_of_the_learning_rate():
+    for name in ("repro_han_lenet300.py", "repro_han_lenet5.py"):
+        config = config_lib.load_experiment(os.path.join(ROOT, "experiments", name))
+        retrain = next(s for s in stages.expand(config) if s.name == "retrain")
+        assert retrain.optimizer.lr == pytest.approx(config.optimizer.lr / 10)
+
+
+def test_zhu_gupta_methods_get_the_same_total_steps():
+    zg = _module(os.path.join(ROOT, "experiments", "repro_zhu_gupta.py"))
+    totals = {(m, s): sum(st.steps for st in zg.pipeline(m, s))
+              for m in zg.METHODS for s in zg.SPARSITIES}
+    assert len(set(totals.values())) == 1
+    assert len(totals) == 6
+    with pytest.raises(ValueError, match="method='slow'"):
+        zg.pipeline("slow", 0.9)
+
+
+def test_lottery_rounds_share_masks_between_ticket_and_control():
+    lth = _module(os.path.join(ROOT, "experiments", "repro_lottery.py"))
+    names = [s.name for s in lth.lottery_stages(rounds=2, steps=5)]
+    assert names == ["round0/train",
+                     "round1/prune", "round1/reinit", "round1/reinit_train", "round1/rewind",
+                     "round1/train",
+                     "round2/prune", "round2/reinit", "round2/reinit_train", "round2/rewind",
+                     "round2/train"]
+    config = lth.get_config()
+    assert config.rewind_step == 0 and config.eval_every > 0
+    assert len([s for s in stages.expand(config) if s.kind == "prune"]) == lth.ROUNDS == 12
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables on hand-made results: the verdicts follow the numbers (and can say "does not hold")
+# ---------------------------------------------------------------------------------------------
+
+
+def _fake_point(root, name, seed, results):
+    sub = os.path.join(root, name)
+    os.makedirs(sub)
+    with open(os.path.join(sub, "point.json"), "w") as f:
+        json.dump({"name": name, "overrides": {"seed": seed}}, f)
+    with open(os.path.join(sub, "config.json"), "w") as f:
+        json.dump({"seed": seed}, f)
+    with open(os.path.join(sub, "results.json"), "w") as f:
+        json.dump(results, f)
+
+
+def _row(name, acc, sparsity=0.0, kind="train", steps=0, **extra):
+    return {"name": name, "kind": kind, "steps": steps, "test_accuracy": acc,
+            "sparsity": sparsity, "model_bytes": 1000, **extra}
+
+
+@pytest.mark.parametrize("retrained,holds", [(0.948, True), (0.930, False)])
+def test_han_table_verdict_follows_numbers(tmp_path, retrained, holds):
+    for seed in range(3):
+        rows = [_row("dense", 0.950, steps=10), _row("prune", 0.80, 0.92, "prune"),
+                _row("no_retrain", 0.80, 0.92, "evaluate"), _row("retrain", retrained, 0.92, steps=5)]
+        _fake_point(str(tmp_path), f"seed={seed}", seed,
+                    {"model": "lenet300_100", "test_accuracy": retrained, "stages": rows})
+    text = tables.han([str(tmp_path)])
+    line = next(x for x in text.splitlines() if x.startswith("- retrained − dense"))
+    assert ("**holds**" in line) is holds
+    assert "98.36" in text and "n = 3 seeds" in text
+    assert "**holds**" in next(x for x in text.splitlines() if x.startswith("- no retraining"))
+
+
+def test_int8_table_reports_no_collapse_honestly(tmp_path):
+    for seed in range(3):
+        rows = [_row("float", 0.97, steps=10)]
+        for stage, _, _ in tables.INT8_ROWS[1:-1]:
+            rows.append(_row(stage, 0.968, kind="quantize", int8_accuracy=0.968))
+        rows.append(_row("qat_w4a8_per_tensor", 0.969, steps=5))
+        _fake_point(str(tmp_path), f"model.name=cnn_bn,seed={seed}", seed,
+                    {"model": "cnn_bn", "test_accuracy": 0.968, "stages": rows})
+    text = tables.int8(str(tmp_path))
+    collapse = next(x for x in text.splitlines() if x.startswith("- at 4 bits"))
+    assert "**does not hold**" in collapse
+    assert "**holds**" in next(x for x in text.splitlines() if x.startswith("- W8A8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Smoke run: the lottery pipeline at 1 round × 10 steps, through the sweep, into the table
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lottery_smoke_run_through_sweep_and_table(tmp_path):
+    path = os.path.join(ROOT, "experiments", "repro_lottery.py")
+    lth = _module(path)
+    point = {"stages": lth.lottery_stages(rounds=1, steps=10), "eval_every": 5,
+             "dataset.test_split": "test[:200]", "batch_size": 32, "eval_batch_size": 100,
+             "seed": 0}
+    result = sweep.run(path, str(tmp_path), points=[point], report=False)
+    assert not result.failed, [r.error for r in result.failed]
+    text = tables.lottery(str(tmp_path))
+    rows = [x for x in text.splitlines() if x.startswith("| 1 |")]
+    assert rows and "80.0%" in rows[0]  # 0.8 of fc1, fc2 and 0.9 of fc3 kept
+    run = tables.finished_runs(str(tmp_path))[0]
+    stops = tables.early_stop_iterations(run)
+    assert set(stops) == {"round0/train", "round1/reinit_train", "round1/train"}
+    assert all(it in (5, 10) for it in stops.values())
