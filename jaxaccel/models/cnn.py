@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxaccel.models.layers import conv, max_pool
+from jaxaccel.models.layers import conv, conv_act_pool, max_pool, microbatch_count, microbatched
 
 # BatchNorm settings shared by every BN model: PyTorch's momentum 0.1 (flax's 0.9) and eps.
 BN_MOMENTUM = 0.9
@@ -28,21 +28,31 @@ def batch_norm(train: bool, dtype: Any, axis_name: str | None, name: str) -> nn.
 
 
 class CNN3(nn.Module):
-    """conv1-conv2-conv3 (3x3 SAME + ReLU + 2x2 max-pool each), fc1 + ReLU, fc2."""
+    """conv1-conv2-conv3 (3x3 SAME + ReLU + 2x2 max-pool each), fc1 + ReLU, fc2.
+
+    `microbatch`: examples per micro-batch for the conv stack (None: the conv_impl's choice,
+    see `layers.microbatch_count`); results do not depend on it beyond float rounding.
+    """
 
     num_classes: int
     features: Sequence[int] = (32, 64, 128)
     hidden: int = 128
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
+    microbatch: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        convs = [conv(f, 3, padding="SAME", dtype=self.dtype, conv_impl=self.conv_impl, name=f"conv{i + 1}")
+                 for i, f in enumerate(self.features)]
+
+        def conv_stack(x):
+            for layer in convs:
+                x = conv_act_pool(layer, x, nn.relu, 2, self.conv_impl)
+            return x.reshape((x.shape[0], -1))
+
         x = x.astype(self.dtype)
-        for i, f in enumerate(self.features):
-            x = conv(f, 3, padding="SAME", dtype=self.dtype, conv_impl=self.conv_impl, name=f"conv{i + 1}")(x)
-            x = max_pool(nn.relu(x), 2, conv_impl=self.conv_impl)
-        x = x.reshape((x.shape[0], -1))
+        x = microbatched(conv_stack, x, microbatch_count(x.shape[0], self.conv_impl, self.microbatch))
         x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)
         return x.astype(jnp.float32)

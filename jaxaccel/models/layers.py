@@ -1,21 +1,30 @@
 """Convolution and pooling building blocks with selectable implementations.
 
-Every model builds its convs with `conv(...)` and its pools with `max_pool(...)`; the
-`conv_impl` string picks how the arithmetic is lowered, never which parameters exist:
-all implementations produce a flax `nn.Conv` with the same `kernel`/`bias` leaves (same
-shapes, same initialisers), so checkpoints are interchangeable between implementations.
+Every model builds its convs with `conv(...)`, its conv->activation->pool stages with
+`conv_act_pool(...)` and its other pools with `max_pool(...)`; the `conv_impl` string picks
+how the arithmetic is lowered, never which parameters exist: all implementations declare
+the same `kernel` (HWIO) / `bias` leaves with nn.Conv's shapes, initialisers and RNG
+streams, so checkpoints are interchangeable between implementations.
 
 Implementations (`CONV_IMPLS`):
-  * "xla":    `lax.conv_general_dilated` and `nn.max_pool`, exactly as plain Flax.
-  * "im2col": every stride-1 conv as patches @ kernel, with a custom VJP whose filter
-              gradient is `patches.T @ dy` (patches saved from the forward) and whose input
-              gradient is a forward conv of `dy` with the flipped, transposed kernel;
-              max-pool via `max_pool_2d` (no select-and-scatter).
-  * "cpu":    the per-layer mix measured fastest on XLA:CPU (see `cpu_conv_plan`):
-              im2col for convs with a small patch (first layers, Cin*kh*kw <= 32),
-              the native conv elsewhere; max-pool via `max_pool_2d`.
+  * "xla":    plain flax: `nn.Conv` (`lax.conv_general_dilated`) and `nn.max_pool`.
+  * "im2col": every stride-1 conv as patches @ kernel with a custom VJP: filter gradient
+              `patches.T @ dy` (patches saved from the forward), input gradient a forward
+              conv of `dy` with the flipped, transposed kernel. Max-pool via `max_pool_2d`
+              (masks instead of select-and-scatter), taken before bias and activation.
+  * "cpu":    the mix measured fastest on XLA:CPU: im2col only where the patch is short
+              (kh*kw*Cin <= `CPU_IM2COL_MAX_PATCH`, i.e. first layers), the native conv
+              elsewhere; `max_pool_2d` before bias and activation; and, in models without
+              BatchNorm, the conv stack run on micro-batches of `CPU_MICROBATCH` examples
+              (see `microbatched`).
   * "auto":   resolved when the model is traced: "cpu" on the CPU backend, "xla" elsewhere.
 Convs the fast paths do not cover (strides, dilations, feature groups) use the native conv.
+
+Why the fast paths are exact: pooling commutes with adding a per-channel bias and with a
+non-decreasing activation (ReLU, identity), in value and — with first-maximum routing —
+in gradient, so pool(relu(conv + b)) is computed as relu(pool(conv) + b) on 4x fewer
+elements; micro-batches change nothing per example (only the summation order of filter
+gradients across micro-batches).
 """
 from __future__ import annotations
 
@@ -24,13 +33,21 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from flax.linen.linear import default_kernel_init
 from jax import lax
 
 CONV_IMPLS: tuple[str, ...] = ("auto", "xla", "im2col", "cpu")
 
-# Convs whose patch length kh*kw*Cin is at most this use im2col under "cpu": building their
-# patches is cheap and the native XLA:CPU conv is slow for them (few input channels).
+# Under "cpu", convs whose patch length kh*kw*Cin is at most this use im2col: building their
+# patches is cheap and XLA:CPU's native conv is slow for few input channels.
 CPU_IM2COL_MAX_PATCH = 32
+# Under "cpu", models without BatchNorm run their conv stack on micro-batches of this many
+# examples: each micro-batch's activations stay in cache, and XLA:CPU runs independent
+# micro-batches concurrently on its thread pool.
+CPU_MICROBATCH = 32
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def check_conv_impl(conv_impl: str) -> str:
@@ -50,9 +67,6 @@ def resolve_conv_impl(conv_impl: str) -> str:
 
 # ----------------------------------------------------------------------------- convolution
 
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
-
 def _explicit_padding(padding: Any, in_hw: Sequence[int], k_hw: Sequence[int]) -> tuple[tuple[int, int], ...]:
     if isinstance(padding, str):
         return tuple(lax.padtype_to_pads(tuple(in_hw), tuple(k_hw), (1, 1), padding))
@@ -60,14 +74,19 @@ def _explicit_padding(padding: Any, in_hw: Sequence[int], k_hw: Sequence[int]) -
 
 
 def im2col_patches(x: jax.Array, kernel_hw: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:
-    """Stride-1 patches of NHWC `x` as a (N*Ho*Wo, kh*kw*C) matrix, rows in HWIO kernel order."""
+    """Stride-1 patches of NHWC `x` as a (N*Ho*Wo, kh*kw*C) matrix, columns in HWIO kernel order.
+
+    Built in two passes (kw shifts along W, then kh shifts along H): fewer, longer copies
+    than stacking all kh*kw shifted slices at once, which XLA:CPU runs faster.
+    """
     kh, kw = kernel_hw
     (plo, phi), (qlo, qhi) = padding
     n, h, w, c = x.shape
     xp = jnp.pad(x, ((0, 0), (plo, phi), (qlo, qhi), (0, 0)))
     ho, wo = h + plo + phi - kh + 1, w + qlo + qhi - kw + 1
-    taps = [xp[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)]
-    return jnp.stack(taps, axis=3).reshape(n * ho * wo, kh * kw * c)
+    rows = jnp.concatenate([xp[:, :, j:j + wo, :] for j in range(kw)], axis=-1)
+    p = jnp.concatenate([rows[:, i:i + ho] for i in range(kh)], axis=-1)
+    return p.reshape(n * ho * wo, kh * kw * c)
 
 
 def _input_grad(dy: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, int]]) -> jax.Array:
@@ -144,7 +163,7 @@ def _make_conv_general_dilated(impl: str) -> Callable:
     return conv_general_dilated
 
 
-# One function object per implementation, so flax modules stay hashable and comparable.
+# One function object per implementation, so modules stay hashable and comparable.
 _CONV_FNS: dict[str, Callable] = {
     "xla": lax.conv_general_dilated,
     "im2col": _make_conv_general_dilated("im2col"),
@@ -157,6 +176,35 @@ def conv_general_dilated_fn(conv_impl: str) -> Callable:
     return _CONV_FNS[resolve_conv_impl(conv_impl)]
 
 
+class Conv(nn.Module):
+    """2-D NHWC conv with nn.Conv's parameters (`kernel` HWIO, `bias`), lowered per `conv_impl`.
+
+    Unlike nn.Conv it can return its output before the bias (`add_bias=False` returns
+    `(y, bias)`), so a following max-pool can run before the bias and activation.
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: int | tuple[int, int] = 1
+    padding: str | Sequence[tuple[int, int]] = "SAME"
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, add_bias: bool = True):
+        kh, kw = self.kernel_size
+        kernel = self.param("kernel", default_kernel_init, (kh, kw, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32) if self.use_bias else None
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        strides = (self.strides, self.strides) if isinstance(self.strides, int) else tuple(self.strides)
+        padding = self.padding if isinstance(self.padding, str) else tuple(tuple(p) for p in self.padding)
+        y = conv_general_dilated_fn(self.conv_impl)(x, kernel, strides, padding, dimension_numbers=_NHWC)
+        if not add_bias:
+            return y, bias
+        return y if bias is None else y + bias
+
+
 def conv(
     features: int,
     kernel_size: int | Sequence[int],
@@ -167,21 +215,15 @@ def conv(
     dtype: Any = jnp.float32,
     conv_impl: str = "auto",
     name: str | None = None,
-) -> nn.Conv:
-    """A flax `nn.Conv` (float32 params, compute in `dtype`) lowered per `conv_impl`."""
+) -> nn.Module:
+    """A conv layer (float32 params, compute in `dtype`): nn.Conv for "xla", else `Conv`."""
     if isinstance(kernel_size, int):
         kernel_size = (kernel_size, kernel_size)
-    return nn.Conv(
-        features,
-        tuple(kernel_size),
-        strides=strides,
-        padding=padding,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        conv_general_dilated=conv_general_dilated_fn(conv_impl),
-        name=name,
-    )
+    if resolve_conv_impl(conv_impl) == "xla":
+        return nn.Conv(features, tuple(kernel_size), strides=strides, padding=padding, use_bias=use_bias,
+                       dtype=dtype, param_dtype=jnp.float32, name=name)
+    return Conv(features, tuple(kernel_size), strides=strides, padding=padding, use_bias=use_bias, dtype=dtype,
+                conv_impl=conv_impl, name=name)
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -246,3 +288,47 @@ def max_pool(x: jax.Array, window: int = 2, *, conv_impl: str = "auto") -> jax.A
     if resolve_conv_impl(conv_impl) == "xla":
         return nn.max_pool(x, (window, window), strides=(window, window), padding="VALID")
     return max_pool_2d(x, window)
+
+
+def conv_act_pool(layer: nn.Module, x: jax.Array, act: Callable[[jax.Array], jax.Array] | None, window: int,
+                  conv_impl: str = "auto") -> jax.Array:
+    """max_pool(act(layer(x))) for a conv `layer` from `conv()`; `act` must be non-decreasing (ReLU).
+
+    Fast implementations pool the conv output before the bias and the activation (same
+    values and gradients, 1/window^2 of the elementwise work).
+    """
+    act = act or (lambda v: v)
+    if resolve_conv_impl(conv_impl) == "xla":
+        return max_pool(act(layer(x)), window, conv_impl="xla")
+    y, bias = layer(x, add_bias=False)
+    y = max_pool_2d(y, window)
+    return act(y if bias is None else y + bias)
+
+
+# ----------------------------------------------------------------------------- micro-batches
+
+def microbatch_count(batch: int, conv_impl: str, microbatch: int | None = None) -> int:
+    """How many micro-batches to split `batch` into: the largest divisor of `batch` not above
+    batch / size, with size `microbatch` if given, else `CPU_MICROBATCH` under "cpu" (1 otherwise)."""
+    if microbatch is None:
+        if resolve_conv_impl(conv_impl) != "cpu":
+            return 1
+        microbatch = CPU_MICROBATCH
+    if microbatch < 1:
+        raise ValueError(f"microbatch must be >= 1, got {microbatch!r}")
+    target = max(1, batch // microbatch)
+    return max(g for g in range(1, target + 1) if batch % g == 0)
+
+
+def microbatched(fn: Callable[[jax.Array], jax.Array], x: jax.Array, groups: int) -> jax.Array:
+    """fn applied to `groups` interleaved micro-batches of `x` (rows g, g+groups, ...), re-assembled.
+
+    Interleaving keeps each micro-batch spread evenly over a batch-sharded mesh axis, so
+    splitting needs no communication; `fn` must act on each example independently.
+    """
+    if groups <= 1:
+        return fn(x)
+    n = x.shape[0]
+    xs = x.reshape((n // groups, groups) + x.shape[1:])
+    outs = [fn(xs[:, g]) for g in range(groups)]
+    return jnp.stack(outs, axis=1).reshape((n,) + outs[0].shape[1:])

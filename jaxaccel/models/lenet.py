@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxaccel.models.layers import conv, max_pool
+from jaxaccel.models.layers import conv, conv_act_pool, microbatch_count, microbatched
 
 
 class LeNet300100(nn.Module):
@@ -30,7 +30,7 @@ class LeNet300100(nn.Module):
 class LeNet5(nn.Module):
     """conv1(20, 5x5) pool, conv2(50, 5x5) pool, fc1(500) ReLU, fc2. No ReLU after convs (Caffe).
 
-    `padding="SAME"` lets it run on tiny inputs such as 8x8 digits.
+    `padding="SAME"` lets it run on tiny inputs such as 8x8 digits. `microbatch` as in CNN3.
     """
 
     num_classes: int
@@ -39,14 +39,20 @@ class LeNet5(nn.Module):
     padding: str = "VALID"
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
+    microbatch: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        convs = [conv(f, 5, padding=self.padding, dtype=self.dtype, conv_impl=self.conv_impl, name=f"conv{i + 1}")
+                 for i, f in enumerate(self.features)]
+
+        def conv_stack(x):
+            for layer in convs:
+                x = conv_act_pool(layer, x, None, 2, self.conv_impl)
+            return x.reshape((x.shape[0], -1))
+
         x = x.astype(self.dtype)
-        for i, f in enumerate(self.features):
-            x = conv(f, 5, padding=self.padding, dtype=self.dtype, conv_impl=self.conv_impl, name=f"conv{i + 1}")(x)
-            x = max_pool(x, 2, conv_impl=self.conv_impl)
-        x = x.reshape((x.shape[0], -1))
+        x = microbatched(conv_stack, x, microbatch_count(x.shape[0], self.conv_impl, self.microbatch))
         x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)
         return x.astype(jnp.float32)
