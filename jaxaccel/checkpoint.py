@@ -476,10 +476,14 @@ def load(workdir: str, step: int | None = None) -> Loaded:
         raise ValueError(f"{workdir!r} has no checkpoints")
     setups = {}
 
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
     def target_for(meta: dict) -> Any:
         setup, target = train_lib.checkpoint_target(config, meta.get("stage", 0))
         setups["setup"] = setup
-        return target
+        # On this process's first device, whatever topology (processes, mesh) saved it.
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            target)
 
     if step is None:
         step, payload, _ = ckpt.restore_latest(target_for, quarantine=False)
