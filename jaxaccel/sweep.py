@@ -14,7 +14,7 @@ points, each a dict of dotted config keys -> values, usually built with the help
 `jaxaccel sweep --config X.py --workdir runs/X [--workers N | --vectorize]` runs every point
 in its own sub-workdir `runs/X/<point name>` (e.g. `model.width=0.5,optimizer.lr=0.001,seed=0`):
 in this process one after the other, in N `jaxaccel train` worker processes, or all at once
-as one vmapped program (`jaxaccel.vsweep`). State lives only in the files, so a re-run
+as one compiled program (`jaxaccel.vsweep`). State lives only in the files, so a re-run
 skips finished points (`results.json` exists) and resumes unfinished ones from their
 checkpoints. A failing point gets `error.txt` and the others go on. `runs/X/sweep.json`
 lists the points and their statuses; `jaxaccel report runs/X` aggregates them.
@@ -447,13 +447,14 @@ class SweepResult:
 
 
 def run(experiment: str, workdir: str, *, overrides: Sequence[str] = (), workers: int = 0,
-        vectorize: bool = False, points: Sequence[Point] | None = None,
+        vectorize: bool | str = False, points: Sequence[Point] | None = None,
         report: bool = True) -> SweepResult:
     """Run (or finish) the sweep of `experiment` in `workdir`.
 
     `overrides` (`key=value` strings) apply to every point. `workers` > 0 runs that many
-    `jaxaccel train` processes; `vectorize` trains the pending points as one vmapped
-    program. Finished points are skipped; failed and unfinished points run (again).
+    `jaxaccel train` processes; `vectorize` (True or a `vsweep` mode: "auto", "vmap",
+    "loop") trains the pending points as one compiled program. Finished points are
+    skipped; failed and unfinished points run (again).
     """
     if workers and vectorize:
         raise ValueError("choose either --workers or --vectorize, not both")
@@ -463,7 +464,9 @@ def run(experiment: str, workdir: str, *, overrides: Sequence[str] = (), workers
     if workers:  # each point must survive the trip through the command line
         for r in runs:
             cli_overrides(r.overrides)
-    mode = "vectorize" if vectorize else f"workers={workers}" if workers else "sequential"
+    vmode = ("auto" if vectorize is True else vectorize) if vectorize else None
+    mode = (f"vectorize={vmode}" if vmode else f"workers={workers}" if workers
+            else "sequential")
     save = lambda: write_sweep_file(workdir, runs, experiment=experiment,  # noqa: E731
                                     overrides=overrides, mode=mode)
     skipped = [r.name for r in runs if r.status == DONE]
@@ -477,7 +480,7 @@ def run(experiment: str, workdir: str, *, overrides: Sequence[str] = (), workers
     try:
         if vectorize and todo:
             from jaxaccel import vsweep
-            vsweep.run_points(todo, on_change=save)
+            vsweep.run_points(todo, mode=vmode, on_change=save)
         elif workers and todo:
             run_workers(experiment, todo, overrides, workers, on_change=save)
         else:
@@ -509,9 +512,11 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    "per point")
     p.add_argument("--workers", type=int, default=0,
                    help="run points in N `jaxaccel train` processes (default: in this process)")
-    p.add_argument("--vectorize", action="store_true",
-                   help="train all pending points as one vmapped program (only keys that do "
-                        "not change shapes may vary)")
+    p.add_argument("--vectorize", nargs="?", const="auto", default=None,
+                   choices=("auto", "vmap", "loop"),
+                   help="train all pending points as one compiled program (only keys that do "
+                        "not change shapes may vary); vmap: batched over the points (GPU/TPU), "
+                        "loop: one point after another inside the program (CPU); auto picks")
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="simulate N CPU devices (sets parallel.cpu_devices)")
     p.add_argument("--no-report", action="store_true", help="skip results.csv/md and plots")

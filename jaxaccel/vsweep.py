@@ -1,28 +1,37 @@
 """Vectorized sweeps: K points of one experiment trained as one compiled program.
 
 When the points differ only in keys that do not change any shape (`VECTORIZABLE`: seed,
-learning rate, weight decay, Adam betas, SGD momentum, label smoothing), every train state
-gets a leading configuration axis of size K and one jitted step trains all of them:
-`jax.vmap` over (state, batch, hyperparameters), the varying hyperparameters being (K,)
-arrays passed into the step. One compile, one input pipeline, one eval pass over the test
-set, one dispatch per step. Each point still gets its own sub-workdir with the same
-`config.json`, `metrics.jsonl`, `results.json` and final checkpoint as a sequential run,
-so `jaxaccel report` and `jaxaccel.load` cannot tell the difference.
+learning rate, weight decay, Adam betas, SGD momentum, label smoothing), their train
+states are stacked on a leading configuration axis of size K and one compiled program
+trains all of them: the step is `train.make_train_step`'s with the optimizer built from
+hyperparameters that enter as (K,) arrays. One compile, one input pipeline, one pass over
+the test set per evaluation, and one dispatch per block of S steps (S divides the log,
+eval and checkpoint intervals). Each point still gets its own sub-workdir with the
+`config.json`, `metrics.jsonl`, `results.json` and final checkpoint a sequential run
+writes, so `jaxaccel report` and `jaxaccel.load` cannot tell the difference.
+
+Two ways to run the K points inside the program (`mode`):
+  * "vmap": `jax.vmap` over the configuration axis at every step (scanned over S steps)
+    — what fills a GPU/TPU with small models; with several devices and K a multiple of
+    them, each device holds K/N whole points ("points" layout, no collectives).
+  * "loop": `lax.map` over the points of a `lax.scan` over the S steps — each point's
+    state stays in cache for S steps. On XLA:CPU the arithmetic of K models is not
+    cheaper batched (measured: 8 vmapped LeNet-300-100 steps cost 1.0–1.3x eight single
+    steps, their 36 MB of state overflowing the cache), so "auto" picks "loop" on CPU
+    and "vmap" elsewhere; the gain on CPU is the per-run overhead (compiles, data,
+    evaluation set-up, dispatch).
 
 What "the same run" means: point k's `seed` seeds both its initialisation and its data
-order, exactly as in `jaxaccel train`. The step gathers point k's batch from a
-`TrainBatches` with that seed (all of them read one in-memory copy of the split), so a
-vectorized point matches the sequential run with the same config to float tolerance.
-When all points share one seed they share one batch, fed once (`in_axes=None`).
+order, exactly as in `jaxaccel train`; its batches are `TrainBatches(seed_k)`'s, gathered
+from one in-memory copy of the split; hyperparameters shared by all points stay Python
+constants as in a sequential step. In "loop" mode a point then computes the sequential
+run bit for bit (checked on 1 device); "vmap" uses batched kernels and matches to float
+tolerance (rounding differences that Adam amplifies over long runs, as between runs on 1
+and 8 devices).
 
 Resume: the stacked state is checkpointed in `<workdir>/_vectorized/<group>/` every
-`checkpoint_every` steps; re-running the same pending points resumes there. Points'
-own checkpoints from sequential attempts are not used (a stacked state needs one step).
-
-On CPU the arithmetic of K models is not cheaper vmapped than one after the other; what
-is saved is per-run overhead (compiles, data loading, evaluation set-up, dispatch).
-`chunk` runs the K points as `lax.map` over vmapped chunks of that size (1 = a loop
-inside the one program), a knob for hardware where batched matmuls are slow.
+`checkpoint_every` steps; re-running the same pending points resumes there. Points' own
+checkpoints from sequential attempts are not used (a stacked state needs one step).
 """
 from __future__ import annotations
 
@@ -131,8 +140,11 @@ class Structure:
         # A term whose coefficient is 0 in some points is kept for all: adding 0 is exact.
         self.decay = any(c.optimizer.weight_decay > 0 for c in configs)
         self.momentum = all(c.optimizer.momentum > 0 for c in configs)
-        self.smoothing = configs[0].label_smoothing
-        self.smoothing_varies = len({c.label_smoothing for c in configs}) > 1
+        # Values shared by all points stay Python constants, exactly as in a sequential
+        # step; only the ones that differ enter the step as (K,) arrays.
+        values = {name: [float(_get(c, key)) for c in configs] for key, name in HYPER.items()}
+        self.varying = tuple(n for n, v in values.items() if len(set(v)) > 1)
+        self.constants = {n: v[0] for n, v in values.items() if n not in self.varying}
         self.schedule_fields = tuple(sorted(
             (k, tuple(v) if isinstance(v, (list, tuple)) else v)
             for k, v in opt.to_dict().items() if k in ("schedule", "warmup_steps",
@@ -140,16 +152,17 @@ class Structure:
 
 
 def hyper_values(configs: Sequence[ml_collections.ConfigDict]) -> dict[str, np.ndarray]:
-    """(K,) float32 arrays of every HYPER value, point by point."""
-    out = {}
-    for key, name in HYPER.items():
-        out[name] = np.asarray([_get(c, key) for c in configs], np.float32)
-    return out
+    """(K,) float32 arrays of the HYPER values that differ between the points."""
+    varying = Structure(configs).varying
+    return {name: np.asarray([_get(c, key) for c in configs], np.float32)
+            for key, name in HYPER.items() if name in varying}
 
 
 def hyper_optimizer(structure: Structure, hp: dict) -> tuple[optax.GradientTransformation,
                                                              optax.Schedule]:
-    """`train.make_optimizer` with lr/decay/betas/momentum taken from `hp` (maybe traced)."""
+    """`train.make_optimizer` with lr/decay/betas/momentum taken from `hp` (maybe traced;
+    missing names are the constants shared by all points)."""
+    hp = {**structure.constants, **hp}
     sched_cfg = SimpleNamespace(lr=hp["lr"], **dict(structure.schedule_fields))
     schedule = train_lib.make_schedule(sched_cfg, structure.num_steps)
     parts = []
@@ -189,7 +202,7 @@ def make_point_step(setup: train_lib.Setup, structure: Structure, *,
 
     def step_fn(state: train_lib.TrainState, batch: dict, hp: dict):
         inner, schedule = hyper_optimizer(structure, hp)
-        smoothing = hp["label_smoothing"] if structure.smoothing_varies else structure.smoothing
+        smoothing = {**structure.constants, **hp}["label_smoothing"]
         step = train_lib.make_train_step(
             setup.model, prune.masked(inner), schedule, num_classes=setup.spec.num_classes,
             label_smoothing=smoothing, skip_nonfinite=skip_nonfinite,
@@ -197,24 +210,6 @@ def make_point_step(setup: train_lib.Setup, structure: Structure, *,
         return step(state, batch)
 
     return step_fn
-
-
-def vectorize(fn: Callable, in_axes: tuple, num_points: int, chunk: int | None) -> Callable:
-    """vmap `fn` over the points; with `chunk` < K, `lax.map` over vmapped chunks."""
-    if not chunk or chunk >= num_points:
-        return jax.vmap(fn, in_axes=in_axes)
-
-    def mapped(*args):
-        shared = [a if ax is None else None for a, ax in zip(args, in_axes)]
-        xs = tuple(a for a, ax in zip(args, in_axes) if ax is not None)
-
-        def one(x):
-            it = iter(x)
-            return fn(*[s if ax is None else next(it) for s, ax in zip(shared, in_axes)])
-
-        return jax.lax.map(one, xs, batch_size=chunk)
-
-    return mapped
 
 
 # ----------------------------------------------------------------------------------------
@@ -237,35 +232,99 @@ class ArraySource:
 
 
 class StackedBatches:
-    """Point k's `TrainBatches(seed_k).batch(step)`, stacked to (K, B, ...).
+    """Point k's `TrainBatches(seed_k).batch(step)` for every point and a block of steps.
 
-    Points sharing a seed share a pipeline; if all share one, `shared` is True and `batch`
-    returns the single (B, ...) batch.
+    The split is read once. Without augmentation a step is one gather of the K index sets
+    (`TrainBatches.global_indices`) and one `normalize` pass — the same arithmetic as
+    `TrainBatches.batch`; with augmentation each distinct seed has its own cached
+    `TrainBatches` (one copy of the split per seed). Even when all points share a batch it
+    is fed K times: on XLA:CPU a vmapped step with an unbatched input (`in_axes=None`)
+    measured ~20% slower than with K stacked copies.
     """
 
     def __init__(self, source, spec, configs: Sequence[ml_collections.ConfigDict]):
         images, labels = data.read_arrays(source, np.arange(len(source)))
-        memory = ArraySource(images, labels)
         c = configs[0]
+        self.spec = spec
         self.seeds = [int(cfg.seed) for cfg in configs]
+        self.augment = bool(c.dataset.crop_padding or c.dataset.flip)
+        memory = ArraySource(images, labels)
         self.pipelines = {
             s: data.TrainBatches(memory, spec, global_batch_size=c.batch_size, seed=s,
                                  crop_padding=c.dataset.crop_padding, flip=c.dataset.flip,
-                                 cache=False)
+                                 cache=self.augment)
             for s in dict.fromkeys(self.seeds)}
-        self.shared = len(self.pipelines) == 1
+        self.images, self.labels = images, labels
         self.steps_per_epoch = next(iter(self.pipelines.values())).steps_per_epoch
 
-    def batch(self, step: int) -> dict:
-        per_seed = {s: p.batch(step) for s, p in self.pipelines.items()}
-        if self.shared:
-            return next(iter(per_seed.values()))
-        return jax.tree.map(lambda *xs: np.stack(xs), *[per_seed[s] for s in self.seeds])
+    def block(self, start: int, steps: int, *, points_first: bool) -> dict:
+        """Batches of steps `start .. start+steps-1` for every point: leaves shaped
+        (K, S, B, ...) if `points_first` else (S, K, B, ...)."""
+        if self.augment:
+            rows = [[self.pipelines[s].batch(t) for s in self.seeds]
+                    for t in range(start, start + steps)]
+            out = jax.tree.map(lambda *xs: np.stack(xs), *[jax.tree.map(
+                lambda *ys: np.stack(ys), *row) for row in rows])  # (S, K, ...)
+            return jax.tree.map(lambda x: np.ascontiguousarray(np.swapaxes(x, 0, 1)),
+                                out) if points_first else out
+        idx = np.stack([np.stack([self.pipelines[s].global_indices(t) for s in self.seeds])
+                        for t in range(start, start + steps)])  # (S, K, B)
+        if points_first:
+            idx = np.ascontiguousarray(np.swapaxes(idx, 0, 1))
+        return {"image": data.normalize(self.images[idx], self.spec), "label": self.labels[idx]}
 
 
 # ----------------------------------------------------------------------------------------
 # Training K points
 # ----------------------------------------------------------------------------------------
+MODES = ("auto", "vmap", "loop")
+BLOCK_BYTES = 64 << 20  # input data of one block (all points, S steps) stays below this
+MAX_BLOCK_STEPS = 100
+
+
+def choose_plan(num_points: int, num_devices: int, mode: str = "auto",
+                backend: str | None = None) -> tuple[str, str]:
+    """(mode, layout). mode "auto": "loop" on CPU, "vmap" on GPU/TPU. Layout "points"
+    (each device holds K/N whole points) for vmap over several devices when N divides K,
+    else "batch" (each point's batch split over the devices, states replicated)."""
+    if mode not in MODES:
+        raise ValueError(f"vectorize mode={mode!r} is not valid; choose one of: "
+                         f"{', '.join(MODES)}")
+    if mode == "auto":
+        mode = "loop" if (backend or jax.default_backend()) == "cpu" else "vmap"
+    points = mode == "vmap" and num_devices > 1 and num_points % num_devices == 0
+    return mode, "points" if points else "batch"
+
+
+def block_steps(config: ml_collections.ConfigDict, num_points: int, example_bytes: int,
+                start: int = 0) -> int:
+    """Steps per dispatch: the largest divisor of every interval the loop must stop at
+    (log, eval, checkpoint, end, resume step) within MAX_BLOCK_STEPS and BLOCK_BYTES."""
+    g = math.gcd(config.log_every, config.checkpoint_every, config.eval_every,
+                 config.num_steps, start) or 1
+    fit = BLOCK_BYTES // max(num_points * config.batch_size * example_bytes, 1)
+    limit = max(1, min(MAX_BLOCK_STEPS, fit))
+    return max(d for d in range(1, min(g, limit) + 1) if g % d == 0)
+
+
+def make_block_fn(step_fn: Callable, mode: str) -> Callable:
+    """`(states, block, hp) -> (states, metrics)`: S steps of every point; metrics (S, K).
+
+    "loop": block leaves are (K, S, B, ...); "vmap": (S, K, B, ...).
+    """
+    if mode == "loop":
+        def run(states, block, hp):
+            def point(args):
+                state, batches, h = args
+                return jax.lax.scan(lambda st, b: step_fn(st, b, h), state, batches)
+            states, m = jax.lax.map(point, (states, block, hp))
+            return states, jax.tree.map(lambda x: x.T, m)
+    else:
+        def run(states, block, hp):
+            return jax.lax.scan(lambda st, b: jax.vmap(step_fn)(st, b, hp), states, block)
+    return run
+
+
 def group_id(names: Sequence[str]) -> str:
     """Stable id of a set of points (the stacked checkpoint's directory)."""
     return hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]
@@ -287,7 +346,7 @@ def _prepare_point_dir(run: sweep.PointRun) -> None:
     _write_text(path, config_lib.to_json(run.config))
 
 
-def run_points(runs: Sequence[sweep.PointRun], *, chunk: int | None = None,
+def run_points(runs: Sequence[sweep.PointRun], *, mode: str = "auto",
                on_change: Callable[[], None] = lambda: None,
                save_checkpoints: bool = True) -> None:
     """Train `runs` (sweep points of one experiment) together; statuses and files updated.
@@ -301,6 +360,7 @@ def run_points(runs: Sequence[sweep.PointRun], *, chunk: int | None = None,
         return
     configs = [r.config for r in runs]
     check_vectorizable(configs)
+    choose_plan(len(runs), 1, mode)  # a bad mode fails before anything is written
     for r in runs:
         sweep.mark_started(r)
     active = []
@@ -315,7 +375,7 @@ def run_points(runs: Sequence[sweep.PointRun], *, chunk: int | None = None,
         return
     t0 = time.perf_counter()
     try:
-        _train(active, chunk=chunk, on_change=on_change, save_checkpoints=save_checkpoints)
+        _train(active, mode=mode, on_change=on_change, save_checkpoints=save_checkpoints)
     except Preempted:
         raise
     except Exception as e:  # noqa: BLE001 - the group failed as a whole
@@ -330,14 +390,16 @@ def run_points(runs: Sequence[sweep.PointRun], *, chunk: int | None = None,
     on_change()
 
 
-def _train(runs: list[sweep.PointRun], *, chunk: int | None, on_change: Callable[[], None],
+def _train(runs: list[sweep.PointRun], *, mode: str, on_change: Callable[[], None],
            save_checkpoints: bool) -> None:
     # -- Set-up ------------------------------------------------------------------------
     configs = [r.config for r in runs]
     config, k_points = configs[0], len(runs)
     parallel.set_cpu_devices(config.parallel.cpu_devices)
     num_devices = config.parallel.num_devices or jax.device_count()
-    config_lib.validate_devices(config, num_devices)
+    mode, layout = choose_plan(k_points, num_devices, mode)
+    if layout == "batch":  # each point's batches are split over the devices
+        config_lib.validate_devices(config, num_devices)
     mesh = parallel.make_mesh(num_devices)
     setup = train_lib.build(config)
     spec = setup.spec
@@ -358,33 +420,34 @@ def _train(runs: list[sweep.PointRun], *, chunk: int | None, on_change: Callable
         state = setup.init_state(rng)
         return state.replace(opt_state=tx0.init(state.params))
 
-    rep = parallel.replicated(mesh)
+    P, rep = jax.sharding.PartitionSpec, parallel.replicated(mesh)
+    per_point = jax.sharding.NamedSharding(mesh, P(parallel.AXIS))
     abstract = jax.eval_shape(jax.vmap(init_one), jax.ShapeDtypeStruct((k_points, 2), jnp.uint32))
-    state_sh = jax.tree.map(lambda _: rep, abstract)
-    batch_axis = None if batches.shared else 0
-    batch_sh = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(parallel.AXIS) if batches.shared
-        else jax.sharding.PartitionSpec(None, parallel.AXIS))
+    points_first = mode == "loop"
+    if layout == "points":  # vmap only: K over the devices, whole points per device
+        state_sh = jax.tree.map(lambda _: per_point, abstract)
+        block_sh = jax.sharding.NamedSharding(mesh, P(None, parallel.AXIS))  # (S, K, ...)
+        hp_sh, eval_batch_sh = per_point, rep
+        metrics_sh = jax.sharding.NamedSharding(mesh, P(None, parallel.AXIS))
+    else:  # states replicated; each point's batch split over the devices
+        state_sh = jax.tree.map(lambda _: rep, abstract)
+        block_sh = jax.sharding.NamedSharding(mesh, P(None, None, parallel.AXIS))
+        hp_sh, eval_batch_sh, metrics_sh = rep, parallel.batch_sharding(mesh), rep
     step_fn = make_point_step(setup, structure, skip_nonfinite=config.nonfinite == "skip")
-    v_step = jax.jit(vectorize(step_fn, (0, batch_axis, 0), k_points, chunk),
-                     in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
-                     donate_argnums=(0,))
     eval_fn = train_lib.make_eval_step(setup.model, num_classes=spec.num_classes,
                                        qat_config=setup.qat_config)
-    v_eval = jax.jit(jax.vmap(eval_fn, in_axes=(0, None)),
-                     in_shardings=(state_sh, parallel.batch_sharding(mesh)), out_shardings=rep)
-    hp = jax.device_put({k: jnp.asarray(v) for k, v in hp_host.items()}, rep)
-
-    def put_batch(b):
-        return jax.tree.map(lambda x: jax.device_put(x, batch_sh), b)
+    if mode == "loop":
+        eval_all = lambda states, b: jax.lax.map(lambda st: eval_fn(st, b), states)  # noqa: E731
+    else:
+        eval_all = jax.vmap(eval_fn, in_axes=(0, None))
+    v_eval = jax.jit(eval_all, in_shardings=(state_sh, eval_batch_sh), out_shardings=hp_sh)
+    hp = jax.device_put({k: jnp.asarray(v) for k, v in hp_host.items()}, hp_sh)
 
     def evaluate(states) -> list[dict]:
-        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-        totals = {k: np.zeros(k_points) for k in sums}
+        totals = {k: np.zeros(k_points) for k in ("loss", "correct", "count")}
         for b in data.eval_batches(test_source, spec, batch_size=config.eval_batch_size):
-            b = jax.device_put(b, parallel.batch_sharding(mesh))
-            out = jax.device_get(v_eval(states, b))
-            for k in sums:
+            out = jax.device_get(v_eval(states, jax.device_put(b, eval_batch_sh)))
+            for k in totals:
                 totals[k] += np.asarray(out[k], np.float64)
         n = np.maximum(totals["count"], 1.0)
         return [{"loss": float(totals["loss"][i] / n[i]),
@@ -411,13 +474,36 @@ def _train(runs: list[sweep.PointRun], *, chunk: int | None, on_change: Callable
             sweep.mark_failed(r, failed[r.name])
     _write_text(os.path.join(group_dir, "points.json"), json.dumps(names, indent=2))
 
-    # -- Update steps -------------------------------------------------------------------
+    # -- Compile the block of S steps once ------------------------------------------------
     num_steps = config.num_steps
     start = int(jax.device_get(states.step[0]))
-    sync_each_step = jax.default_backend() == "cpu" and mesh.devices.size > 1
+    example_bytes = 4 * int(np.prod(spec.image_shape))
+    block = block_steps(config, k_points, example_bytes, start)
+    lead = (k_points, block) if points_first else (block, k_points)
+    abstract_block = {
+        "image": jax.ShapeDtypeStruct(lead + (config.batch_size, *spec.image_shape),
+                                      jnp.float32, sharding=block_sh),
+        "label": jax.ShapeDtypeStruct(lead + (config.batch_size,), jnp.int32,
+                                      sharding=block_sh)}
+    compile_seconds = None
+    if start < num_steps:
+        t0 = time.perf_counter()
+        run_block = jax.jit(
+            make_block_fn(step_fn, mode), in_shardings=(state_sh, block_sh, hp_sh),
+            out_shardings=(state_sh, metrics_sh), donate_argnums=(0,),
+        ).lower(ckpt_lib.abstract_like(abstract, state_sh), abstract_block,
+                jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=hp_sh),
+                             hp)).compile()
+        compile_seconds = time.perf_counter() - t0
+    log.info("vectorized: %d points, mode=%s layout=%s, %d steps per dispatch", k_points,
+             mode, layout, block)
+
+    # -- Update steps -------------------------------------------------------------------
+    # XLA:CPU can deadlock in a collective's rendezvous with two multi-device programs in
+    # flight; wait for each block there.
+    sync_each_block = jax.default_backend() == "cpu" and mesh.devices.size > 1
     window, rates, timed_steps = [], [], 0
     nonfinite = np.zeros(k_points, int)
-    compile_seconds = None
 
     def save(step: int) -> None:
         checkpointer.save(step, {"states": states},
@@ -431,25 +517,21 @@ def _train(runs: list[sweep.PointRun], *, chunk: int | None, on_change: Callable
         guard = stack.enter_context(PreemptionGuard())
         progress = metrics.Progress(num_steps, start, enabled=config.progress)
         t0 = time.perf_counter()
-        for step in range(start, num_steps):
-            states, m = v_step(states, put_batch(batches.batch(step)), hp)
-            if sync_each_step:
+        for first in range(start, num_steps, block):
+            host_block = batches.block(first, block, points_first=points_first)
+            states, m = run_block(states, jax.device_put(host_block, block_sh), hp)
+            if sync_each_block:
                 jax.block_until_ready(m)
             window.append(m)
-            done = step + 1
-            if compile_seconds is None:
-                jax.block_until_ready(m)
-                compile_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
-            else:
-                timed_steps += 1
+            timed_steps += block
+            done = first + block
             side_work = False
             if done % config.log_every == 0 or done == num_steps:
                 host = jax.device_get(window)
                 elapsed = time.perf_counter() - t0
-                stacked = {k: np.stack([np.asarray(h[k]) for h in host]) for k in host[0]}
-                rate = timed_steps * config.batch_size / elapsed if timed_steps else None
-                if rate:
-                    rates.append(rate)
+                stacked = {k: np.concatenate([np.asarray(h[k]) for h in host]) for k in host[0]}
+                rate = timed_steps * config.batch_size / elapsed
+                rates.append(rate)
                 for i, r in enumerate(runs):
                     if r.name in failed:
                         continue
@@ -457,26 +539,24 @@ def _train(runs: list[sweep.PointRun], *, chunk: int | None, on_change: Callable
                     nonfinite[i] += len(bad)
                     if len(bad) and config.nonfinite == "stop":
                         failed[r.name] = (f"FloatingPointError: non-finite loss or gradient at "
-                                          f"step {done - len(host) + int(bad[0])}; set "
+                                          f"step {done - timed_steps + int(bad[0])}; set "
                                           f"nonfinite='skip' to skip such updates")
                         sweep.mark_failed(r, failed[r.name])
                         on_change()
                         continue
                     row = {k: float(np.mean(stacked[k][:, i]))
                            for k in ("loss", "accuracy", "grad_norm")}
-                    row["lr"] = float(stacked["lr"][-1, i])
-                    row["nonfinite_total"] = int(nonfinite[i])
-                    if rate:
-                        row["images_per_sec"] = rate
-                        row["step_ms"] = 1000 * elapsed / timed_steps
+                    row.update(lr=float(stacked["lr"][-1, i]), nonfinite_total=int(nonfinite[i]),
+                               images_per_sec=rate, step_ms=1000 * elapsed / timed_steps,
+                               stage=setup.stage.name)
                     writers[i].write(done, row, prefix="train")
                 progress.update(done, {"loss": float(np.mean(stacked["loss"][-1])),
-                                       "images_per_sec": (rate or 0.0) * k_points})
+                                       "images_per_sec": rate * k_points})
                 window, timed_steps, side_work = [], 0, True
             if config.eval_every and done % config.eval_every == 0 and done != num_steps:
                 for i, ev in enumerate(evaluate(states)):
                     if runs[i].name not in failed:
-                        writers[i].write(done, ev, prefix="test")
+                        writers[i].write(done, {**ev, "stage": setup.stage.name}, prefix="test")
                 side_work = True
             if done % config.checkpoint_every == 0 or done == num_steps:
                 save(done)
@@ -524,7 +604,8 @@ def _train(runs: list[sweep.PointRun], *, chunk: int | None, on_change: Callable
                 "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params))),
                 "sparsity": row["sparsity"], "model_bytes": row["model_bytes"],
                 "stages": [row],
-                "vectorized": {"points": k_points, "chunk": chunk or k_points,
+                "vectorized": {"points": k_points, "mode": mode, "layout": layout,
+                               "steps_per_dispatch": block,
                                "images_per_sec": rate * k_points if rate else None},
             }
             _write_json(os.path.join(r.workdir, sweep.RESULTS_FILE), results)
@@ -553,7 +634,7 @@ def point_state(config: ml_collections.ConfigDict, host_states: Any,
 
 
 def run_vectorized(config: ml_collections.ConfigDict, points: Sequence[sweep.Point],
-                   workdir: str, *, chunk: int | None = None,
+                   workdir: str, *, mode: str = "auto",
                    save_checkpoints: bool = True) -> list[dict]:
     """Train `points` (override dicts on `config`) as one vectorized program in `workdir`.
 
@@ -561,7 +642,7 @@ def run_vectorized(config: ml_collections.ConfigDict, points: Sequence[sweep.Poi
     were already finished are not retrained); a failed point gives `{"error": message}`.
     """
     runs = sweep.plan(config, points, workdir)
-    run_points(runs, chunk=chunk, save_checkpoints=save_checkpoints)
+    run_points(runs, mode=mode, save_checkpoints=save_checkpoints)
     out = []
     for r in runs:
         path = os.path.join(r.workdir, sweep.RESULTS_FILE)

@@ -1,5 +1,6 @@
-"""Vectorized sweeps: same results as sequential runs (per-point seeds and shared data),
-per-point failures, resume after preemption, sub-workdirs like `jaxaccel train`'s."""
+"""Vectorized sweeps: same results as sequential runs (loop and vmap modes, per-point and
+shared data orders, 1/2/8 devices), per-point failures, resume after preemption, batches
+equal to TrainBatches', sub-workdirs like `jaxaccel train`'s."""
 import json
 import os
 import textwrap
@@ -59,8 +60,12 @@ def read_results(wd, point):
         return json.load(f)
 
 
-def assert_same_run(wd, ref_wd, point, params_atol=5e-4):
+def assert_same_run(wd, ref_wd, point, exact=False):
+    """Same results, checkpoint and metrics as the sequential run: bit for bit (`exact`, the
+    loop mode runs the very same step computation) or to float tolerance (vmap)."""
     got, ref = read_results(wd, point), read_results(ref_wd, point)
+    if exact:
+        assert (got["test_accuracy"], got["test_loss"]) == (ref["test_accuracy"], ref["test_loss"])
     assert abs(got["test_accuracy"] - ref["test_accuracy"]) <= 1 / 360 + 1e-9
     assert got["test_loss"] == pytest.approx(ref["test_loss"], rel=2e-3)
     assert got["steps"] == ref["steps"] and got["num_params"] == ref["num_params"]
@@ -70,35 +75,40 @@ def assert_same_run(wd, ref_wd, point, params_atol=5e-4):
     ref_loaded = jaxaccel.load(os.path.join(ref_wd, name))
     assert loaded.step == ref_loaded.step == 20
     chex.assert_trees_all_close(loaded.variables["params"], ref_loaded.variables["params"],
-                                atol=params_atol, rtol=0)
+                                atol=0 if exact else 5e-4, rtol=0)
     rows = [r for r in metrics.read_metrics(os.path.join(wd, name)) if r["split"] == "train"]
     ref_rows = [r for r in metrics.read_metrics(os.path.join(ref_wd, name)) if r["split"] == "train"]
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == [5, 10, 15, 20]
-    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref_rows], rtol=1e-3)
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref_rows],
+                               rtol=0 if exact else 1e-3)
     np.testing.assert_allclose([r["lr"] for r in rows], [r["lr"] for r in ref_rows], rtol=1e-6)
 
 
 def test_vectorized_matches_sequential_and_isolates_a_diverging_point(experiment, sequential,
                                                                       tmp_path, capsys):
-    """4 lr points with per-point data orders, plus one point whose loss blows up."""
+    """4 lr points with per-point data orders ("auto" = loop on CPU); then vmap on 8
+    devices (each point's batch split over them) with one point whose loss blows up."""
     wd = tmp_path / "vec"
     exit_code = cli.main(["sweep", "--config", experiment, "--workdir", str(wd), "--vectorize"])
     assert exit_code == 0, capsys.readouterr().err
     for p in POINTS:
-        assert_same_run(str(wd), sequential, p)
-        assert read_results(str(wd), p)["vectorized"]["points"] == 4
+        assert_same_run(str(wd), sequential, p, exact=True)
+        info = read_results(str(wd), p)["vectorized"]
+        assert info["points"] == 4 and info["mode"] == "loop" and info["steps_per_dispatch"] == 5
     assert (wd / "results.md").exists() and not (wd / vsweep.GROUP_DIR).exists()
 
     diverging = {"optimizer.lr": 1e30, "seed": 0}
-    out = vsweep.run_vectorized(config_lib.load_experiment(experiment), POINTS[:1] + [diverging],
-                                str(tmp_path / "div"))
+    config = config_lib.load_experiment(experiment, ["parallel.num_devices=8"])
+    out = vsweep.run_vectorized(config, POINTS[:1] + [diverging], str(tmp_path / "div"),
+                                mode="vmap")
+    assert out[0]["vectorized"]["layout"] == "batch" and out[0]["num_devices"] == 8
     assert abs(out[0]["test_accuracy"] - read_results(sequential, POINTS[0])["test_accuracy"]) <= 1 / 360
     assert out[1]["error"].startswith("FloatingPointError: non-finite loss")
     assert not (tmp_path / "div" / sweep.point_name(diverging) / "results.json").exists()
 
 
 class StopAtStep10:
-    """Stands in for PreemptionGuard: asks the loop to stop after its 10th step."""
+    """Stands in for PreemptionGuard: asks to stop at its 2nd check (blocks of 5 steps)."""
     signal_name = "SIGTERM"
 
     def __init__(self):
@@ -112,30 +122,32 @@ class StopAtStep10:
 
     def should_stop(self):
         self.calls += 1
-        return self.calls == 10
+        return self.calls == 2
 
 
-def test_shared_batches_on_8_devices_resume_after_preemption(experiment, sequential, tmp_path,
-                                                             monkeypatch):
-    """Points with one seed share each batch; the stacked state resumes where it stopped."""
-    config = config_lib.load_experiment(experiment, ["parallel.num_devices=8"])
+def test_vmap_whole_points_per_device_resume_after_preemption(experiment, sequential, tmp_path,
+                                                               monkeypatch):
+    """2 points (one seed: one data order) on 2 devices, one point each; the stacked state
+    resumes where the preempted run stopped."""
+    config = config_lib.load_experiment(experiment, ["parallel.num_devices=2"])
     same_seed = POINTS[:2]
     wd = str(tmp_path / "vec")
     monkeypatch.setattr(vsweep, "PreemptionGuard", StopAtStep10)
-    with pytest.raises(Preempted):
-        vsweep.run_vectorized(config, same_seed, wd)
+    with pytest.raises(Preempted) as stopped:
+        vsweep.run_vectorized(config, same_seed, wd, mode="vmap")
+    assert stopped.value.step == 10
     assert os.path.isdir(os.path.join(wd, vsweep.GROUP_DIR))
     assert not any(os.path.exists(os.path.join(wd, sweep.point_name(p), "results.json"))
                    for p in same_seed)
     monkeypatch.undo()
-    out = vsweep.run_vectorized(config, same_seed, wd)
-    assert [r["num_devices"] for r in out] == [8, 8]
+    out = vsweep.run_vectorized(config, same_seed, wd, mode="vmap")
+    assert [(r["num_devices"], r["vectorized"]["layout"]) for r in out] == [(2, "points")] * 2
     for p in same_seed:
         assert_same_run(wd, sequential, p)
     # Finished points are not trained again.
     before = [os.path.getmtime(os.path.join(wd, sweep.point_name(p), "results.json"))
               for p in same_seed]
-    assert vsweep.run_vectorized(config, same_seed, wd) == out
+    assert vsweep.run_vectorized(config, same_seed, wd, mode="vmap") == out
     assert before == [os.path.getmtime(os.path.join(wd, sweep.point_name(p), "results.json"))
                       for p in same_seed]
 
@@ -185,3 +197,43 @@ def test_hyperparameters_enter_the_step_as_arrays():
     with pytest.raises(ValueError, match="momentum"):
         configs[1].optimizer.momentum = 0.0
         vsweep.check_vectorizable(configs)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_blocks_are_train_batches(augment):
+    """Point k's batches in a block are exactly TrainBatches(seed_k).batch(step)."""
+    from jaxaccel import data
+    configs = []
+    for seed in (0, 1, 0):
+        c = config_lib.default_config()
+        c.dataset.name, c.batch_size, c.seed = "digits", 16, seed
+        c.dataset.crop_padding, c.dataset.flip = (2, True) if augment else (0, False)
+        configs.append(c)
+    source, spec = data.get_source("digits", "train"), data.dataset_spec("digits")
+    batches = vsweep.StackedBatches(source, spec, configs)
+    ref = {s: data.TrainBatches(source, spec, global_batch_size=16, seed=s, crop_padding=c.dataset.crop_padding,
+                                flip=c.dataset.flip) for s in (0, 1)}
+    start = batches.steps_per_epoch - 1  # crosses an epoch boundary
+    by_point = batches.block(start, 3, points_first=True)
+    by_step = batches.block(start, 3, points_first=False)
+    for k, c in enumerate(configs):
+        for t in range(3):
+            want = ref[c.seed].batch(start + t)
+            for key in ("image", "label"):
+                np.testing.assert_array_equal(by_point[key][k, t], want[key])
+                np.testing.assert_array_equal(by_step[key][t, k], want[key])
+
+
+def test_block_steps_divide_every_stop():
+    c = config_lib.default_config()
+    c.batch_size, c.num_steps, c.log_every, c.checkpoint_every, c.eval_every = 60, 2000, 100, 1000, 0
+    assert vsweep.block_steps(c, 8, 4 * 784) == 25  # 64 MB of input at most: 8*60*25*3136 B
+    assert vsweep.block_steps(c, 1, 4 * 64) == 100
+    assert vsweep.block_steps(c, 1, 4 * 64, start=730) == 10  # resumed at step 730
+    c.eval_every = 30
+    assert vsweep.block_steps(c, 1, 4 * 64) == 10
+    assert vsweep.choose_plan(8, 1, "auto", backend="cpu") == ("loop", "batch")
+    assert vsweep.choose_plan(8, 4, "auto", backend="gpu") == ("vmap", "points")
+    assert vsweep.choose_plan(6, 4, "vmap") == ("vmap", "batch")
+    with pytest.raises(ValueError, match="mode='fast'"):
+        vsweep.choose_plan(2, 1, "fast")
