@@ -16,7 +16,7 @@ def dry(script, *args, env=None):
 def test_create_prints_create_and_install_on_all_workers():
     p = dry("create.sh", "--name", "t1", "--zone", "z1", "--accelerator", "v4-16")
     assert p.returncode == 0, p.stderr
-    lines = p.stdout.splitlines()
+    lines = p.stdout.replace("\\", "").splitlines()
     assert "tpu-vm create t1 --zone z1 --accelerator-type v4-16" in lines[0]
     assert "--worker=all" in lines[1] and "pip install" in lines[1]
 
