@@ -33,7 +33,9 @@ _LOADER = textwrap.dedent("""
 
 def test_exported_artifacts_run_in_fresh_process(tmp_path):
     mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
-    model = get_model("cnn3", 10, features=(8, 16, 32), hidden=32)
+    # plain flax lowering: the CPU lowering's micro-batching branches on the batch size, which a
+    # symbolic batch dim cannot answer (see test_fixed_batch_export_of_default_model)
+    model = get_model("cnn3", 10, features=(8, 16, 32), hidden=32, conv_impl="xla")
     variables = init_variables(model, jax.random.key(0), (8, 8, 1))
     # fsdp-like sharding of the last kernel dim: export gathers to the host
     variables = jax.device_put(variables, jax.tree.map(
@@ -80,3 +82,17 @@ def test_load_exported_and_bad_shape(tmp_path):
     np.testing.assert_allclose(exp.call(np.ones((3, 4, 4, 2), np.float32)), np.full((3, 2), 16.0))
     with pytest.raises(ValueError, match="input_shape"):
         ex.export_inference(lambda x: x, (0, 4), path)
+
+
+def test_fixed_batch_export_of_default_model(tmp_path):
+    model = get_model("cnn3", 10, features=(8, 16, 32), hidden=32)
+    variables = init_variables(model, jax.random.key(0), (8, 8, 1))
+    x = np.asarray(jax.random.normal(jax.random.key(1), (64, 8, 8, 1)))
+    act = q.calibrate(model, variables, [x])
+    exp = ex.export_int8(model, i8.convert_int8(variables, act), (8, 8, 1), tmp_path / "i8", batch_size=64)
+    got = ex.load_exported(tmp_path / "i8").call(x)
+    qm = i8.convert_int8(variables, act)
+    np.testing.assert_allclose(got, jax.jit(lambda m, x: i8.int8_apply(model, m, x))(qm, x), rtol=1e-5, atol=1e-5)
+    assert exp.in_avals[0].shape == (64, 8, 8, 1)
+    with pytest.raises(ValueError, match="batch_size"):
+        ex.export_float(model, variables, (8, 8, 1), tmp_path / "f", batch_size=0)

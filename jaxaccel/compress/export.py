@@ -1,6 +1,6 @@
 """Serialized StableHLO artifacts of inference functions (`jax.export`), loadable without jaxaccel.
 
-Each exported function maps a batch of NHWC images with a symbolic batch dimension to logits;
+Each exported function maps a batch of NHWC images (symbolic batch dimension by default) to logits;
 the weights (float, fake-quantized, or int8 kernels + scales) are baked in as constants, gathered
 to the host first so sharded params export like any others. Load anywhere with only jax:
 
@@ -31,13 +31,20 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def export_inference(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int], path: str | os.PathLike,
-                     *, dtype=jnp.float32, batch_dim: str = "b") -> jax_export.Exported:
-    """Export `fn(images) -> logits` with a symbolic batch dim to `path`; returns the Exported.
+                     *, dtype=jnp.float32, batch_size: int | None = None) -> jax_export.Exported:
+    """Export `fn(images) -> logits` to `path`; returns the Exported.
 
-    `fn` must close over its weights (they become constants of the artifact).
+    The batch dimension is symbolic ("b") unless `batch_size` fixes it (for functions whose
+    Python code branches on the batch size). `fn` must close over its weights (they become
+    constants of the artifact).
     """
     shape = _check_input_shape(input_shape)
-    (b,) = jax_export.symbolic_shape(batch_dim)
+    if batch_size is None:
+        (b,) = jax_export.symbolic_shape("b")
+    elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int or None (symbolic), got {batch_size!r}")
+    else:
+        b = batch_size
     exported = jax_export.export(jax.jit(fn))(jax.ShapeDtypeStruct((b,) + shape, dtype))
     with open(path, "wb") as f:
         f.write(exported.serialize())
@@ -56,15 +63,17 @@ def _host(tree):
 
 
 def export_float(model: nn.Module, variables: Mapping, input_shape: Sequence[int],
-                 path: str | os.PathLike) -> jax_export.Exported:
+                 path: str | os.PathLike, *, batch_size: int | None = None) -> jax_export.Exported:
     """Export the eval-mode float model."""
     variables = _host(variables)
-    return export_inference(lambda x: model.apply(variables, x, train=False), input_shape, path)
+    return export_inference(lambda x: model.apply(variables, x, train=False), input_shape, path,
+                            batch_size=batch_size)
 
 
 def export_fake_quant(model: nn.Module, variables: Mapping, act_qparams: Mapping[str, QParams],
                       input_shape: Sequence[int], path: str | os.PathLike, *,
-                      weight_config: QuantConfig | None = WEIGHT_CONFIG, skip: Iterable[str] = ()) -> jax_export.Exported:
+                      weight_config: QuantConfig | None = WEIGHT_CONFIG, skip: Iterable[str] = (),
+                      batch_size: int | None = None) -> jax_export.Exported:
     """Export the fake-quant simulation (`quant.apply_fake_quant`); weights are quantized once, here."""
     skip = tuple(skip)
     variables = dict(_host(variables))
@@ -73,11 +82,12 @@ def export_fake_quant(model: nn.Module, variables: Mapping, act_qparams: Mapping
     act_qparams = _host(act_qparams)
     return export_inference(
         lambda x: apply_fake_quant(model, variables, x, act_qparams, weight_config=None, skip=skip),
-        input_shape, path)
+        input_shape, path, batch_size=batch_size)
 
 
 def export_int8(model: nn.Module, int8_model: Int8Model, input_shape: Sequence[int],
-                path: str | os.PathLike) -> jax_export.Exported:
+                path: str | os.PathLike, *, batch_size: int | None = None) -> jax_export.Exported:
     """Export real int8 inference (`int8.int8_apply`): int8 kernels stored as int8 constants."""
     int8_model = _host(int8_model)
-    return export_inference(lambda x: int8_apply(model, int8_model, x), input_shape, path)
+    return export_inference(lambda x: int8_apply(model, int8_model, x), input_shape, path,
+                            batch_size=batch_size)

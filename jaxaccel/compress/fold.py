@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxaccel.compress.quant import layer_kind
+
 
 def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
     for p in path:
@@ -56,7 +58,7 @@ def find_conv_bn_pairs(model: nn.Module, input_shape: Sequence[int] = (1, 32, 32
         module = context.module
         if context.method_name != "__call__":
             return out
-        if isinstance(module, nn.Conv):
+        if layer_kind(module) == "conv" and not isinstance(out, tuple):  # kernel exists after the call
             conv_out[id(out)] = (tuple(module.path), out)  # keep `out` alive so ids stay unique
         elif isinstance(module, nn.BatchNorm):
             src = conv_out.get(id(args[0]))

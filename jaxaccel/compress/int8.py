@@ -29,8 +29,8 @@ from flax import struct
 from jax import lax
 from jax.extend.core import Literal, Primitive
 
-from jaxaccel.compress.quant import (WEIGHT_CONFIG, QParams, QuantConfig, _check_skip, is_kernel, path_str,
-                                     quantize, tensor_qparams)
+from jaxaccel.compress.quant import (WEIGHT_CONFIG, QParams, QuantConfig, _check_skip, is_kernel, layer_kind,
+                                     path_str, quantize, tensor_qparams)
 
 
 @struct.dataclass
@@ -175,15 +175,17 @@ def _bcast_last(v: jax.Array, ndim: int, axis: int | None) -> jax.Array:
 
 def quantize_input(x: jax.Array, layer: Int8Layer) -> jax.Array:
     """int8 codes clamp(round_half_even(x * (1/s_x)) + zp, qmin, qmax): one fused elementwise pass."""
-    q = jnp.round(x.astype(jnp.float32) * layer.inv_input_scale) + layer.input_zero_point
+    # The zero point is used as a static constant: a traced scalar gets materialized as a
+    # full-size broadcast by XLA:CPU's YNNPACK fusions.
+    q = jnp.round(x.astype(jnp.float32) * layer.inv_input_scale) + np.float32(layer.zero_point)
     return jnp.clip(q, layer.qmin, layer.qmax).astype(jnp.int8)
 
 
 def _codes_for(y: jax.Array, consumer: Int8Layer) -> jax.Array:
     """Shifted input codes (q - zp, real 0 -> 0) of `consumer` for float values `y`."""
-    q = jnp.clip(jnp.round(y.astype(jnp.float32) * consumer.inv_input_scale) + consumer.input_zero_point,
-                 consumer.qmin, consumer.qmax)
-    return (q - consumer.input_zero_point).astype(consumer.code_dtype)
+    zp = consumer.zero_point
+    q = jnp.round(y.astype(jnp.float32) * consumer.inv_input_scale)
+    return jnp.clip(q, consumer.qmin - zp, consumer.qmax - zp).astype(consumer.code_dtype)
 
 
 def _codes_to_int8(u: jax.Array, layer: Int8Layer) -> jax.Array:
@@ -203,14 +205,16 @@ def _broadcast_int(v: Any, n: int) -> tuple[int, ...]:
 def _conv_acc(module: nn.Conv, layer: Int8Layer, q: jax.Array) -> jax.Array:
     """int32 accumulator of an int8 conv of int8 codes `q` (zero-point corrected)."""
     n = layer.kernel.ndim - 2
-    if module.mask is not None:
+    if getattr(module, "mask", None) is not None:
         raise ValueError(f"int8 conv does not support a masked nn.Conv ({'/'.join(module.path)})")
     batch_shape = q.shape[: q.ndim - (n + 1)]
     q = q.reshape((-1,) + q.shape[q.ndim - (n + 1):])
-    strides = _broadcast_int(module.strides, n)
-    lhs_dil = _broadcast_int(module.input_dilation, n)
-    rhs_dil = _broadcast_int(module.kernel_dilation, n)
-    padding = module.padding
+    # nn.Conv's attributes; custom conv modules need `strides` / `padding`, the rest default.
+    strides = _broadcast_int(getattr(module, "strides", 1), n)
+    lhs_dil = _broadcast_int(getattr(module, "input_dilation", 1), n)
+    rhs_dil = _broadcast_int(getattr(module, "kernel_dilation", 1), n)
+    groups = getattr(module, "feature_group_count", 1)
+    padding = getattr(module, "padding", "SAME")
     if isinstance(padding, str):
         if padding not in ("SAME", "VALID"):
             raise ValueError(f"int8 conv supports SAME/VALID/explicit padding, got {padding!r}")
@@ -231,7 +235,7 @@ def _conv_acc(module: nn.Conv, layer: Int8Layer, q: jax.Array) -> jax.Array:
     lhs_spec = (0, n + 1) + tuple(range(1, n + 1))
     dn = lax.ConvDimensionNumbers(lhs_spec, (n + 1, n) + tuple(range(n)), lhs_spec)
     acc = lax.conv_general_dilated(q, layer.kernel, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
-                                   dimension_numbers=dn, feature_group_count=module.feature_group_count,
+                                   dimension_numbers=dn, feature_group_count=groups,
                                    preferred_element_type=jnp.int32)
     if not layer.zero_point_is_zero:
         acc = acc - layer.zp_correction
@@ -245,8 +249,13 @@ def _dense_acc(layer: Int8Layer, q: jax.Array) -> jax.Array:
     return acc
 
 
-def _rescale(acc: jax.Array, layer: Int8Layer) -> jax.Array:
-    return acc.astype(jnp.float32) * layer.out_scale + layer.bias
+def _add_bias_arg(key: str, args: tuple, kwargs: Mapping) -> bool:
+    """The call must be layer(x) or layer(x, add_bias=...) (the models' conv module)."""
+    extra = set(kwargs) - {"add_bias"}
+    if len(args) != 1 or extra:
+        raise ValueError(f"int8 layer {key!r} called with unsupported arguments "
+                         f"({len(args)} positional, keywords {sorted(kwargs)}); expected layer(x[, add_bias=])")
+    return bool(kwargs.get("add_bias", True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,20 +358,31 @@ def _run(model: nn.Module, int8_model: Int8Model, images: jax.Array, plan: Mappi
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name != "__call__" or not isinstance(module, (nn.Conv, nn.Dense)):
+        if context.method_name != "__call__" or module.scope is None:
             return next_fun(*args, **kwargs)
         key = "/".join(module.path)
         layer = layers.get(key)
+        if layer is None and layer_kind(module) is None:
+            return next_fun(*args, **kwargs)
         x = args[0]
-        out_dtype = module.dtype or (x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32)
-        if layer is None:  # a float layer (skipped, or not a kernel layer)
+        out_dtype = getattr(module, "dtype", None) or (
+            x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32)
+        if layer is None:  # a float conv/dense layer (skipped)
             y = next_fun(*args, **kwargs)
         else:
+            add_bias = _add_bias_arg(key, args, kwargs)
             if mark:
                 x = _LAYER_IN.bind(x, key=key)
             q = _codes_to_int8(x, layer) if key in receives_codes else quantize_input(x, layer)
-            acc = _conv_acc(module, layer, q) if isinstance(module, nn.Conv) else _dense_acc(layer, q)
-            y = _rescale(acc, layer)
+            conv = layer.kernel.ndim >= 3 and not isinstance(module, nn.Dense)
+            acc = _conv_acc(module, layer, q) if conv else _dense_acc(layer, q)
+            y = acc.astype(jnp.float32) * layer.out_scale
+            if not add_bias:  # the models' conv: (output before bias, bias) so they can pool first
+                bias = layer.bias.astype(out_dtype) if getattr(module, "use_bias", True) else None
+                return y.astype(out_dtype), bias
+            y = y + layer.bias
+        if isinstance(y, tuple):
+            return y
         y = y.astype(out_dtype)
         if key in plan:
             y = _codes_for(y, layers[plan[key]])

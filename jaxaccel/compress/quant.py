@@ -381,14 +381,27 @@ def quantize_weights(params: Any, config: QuantConfig = WEIGHT_CONFIG,
 # --------------------------------------------------------------------------------------------
 # Layer interception (any linen model): which modules are quantized and how they are keyed
 # --------------------------------------------------------------------------------------------
-def layer_key(context: Any) -> str | None:
-    """Module path of an intercepted nn.Conv / nn.Dense `__call__` that has a kernel, else None."""
-    module = context.module
-    if context.method_name != "__call__" or not isinstance(module, (nn.Conv, nn.Dense)):
-        return None
+def layer_kind(module: nn.Module) -> str | None:
+    """"conv" / "dense" for a bound layer that owns a `kernel` param, else None.
+
+    nn.Conv / nn.Dense, and custom layers (e.g. the models' own conv module) recognised by their
+    own `kernel` parameter: rank >= 3 is a conv (HWIO...), rank 2 a dense (in, out).
+    """
     if module.scope is None or not module.has_variable("params", "kernel"):
-        return None  # unbound or initialising: nothing to quantize yet
-    return "/".join(module.path)
+        return None  # unbound, or initialising: nothing to quantize yet
+    ndim = jnp.ndim(module.get_variable("params", "kernel"))
+    if isinstance(module, nn.Conv) or (not isinstance(module, nn.Dense) and ndim >= 3):
+        return "conv"
+    if ndim == 2:
+        return "dense"
+    return None
+
+
+def layer_key(context: Any) -> str | None:
+    """Module path ("a/b") of an intercepted conv/dense `__call__` (see `layer_kind`), else None."""
+    if context.method_name != "__call__" or layer_kind(context.module) is None:
+        return None
+    return "/".join(context.module.path)
 
 
 def _check_skip(skip: Iterable[str]) -> tuple[str, ...]:
@@ -520,6 +533,7 @@ def qat_apply(model: nn.Module, variables: Mapping, qat_state: Mapping[str, Rang
     fq_params, _ = quantize_weights(params, config.weights, _layer_filter(skip))
     params = jax.tree.map(lambda q, p: jnp.where(enabled, q, p), fq_params, params)
     new_state: dict[str, Range] = {}
+    seen: dict[str, tuple[jax.Array, jax.Array]] = {}
 
     def interceptor(next_fun, args, kwargs, context):
         key = layer_key(context)
@@ -527,10 +541,15 @@ def qat_apply(model: nn.Module, variables: Mapping, qat_state: Mapping[str, Rang
             return next_fun(*args, **kwargs)
         if key not in qat_state:
             raise ValueError(f"layer {key!r} has no range in qat_state; build it with qat_init")
-        state = new_state.get(key, qat_state[key])
+        state = qat_state[key]
         x = args[0]
         if train:
+            # A layer applied several times in one pass (e.g. on micro-batches) still makes ONE
+            # observer update per step: from the step's old state with the union of the ranges.
             lo, hi = batch_range(x, config.activations)
+            if key in seen:
+                lo, hi = jnp.minimum(seen[key][0], lo), jnp.maximum(seen[key][1], hi)
+            seen[key] = (lo, hi)
             state = update_range(state, lo, hi, config.activations)
             new_state[key] = state
         qp = calculate_qparams(state.min, state.max, config.activations)
