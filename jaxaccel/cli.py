@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from jaxaccel.compilation_cache import enable_compilation_cache
     from jaxaccel.preemption import Preempted
+    enable_compilation_cache()  # before anything compiles; $JAXACCEL_COMPILATION_CACHE=off disables
     module = importlib.import_module(COMMANDS[known.command][0])
     try:
         return getattr(module, f"run_{known.command}")(known, overrides)

@@ -7,6 +7,9 @@ import tempfile
 
 os.environ.setdefault("JAXACCEL_DATA_DIR", tempfile.mkdtemp(prefix="jaxaccel-tfds-"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# CLI subprocesses in tests share one fresh compilation cache (never the user's).
+os.environ.setdefault("JAXACCEL_COMPILATION_CACHE",
+                      tempfile.mkdtemp(prefix="jaxaccel-xla-cache-"))
 
 import jax  # noqa: E402
 

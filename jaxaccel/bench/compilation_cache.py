@@ -1,10 +1,6 @@
 """JAX's persistent compilation cache, and `jaxaccel bench compile`: cold vs warm compile time.
 
-`enable_compilation_cache()` points JAX at a cache dir: the argument, else
-`$JAXACCEL_COMPILATION_CACHE`, else ~/.cache/jaxaccel/xla (set the variable to `off` to
-disable). It uses the documented config options (`jax_compilation_cache_dir`, and caches
-every entry: `jax_persistent_cache_min_compile_time_secs=0`,
-`jax_persistent_cache_min_entry_size_bytes=-1`). Call it before the first compilation.
+The cache itself is switched on by `jaxaccel.compilation_cache.enable_compilation_cache()`.
 
 The benchmark starts `python -m jaxaccel.bench.compilation_cache` twice on one fresh dir:
 the first process compiles cold and fills the cache, the second compiles warm from it.
@@ -20,31 +16,7 @@ import sys
 import tempfile
 from typing import Any, Sequence
 
-ENV = "JAXACCEL_COMPILATION_CACHE"
-DEFAULT_DIR = os.path.join("~", ".cache", "jaxaccel", "xla")
-_OFF = ("off", "0", "false", "none", "no")
-
-
-def cache_dir(path: str | None = None) -> str | None:
-    """The cache dir to use: `path` > $JAXACCEL_COMPILATION_CACHE > the default; None if off."""
-    value = path if path is not None else os.environ.get(ENV, DEFAULT_DIR)
-    if not value or value.strip().lower() in _OFF:
-        return None
-    return os.path.abspath(os.path.expanduser(value))
-
-
-def enable_compilation_cache(path: str | None = None) -> str | None:
-    """Turn on JAX's persistent compilation cache in `cache_dir(path)`; returns the dir (or None)."""
-    import jax
-
-    directory = cache_dir(path)
-    if directory is None:
-        return None
-    os.makedirs(directory, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    return directory
+from jaxaccel.compilation_cache import DEFAULT_DIR, ENV, cache_dir, enable_compilation_cache  # noqa: F401
 
 
 def _cache_files(directory: str) -> int:
