@@ -201,7 +201,8 @@ def test_hyperparameters_enter_the_step_as_arrays():
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_blocks_are_train_batches(augment):
-    """Point k's batches in a block are exactly TrainBatches(seed_k).batch(step)."""
+    """Point k's batches in a block are exactly TrainBatches(seed_k).batch(step); without
+    augmentation they are gathered and normalised on the device from indices."""
     from jaxaccel import data
     configs = []
     for seed in (0, 1, 0):
@@ -211,23 +212,28 @@ def test_blocks_are_train_batches(augment):
         configs.append(c)
     source, spec = data.get_source("digits", "train"), data.dataset_spec("digits")
     batches = vsweep.StackedBatches(source, spec, configs)
-    ref = {s: data.TrainBatches(source, spec, global_batch_size=16, seed=s, crop_padding=c.dataset.crop_padding,
-                                flip=c.dataset.flip) for s in (0, 1)}
+    assert batches.on_device == (not augment)
+    arrays = jax.device_put(batches.arrays())
+    ref = {s: data.TrainBatches(source, spec, global_batch_size=16, seed=s,
+                                crop_padding=configs[0].dataset.crop_padding,
+                                flip=configs[0].dataset.flip) for s in (0, 1)}
     start = batches.steps_per_epoch - 1  # crosses an epoch boundary
     by_point = batches.block(start, 3, points_first=True)
     by_step = batches.block(start, 3, points_first=False)
     for k, c in enumerate(configs):
         for t in range(3):
             want = ref[c.seed].batch(start + t)
-            for key in ("image", "label"):
-                np.testing.assert_array_equal(by_point[key][k, t], want[key])
-                np.testing.assert_array_equal(by_step[key][t, k], want[key])
+            for got in (vsweep.materialize(arrays, jax.tree.map(lambda x: x[k, t], by_point)),
+                        vsweep.materialize(arrays, jax.tree.map(lambda x: x[t, k], by_step))):
+                for key in ("image", "label"):
+                    np.testing.assert_array_equal(np.asarray(got[key]), want[key])
 
 
 def test_block_steps_divide_every_stop():
     c = config_lib.default_config()
     c.batch_size, c.num_steps, c.log_every, c.checkpoint_every, c.eval_every = 60, 2000, 100, 1000, 0
     assert vsweep.block_steps(c, 8, 4 * 784) == 25  # 64 MB of input at most: 8*60*25*3136 B
+    assert vsweep.block_steps(c, 8, 4) == 100  # indices only
     assert vsweep.block_steps(c, 1, 4 * 64) == 100
     assert vsweep.block_steps(c, 1, 4 * 64, start=730) == 10  # resumed at step 730
     c.eval_every = 30
