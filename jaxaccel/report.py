@@ -183,7 +183,7 @@ def _fmt(c: str, ms: tuple[float, float | None] | None) -> str:
         return "—"
     f = _FORMATS.get(c, "{:.4g}")
     mean, std = ms
-    return f.format(mean) + (f" ± {f.format(std)}" if std is not None else "")
+    return f.format(mean) + (f" ± {f.format(std)}" if std else "")  # no "± 0" for constants
 
 
 def write_markdown(path: str, records: Sequence[RunRecord], title: str,

@@ -258,8 +258,10 @@ class PointRun:
 def plan(base: ml_collections.ConfigDict, points: Sequence[Point], workdir: str) -> list[PointRun]:
     """Configs and sub-workdirs of all points, checked before anything runs.
 
-    A bad key or value in any point raises ConfigError naming the point; two points with
-    the same name raise ValueError.
+    A bad key or value in any point raises ConfigError naming the point; so does a point
+    whose sub-workdir holds a different experiment (e.g. the sweep was re-run with other
+    `--config.*` overrides: `jaxaccel train` would refuse it too). Two points with the
+    same name raise ValueError.
     """
     runs, seen = [], {}
     for i, point in enumerate(points):
@@ -274,20 +276,41 @@ def plan(base: ml_collections.ConfigDict, points: Sequence[Point], workdir: str)
             raise config_lib.ConfigError(f"sweep point {name!r}: {e}") from None
         runs.append(PointRun(dict(point), name, config, os.path.join(workdir, name)))
     for run in runs:
-        run.status = status_of(run.workdir)
+        saved = _saved_config(run.workdir)
+        diff = config_lib.differences(saved, run.config) if saved is not None else []
+        if diff:
+            raise config_lib.ConfigError(
+                f"sweep point {run.name!r}: its workdir holds a different experiment "
+                f"({'; '.join(diff[:3])}{' …' if len(diff) > 3 else ''}); use another "
+                f"--workdir")
+        run.status = status_of(run.workdir, run.config)
     return runs
 
 
 # ----------------------------------------------------------------------------------------
 # Status files
 # ----------------------------------------------------------------------------------------
-def status_of(subdir: str) -> str:
-    """done (results.json), failed (error.txt) or pending."""
+def status_of(subdir: str, config: ml_collections.ConfigDict | None = None) -> str:
+    """done (results.json), failed (error.txt) or pending.
+
+    With `config`, a point is done only if it also ran that config's number of steps
+    (`num_steps` may grow between runs: training then continues from the checkpoint).
+    """
     if os.path.isfile(os.path.join(subdir, RESULTS_FILE)):
-        return DONE
+        saved = _saved_config(subdir) if config is not None else None
+        if saved is None or saved.num_steps == config.num_steps:
+            return DONE
     if os.path.isfile(os.path.join(subdir, ERROR_FILE)):
         return FAILED
     return PENDING
+
+
+def _saved_config(subdir: str) -> ml_collections.ConfigDict | None:
+    path = os.path.join(subdir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return config_lib.from_json(f.read())
 
 
 def read_error(subdir: str) -> str:
@@ -300,14 +323,15 @@ def read_error(subdir: str) -> str:
 
 
 def mark_started(run: PointRun) -> None:
-    """Write point.json and clear a previous attempt's error."""
+    """Write point.json; clear a previous attempt's error and stale (shorter) results."""
     os.makedirs(run.workdir, exist_ok=True)
     _write_text(os.path.join(run.workdir, POINT_FILE),
                 json.dumps({"name": run.name, "overrides": run.overrides}, indent=2,
                            default=_jsonable))  # key order kept: it is the table's order
-    err = os.path.join(run.workdir, ERROR_FILE)
-    if os.path.exists(err):
-        os.remove(err)
+    for name in (ERROR_FILE, RESULTS_FILE):
+        path = os.path.join(run.workdir, name)
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def mark_failed(run: PointRun, message: str, details: str = "") -> None:
@@ -402,7 +426,7 @@ def run_workers(experiment: str, runs: Sequence[PointRun], base_overrides: Seque
                 run, logf, t0 = running.pop(proc)
                 logf.close()
                 run.seconds = time.perf_counter() - t0
-                if proc.returncode == 0 and status_of(run.workdir) == DONE:
+                if proc.returncode == 0 and status_of(run.workdir, run.config) == DONE:
                     run.status = DONE
                 else:
                     tail = _log_tail(os.path.join(run.workdir, LOG_FILE))
@@ -490,7 +514,7 @@ def run(experiment: str, workdir: str, *, overrides: Sequence[str] = (), workers
                 save()
     finally:
         for r in runs:  # the files are the truth (a worker may have finished as we stopped)
-            r.status = status_of(r.workdir)
+            r.status = status_of(r.workdir, r.config)
             if r.status == FAILED and not r.error:
                 r.error = read_error(r.workdir)
         save()

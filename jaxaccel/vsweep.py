@@ -379,7 +379,7 @@ def run_points(runs: Sequence[sweep.PointRun], *, mode: str = "auto",
     run time (its workdir holds another experiment, non-finite loss with nonfinite="stop")
     gets error.txt; the others go on.
     """
-    runs = [r for r in runs if sweep.status_of(r.workdir) != sweep.DONE]
+    runs = [r for r in runs if sweep.status_of(r.workdir, r.config) != sweep.DONE]
     if not runs:
         return
     configs = [r.config for r in runs]

@@ -114,9 +114,9 @@ def test_grid_with_seeds_failure_and_rerun(tmp_path, capsys):
                                      'sweep.grid("model.width", [0.5, 1.0]), sweep.seeds(2))')
     wd = tmp_path / "runs"
     bad = "model.width=1.0,optimizer.lr=0.003,seed=1"
-    # Force one point to fail: its sub-workdir already holds another experiment.
+    # Force one point to fail at run time: a file stands where its checkpoints go.
     os.makedirs(wd / bad)
-    (wd / bad / "config.json").write_text(json.dumps({"seed": 99}))
+    (wd / bad / "checkpoints").write_text("not a directory")
 
     assert cli.main(["sweep", "--config", exp, "--workdir", str(wd)]) == 1
     out = capsys.readouterr().out
@@ -125,9 +125,9 @@ def test_grid_with_seeds_failure_and_rerun(tmp_path, capsys):
     assert len(set(names)) == 8 and "model.width=0.5,optimizer.lr=0.001,seed=0" in names
     status = json.loads((wd / "sweep.json").read_text())
     by_name = {p["name"]: p for p in status["points"]}
-    assert by_name[bad]["status"] == "failed" and "different experiment" in by_name[bad]["error"]
+    assert by_name[bad]["status"] == "failed" and "checkpoint" in by_name[bad]["error"]
     assert sum(p["status"] == "done" for p in status["points"]) == 7
-    assert (wd / bad / "error.txt").read_text().startswith("ConfigError:")
+    assert (wd / bad / "error.txt").read_text().startswith("CheckpointSaveError:")
     for n in names:
         if n != bad:
             results = json.loads((wd / n / "results.json").read_text())
@@ -143,8 +143,12 @@ def test_grid_with_seeds_failure_and_rerun(tmp_path, capsys):
         with Image.open(wd / png) as im:
             assert im.format == "PNG" and im.size[0] > 100
 
+    # Other overrides for the same workdir: refused before anything runs.
+    assert cli.main(["sweep", "--config", exp, "--workdir", str(wd), "--config.batch_size=16"]) == 2
+    assert "holds a different experiment (batch_size: 32 -> 16)" in capsys.readouterr().err
+
     # Re-run: finished points are skipped; the fixed point runs.
-    (wd / bad / "config.json").unlink()
+    (wd / bad / "checkpoints").unlink()
     before = mtimes(wd, [n for n in names if n != bad])
     result = sweep.run(exp, str(wd))
     assert sorted(result.skipped) == sorted(n for n in names if n != bad)
@@ -168,3 +172,22 @@ def test_worker_processes_and_their_failures(tmp_path):
     saved = config_lib.from_json((ok / "config.json").read_text())
     assert saved.optimizer.lr == 0.002 and saved.batch_size == 32  # CLI values round-tripped
     assert json.loads((ok / "results.json").read_text())["steps"] == 6
+
+
+def test_finished_means_results_for_this_many_steps(tmp_path):
+    """A finished point re-runs (and continues from its checkpoint) when num_steps grows."""
+    c = config_lib.default_config()
+    sub = tmp_path / "p"
+    sub.mkdir()
+    assert sweep.status_of(str(sub), c) == "pending"
+    (sub / "config.json").write_text(config_lib.to_json(c))
+    (sub / "results.json").write_text("{}")
+    assert sweep.status_of(str(sub), c) == "done"
+    longer = sweep.point_config(c, {"num_steps": c.num_steps * 2})
+    assert sweep.status_of(str(sub), longer) == "pending"
+    run = sweep.plan(c, [{"num_steps": c.num_steps * 2}], str(tmp_path))[0]
+    (tmp_path / run.name).mkdir()
+    sweep.mark_started(run)
+    sweep.mark_failed(run, "ValueError: boom\nsecond line", "Traceback ...")
+    assert sweep.status_of(run.workdir, run.config) == "failed"
+    assert sweep.read_error(run.workdir) == "ValueError: boom second line"
