@@ -228,41 +228,41 @@ def conv(
 
 # ----------------------------------------------------------------------------- pooling
 
-def _pool_forward(x: jax.Array, window: int) -> jax.Array:
+def _windows(x: jax.Array, window: int) -> jax.Array:
     n, h, w, c = x.shape
     ho, wo = h // window, w // window
-    xr = x[:, :ho * window, :wo * window].reshape(n, ho, window, wo, window, c)
-    return xr.max(axis=(2, 4))
+    return x[:, :ho * window, :wo * window].reshape(n, ho, window, wo, window, c)
 
 
 def _pool_backward(window: int, res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array]:
     # The whole gradient of each window goes to its first maximum in row-major window order,
-    # which is what XLA's select-and-scatter (nn.max_pool's gradient) does on ties.
+    # which is what XLA's select-and-scatter (nn.max_pool's gradient) does on ties: find that
+    # position (int8, one pass over x), then write the input-sized gradient in one pass.
     x, y = res
     n, h, w, c = x.shape
     ho, wo = y.shape[1:3]
-    xr = x[:, :ho * window, :wo * window].reshape(n, ho, window, wo, window, c)
-    taken = jnp.zeros(y.shape, bool)
-    parts = []
-    for i in range(window):
-        for j in range(window):
-            hit = (xr[:, :, i, :, j, :] == y) & ~taken
-            parts.append(jnp.where(hit, g, jnp.zeros_like(g)))
-            taken = taken | hit
-    dx = jnp.stack(parts, axis=3).reshape(n, ho, wo, window, window, c)
-    dx = dx.transpose(0, 1, 3, 2, 4, 5).reshape(n, ho * window, wo * window, c)
+    xr = _windows(x, window)
+    first = jnp.full(y.shape, window * window - 1, jnp.int8)
+    for k in range(window * window - 2, -1, -1):
+        first = jnp.where(xr[:, :, k // window, :, k % window, :] == y, jnp.int8(k), first)
+    pos = (jnp.arange(window, dtype=jnp.int8)[:, None] * window + jnp.arange(window, dtype=jnp.int8)[None, :])
+    hit = first[:, :, None, :, None, :] == pos[None, None, :, None, :, None]
+    dx = jnp.where(hit, g[:, :, None, :, None, :], jnp.zeros((), g.dtype)).reshape(n, ho * window, wo * window, c)
     if (ho * window, wo * window) != (h, w):
         dx = jnp.pad(dx, ((0, 0), (0, h - ho * window), (0, w - wo * window), (0, 0)))
     return (dx,)
 
 
 def _make_max_pool_2d(window: int) -> Callable[[jax.Array], jax.Array]:
+    if window * window > 127:
+        raise ValueError(f"max_pool_2d supports windows up to 11x11, got {window!r}")
+
     @jax.custom_vjp
     def pool(x):
-        return _pool_forward(x, window)
+        return _windows(x, window).max(axis=(2, 4))
 
     def fwd(x):
-        y = _pool_forward(x, window)
+        y = _windows(x, window).max(axis=(2, 4))
         return y, (x, y)
 
     pool.defvjp(fwd, lambda res, g: _pool_backward(window, res, g))
@@ -275,8 +275,9 @@ _POOLS: dict[int, Callable] = {}
 def max_pool_2d(x: jax.Array, window: int = 2) -> jax.Array:
     """`window`x`window` max pool, stride `window`, VALID, on NHWC `x`, without select-and-scatter.
 
-    Forward: reshape-then-max. Gradient: to the first maximum of each window in row-major order
-    (as nn.max_pool's), computed with equality masks, which XLA:CPU runs ~10-20x faster.
+    Forward: reshape-then-max. Gradient: all of each window's gradient to the position of its
+    first maximum in row-major order (as nn.max_pool's select-and-scatter does, ties
+    included), found with equality tests; XLA:CPU runs this 10-100x faster.
     """
     if window not in _POOLS:
         _POOLS[window] = _make_max_pool_2d(window)
