@@ -56,17 +56,21 @@ def test_int8_matches_fake_quant_on_trained_model(trained, skip):
     fq = jax.jit(lambda v, x: q.apply_fake_quant(model, v, x, act, skip=skip))(variables, x)
     qm = i8.convert_int8(variables, act, skip=skip)
     out = jax.jit(lambda m, x: i8.int8_apply(model, m, x))(qm, x)
-    unfused = jax.jit(lambda m, x: i8.int8_apply(model, m, x, fuse=False))(qm, x)
-    np.testing.assert_allclose(out, unfused, rtol=1e-5, atol=1e-5)  # same arithmetic, fused or not
-    ref = jax.jit(model.apply)(variables, x)
-    assert _acc(ref, y) > 80  # the model did learn
+    assert _acc(fq, y) > 80  # the model did learn
     assert abs(_acc(out, y) - _acc(fq, y)) <= 0.1
     # logits: equal up to float summation order (rare one-code flips at rounding ties)
     diff = np.abs(np.asarray(out) - np.asarray(fq))
     scale = float(np.mean(np.abs(np.asarray(fq))))
     assert float(np.mean(diff)) < 1e-3 * scale
     assert float(np.quantile(diff, 0.99)) < 1e-4 * scale + 1e-5
-    assert float(np.mean(np.abs(np.asarray(fq) - np.asarray(ref)))) > 20 * float(np.mean(diff))
+    if skip:
+        ref = jax.jit(model.apply)(variables, x)
+        assert float(np.mean(np.abs(np.asarray(fq) - np.asarray(ref)))) > 20 * float(np.mean(diff))
+    else:
+        # fused hand-offs (plain flax layers: int8 codes through ReLU / max-pool): same numbers
+        plain = model.clone(conv_impl="xla")
+        fused = jax.jit(lambda m, x: i8.int8_apply(plain, m, x, fuse=True))(qm, x)
+        np.testing.assert_allclose(fused, out, rtol=1e-5, atol=1e-5)
 
 
 def test_int8_kernels_are_int8_and_float_copy_dropped(trained):
@@ -168,11 +172,7 @@ def test_fusion_plan_follows_dataflow(trained):
     qm = i8.convert_int8(variables, act, skip=("conv1",))
     # plain flax layers: ReLU / max-pool / flatten between all layers, every hand-off fuses
     plain = model.clone(conv_impl="xla")
-    assert i8.fusion_plan(plain, qm, x[:2]) == {"conv1": "conv2", "conv2": "conv3", "conv3": "fc1", "fc1": "fc2"}
-    # whatever the model's own lowering, fusing never changes the logits
-    for m in (plain, model):
-        np.testing.assert_allclose(i8.int8_apply(m, qm, x[:16]), i8.int8_apply(m, qm, x[:16], fuse=False),
-                                   rtol=1e-5, atol=1e-5)
+    assert i8.fusion_plan(plain, qm, x[:2]) == {"conv2": "conv3", "conv3": "fc1", "fc1": "fc2"}  # conv1 is float
     res = get_model("resnet20", 10, width=0.25, use_bn=False)
     rx = jnp.ones((2, 8, 8, 3))
     rv = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), jax.eval_shape(res.init, jax.random.key(0), rx))
@@ -183,6 +183,7 @@ def test_fusion_plan_follows_dataflow(trained):
     # residual adds are not monotone in the codes: only conv1 -> relu -> conv2 inside blocks fuse
     assert plan["stage2_block1/conv1"] == "stage2_block1/conv2"
     assert "stage2_block1/conv2" not in plan and "conv_init" not in plan and "fc" not in plan
+    assert len(plan) == 9
 
 
 class _Mixed(nn.Module):
@@ -205,5 +206,5 @@ def test_no_fusion_through_non_monotone_ops():
     qm = i8.convert_int8(variables, act)
     assert i8.fusion_plan(model, qm, x) == {"c4": "d"}
     fq = jax.jit(lambda v, x: q.apply_fake_quant(model, v, x, act))(variables, x)
-    out = jax.jit(lambda m, x: i8.int8_apply(model, m, x))(qm, x)
+    out = jax.jit(lambda m, x: i8.int8_apply(model, m, x, fuse=True))(qm, x)
     np.testing.assert_allclose(out, fq, rtol=1e-4, atol=1e-4)

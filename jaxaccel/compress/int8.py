@@ -353,7 +353,7 @@ def _run(model: nn.Module, int8_model: Int8Model, images: jax.Array, plan: Mappi
     """Apply `model` with its int8 layers in integer arithmetic; `plan` = producer -> consumer fusions."""
     layers = int8_model.layers
     plan = dict(plan or {})
-    plan = {p: c for p, c in plan.items() if layers[c].code_dtype is not None}
+    plan = {p: c for p, c in plan.items() if p in layers and layers[c].code_dtype is not None}
     receives_codes = set(plan.values())
 
     def interceptor(next_fun, args, kwargs, context):
@@ -373,7 +373,10 @@ def _run(model: nn.Module, int8_model: Int8Model, images: jax.Array, plan: Mappi
             add_bias = _add_bias_arg(key, args, kwargs)
             if mark:
                 x = _LAYER_IN.bind(x, key=key)
-            q = _codes_to_int8(x, layer) if key in receives_codes else quantize_input(x, layer)
+            if key in receives_codes:
+                q = lax.optimization_barrier(_codes_to_int8(x, layer))
+            else:
+                q = quantize_input(x, layer)
             conv = layer.kernel.ndim >= 3 and not isinstance(module, nn.Dense)
             acc = _conv_acc(module, layer, q) if conv else _dense_acc(layer, q)
             y = acc.astype(jnp.float32) * layer.out_scale
@@ -385,8 +388,10 @@ def _run(model: nn.Module, int8_model: Int8Model, images: jax.Array, plan: Mappi
             return y
         y = y.astype(out_dtype)
         if key in plan:
-            y = _codes_for(y, layers[plan[key]])
-        if mark:
+            # Barriers keep the codes int8 in memory; without them XLA:CPU keeps them as float32
+            # and pulls ReLU / pooling into the next conv's YNNPACK fusion, which runs slower.
+            y = lax.optimization_barrier(_codes_for(y, layers[plan[key]]))
+        if mark and layer is not None:
             y = _LAYER_OUT.bind(y, key=key)
         return y
 
@@ -395,19 +400,21 @@ def _run(model: nn.Module, int8_model: Int8Model, images: jax.Array, plan: Mappi
 
 
 def fusion_plan(model: nn.Module, int8_model: Int8Model, images: jax.Array) -> dict[str, str]:
-    """Which layers hand their successor int8 codes instead of float32 (see the note above)."""
+    """{int8 layer: next int8 layer} hand-offs that can carry int8 codes exactly (see the note above)."""
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), (int8_model, images))
     closed = jax.make_jaxpr(lambda m, x: _run(model, m, x, None, mark=True))(*abstract)
     return _fusion_plan(closed.jaxpr)
 
 
-def int8_apply(model: nn.Module, int8_model: Int8Model, images: jax.Array, *, fuse: bool = True) -> jax.Array:
+def int8_apply(model: nn.Module, int8_model: Int8Model, images: jax.Array, *, fuse: bool = False) -> jax.Array:
     """Eval-mode logits of `model` with its int8 layers run in integer arithmetic. Jittable.
 
-    `fuse` (default): where provably exact (`fusion_plan`), a layer requantizes its int32
-    accumulator straight to the next int8 layer's codes and the model's ReLU / max-pool run on
-    them; otherwise each int8 layer returns float32 and the next one quantizes its input.
-    Both give identical results.
+    Each int8 layer quantizes its input with the static calibrated scale (no reductions), runs
+    int8 x int8 -> int32, and rescales once (`* s_x s_w + bias`) in the epilogue. With `fuse`,
+    where provably exact (`fusion_plan`), an int8 layer instead requantizes straight to the next
+    int8 layer's codes and the model's ReLU / max-pool run on bytes. Both give the same results
+    (up to fused-multiply-add rounding at ties); on XLA:CPU with YNNPACK fusions they also run
+    equally fast, hence off by default.
     """
     plan = fusion_plan(model, int8_model, images) if fuse else {}
     return _run(model, int8_model, images, plan)
