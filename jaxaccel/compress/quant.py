@@ -12,10 +12,12 @@ Conventions follow PyTorch's `torch.ao.quantization` so numbers can be compared 
   `MinMaxObserver` ("minmax") and `MovingAverageMinMaxObserver` /
   `MovingAveragePerChannelMinMaxObserver` ("ema", `averaging_constant`).
 
-Quantization of a whole Flax linen model uses `flax.linen.intercept_methods`: every `nn.Conv` /
-`nn.Dense` call is intercepted, so activations are observed or fake-quantized at the input of each
-conv/dense layer of ANY linen model, without changing the model. Layers are keyed by their module
-path joined with "/" (e.g. "stage1_block1/conv1").
+Quantization of a whole Flax linen model uses `flax.linen.intercept_methods`: every call of a
+conv/dense layer (`nn.Conv`, `nn.Dense`, or a custom layer that owns a `kernel` param, see
+`layer_kind`) is intercepted, so activations are observed or fake-quantized at the input of each
+such layer of ANY linen model, without changing the model. Layers are keyed by their module path
+joined with "/" (e.g. "stage1_block1/conv1"). A layer applied several times in one pass (e.g. on
+micro-batches) gets one range covering all its calls.
 """
 from __future__ import annotations
 
