@@ -11,15 +11,17 @@ eval and checkpoint intervals). Each point still gets its own sub-workdir with t
 writes, so `jaxaccel report` and `jaxaccel.load` cannot tell the difference.
 
 Two ways to run the K points inside the program (`mode`):
-  * "vmap": `jax.vmap` over the configuration axis at every step (scanned over S steps)
+  * "vmap": `jax.vmap` over the configuration axis at every step, scanned over S steps
     — what fills a GPU/TPU with small models; with several devices and K a multiple of
     them, each device holds K/N whole points ("points" layout, no collectives).
   * "loop": `lax.map` over the points of a `lax.scan` over the S steps — each point's
-    state stays in cache for S steps. On XLA:CPU the arithmetic of K models is not
-    cheaper batched (measured: 8 vmapped LeNet-300-100 steps cost 1.0–1.3x eight single
-    steps, their 36 MB of state overflowing the cache), so "auto" picks "loop" on CPU
-    and "vmap" elsewhere; the gain on CPU is the per-run overhead (compiles, data,
-    evaluation set-up, dispatch).
+    state stays in cache for S steps.
+"auto" follows measurements on XLA:CPU (2 cores): for LeNet-300-100 (8 points) vmapped
+steps cost 1.0–1.3x eight single steps (36 MB of state overflow the cache) while scanned
+"loop" blocks cost ~0.7x — "loop" is the CPU choice for dense models, and it computes
+bit for bit what the sequential run computes; for LeNet-5 a step inside any XLA:CPU while
+loop ran ~2.3x slower, but one vmapped step of 4 points cost ~0.3x four single steps —
+so convolutional models get "vmap", one step per dispatch, on CPU. GPU/TPU: "vmap".
 
 What "the same run" means: point k's `seed` seeds both its initialisation and its data
 order, exactly as in `jaxaccel train`; its batches are `TrainBatches(seed_k)`'s, gathered
@@ -301,17 +303,26 @@ MAX_BLOCK_STEPS = 100
 
 
 def choose_plan(num_points: int, num_devices: int, mode: str = "auto",
-                backend: str | None = None) -> tuple[str, str]:
-    """(mode, layout). mode "auto": "loop" on CPU, "vmap" on GPU/TPU. Layout "points"
-    (each device holds K/N whole points) for vmap over several devices when N divides K,
-    else "batch" (each point's batch split over the devices, states replicated)."""
+                backend: str | None = None, convolutional: bool = False) -> tuple[str, str, bool]:
+    """(mode, layout, scan): how the program runs the K points.
+
+    mode "auto": "vmap" on GPU/TPU; on CPU "loop" for models without convolutions and
+    "vmap" for models with them. `scan`: several steps per dispatch (`lax.scan`), except
+    for convolutions on CPU. Measured on XLA:CPU (2 cores): inside a while loop (scan or
+    map) a LeNet-5 step ran ~2.3x slower than dispatched alone, while one vmapped step of
+    4 LeNet-5s cost ~0.3x four single steps; for LeNet-300-100 scanned blocks ran ~0.7x
+    the time of dispatched steps. Layout "points" (each device holds K/N whole points)
+    for vmap over several devices when N divides K, else "batch" (each point's batch
+    split over the devices, states replicated)."""
     if mode not in MODES:
         raise ValueError(f"vectorize mode={mode!r} is not valid; choose one of: "
                          f"{', '.join(MODES)}")
+    cpu = (backend or jax.default_backend()) == "cpu"
     if mode == "auto":
-        mode = "loop" if (backend or jax.default_backend()) == "cpu" else "vmap"
+        mode = "vmap" if convolutional or not cpu else "loop"
+    scan = mode == "loop" or not (cpu and convolutional)
     points = mode == "vmap" and num_devices > 1 and num_points % num_devices == 0
-    return mode, "points" if points else "batch"
+    return mode, "points" if points else "batch", scan
 
 
 def block_steps(config: ml_collections.ConfigDict, num_points: int, example_bytes: int,
@@ -326,11 +337,12 @@ def block_steps(config: ml_collections.ConfigDict, num_points: int, example_byte
     return max(d for d in range(1, min(g, limit) + 1) if g % d == 0)
 
 
-def make_block_fn(step_fn: Callable, mode: str) -> Callable:
+def make_block_fn(step_fn: Callable, mode: str, scan: bool = True) -> Callable:
     """`(states, block, hp, arrays) -> (states, metrics)`: S steps of every point, each
     batch `materialize`d from `arrays`; metrics (S, K).
 
-    "loop": block leaves are (K, S, B, ...); "vmap": (S, K, B, ...).
+    "loop": block leaves are (K, S, B, ...); "vmap": (S, K, B, ...); without `scan` (vmap
+    only) S is 1 and the program has no loop at all.
     """
     def point_step(state, entry, h, arrays):
         return step_fn(state, materialize(arrays, entry), h)
@@ -342,10 +354,15 @@ def make_block_fn(step_fn: Callable, mode: str) -> Callable:
                 return jax.lax.scan(lambda st, e: point_step(st, e, h, arrays), state, entries)
             states, m = jax.lax.map(point, (states, block, hp))
             return states, jax.tree.map(lambda x: x.T, m)
-    else:
+    elif scan:
         def run(states, block, hp, arrays):
             one = jax.vmap(point_step, in_axes=(0, 0, 0, None))
             return jax.lax.scan(lambda st, e: one(st, e, hp, arrays), states, block)
+    else:
+        def run(states, block, hp, arrays):
+            one = jax.vmap(point_step, in_axes=(0, 0, 0, None))
+            states, m = one(states, jax.tree.map(lambda x: x[0], block), hp, arrays)
+            return states, jax.tree.map(lambda x: x[None], m)
     return run
 
 
@@ -421,7 +438,10 @@ def _train(runs: list[sweep.PointRun], *, mode: str, on_change: Callable[[], Non
     config, k_points = configs[0], len(runs)
     parallel.set_cpu_devices(config.parallel.cpu_devices)
     num_devices = config.parallel.num_devices or jax.device_count()
-    mode, layout = choose_plan(k_points, num_devices, mode)
+    abstract_params = jax.eval_shape(train_lib.build(config).init_state,
+                                     jax.random.PRNGKey(0)).params
+    convolutional = any(len(x.shape) >= 4 for x in jax.tree.leaves(abstract_params))
+    mode, layout, scan = choose_plan(k_points, num_devices, mode, convolutional=convolutional)
     if layout == "batch":  # each point's batches are split over the devices
         config_lib.validate_devices(config, num_devices)
     mesh = parallel.make_mesh(num_devices)
@@ -502,7 +522,7 @@ def _train(runs: list[sweep.PointRun], *, mode: str, on_change: Callable[[], Non
     num_steps = config.num_steps
     start = int(jax.device_get(states.step[0]))
     example_bytes = 4 * (1 if batches.on_device else int(np.prod(spec.image_shape)) + 1)
-    block = block_steps(config, k_points, example_bytes, start)
+    block = block_steps(config, k_points, example_bytes, start) if scan else 1
     arrays = jax.device_put(batches.arrays(), rep)  # the split, once (empty if augmenting)
     sample = batches.block(start, block, points_first=points_first)
     abstract_of = lambda tree, sh: jax.tree.map(  # noqa: E731
@@ -511,7 +531,7 @@ def _train(runs: list[sweep.PointRun], *, mode: str, on_change: Callable[[], Non
     if start < num_steps:
         t0 = time.perf_counter()
         run_block = jax.jit(
-            make_block_fn(step_fn, mode), in_shardings=(state_sh, block_sh, hp_sh, rep),
+            make_block_fn(step_fn, mode, scan), in_shardings=(state_sh, block_sh, hp_sh, rep),
             out_shardings=(state_sh, metrics_sh), donate_argnums=(0,),
         ).lower(ckpt_lib.abstract_like(abstract, state_sh), abstract_of(sample, block_sh),
                 abstract_of(hp, hp_sh), abstract_of(arrays, rep)).compile()

@@ -238,8 +238,9 @@ def test_block_steps_divide_every_stop():
     assert vsweep.block_steps(c, 1, 4 * 64, start=730) == 10  # resumed at step 730
     c.eval_every = 30
     assert vsweep.block_steps(c, 1, 4 * 64) == 10
-    assert vsweep.choose_plan(8, 1, "auto", backend="cpu") == ("loop", "batch")
-    assert vsweep.choose_plan(8, 4, "auto", backend="gpu") == ("vmap", "points")
-    assert vsweep.choose_plan(6, 4, "vmap") == ("vmap", "batch")
+    assert vsweep.choose_plan(8, 1, "auto", backend="cpu") == ("loop", "batch", True)
+    assert vsweep.choose_plan(8, 1, "auto", backend="cpu", convolutional=True) == ("vmap", "batch", False)
+    assert vsweep.choose_plan(8, 4, "auto", backend="gpu", convolutional=True) == ("vmap", "points", True)
+    assert vsweep.choose_plan(6, 4, "vmap", backend="cpu") == ("vmap", "batch", True)
     with pytest.raises(ValueError, match="mode='fast'"):
         vsweep.choose_plan(2, 1, "fast")
