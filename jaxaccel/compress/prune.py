@@ -193,7 +193,9 @@ def layer_calls(model: nn.Module, variables: PyTree, *args: Any,
         out = next_fun(*call_args, **call_kwargs)
         path = "/".join(context.module.path)
         if path in kernels and context.method_name == "__call__":
-            calls.append((path, tuple(out.shape)))
+            # The models' fast conv may return (y, bias) for a later fused bias add.
+            y = out[0] if isinstance(out, tuple) else out
+            calls.append((path, tuple(y.shape)))
         return out
 
     with nn.intercept_methods(record):
