@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -32,8 +33,10 @@ import logging
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable, Iterable, Sequence
@@ -54,6 +57,7 @@ SWEEP_FILE = "sweep.json"      # the sweep's points and statuses (top-level work
 LOG_FILE = "log.txt"           # worker processes' output
 
 DONE, FAILED, PENDING = "done", "failed", "pending"
+PREEMPTED_EXIT = 3  # `jaxaccel train` saved a checkpoint and stopped (cli.EXIT_PREEMPTED)
 
 
 # ----------------------------------------------------------------------------------------
@@ -405,9 +409,15 @@ def run_workers(experiment: str, runs: Sequence[PointRun], base_overrides: Seque
     """Train the points in up to `workers` concurrent `jaxaccel train` processes.
 
     Each process writes its output to `<sub-workdir>/log.txt`; a non-zero exit marks the
-    point failed with the process's last error line.
+    point failed with the process's last error line (exit 3, preempted: left pending).
+    Ctrl-C or SIGTERM stops the workers with SIGTERM (they checkpoint) and re-raises as
+    KeyboardInterrupt.
     """
     queue, running = list(runs), {}
+    stack = contextlib.ExitStack()
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        stack.callback(signal.signal, signal.SIGTERM, previous)
     try:
         while queue or running:
             while queue and len(running) < workers:
@@ -428,6 +438,8 @@ def run_workers(experiment: str, runs: Sequence[PointRun], base_overrides: Seque
                 run.seconds = time.perf_counter() - t0
                 if proc.returncode == 0 and status_of(run.workdir, run.config) == DONE:
                     run.status = DONE
+                elif proc.returncode == PREEMPTED_EXIT:
+                    run.status = PENDING  # it checkpointed; the next run resumes it
                 else:
                     tail = _log_tail(os.path.join(run.workdir, LOG_FILE))
                     mark_failed(run, _last_error_line(tail, proc.returncode), tail)
@@ -442,6 +454,11 @@ def run_workers(experiment: str, runs: Sequence[PointRun], base_overrides: Seque
             except subprocess.TimeoutExpired:
                 proc.kill()
             logf.close()
+        stack.close()
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _log_tail(path: str, lines: int = 40) -> str:
