@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import builtins
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -212,8 +213,12 @@ def cli_overrides(point: Point) -> list[str]:
 
 
 def point_config(base: ml_collections.ConfigDict, point: Point) -> ml_collections.ConfigDict:
-    """A copy of `base` with the point's overrides set (unknown keys/bad types: ConfigError)."""
-    config = ml_collections.ConfigDict(base.to_dict())
+    """A copy of `base` with the point's overrides set (unknown keys/bad types: ConfigError).
+
+    A deep copy: `to_dict()` would share the stage ConfigDicts inside `config.stages`, so
+    one point's `stages.1.prune.sparsity` would leak into every other point.
+    """
+    config = copy.deepcopy(base)
     for key, value in point.items():
         config_lib.set_value(config, key, value)
     return config

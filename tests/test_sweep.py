@@ -191,3 +191,15 @@ def test_finished_means_results_for_this_many_steps(tmp_path):
     sweep.mark_failed(run, "ValueError: boom\nsecond line", "Traceback ...")
     assert sweep.status_of(run.workdir, run.config) == "failed"
     assert sweep.read_error(run.workdir) == "ValueError: boom second line"
+
+
+def test_point_configs_are_independent_copies():
+    """Overrides inside config.stages must not leak from one point into another."""
+    from jaxaccel import stages
+    base = config_lib.default_config()
+    base.stages = (stages.stage("train", "train", steps=10),
+                   stages.stage("prune", "prune", prune={"method": "one_shot", "sparsity": 0.5}))
+    points = sweep.grid("stages.1.prune.sparsity", [0.8, 0.9])
+    configs = [sweep.point_config(base, p) for p in points]
+    assert [c.stages[1].prune.sparsity for c in configs] == [0.8, 0.9]
+    assert base.stages[1].prune.sparsity == 0.5
