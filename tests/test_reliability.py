@@ -282,15 +282,18 @@ def test_nonfinite_skip_keeps_weights_and_counts_in_metrics(tmp_path):
     assert jaxaccel.load(wd, 8).step == 8
 
 
-def test_same_config_and_seed_give_bitwise_identical_runs(tmp_path):
-    config = tiny_config(**{"parallel.num_devices": 0, "num_steps": 10})  # all 8 devices
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    ra, rb = jaxaccel.train(config, a), jaxaccel.train(config, b)
-    chex.assert_trees_all_equal(params_of(a), params_of(b))
-    assert (ra["test_loss"], ra["test_accuracy"]) == (rb["test_loss"], rb["test_accuracy"])
+def test_same_config_and_seed_give_bitwise_identical_runs(reference, tmp_path):
+    """A second run of the reference config (the subprocess tests above also compare fresh
+    processes with in-process runs bit for bit)."""
+    again = str(tmp_path / "again")
+    results = jaxaccel.train(tiny_config(), again)
+    chex.assert_trees_all_equal(params_of(again), params_of(reference[0]))
+    for key in ("test_loss", "test_accuracy"):
+        assert results[key] == reference[1][key]
     keys = ("split", "step", "loss", "accuracy", "grad_norm")
-    rows = [[tuple(r.get(k) for k in keys) for r in metrics.read_metrics(w)] for w in (a, b)]
-    assert rows[0] == rows[1] and len(rows[0]) >= 3
+    rows = [[tuple(r.get(k) for k in keys) for r in metrics.read_metrics(w)]
+            for w in (again, reference[0])]
+    assert rows[0] == rows[1] and len(rows[0]) >= 5
 
 
 # ----------------------------------------------------------------------------------------
@@ -445,6 +448,7 @@ os.execv(sys.argv[1], sys.argv[1:])
 """
 
 
+@pytest.mark.multiprocess
 def test_disk_full_during_save_is_one_clear_error_and_keeps_previous(reference, tmp_path):
     """A file-size limit (RLIMIT_FSIZE) stands in for a full disk: writes past 64 KB fail."""
     wd = copy_run(reference, tmp_path)
@@ -514,3 +518,85 @@ def test_a_file_where_the_checkpoint_dir_should_be(tmp_path):
     with pytest.raises(checkpoint.CheckpointSaveError,
                        match=f"cannot write checkpoints in {wd}/checkpoints: Not a directory"):
         checkpoint.Checkpointer(wd)
+
+
+# ----------------------------------------------------------------------------------------
+# Damaged datasets
+# ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prepared_digits(tmp_path_factory):
+    from jaxaccel import data
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    data.prepare("digits", data_dir=data_dir)
+    return data_dir
+
+
+def damage_dataset(data_dir, how):
+    version_dir = os.path.join(data_dir, "digits", "1.0.0")
+    train = glob.glob(os.path.join(version_dir, "digits-train.array_record*"))[0]
+    if how == "flip_byte":  # array_record's chunk hashes catch it when the chunk is read
+        raw = bytearray(open(train, "rb").read())
+        raw[len(raw) // 3] ^= 0xFF
+        open(train, "wb").write(bytes(raw))
+        return train
+    if how == "truncate":
+        with open(train, "r+b") as f:
+            f.truncate(os.path.getsize(train) // 2)
+        return train
+    if how == "remove":
+        os.remove(train)
+        return version_dir
+    if how == "garble_info":
+        path = os.path.join(version_dir, "dataset_info.json")
+        open(path, "w").write("{not json")
+        return path
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["flip_byte", "truncate", "remove", "garble_info"])
+def test_damaged_dataset_files_give_one_error_naming_the_file(how, prepared_digits, tmp_path):
+    from jaxaccel import data
+    data_dir = str(tmp_path / "tfds")
+    shutil.copytree(prepared_digits, data_dir)
+    named = damage_dataset(data_dir, how)
+    with pytest.raises(ValueError) as info:
+        source = data.get_source("digits", "train", data_dir=data_dir)
+        data.read_arrays(source, np.arange(len(source)))
+    message = str(info.value)
+    assert "\n" not in message and named in message and "delete" in message, message
+
+
+def test_damaged_dataset_through_the_command(prepared_digits, tmp_path, capsys):
+    from jaxaccel import cli
+    data_dir = str(tmp_path / "tfds")
+    shutil.copytree(prepared_digits, data_dir)
+    named = damage_dataset(data_dir, "truncate")
+    exp = experiment_file(tmp_path, **{"dataset.data_dir": data_dir})
+    wd = str(tmp_path / "wd")
+    assert cli.main(["train", "--config", exp, "--workdir", wd]) == 2
+    line = last_line(capsys.readouterr().err)
+    assert line.startswith("jaxaccel: error: dataset 'digits'") and named in line
+    assert not os.path.exists(wd)  # nothing was written for a run that could not start
+
+
+def test_image_folder_with_a_non_image_file_through_the_command(tmp_path, capsys):
+    from PIL import Image
+    from jaxaccel import cli
+    root = tmp_path / "images"
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((6, 5, 3), 40 * i, np.uint8)).save(
+                    root / split / cls / f"{i}.png")
+    bad = root / "train" / "dog" / "notes.png"
+    bad.write_text("not an image")
+    exp = experiment_file(tmp_path, **{"dataset.name": "image_folder",
+                                       "dataset.path": str(root),
+                                       "dataset.data_dir": str(tmp_path / "tfds"),
+                                       "batch_size": 2, "eval_batch_size": 2})
+    wd = str(tmp_path / "wd")
+    assert cli.main(["train", "--config", exp, "--workdir", wd]) == 2
+    line = last_line(capsys.readouterr().err)
+    assert line.startswith("jaxaccel: error:") and f"{bad} is not a decodable image" in line
+    assert not os.path.exists(wd)
