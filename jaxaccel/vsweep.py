@@ -511,8 +511,14 @@ def _train(runs: list[sweep.PointRun], *, mode: str, on_change: Callable[[], Non
         states, failed = payload["states"], dict(meta.get("failed", {}))
         log.info("vectorized: resumed %d points from step %d (%s)", k_points, latest, group_dir)
     else:
-        keys = jnp.stack([jax.random.PRNGKey(c.seed) for c in configs])
-        states = jax.jit(jax.vmap(init_one), out_shardings=state_sh)(keys)
+        # Each point starts exactly as `jaxaccel train` starts it: the same jitted
+        # init_state (one compile for all seeds, shared with sequential runs through the
+        # compilation cache), then stacked, with the vectorized optimizer's state.
+        init = jax.jit(setup.init_state)
+        singles = jax.device_get([init(jax.random.PRNGKey(c.seed)) for c in configs])
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *singles)
+        opt_state = jax.jit(jax.vmap(tx0.init))(stacked.params)
+        states = jax.device_put(stacked.replace(opt_state=opt_state), state_sh)
     for r in runs:
         if r.name in failed:
             sweep.mark_failed(r, failed[r.name])
