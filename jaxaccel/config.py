@@ -12,6 +12,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
 import os
 from typing import Any
 
@@ -146,19 +147,24 @@ def set_value(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = config
     for i, part in enumerate(parts[:-1]):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        if isinstance(node, (tuple, list)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]  # a section in a list, e.g. stages.1.prune.sparsity
+            continue
+        if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
             raise ConfigError(_unknown_key(config, ".".join(parts[: i + 1])))
         node = node[part]
     leaf = parts[-1]
-    if not isinstance(node, ml_collections.ConfigDict):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)):
         raise ConfigError(_unknown_key(config, key))
     if key.startswith("model.kwargs."):
+        if leaf in node:  # free-form: a later override may change the value's type
+            del node[leaf]
         node[leaf] = value  # free-form model fields, validated by the model itself
         return
     if leaf not in node:
         raise ConfigError(_unknown_key(config, key))
     old = node[leaf]
-    if isinstance(old, ml_collections.ConfigDict):
+    if isinstance(old, (ml_collections.ConfigDict, dict)):
         raise ConfigError(f"override {key!r} names a section, not a value; "
                           f"valid keys: {', '.join(sorted(old.keys()))}")
     value = _coerce(key, old, value)
@@ -231,6 +237,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         if _get(config, key) <= 0:
             raise ConfigError(f"{key}={_get(config, key)} must be positive")
+    for key in flat_keys(config):
+        value = _get(config, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
+    if config.init_from and not os.path.isfile(os.path.join(config.init_from, "config.json")):
+        raise ConfigError(f"init_from={config.init_from!r} is not a jaxaccel workdir "
+                          f"(no config.json there)")
+    bounds = config.optimizer.boundaries
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in bounds):
+        raise ConfigError(f"optimizer.boundaries={tuple(bounds)!r} must be step numbers >= 0")
+    if not 0 <= config.seed < 2**32:
+        raise ConfigError(f"seed={config.seed} must be in [0, 2**32)")
+    from jaxaccel import stages as stages_lib
+    try:
+        stages_lib.expand(config)
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ConfigError(f"stages={tuple(config.stages)!r}: not a tuple of stage sections "
+                          f"made with jaxaccel.stages.stage(...) ({e})") from None
 
 
 def validate_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:

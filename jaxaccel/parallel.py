@@ -58,8 +58,15 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
                          f"(got {count}, {pid})")
     if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # A dead or hung process is detected by the others after the heartbeat timeout (JAX's
+    # default 100 s); a process that never starts, after the initialization timeout (300 s).
+    timeouts = {}
+    for env, arg in (("JAXACCEL_HEARTBEAT_TIMEOUT", "heartbeat_timeout_seconds"),
+                     ("JAXACCEL_INIT_TIMEOUT", "initialization_timeout")):
+        if os.environ.get(env):
+            timeouts[arg] = int(os.environ[env])
     jax.distributed.initialize(coordinator_address=address, num_processes=count,
-                               process_id=pid)
+                               process_id=pid, **timeouts)
     return True
 
 

@@ -254,7 +254,7 @@ def weight_stats(params, masks, bits: int = 32) -> dict[str, Any]:
         size = int(np.size(w))
         dense_bytes += 4 * size
         if prune.is_kernel(path, w):
-            nnz = int(np.count_nonzero(np.asarray(flat_m[path])))
+            nnz = int(jnp.count_nonzero(flat_m[path]))  # on device: masks may span processes
             kernel_size += size
             kernel_nnz += nnz
             model_bytes += nnz * bits / 8 + (size / 8 if nnz < size else 0)

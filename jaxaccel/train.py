@@ -389,7 +389,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     config_lib.validate_devices(config, num_devices)
     pid, pcount = jax.process_index(), jax.process_count()
     is_main = pid == 0
-    _prepare_workdir(config, workdir, overwrite=overwrite, is_main=is_main)
 
     setups = {i: build(config, s) for i, s in enumerate(stages) if s.kind == "train"}
     first = setups[min(setups)] if setups else build(config, stages[0])
@@ -402,13 +401,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     batches = data.TrainBatches(train_source, spec, global_batch_size=config.batch_size,
                                 seed=config.seed, crop_padding=config.dataset.crop_padding,
                                 flip=config.dataset.flip, process_index=pid,
-                                process_count=pcount)
+                                process_count=pcount,
+                                cache=pcount == 1)  # several processes: each reads its rows only
     evaluate = functools.partial(evaluate_source, source=test_source, spec=spec,
                                  batch_size=config.eval_batch_size, process_index=pid,
                                  process_count=pcount)
     mesh = parallel.make_mesh(num_devices)
     uses_snapshot = any(s.kind == "rewind" and s.rewind == "snapshot" for s in stages)
     offsets = np.cumsum([0] + [s.steps for s in stages]).tolist()  # global step per stage
+    for setup in setups.values():
+        _check_model(config, setup)
+    # Only now, with the config, data and model known to work, is the workdir touched.
+    _prepare_workdir(config, workdir, overwrite=overwrite, is_main=is_main)
 
     # -- Load checkpoint (resume) or initialise -----------------------------------------
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -455,7 +459,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     rows, stats, final = done_rows, {}, None
     with contextlib.ExitStack() as stack:  # closes writers, restores signal handlers
         writer = stack.enter_context(metrics.MetricWriter(workdir, enabled=is_main))
+        writer.mark_start(found[0] if found is not None else 0)  # supersedes rows past it
         guard = stack.enter_context(PreemptionGuard())
+        stack.enter_context(checkpointer)  # pending saves finish even if the run fails
         for i, st in enumerate(stages):
             if i < resume_stage:
                 continue
@@ -591,8 +597,11 @@ def train_loop(runner: Runner, state: TrainState, batches, evaluate: Callable, c
             timed_steps += 1
         if snapshot_at is not None and snapshot_at == step_offset + done:
             extras["snapshot"] = jax.device_get(runner.to_host(state).params)
-        side_work = False
-        if done % config.log_every == 0 or done == num_steps:
+        side_work, stopping = False, guard.should_stop()
+        # Rows are also flushed before every checkpoint and on preemption, so the metrics
+        # always cover the saved steps (and a non-finite step never gets checkpointed).
+        if (done % config.log_every == 0 or done == num_steps or stopping
+                or done % config.checkpoint_every == 0):
             host = jax.device_get(window)
             elapsed = time.perf_counter() - t0
             bad = [step_offset + done - len(host) + i for i, h in enumerate(host)
@@ -605,6 +614,7 @@ def train_loop(runner: Runner, state: TrainState, batches, evaluate: Callable, c
                    for k in ("loss", "accuracy", "grad_norm")}
             row["lr"] = float(np.ravel(host[-1]["lr"])[0])
             row["nonfinite_total"] = nonfinite
+            row["nonfinite"] = len(bad)  # per row: sums correctly across resumed runs
             if timed_steps:
                 row["images_per_sec"] = timed_steps * config.batch_size / elapsed
                 row["step_ms"] = 1000 * elapsed / timed_steps
@@ -622,7 +632,7 @@ def train_loop(runner: Runner, state: TrainState, batches, evaluate: Callable, c
             side_work = True
         if side_work:
             t0 = time.perf_counter()
-        if guard.should_stop():
+        if stopping:
             if checkpointer.latest_step() != step_offset + done:
                 save(done)
             checkpointer.close()
@@ -646,6 +656,19 @@ def evaluate_source(run_eval: Callable, state: TrainState, *, source, spec, batc
             sums[k] += float(out[k])
     n = max(sums["count"], 1.0)
     return {"loss": sums["loss"] / n, "accuracy": sums["correct"] / n, "count": int(sums["count"])}
+
+
+def _check_model(config: ml_collections.ConfigDict, setup: Setup) -> None:
+    """Trace the state initialiser (shapes only, no compute): a model that cannot be built
+    from the config (e.g. a bad `model.kwargs` value) fails as one ConfigError line."""
+    try:
+        jax.eval_shape(setup.init_state, jax.random.PRNGKey(0))
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError, KeyError,
+            IndexError) as e:
+        raise config_lib.ConfigError(
+            f"model {config.model.name!r} (width={config.model.width}, "
+            f"kwargs={dict(config.model.kwargs)}) cannot be built: "
+            f"{' '.join(str(e).split())[:300]}") from e
 
 
 def _prepare_workdir(config, workdir: str, *, overwrite: bool, is_main: bool) -> None:

@@ -71,3 +71,19 @@ def test_experiments_load_and_validate():
         assert isinstance(c, ml_collections.ConfigDict)
         if c.dataset.name in ("digits", "mnist5k"):
             config_lib.validate(c)
+
+
+def test_override_inside_stages():
+    from jaxaccel import stages
+    c = config_lib.default_config()
+    c.stages = (stages.stage("t", "train", steps=3),
+                stages.stage("p", "prune", prune={"method": "one_shot", "sparsity": 0.5}))
+    config_lib.apply_overrides(c, ["stages.1.prune.sparsity=0.9", "stages.0.steps=7"])
+    assert c.stages[1].prune.sparsity == 0.9 and c.stages[0].steps == 7
+    back = config_lib.from_json(config_lib.to_json(c))  # stages as plain dicts
+    config_lib.apply_overrides(back, ["stages.1.prune.sparsity=0.95"])
+    assert stages.expand(back)[1].prune.sparsity == 0.95
+    with pytest.raises(config_lib.ConfigError, match="stages.5"):
+        config_lib.apply_overrides(c, ["stages.5.steps=1"])
+    with pytest.raises(config_lib.ConfigError, match="expected float"):
+        config_lib.apply_overrides(c, ["stages.1.prune.sparsity=abc"])

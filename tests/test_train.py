@@ -142,3 +142,34 @@ def test_transfer_learning_reinitialises_mismatched_head(reference, tmp_path):
     assert "params/fc2/kernel" in reinit and "params/fc3/kernel" in reinit
     np.testing.assert_array_equal(new_state.params["fc1"]["kernel"],
                                   final_params(src)["fc1"]["kernel"])
+
+
+@pytest.mark.parametrize("name,schedule", [("sgd", "piecewise"), ("adam", "cosine"),
+                                           ("adamw", "warmup_cosine"), ("sgd", "constant")])
+def test_optimizers_and_schedules(name, schedule):
+    import jax.numpy as jnp
+    import optax
+    from jaxaccel import train as train_lib
+    opt = config_lib.default_config().optimizer
+    opt.name, opt.schedule, opt.lr = name, schedule, 0.1
+    opt.boundaries, opt.warmup_steps, opt.weight_decay, opt.grad_clip_norm = (10, 20), 5, 1e-4, 1.0
+    tx, sched = train_lib.make_optimizer(opt, 40)
+    if schedule == "piecewise":
+        assert [float(sched(s)) for s in (0, 10, 20)] == pytest.approx([0.1, 0.01, 0.001])
+    if schedule == "warmup_cosine":
+        assert float(sched(0)) == 0.0 and float(sched(5)) == pytest.approx(0.1)
+    if schedule == "cosine":
+        assert float(sched(40)) == pytest.approx(0.0, abs=1e-7)
+    params = {"w": jnp.ones((3,))}
+    updates, _ = tx.update({"w": jnp.full((3,), 100.0)}, tx.init(params), params)
+    # clipping to global norm 1: no update is larger than lr * (clipped grad + decay) allows
+    assert float(optax.tree.norm(updates)) < 1.0
+
+
+def test_label_smoothing_changes_loss():
+    import jax.numpy as jnp
+    from jaxaccel import train as train_lib
+    logits = jnp.array([[10.0, 0.0, 0.0]])
+    plain = train_lib.cross_entropy(logits, jnp.array([0]), 3)
+    smooth = train_lib.cross_entropy(logits, jnp.array([0]), 3, label_smoothing=0.1)
+    assert float(smooth[0]) > float(plain[0])

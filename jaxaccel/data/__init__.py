@@ -11,6 +11,9 @@ read from a data dir where they were prepared beforehand (nothing is ever downlo
 
 from __future__ import annotations
 
+import glob
+import json
+import os
 import re
 from typing import Any
 
@@ -67,7 +70,42 @@ def _check_name(name: str, path: str | None) -> str:
 
 
 def _builder(name: str, data_dir: str, path: str | None) -> Any:
-    """A TFDS builder for `name`, preparing built-in datasets and folders if needed."""
+    """A TFDS builder for `name`, preparing built-in datasets and folders if needed.
+
+    Damaged prepared files (truncated, bytes flipped, unparsable metadata) give one
+    ValueError naming the directory, never a library traceback.
+    """
+    try:
+        return _open_builder(name, data_dir, path)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - TFDS/array_record/protobuf raise many types
+        where = os.path.join(data_dir, name)
+        what = _bad_json(where) or f"prepared files under {where}"
+        raise _unreadable(f"dataset {name!r}: {what}", e, where,
+                          rebuildable=DATASETS.get(name) is None
+                          or DATASETS[name].kind != "catalog") from e
+
+
+def _bad_json(directory: str) -> str | None:
+    """The first metadata file under `directory` that is not valid JSON, if any."""
+    for path in sorted(glob.glob(os.path.join(directory, "**", "*.json"), recursive=True)):
+        try:
+            with open(path) as f:
+                json.load(f)
+        except (OSError, ValueError):
+            return path
+    return None
+
+
+def _unreadable(what: str, e: BaseException, directory: str, *, rebuildable: bool) -> ValueError:
+    reason = " ".join(str(e).split())[:300] or type(e).__name__
+    fix = (f"delete {directory} and run again to rebuild it" if rebuildable
+           else f"prepare it again into {directory}")
+    return ValueError(f"{what} cannot be read ({reason}); {fix}")
+
+
+def _open_builder(name: str, data_dir: str, path: str | None) -> Any:
     kind = _check_name(name, path)
     if kind == "catalog":
         builder = catalog_builder(name, data_dir)
@@ -145,4 +183,15 @@ def get_source(
     splits = list(builder.info.splits.keys())
     if base is None or (splits and base.group(1) not in splits):
         raise ValueError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(splits)}")
-    return ExampleSource(builder.as_data_source(split=split), name=name, split=split)
+    files = sorted(glob.glob(os.path.join(str(builder.data_dir),
+                                          f"*-{base.group(1)}.array_record*")))
+    label = ", ".join(files) if files else f"the {base.group(1)!r} files in {builder.data_dir}"
+    try:
+        source = builder.as_data_source(split=split)
+        if len(source):  # files open lazily: read one record now so damage shows up here
+            source[0]
+    except Exception as e:  # noqa: BLE001 - array_record reports damage as RuntimeError
+        raise _unreadable(f"dataset {name!r}: {label}", e, str(builder.data_dir),
+                          rebuildable=DATASETS.get(name) is None
+                          or DATASETS[name].kind != "catalog") from e
+    return ExampleSource(source, name=name, split=split, files=label)

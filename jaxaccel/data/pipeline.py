@@ -29,10 +29,11 @@ class ExampleSource:
     (ids, coarse labels) so every dataset looks the same to the pipeline.
     """
 
-    def __init__(self, source: Any, *, name: str = "", split: str = ""):
+    def __init__(self, source: Any, *, name: str = "", split: str = "", files: str = ""):
         self._source = source
         self.name = name
         self.split = split
+        self.files = files  # for error messages: which files hold this split
 
     def __len__(self) -> int:
         return len(self._source)
@@ -42,10 +43,23 @@ class ExampleSource:
         return {"image": np.asarray(example["image"], dtype=np.uint8), "label": int(example["label"])}
 
     def __getitem__(self, index: int) -> dict:
-        return self._record(self._source[int(index)])
+        try:
+            return self._record(self._source[int(index)])
+        except RuntimeError as e:  # array_record's report of a damaged file
+            raise self._damaged(e) from e
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
-        return [self._record(e) for e in self._source.__getitems__([int(i) for i in indices])]
+        try:
+            records = self._source.__getitems__([int(i) for i in indices])
+        except RuntimeError as e:
+            raise self._damaged(e) from e
+        return [self._record(e) for e in records]
+
+    def _damaged(self, e: Exception) -> ValueError:
+        reason = " ".join(str(e).split())[:300]
+        return ValueError(f"dataset {self.name!r} split {self.split!r}: "
+                          f"{self.files or 'its files'} cannot be read ({reason}); delete the "
+                          f"prepared dataset directory and run again to rebuild it")
 
     def __repr__(self) -> str:
         return f"ExampleSource({self.name!r}, split={self.split!r}, len={len(self)})"
