@@ -7,6 +7,7 @@ evaluation, results.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -96,8 +97,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
                   label_smoothing: float = 0.0) -> jax.Array:
     """Per-example softmax cross-entropy with optional label smoothing."""
     targets = jax.nn.one_hot(labels, num_classes)
-    if label_smoothing:
-        targets = optax.smooth_labels(targets, label_smoothing)
+    if not (isinstance(label_smoothing, (int, float)) and label_smoothing == 0):
+        targets = optax.smooth_labels(targets, label_smoothing)  # may be traced (vsweep)
     return optax.softmax_cross_entropy(logits, targets)
 
 
@@ -376,7 +377,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     carry the stage and step, so a run killed in any stage resumes there.
     """
     # -- Set-up ------------------------------------------------------------------------
-    config = ml_collections.ConfigDict(config.to_dict())  # private copy
+    config = copy.deepcopy(config)  # private copy (stages hold nested sections)
     config_lib.validate(config)
     stages = stages_lib.expand(config)
     parallel.set_cpu_devices(config.parallel.cpu_devices)
