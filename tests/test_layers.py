@@ -170,3 +170,70 @@ def test_conv_impl_names_and_resolution():
     assert resolve_conv_impl("xla") == "xla"
     with pytest.raises(ValueError, match="'winograd'.*xla"):
         resolve_conv_impl("winograd")
+
+
+def test_conv_module_matches_nn_conv_params_and_values():
+    """`Conv` (fast paths) declares exactly nn.Conv's params — same RNG stream, same values."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    ref = nn.Conv(5, (3, 3), padding="SAME")
+    for impl in FAST_IMPLS:
+        mine = conv(5, 3, padding="SAME", conv_impl=impl)
+        assert isinstance(mine, layers.Conv)
+        p_ref = jax.jit(ref.init)(jax.random.key(7), x)
+        p = jax.jit(mine.init)(jax.random.key(7), x)
+        jax.tree.map(np.testing.assert_array_equal, p, p_ref)
+        assert_rel_close(mine.apply(p, x), ref.apply(p_ref, x))
+        y, bias = mine.apply(p, x, add_bias=False)
+        assert_rel_close(y + bias, ref.apply(p_ref, x))
+    assert isinstance(conv(5, 3, conv_impl="xla"), nn.Conv)
+
+
+@pytest.mark.parametrize("act", [None, nn.relu])
+def test_conv_act_pool_matches_pool_of_activation(act):
+    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
+    layer = {impl: conv(4, 3, padding="SAME", conv_impl=impl) for impl in CONV_IMPLS}
+    p = jax.jit(layer["xla"].init)(jax.random.key(1), x)
+    cot = jax.random.normal(jax.random.key(2), (2, 4, 4, 4))
+
+    @jax.jit
+    def run(p, x):
+        out = {}
+        for impl, lyr in layer.items():
+            f = lambda p, x, lyr=lyr, impl=impl: jnp.sum(layers.conv_act_pool(lyr.bind(p), x, act, 2, impl) * cot)
+            out[impl] = jax.grad(f, argnums=(0, 1))(p, x)
+        return out
+
+    res = run(p, x)
+    for impl in CONV_IMPLS:
+        assert_rel_close(res[impl], res["xla"])
+
+
+def test_microbatched_reassembles_in_order_and_counts():
+    x = jnp.arange(12.0).reshape(12, 1)
+    seen = []
+
+    def f(v):
+        seen.append(v.shape[0])
+        return v * 2.0
+
+    np.testing.assert_array_equal(layers.microbatched(f, x, 3), x * 2.0)
+    assert seen == [4, 4, 4]
+    np.testing.assert_array_equal(layers.microbatched(lambda v: v + 1.0, x, 1), x + 1.0)
+    assert layers.microbatch_count(128, "cpu") == 128 // layers.CPU_MICROBATCH
+    assert layers.microbatch_count(128, "xla") == 1
+    assert layers.microbatch_count(100, "cpu", 32) == 2  # largest divisor of 100 not above 100 // 32
+    assert layers.microbatch_count(7, "xla", 2) == 1  # prime batch: no even split
+    assert layers.microbatch_count(1, "cpu") == 1
+    with pytest.raises(ValueError, match="microbatch"):
+        layers.microbatch_count(8, "cpu", 0)
+
+
+def test_native_convs_of_cpu_path_read_a_materialised_input():
+    """The 'cpu' path's native convs take their filter gradient from a materialised input."""
+    x = jnp.ones((2, 8, 8, 16))
+    layer = conv(8, 3, conv_impl="cpu")
+    p = layer.init(jax.random.key(0), x)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(layer.apply(p, jnp.tanh(x)))))(p))
+    assert "cond[" in jaxpr
+    xla_layer = conv(8, 3, conv_impl="xla")
+    assert "cond[" not in str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(xla_layer.apply(p, jnp.tanh(x)))))(p))

@@ -216,3 +216,43 @@ def test_every_conv_impl_same_params_and_same_forward_and_grads(name, shape):
         for a, e in zip(jax.tree.leaves(res[impl]), jax.tree.leaves(res["xla"])):
             a, e = np.asarray(a), np.asarray(e)
             assert np.abs(a - e).max() <= 1e-4 * np.abs(e).max(), impl
+
+
+def test_resnet20_cpu_path_matches_xla():
+    """Covers the 'cpu' path's strided, 1x1 and materialised-input native convs inside BN blocks."""
+    shape = (8, 8, 3)
+    models = {impl: get_model("resnet20", 10, conv_impl=impl) for impl in ("xla", "cpu")}
+    v = init_variables(models["xla"], KEY, shape)
+    x = jax.random.normal(jax.random.key(1), (4,) + shape)
+
+    @jax.jit
+    def both(params, x):
+        out = {}
+        for impl, m in models.items():
+            def loss(p, x, m=m):
+                logits, upd = m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
+                                      mutable=["batch_stats"])
+                return -jnp.mean(jax.nn.log_softmax(logits)[:, 0]), (logits, upd)
+            out[impl] = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+        return out
+
+    res = both(v["params"], x)
+    for a, e in zip(jax.tree.leaves(res["cpu"]), jax.tree.leaves(res["xla"])):
+        a, e = np.asarray(a), np.asarray(e)
+        assert np.linalg.norm(a - e) <= 1e-4 * np.linalg.norm(e) + 1e-7
+
+
+def test_microbatch_field_does_not_change_results():
+    x = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
+    base = get_model("cnn3", 10, conv_impl="cpu", microbatch=8)  # one micro-batch
+    split = get_model("cnn3", 10, conv_impl="cpu", microbatch=2)  # four interleaved micro-batches
+    v = init_variables(base, KEY, (16, 16, 3))
+
+    def grads(m):
+        return jax.jit(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x) ** 2)))(v["params"])
+
+    np.testing.assert_allclose(split.apply(v, x), base.apply(v, x), rtol=1e-6, atol=1e-6)
+    for a, e in zip(jax.tree.leaves(grads(split)), jax.tree.leaves(grads(base))):
+        assert np.abs(np.asarray(a) - np.asarray(e)).max() <= 1e-5 * np.abs(np.asarray(e)).max()
+    with pytest.raises(ValueError, match="microbatch"):
+        get_model("cnn3", 10, conv_impl="cpu", microbatch=0).apply(v, x)

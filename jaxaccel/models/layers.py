@@ -9,7 +9,7 @@ streams, so checkpoints are interchangeable between implementations.
 Implementations (`CONV_IMPLS`):
   * "xla":    plain flax: `nn.Conv` (`lax.conv_general_dilated`) and `nn.max_pool`.
   * "im2col": every stride-1 conv as patches @ kernel with a custom VJP: filter gradient
-              `patches.T @ dy` (patches saved from the forward), input gradient a forward
+              `patches.T @ dy` (patches rebuilt from the saved input), input gradient a forward
               conv of `dy` with the flipped, transposed kernel. Max-pool via `max_pool_2d`
               (masks instead of select-and-scatter), taken before bias and activation.
   * "cpu":    the mix measured fastest on XLA:CPU: im2col only where the patch is short
@@ -113,11 +113,13 @@ def _make_im2col_conv(padding: tuple[tuple[int, int], ...]) -> Callable[[jax.Arr
         return forward(x, kernel)[0]
 
     def fwd(x, kernel):
-        y, p = forward(x, kernel)
-        return y, (p, kernel)
+        # Keep x, not the kh*kw times larger patches: rebuilding them in the backward costs
+        # the same time (measured) and saves memory.
+        return forward(x, kernel)[0], (x, kernel)
 
     def bwd(res, dy):
-        p, kernel = res
+        x, kernel = res
+        p = im2col_patches(x, kernel.shape[:2], padding)
         cout = kernel.shape[-1]
         dk = (p.T @ dy.reshape(-1, cout)).reshape(kernel.shape).astype(kernel.dtype)
         return _input_grad(dy, kernel, padding).astype(dy.dtype), dk
@@ -139,23 +141,61 @@ def _fast_path_ok(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimensio
             and feature_group_count == 1 and batch_group_count == 1)
 
 
+def _materialized(x: jax.Array, token: jax.Array) -> jax.Array:
+    """`x`, but as the output of a conditional, which XLA cannot fuse its producers through.
+
+    `lax.optimization_barrier` does not survive XLA:CPU's pipeline; a conditional on a
+    data-dependent scalar (`token`, a replicated kernel entry: no communication when the
+    batch is sharded) does. Both branches return `x` exactly (v * 1 == v for every float).
+    """
+    return lax.cond(token >= 0, lambda v: v, lambda v: v * jnp.ones((), v.dtype), x)
+
+
+def _native_materialized_input(conv_fn: Callable, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`conv_fn(x, kernel)` with XLA's own gradients, computed from a materialised `x`.
+
+    Otherwise XLA:CPU fuses the elementwise producers of `x` (bias, BatchNorm, ReLU,
+    residual adds — recursively through earlier blocks) into the transpose that feeds its
+    native filter-gradient conv and recomputes them there in a cache-hostile transposed
+    order: about a third of ResNet-20's train step on this machine.
+    """
+
+    @jax.custom_vjp
+    def f(x, kernel):
+        return conv_fn(x, kernel)
+
+    def fwd(x, kernel):
+        return conv_fn(x, kernel), (x, kernel)
+
+    def bwd(res, dy):
+        x, kernel = res
+        return jax.vjp(conv_fn, _materialized(x, kernel.reshape(-1)[0]), kernel)[1](dy)
+
+    f.defvjp(fwd, bwd)
+    return f(x, kernel)
+
+
 def _make_conv_general_dilated(impl: str) -> Callable:
     """A `lax.conv_general_dilated` stand-in lowering eligible convs per `impl`."""
 
     def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                              dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                              preferred_element_type=None):
-        native = lambda: lax.conv_general_dilated(  # noqa: E731
-            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-            batch_group_count=batch_group_count, precision=precision, preferred_element_type=preferred_element_type)
-        if preferred_element_type is not None or not _fast_path_ok(
-                lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
-                batch_group_count):
-            return native()
+        def native_fn(x, k):
+            return lax.conv_general_dilated(
+                x, k, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                batch_group_count=batch_group_count, precision=precision,
+                preferred_element_type=preferred_element_type)
+
+        if preferred_element_type is not None:
+            return native_fn(lhs, rhs)
+        if not _fast_path_ok(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
+                             feature_group_count, batch_group_count):
+            return _native_materialized_input(native_fn, lhs, rhs)
         kh, kw, cin, _ = rhs.shape
         if impl == "cpu" and kh * kw * cin > CPU_IM2COL_MAX_PATCH:
-            return native()
+            return _native_materialized_input(native_fn, lhs, rhs)
         pads = _explicit_padding(padding, lhs.shape[1:3], (kh, kw))
         return _make_im2col_conv(pads)(lhs, rhs)
 
