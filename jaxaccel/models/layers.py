@@ -11,20 +11,24 @@ Implementations (`CONV_IMPLS`):
   * "im2col": every stride-1 conv as patches @ kernel with a custom VJP: filter gradient
               `patches.T @ dy` (patches rebuilt from the saved input), input gradient a forward
               conv of `dy` with the flipped, transposed kernel. Max-pool via `max_pool_2d`
-              (masks instead of select-and-scatter), taken before bias and activation.
-  * "cpu":    the mix measured fastest on XLA:CPU: im2col only where the patch is short
-              (kh*kw*Cin <= `CPU_IM2COL_MAX_PATCH`, i.e. first layers), the native conv
-              elsewhere; `max_pool_2d` before bias and activation; and, in models without
-              BatchNorm, the conv stack run on micro-batches of `CPU_MICROBATCH` examples
-              (see `microbatched`).
+              (no select-and-scatter), taken before bias and activation.
+  * "cpu":    the mix measured fastest on XLA:CPU (2-core machine, cnn3 batch 128 step
+              ~180 ms -> ~90-130 ms): im2col only where the patch is short (kh*kw*Cin <=
+              `CPU_IM2COL_MAX_PATCH`, i.e. first layers), the native conv elsewhere but with
+              its filter gradient taken from a materialised input (`_native_materialized_input`);
+              `max_pool_2d` before bias and activation; and, in models without BatchNorm, the
+              conv stack run on micro-batches of `CPU_MICROBATCH` examples (`microbatched`).
   * "auto":   resolved when the model is traced: "cpu" on the CPU backend, "xla" elsewhere.
 Convs the fast paths do not cover (strides, dilations, feature groups) use the native conv.
 
-Why the fast paths are exact: pooling commutes with adding a per-channel bias and with a
-non-decreasing activation (ReLU, identity), in value and — with first-maximum routing —
-in gradient, so pool(relu(conv + b)) is computed as relu(pool(conv) + b) on 4x fewer
-elements; micro-batches change nothing per example (only the summation order of filter
-gradients across micro-batches).
+Numerics: pooling commutes with a non-decreasing activation (ReLU, identity) and with
+adding a per-channel bias, in value exactly and in gradient with first-maximum routing,
+so pool(relu(conv + b)) is computed as relu(pool(conv) + b) on 4x fewer elements (the
+only difference: when two window entries are within one rounding step of each other,
+`+ b` can tie them and nn.max_pool would route to the earlier one). Micro-batches change
+nothing per example (only the summation order of filter gradients). im2col forwards
+round differently from the native conv (~1e-7 relative), which can flip the maximum of a
+pool window whose entries are that close; the "cpu" path uses im2col only in first layers.
 """
 from __future__ import annotations
 
