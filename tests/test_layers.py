@@ -24,10 +24,11 @@ def assert_rel_close(actual, expected, rtol=RTOL):
         assert np.abs(a - e).max() <= rtol * scale, (np.abs(a - e).max(), scale)
 
 
-def check_all_impls_match_xla(x, kernel, features, padding, strides=1, use_bias=True):
+def check_all_impls_match_xla(x, kernel, features, padding, strides=1, use_bias=True, groups=1):
     """Values and grads (kernel, bias, input) of every fast impl vs "xla", in one compiled program."""
     layers_by_impl = {
-        impl: conv(features, kernel, padding=padding, strides=strides, use_bias=use_bias, conv_impl=impl)
+        impl: conv(features, kernel, padding=padding, strides=strides, use_bias=use_bias, conv_impl=impl,
+                   feature_group_count=groups)
         for impl in ["xla"] + FAST_IMPLS
     }
     shapes = {impl: jax.eval_shape(l.init, jax.random.key(1), x)["params"] for impl, l in layers_by_impl.items()}
@@ -98,6 +99,17 @@ def test_fast_conv_compiles_to_no_native_conv_for_small_patches():
         assert ("convolution(" in hlo) == has_conv, impl
 
 
+def test_depthwise_conv_compiles_to_no_native_conv_on_fast_paths():
+    """Stride-1 depthwise convs run as shifted multiply-adds (forward and gradients)."""
+    x = jnp.ones((2, 8, 8, 4))
+    for impl, has_conv in (("xla", True), ("im2col", False), ("cpu", False)):
+        layer = conv(4, 3, feature_group_count=4, conv_impl=impl)
+        p = layer.init(jax.random.key(0), x)["params"]
+        grad = jax.grad(lambda p, x: layer.apply({"params": p}, x).sum(), argnums=(0, 1))
+        hlo = jax.jit(grad).lower(p, x).compile().as_text()
+        assert ("convolution(" in hlo) == has_conv, impl
+
+
 def xla_pool(window):
     return lambda x: nn.max_pool(x, (window, window), strides=(window, window), padding="VALID")
 
@@ -161,6 +173,33 @@ def test_max_pool_bfloat16():
     np.testing.assert_array_equal(np.asarray(max_pool(x, 2, conv_impl="cpu"), np.float32), np.asarray(y, np.float32))
     assert y.dtype == g.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g_ref, np.float32))
+
+
+@pytest.mark.parametrize("channels,features,groups,strides", [
+    (6, 6, 6, 1),   # depthwise (dscnn_bn's dw convs)
+    (4, 8, 2, 1),   # grouped, two output channels per input channel
+    (6, 6, 6, 2),   # strided depthwise
+])
+def test_grouped_conv_matches_xla_values_and_grads(channels, features, groups, strides):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 7, channels))
+    y = check_all_impls_match_xla(x, 3, features, "SAME", strides=strides, use_bias=False, groups=groups)
+    out = -(-7 // strides)  # SAME: ceil(7 / strides)
+    assert y.shape == (2, out, out, features)
+
+
+def test_grouped_conv_module_matches_nn_conv_params_and_rejects_bad_groups():
+    """A depthwise `Conv` has nn.Conv's kernel (3, 3, 1, C), same init values and outputs."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+    ref = nn.Conv(4, (3, 3), padding="SAME", feature_group_count=4)
+    mine = conv(4, 3, padding="SAME", feature_group_count=4, conv_impl="cpu")
+    assert isinstance(mine, layers.Conv) and isinstance(conv(4, 3, feature_group_count=4, conv_impl="xla"), nn.Conv)
+    p_ref = ref.init(jax.random.key(7), x)
+    p = mine.init(jax.random.key(7), x)
+    assert p["params"]["kernel"].shape == (3, 3, 1, 4)
+    jax.tree.map(np.testing.assert_array_equal, p, p_ref)
+    assert_rel_close(mine.apply(p, x), ref.apply(p_ref, x))
+    with pytest.raises(ValueError, match="feature_group_count=3"):
+        conv(4, 3, feature_group_count=3, conv_impl="cpu").init(jax.random.key(0), x)
 
 
 def test_conv_impl_names_and_resolution():

@@ -36,6 +36,7 @@ def apply(model, variables, x, train=False):
         ("lenet5", (8, 8, 1), {"padding": "SAME"}),
         ("resnet20", (32, 32, 3), {}),
         ("cnn_bn", (28, 28, 1), {}),
+        ("dscnn_bn", (28, 28, 1), {}),
     ],
 )
 def test_output_shape_and_dtype(name, shape, kwargs):
@@ -57,6 +58,10 @@ def test_output_shape_and_dtype(name, shape, kwargs):
         # Projection shortcuts (option B): 269,722 (option A, the paper's 0.27M) + 2,752.
         ("resnet20", (32, 32, 3), 272_474),
         ("cnn_bn", (28, 28, 1), 50_282),
+        # conv1 9*32 + bn 2*32, dw1 9*32 + bn 2*32, pw1 32*64 + bn 2*64, dw2 9*64 + bn 2*64,
+        # pw2 64*128 + bn 2*128, fc 128*10 + 10; global average pool: independent of H, W.
+        ("dscnn_bn", (28, 28, 1), 13_322),
+        ("dscnn_bn", (16, 16, 3), 13_322 + 2 * 9 * 32),  # conv1 reads 3 channels
     ],
 )
 def test_parameter_counts(name, shape, count):
@@ -93,6 +98,16 @@ def test_names_follow_contract():
     assert "bias" not in v["params"]["stage1_block1"]["conv1"]
     p = abstract(get_model("cnn_bn", 10), (28, 28, 1))["params"]
     assert sorted(p) == ["bn1", "bn2", "conv1", "conv2", "fc"]
+    v = abstract(get_model("dscnn_bn", 10), (28, 28, 1))
+    assert sorted(v["params"]) == sorted(["conv1", "bn1", "dw1", "bn_dw1", "pw1", "bn_pw1",
+                                          "dw2", "bn_dw2", "pw2", "bn_pw2", "fc"])
+    assert sorted(v["batch_stats"]) == ["bn1", "bn_dw1", "bn_dw2", "bn_pw1", "bn_pw2"]
+    p = v["params"]
+    assert p["conv1"]["kernel"].shape == (3, 3, 1, 32)
+    assert p["dw1"]["kernel"].shape == (3, 3, 1, 32) and p["dw2"]["kernel"].shape == (3, 3, 1, 64)  # depthwise
+    assert p["pw1"]["kernel"].shape == (1, 1, 32, 64) and p["pw2"]["kernel"].shape == (1, 1, 64, 128)
+    assert p["fc"]["kernel"].shape == (128, 10)
+    assert all("bias" not in p[c] for c in ("conv1", "dw1", "pw1", "dw2", "pw2"))
 
 
 def test_unknown_name_dtype_impl_field():
@@ -108,7 +123,9 @@ def test_unknown_name_dtype_impl_field():
         get_model("cnn3", 10, width=0.0)
     with pytest.raises(ValueError, match="inner_widths"):
         abstract(get_model("resnet20", 10, inner_widths=(4, 4)), (32, 32, 3))
-    assert set(MODELS) == {"cnn3", "lenet300_100", "lenet5", "resnet20", "cnn_bn"}
+    assert set(MODELS) == {"cnn3", "lenet300_100", "lenet5", "resnet20", "cnn_bn", "dscnn_bn"}
+    with pytest.raises(ValueError, match=r"pool_after=\(0, 3\): \[3\] not in 0"):
+        abstract(get_model("dscnn_bn", 10, pool_after=(0, 3)), (28, 28, 1))
 
 
 @pytest.mark.parametrize("name,shape", [("cnn3", (16, 16, 3)), ("resnet20", (8, 8, 3))])
@@ -128,7 +145,8 @@ def test_bfloat16_compute_float32_params_and_logits(name, shape):
     assert "bf16" in hlo
 
 
-@pytest.mark.parametrize("name,shape", [("cnn_bn", (28, 28, 1)), ("resnet20", (32, 32, 3))])
+@pytest.mark.parametrize("name,shape", [("cnn_bn", (28, 28, 1)), ("resnet20", (32, 32, 3)),
+                                        ("dscnn_bn", (28, 28, 1))])
 def test_use_bn_false_has_conv_biases_and_no_bn(name, shape):
     with_bn = abstract(get_model(name, 10), shape)
     without = init_variables(get_model(name, 10, use_bn=False), KEY, shape)
@@ -136,7 +154,8 @@ def test_use_bn_false_has_conv_biases_and_no_bn(name, shape):
     flat_with = {"/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(with_bn["params"])}
     flat_without = {"/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(without["params"])}
     assert not any("bn" in p for p in flat_without)
-    convs = {p.rsplit("/", 1)[0] for p in flat_with if p.endswith("kernel") and "conv" in p}
+    convs = {p.rsplit("/", 1)[0] for p in flat_with if p.endswith("kernel") and not p.startswith("fc")}
+    assert convs
     for c in convs:
         assert f"{c}/kernel" in flat_without and f"{c}/bias" in flat_without
         assert f"{c}/bias" not in flat_with
@@ -160,6 +179,10 @@ def test_width_multiplier():
     assert p["stage2_block2"]["conv2"]["kernel"].shape == (3, 3, 8, 64)
     p = abstract(get_model("cnn3", 10, width=0.5, features=(8, 8, 8)), (32, 32, 3))["params"]
     assert p["conv3"]["kernel"].shape == (3, 3, 8, 8) and p["fc1"]["kernel"].shape == (128, 64)
+    # dscnn_bn: the depthwise convs follow the (scaled) widths of their inputs.
+    p = abstract(get_model("dscnn_bn", 10, width=0.5), (28, 28, 1))["params"]
+    assert p["conv1"]["kernel"].shape == (3, 3, 1, 16) and p["dw2"]["kernel"].shape == (3, 3, 1, 32)
+    assert p["pw2"]["kernel"].shape == (1, 1, 32, 64) and p["fc"]["kernel"].shape == (64, 10)
 
 
 @pytest.mark.parametrize("name,shape", [("cnn_bn", (12, 12, 1)), ("resnet20", (8, 8, 3))])
@@ -187,7 +210,8 @@ def test_bn_axis_name_syncs_statistics_across_devices():
     np.testing.assert_allclose(means[0], means[-1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,shape", [("cnn3", (32, 32, 3)), ("lenet5", (28, 28, 1)), ("cnn_bn", (16, 16, 1))])
+@pytest.mark.parametrize("name,shape", [("cnn3", (32, 32, 3)), ("lenet5", (28, 28, 1)), ("cnn_bn", (16, 16, 1)),
+                                        ("dscnn_bn", (12, 12, 1))])
 def test_every_conv_impl_same_params_and_same_forward_and_grads(name, shape):
     from jaxaccel.models.layers import CONV_IMPLS
 
@@ -196,6 +220,11 @@ def test_every_conv_impl_same_params_and_same_forward_and_grads(name, shape):
     for impl in CONV_IMPLS:
         assert trees[impl] == trees["xla"], impl  # checkpoints are interchangeable
     v = init_variables(models["xla"], KEY, shape)
+    if name == "dscnn_bn":
+        # BN shifts away from their init 0: with beta = 0 a BN scale whose channel goes through
+        # ReLU, pooling and a depthwise conv into a train-mode BN is normalised away, so its
+        # gradient is exactly 0 and only rounding noise would be compared.
+        v["params"] = {k: dict(p, bias=p["bias"] + 0.1) if k.startswith("bn") else p for k, p in v["params"].items()}
     x = jax.random.normal(jax.random.key(1), (3,) + shape)
     labels = jnp.arange(3) % 10
 

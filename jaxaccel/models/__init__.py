@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jaxaccel.models.cnn import CNN3, CNNBN
 from jaxaccel.models.layers import CONV_IMPLS, check_conv_impl, resolve_conv_impl
 from jaxaccel.models.lenet import LeNet5, LeNet300100
+from jaxaccel.models.mobilenet import DSCNNBN
 from jaxaccel.models.resnet import ResNet20
 
 MODELS: dict[str, type] = {
@@ -22,6 +23,7 @@ MODELS: dict[str, type] = {
     "lenet5": LeNet5,
     "resnet20": ResNet20,
     "cnn_bn": CNNBN,
+    "dscnn_bn": DSCNNBN,
 }
 
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -33,6 +35,7 @@ _WIDTH_FIELDS: dict[str, tuple[str, ...]] = {
     "lenet5": ("features", "hidden"),
     "resnet20": ("stage_widths",),
     "cnn_bn": ("features",),
+    "dscnn_bn": ("features",),
 }
 
 
@@ -90,5 +93,5 @@ def init_variables(model: nn.Module, rng: jax.Array, input_shape: Sequence[int])
 
 __all__ = [
     "MODELS", "DTYPES", "CONV_IMPLS", "get_model", "init_variables", "scale_width", "resolve_conv_impl",
-    "CNN3", "CNNBN", "LeNet300100", "LeNet5", "ResNet20",
+    "CNN3", "CNNBN", "DSCNNBN", "LeNet300100", "LeNet5", "ResNet20",
 ]
