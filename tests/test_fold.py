@@ -28,7 +28,8 @@ def _trained_like(variables, seed=0):
     return jax.tree_util.tree_unflatten(tree, out)
 
 
-@pytest.mark.parametrize("name,kwargs", [("cnn_bn", dict(features=(8, 16))), ("resnet20", dict(width=0.5))])
+@pytest.mark.parametrize("name,kwargs", [("cnn_bn", dict(features=(8, 16))), ("resnet20", dict(width=0.5)),
+                                         ("dscnn_bn", dict(features=(8, 16, 16)))])
 def test_fold_eval_equivalence(name, kwargs):
     model = get_model(name, 10, **kwargs)
     variables = _trained_like(init_variables(model, jax.random.key(0), (8, 8, 3)))
@@ -51,6 +52,25 @@ def test_pairs_of_resnet():
     assert got["conv_init"] == "bn_init"
     assert got["stage2_block1/proj_conv"] == "stage2_block1/proj_bn"
     assert got["stage3_block3/conv2"] == "stage3_block3/bn2"
+
+
+def test_pairs_and_depthwise_fold_of_dscnn():
+    """Every conv of dscnn_bn is paired with its BN; a depthwise kernel (3, 3, 1, C) is scaled
+    along its last axis, one factor per channel (= per input channel)."""
+    model = get_model("dscnn_bn", 10, features=(8, 16, 16))
+    pairs = find_conv_bn_pairs(model, (1, 8, 8, 1))
+    got = {"/".join(p["conv"]): "/".join(p["bn"]) for p in pairs}
+    assert got == {"conv1": "bn1", "dw1": "bn_dw1", "pw1": "bn_pw1", "dw2": "bn_dw2", "pw2": "bn_pw2"}
+    variables = _trained_like(init_variables(model, jax.random.key(0), (8, 8, 1)), seed=1)
+    folded_model, folded = fold_bn(model, variables, input_shape=(1, 8, 8, 1))
+    kernel = variables["params"]["dw2"]["kernel"]
+    assert kernel.shape == (3, 3, 1, 16)
+    bn, stats = variables["params"]["bn_dw2"], variables["batch_stats"]["bn_dw2"]
+    factor = bn["scale"] / jnp.sqrt(stats["var"] + 1e-5)
+    np.testing.assert_allclose(folded["params"]["dw2"]["kernel"], kernel * factor, rtol=1e-6)
+    np.testing.assert_allclose(folded["params"]["dw2"]["bias"], bn["bias"] - stats["mean"] * factor,
+                               rtol=1e-5, atol=1e-6)
+    assert sorted(folded["params"]) == ["conv1", "dw1", "dw2", "fc", "pw1", "pw2"]
 
 
 def test_fold_conv_bn_formula():

@@ -11,6 +11,7 @@ from jaxaccel.compress import int8 as i8
 from jaxaccel.compress import quant as q
 from jaxaccel.compress.fold import fold_bn
 from jaxaccel.models import get_model, init_variables
+from jaxaccel.models.layers import conv
 
 
 def _digits():
@@ -86,19 +87,25 @@ def test_int8_kernels_are_int8_and_float_copy_dropped(trained):
 
 
 class _Single(nn.Module):
-    """One conv (SAME, stride 2) or one dense layer: no cascading rounding, so equality is tight."""
+    """One conv (SAME, stride 2), one depthwise conv (the models' conv module, SAME) or one
+    dense layer: no cascading rounding, so equality is tight."""
     kind: str
 
     @nn.compact
     def __call__(self, x, train=False):
         if self.kind == "conv":
             return nn.Conv(6, (3, 3), strides=2, padding="SAME", name="layer")(x)
+        if self.kind == "depthwise":
+            c = x.shape[-1]
+            return conv(c, 3, padding="SAME", feature_group_count=c, conv_impl="cpu", name="layer")(x)
         return nn.Dense(6, name="layer")(x.reshape(x.shape[0], -1))
 
 
 @pytest.mark.parametrize("kind,act_config", [
     ("conv", q.ACT_CONFIG),                                                      # int8 affine
     ("conv", q.QuantConfig(per_channel=False, symmetric=False, signed=False)),   # uint8 affine
+    ("depthwise", q.ACT_CONFIG),                                                 # zero-point padding
+    ("depthwise", q.QuantConfig(per_channel=False)),                             # int8 symmetric
     ("dense", q.QuantConfig(per_channel=False)),                                 # int8 symmetric
     ("dense", q.QuantConfig(bits=4, per_channel=False, symmetric=False)),        # 4-bit affine
 ])
@@ -123,14 +130,14 @@ def test_pruned_zeros_stay_zero_in_int8(trained):
         assert np.mean(np.asarray(layer.kernel) == 0) >= 0.69
 
 
-@pytest.mark.parametrize("name", ["cnn_bn", pytest.param("resnet20", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["cnn_bn", "dscnn_bn", pytest.param("resnet20", marks=pytest.mark.slow)])
 def test_int8_on_folded_bn_model(name):
     model = get_model(name, 10, width=0.25)
     variables = init_variables(model, jax.random.key(0), (8, 8, 3))
     fmodel, fvars = fold_bn(model, variables, input_shape=(1, 8, 8, 3))
     x = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
     act = q.calibrate(fmodel, fvars, [x])
-    assert len(act) == {"cnn_bn": 3, "resnet20": 22}[name]
+    assert len(act) == {"cnn_bn": 3, "dscnn_bn": 6, "resnet20": 22}[name]
     fq = jax.jit(lambda v, x: q.apply_fake_quant(fmodel, v, x, act))(fvars, x)
     out = jax.jit(lambda m, x: i8.int8_apply(fmodel, m, x))(i8.convert_int8(fvars, act), x)
     assert float(jnp.mean(jnp.abs(out - fq))) < 1e-3 * float(jnp.mean(jnp.abs(fq)))
