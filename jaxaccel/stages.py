@@ -4,12 +4,20 @@ A config's `stages` is an ordered tuple of stage ConfigDicts made with `stage(..
   * `train`    — `steps` optimizer steps (its own `optimizer` overrides); optional gradual
                  pruning (`prune.method="gradual"`) or QAT (`quant.mode="qat"`) inside the step;
   * `prune`    — one-shot magnitude pruning of the current weights (`prune.*`), or an IMP
-                 round (`prune.method="imp"`: prune `rate` of the weights still kept);
+                 round (`prune.method="imp"`: prune `rate` of the weights still kept); the
+                 new masks are a subset of the carried ones, and a one-shot sparsity counts
+                 the weights already pruned, so prune → train → prune (higher) → train … is
+                 iterative pruning (Han et al. 2015);
   * `rewind`   — weights back to the snapshot taken at `config.rewind_step` (0 = init), or to
                  fresh random weights (`rewind="random"`, the lottery-ticket control), masked;
   * `quantize` — post-training quantization: fold BN, calibrate activations, evaluate W/A
                  fake-quant and real int8 (`quant.*`);
-  * `evaluate` — evaluate the current state.
+  * `evaluate` — evaluate the current state; with a one-shot `prune` section
+                 (`prune.method="one_shot"`, any of its fields) it evaluates the current
+                 weights with those magnitude masks applied (on top of the current masks)
+                 and leaves the state unchanged: "pruned, without retraining" as its own
+                 row (its sparsity / model bytes describe the pruned evaluation) while the
+                 next stage starts from the weights and masks this one was given.
 Masks carry from stage to stage (a pruned weight stays exactly zero afterwards). A config
 without stages is one `train` stage of `num_steps`. `config.imp.rounds > 0` expands into
 IMP rounds (train → prune → rewind) without writing them out.
@@ -27,6 +35,7 @@ KINDS = ("train", "prune", "rewind", "quantize", "evaluate")
 PRUNE_METHODS = ("none", "one_shot", "gradual", "imp")
 QUANT_MODES = ("none", "ptq", "qat")
 REWIND_TO = ("snapshot", "random")
+EVALUATE_PRUNE_METHODS = ("none", "one_shot")  # evaluate with one-shot masks, state unchanged
 
 
 def prune_defaults() -> ml_collections.ConfigDict:
@@ -140,6 +149,9 @@ def _validate(i: int, s: ml_collections.ConfigDict) -> None:
         raise ValueError(f"{where}.steps={s.steps}: only train stages take steps")
     if s.kind == "prune" and s.prune.method not in ("one_shot", "imp"):
         raise ValueError(f"{where}.prune.method={s.prune.method!r}: a prune stage is one_shot or imp")
+    if s.kind == "evaluate" and s.prune.method not in EVALUATE_PRUNE_METHODS:
+        raise ValueError(f"{where}.prune.method={s.prune.method!r} is not valid for an evaluate "
+                         f"stage; choose one of: {', '.join(EVALUATE_PRUNE_METHODS)}")
     if s.kind == "train" and s.prune.method not in ("none", "gradual"):
         raise ValueError(f"{where}.prune.method={s.prune.method!r}: a train stage prunes "
                          f"only gradually (or none)")

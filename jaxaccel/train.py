@@ -486,13 +486,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
                 carry = carry_of(runner, state)
                 result = evaluate(runner.run_eval, state)
             else:
-                carry, result, extra_row = _transform(st, i, carry, snapshot, config, setups,
-                                                      first, train_source, batches, evaluate,
-                                                      mesh, runner_for, stages)
+                carry, evaluated, result, extra_row = _transform(
+                    st, i, carry, snapshot, config, setups, first, train_source, batches,
+                    evaluate, mesh, runner_for, stages)
                 row.update(extra_row)
+            if st.kind == "train":
+                evaluated = carry
             bits = st.quant.weight_bits if st.quant.mode != "none" else 32
+            # The row describes the weights it evaluated (for an evaluate stage with a
+            # one-shot prune section: the pruned ones, not the unchanged carry).
             row.update(test_accuracy=result["accuracy"], test_loss=result["loss"],
-                       **stages_lib.weight_stats(carry["params"], carry["masks"], bits))
+                       **stages_lib.weight_stats(evaluated["params"], evaluated["masks"], bits))
             writer.write(offsets[i + 1], {**result, "stage": st.name}, prefix="test")
             rows.append(row)
             final = row
@@ -516,8 +520,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
 
 
 def _transform(st, i, carry, snapshot, config, setups, first, train_source, batches, evaluate,
-               mesh, runner_for, stages) -> tuple[dict, dict, dict]:
-    """Run a non-training stage on the carried weights; returns (carry, test result, row)."""
+               mesh, runner_for, stages) -> tuple[dict, dict, dict, dict]:
+    """Run a non-training stage on the carried weights.
+
+    Returns (carry for the next stage, the weights evaluated, test result, row). They differ
+    only for an evaluate stage with a one-shot prune section, which evaluates pruned weights
+    and passes the carry on unchanged.
+    """
     # Evaluate with the most recent train stage's compiled steps (same model).
     prev = max([j for j in setups if j <= i], default=None)
     if prev is None:
@@ -538,7 +547,11 @@ def _transform(st, i, carry, snapshot, config, setups, first, train_source, batc
             fresh = jax.jit(runner.setup.init_state)(rng).params
             params = prune.apply_masks(fresh, carry["masks"])
         carry = {**carry, "params": params}
-    state = runner.start(carry)
+    evaluated = carry
+    if st.kind == "evaluate" and st.prune.method != "none":
+        params, masks = stages_lib.prune_once(carry["params"], carry["masks"], st.prune)
+        evaluated = {**carry, "params": params, "masks": masks}
+    state = runner.start(evaluated)
     result = evaluate(runner.run_eval, state)
     if st.kind == "quantize":
         setup = runner.setup
@@ -553,7 +566,7 @@ def _transform(st, i, carry, snapshot, config, setups, first, train_source, batc
                    int8_accuracy=ptq.get("int8", {}).get("accuracy"),
                    int8_bytes=ptq.get("int8_bytes"))
         result = ptq["fake_quant"]
-    return carry, result, row
+    return carry, evaluated, result, row
 
 
 def train_loop(runner: Runner, state: TrainState, batches, evaluate: Callable, checkpointer,
