@@ -127,9 +127,17 @@ def han(workdirs: Sequence[str]) -> str:
         runs = finished_runs(wd)
         model = runs[0].results.get("model", "")
         pub = HAN_PUBLISHED.get(model, {"title": model, "dense": None, "pruned": None, "kept": "—"})
-        kept = [100.0 * (1.0 - r.rows["retrain"]["sparsity"]) for r in runs]
-        size = [r.rows["retrain"]["model_bytes"] / 1024 for r in runs]
         dense_kb = runs[0].rows["dense"]["model_bytes"] / 1024
+
+        def kept(stage):  # each row's own sparsity / size (no_retrain: the pruned evaluation)
+            return (f"{fmt([100.0 * (1.0 - r.rows[stage]['sparsity']) for r in runs], 1)}%",
+                    fmt([r.rows[stage]["model_bytes"] / 1024 for r in runs], 0))
+
+        # Iterative pruning: rounds 1..R-1 end in `round{r}/retrain`, round R in `retrain`.
+        rounds = [n for n in runs[0].rows if re.fullmatch(r"round\d+/retrain", n)]
+        total = len(rounds) + 1
+        final = ("pruned + retrained at lr/10" if not rounds else
+                 f"pruned + retrained at lr/10, iteration {total}/{total} (final)")
         out += [f"### {pub['title']} — {seeds_note(runs)}", ""]
         out += table(
             ["", "test accuracy % (this repo, mnist5k)", "weights kept", "size KB",
@@ -137,10 +145,12 @@ def han(workdirs: Sequence[str]) -> str:
             [["dense", fmt([r.acc("dense") for r in runs]), "100%", f"{dense_kb:.0f}",
               f"{pub['dense']:.2f}" if pub["dense"] else "—"],
              ["pruned, no retraining", fmt([r.acc("no_retrain") for r in runs]),
-              f"{fmt(kept, 1)}%", fmt(size, 0), "— (AlexNet: drops below ~1/3 kept)"],
-             ["pruned + retrained at lr/10", fmt([r.acc("retrain") for r in runs]),
-              f"{fmt(kept, 1)}%", fmt(size, 0),
-              f"{pub['pruned']:.2f} ({pub['kept']})" if pub["pruned"] else "—"]])
+              *kept("no_retrain"), "— (AlexNet: drops below ~1/3 kept)"]]
+            + [[f"pruned + retrained at lr/10, iteration {k}/{total}",
+                fmt([r.acc(n) for r in runs]), *kept(n), "—"]
+               for k, n in enumerate(rounds, 1)]
+            + [[final, fmt([r.acc("retrain") for r in runs]), *kept("retrain"),
+                f"{pub['pruned']:.2f} ({pub['kept']})" if pub["pruned"] else "—"]])
         retrain_gap = diffs(runs, lambda r: r.acc("retrain"), lambda r: r.acc("dense"))
         noretrain_gap = diffs(runs, lambda r: r.acc("no_retrain"), lambda r: r.acc("dense"))
         out += ["", "Paired per seed (points of accuracy):",
