@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+import threading
 
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 3
@@ -36,7 +37,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ignore_closed_loop_callbacks(unraisable: "sys.UnraisableHookArgs") -> None:
+    """Drop tensorstore's completion callbacks that reach an asyncio loop orbax already closed
+    (after a failed background save): harmless, and otherwise a traceback each on stderr."""
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def _last_words(line: str, program: bool) -> None:
+    """Print `line`; as a program (not called from Python), also make it the last thing on
+    stderr: background threads still finishing (orbax's save threads after a failed write)
+    must not log or print tracebacks after it before the process exits."""
+    if program:
+        logging.disable(logging.CRITICAL)
+        sys.unraisablehook = lambda _: None
+        threading.excepthook = lambda _: None
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command in `argv` (None: this process's command line, i.e. run as a program)."""
+    program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     known, extra = parser.parse_known_args(argv)
@@ -45,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if program:
+        sys.unraisablehook = _ignore_closed_loop_callbacks
     for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from jaxaccel.compilation_cache import enable_compilation_cache
@@ -54,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return getattr(module, f"run_{known.command}")(known, overrides)
     except Preempted as e:
-        print(f"jaxaccel: {e}", file=sys.stderr)
+        _last_words(f"jaxaccel: {e}", program)
         return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("jaxaccel: interrupted", file=sys.stderr)
@@ -64,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("JAXACCEL_DEBUG"):
             raise
         message = " ".join(str(e).split()) or type(e).__name__
-        print(f"jaxaccel: error: {message}", file=sys.stderr)
+        _last_words(f"jaxaccel: error: {message}", program)
         return EXIT_BAD_INPUT
 
 
