@@ -46,6 +46,23 @@ def test_layer_table_counts(cnn3):
     assert dense["totals"]["sparsity"] == 0.0
 
 
+def test_layer_macs_of_depthwise_separable_model_by_hand():
+    """Grouped convs: a depthwise conv costs kh*kw MACs per output value (its kernel is
+    (3, 3, 1, C)), a 1x1 pointwise conv Cin per output value."""
+    model = models.get_model("dscnn_bn", 10)
+    abstract = jax.eval_shape(lambda r: model.init(r, jax.numpy.zeros((1, 28, 28, 1)), train=False),
+                              jax.random.key(0))
+    variables = jax.tree.map(lambda s: np.ones(s.shape, np.float32), dict(abstract))
+    table = report.layer_table(model, variables, (28, 28, 1))
+    macs = {r["layer"]: r["macs_dense"] for r in table["layers"]}
+    # the stem runs at 28x28, block 1 after a 2x2 pool at 14x14, block 2 at 7x7
+    assert macs == {"conv1": 28 * 28 * 9 * 32, "dw1": 14 * 14 * 9 * 32, "pw1": 14 * 14 * 32 * 64,
+                    "dw2": 7 * 7 * 9 * 64, "pw2": 7 * 7 * 64 * 128, "fc": 128 * 10, "other": 0}
+    assert table["totals"]["macs_dense"] == sum(macs.values()) == 1_114_560 == shrink.flops(model, (28, 28, 1))
+    dw1 = next(r for r in table["layers"] if r["layer"] == "dw1")
+    assert dw1["kind"] == "conv" and dw1["shape"] == [3, 3, 1, 32] and dw1["params"] == 288
+
+
 def test_table_bytes_are_the_package_bytes(cnn3, tmp_path):
     model, variables, masks = cnn3
     table = report.layer_table(model, variables, (16, 16, 3), masks=masks, bits=4)

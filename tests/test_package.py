@@ -117,6 +117,27 @@ def test_batchnorm_model_keeps_stats_and_fields(tmp_path):
     assert meta["model"]["name"] == "cnn_bn"
 
 
+def test_depthwise_model_round_trip(tmp_path):
+    """dscnn_bn (depthwise kernels (3, 3, 1, C), BN) comes back with its fields, stats and
+    the fake-quant kernels, per-channel along the depthwise kernel's last axis."""
+    model = models.get_model("dscnn_bn", 10, features=(8, 16, 16), pool_after=(1,))
+    variables = models.init_variables(model, jax.random.key(0), (8, 8, 1))
+    variables["batch_stats"] = jax.tree.map(lambda x: x + 0.5, variables["batch_stats"])
+    masks = _masks_at(variables["params"], 0.5)
+    path = tmp_path / "ds.npz"
+    package.save_compressed(path, model, variables, masks, bits=4)
+    model2, loaded = package.load_compressed(path)
+    assert model2 == model and model2.pool_after == (1,) and model2.features == (8, 16, 16)
+    assert package.read_package(path)[0]["model"]["name"] == "dscnn_bn"
+    expected = fake_quant_reference(variables["params"], masks, 4)
+    chex.assert_trees_all_equal(loaded["params"], expected)
+    chex.assert_trees_all_equal(loaded["batch_stats"], variables["batch_stats"])
+    assert loaded["params"]["dw2"]["kernel"].shape == (3, 3, 1, 16)
+    images = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    chex.assert_trees_all_close(logits(model2, loaded, images),
+                                logits(model, {**variables, "params": expected}, images), atol=1e-5, rtol=1e-5)
+
+
 def test_dense_kernel_stores_no_mask():
     variables = {"params": {"fc": {"kernel": np.arange(1, 13, dtype=np.float32).reshape(3, 4),
                                    "bias": np.zeros(4, np.float32)}}}

@@ -283,6 +283,8 @@ MODEL_TREES = {  # top-level names of the project's models -> (first, last)
     "lenet5": (["conv1", "conv2", "fc1", "fc2"], "conv1", "fc2"),
     "cnn_bn": (["conv1", "bn1", "conv2", "bn2", "fc"], "conv1", "fc"),
     "resnet20": (["conv_init", "bn_init", "stage1_block1", "stage3_block3", "fc"], "conv_init", "fc"),
+    "dscnn_bn": (["conv1", "bn1", "dw1", "bn_dw1", "pw1", "bn_pw1", "dw2", "bn_dw2", "pw2", "bn_pw2", "fc"],
+                 "conv1", "fc"),
 }
 
 
@@ -347,6 +349,26 @@ def test_execution_order_follows_calls_not_names():
     assert order == ["zz_in", "block/mm", "aa_out"]
     flags = leaves(prune.default_filter(skip_first=True, skip_last=True, layer_order=order)(variables["params"]))
     assert [p for p, f in flags.items() if f] == ["block/mm/kernel"]
+
+
+def test_default_filter_on_dscnn_matches_execution_order_and_prunes_depthwise_channels():
+    from jaxaccel.models import get_model
+
+    model = get_model("dscnn_bn", 10, features=(8, 16, 16))
+    x = jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    order = prune.execution_order(model, variables, x, train=False)
+    assert order == ["conv1", "dw1", "pw1", "dw2", "pw2", "fc"]
+    by_name = leaves(prune.default_filter(skip_first=True, skip_last=True)(variables["params"]))
+    by_order = leaves(prune.default_filter(skip_first=True, skip_last=True, layer_order=order)(variables["params"]))
+    assert by_name == by_order
+    assert {p for p, f in by_name.items() if f} == {"dw1/kernel", "pw1/kernel", "dw2/kernel", "pw2/kernel"}
+    # channel granularity on a depthwise kernel (3, 3, 1, C): whole 9-tap channels
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), variables["params"])
+    dw = masks_jit(params, 0.25, granularity="channel")["dw2"]["kernel"]
+    per_channel = np.asarray(dw).reshape(9, 16)
+    assert (per_channel.all(0) | ~per_channel.any(0)).all() and (~per_channel.any(0)).sum() == 4
 
 
 # ----------------------------------------------------------------------------- jit + sharding

@@ -14,6 +14,7 @@ CASES = {  # name -> (input shape HWC, model kwargs)
     "lenet300_100": ((28, 28, 1), {}),
     "cnn_bn": ((16, 16, 1), {}),
     "resnet20": ((8, 8, 3), {}),
+    "dscnn_bn": ((12, 12, 1), {}),
 }
 
 
@@ -148,10 +149,51 @@ def test_fully_pruned_layer_keeps_one_zero_channel_and_unstructured_zeros_surviv
     assert (fc2 == 0).sum() == (~np.asarray(masks["fc2"]["kernel"])).sum()
 
 
+def test_dscnn_groups_carry_depthwise_channels_and_folded_form_shrinks():
+    model = get_model("dscnn_bn", 10, features=(8, 16, 16))
+    groups = shrink.channel_groups(model)
+    assert [(g.producer, g.through, g.consumer, g.index, g.norms) for g in groups] == [
+        ("conv1", ("dw1",), "pw1", 0, ("bn1", "bn_dw1")),
+        ("pw1", ("dw2",), "pw2", 1, ("bn_pw1", "bn_dw2")),
+        ("pw2", (), "fc", 2, ("bn_pw2",)),
+    ]
+    # BN folded (use_bn=False): the convs carry biases, the depthwise one's must go too.
+    folded = model.clone(use_bn=False)
+    assert all(g.norms == () for g in shrink.channel_groups(folded))
+    shape = (8, 8, 1)
+    variables = random_variables(folded, shape, seed=5)
+
+    @fast_jit
+    def prepare(params):
+        masks = prune.magnitude_masks(params, 0.5, granularity="channel",
+                                      filter_fn=shrink.shrinkable_filter(folded))
+        coupled = shrink.couple_channel_masks(folded, masks)
+        return masks, coupled, prune.apply_masks(params, coupled)
+
+    masks, coupled, coupled_params = prepare(variables["params"])
+    for g in groups[:2]:
+        pruned = ~np.asarray(masks[g.producer]["kernel"]).reshape(-1, masks[g.producer]["kernel"].shape[-1]).any(0)
+        assert pruned.sum() == pruned.size // 2
+        dw = g.through[0]
+        np.testing.assert_array_equal(np.asarray(coupled[dw]["bias"]), ~pruned)
+        np.testing.assert_array_equal(np.asarray(coupled[dw]["kernel"]).reshape(9, -1).all(0), ~pruned)
+        assert np.asarray(masks[dw]["kernel"]).all()  # the filter never selects depthwise kernels
+    small_model, small_vars = shrink.shrink(folded, variables, masks)
+    assert small_model.features == (4, 8, 8) and small_model.use_bn is False
+    assert small_vars["params"]["dw2"]["kernel"].shape == (3, 3, 1, 8)
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(4,) + shape), jnp.float32)
+    np.testing.assert_allclose(np.asarray(forward(small_model, small_vars, x)),
+                               np.asarray(forward(folded, dict(variables, params=coupled_params), x)),
+                               atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("name, shape, macs", [
     ("lenet300_100", (28, 28, 1), 266_200),  # PAPERS.md compute figures
     ("lenet5", (28, 28, 1), 2_293_000),
     ("cnn3", (32, 32, 3), 10_585_344),
+    # conv1 28*28*9*32, (pool) dw1 14*14*9*32 + pw1 14*14*32*64, (pool) dw2 7*7*9*64 +
+    # pw2 7*7*64*128, fc 128*10: a depthwise conv costs 9 MACs per output value, not 9*C.
+    ("dscnn_bn", (28, 28, 1), 225_792 + 56_448 + 401_408 + 28_224 + 401_408 + 1_280),
 ])
 def test_flops_counts_macs_analytically(name, shape, macs):
     model = get_model(name, 10)

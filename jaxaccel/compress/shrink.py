@@ -11,8 +11,11 @@ the model's function unchanged: ``shrink`` builds that smaller model.
 
 Which channels can be removed is a property of the architecture, listed per model class
 by ``channel_groups``: the hidden widths of plain chains (CNN3, CNNBN, LeNet5,
-LeNet-300-100) and the block-internal width of each ResNet-20 block (conv1/bn1 -> conv2),
-never widths that feed a residual sum and never the classifier's outputs.
+LeNet-300-100), the block-internal width of each ResNet-20 block (conv1/bn1 -> conv2),
+and in DSCNNBN the output width of the stem and of every pointwise conv, together with the
+depthwise conv after it (a depthwise conv's channel c only reads input channel c, so its
+channels are removed with its input's: ``ChannelGroup.through``); never widths that feed a
+residual sum and never the classifier's outputs.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.compress import prune
-from jaxaccel.models import CNN3, CNNBN, LeNet5, LeNet300100, ResNet20
+from jaxaccel.models import CNN3, CNNBN, DSCNNBN, LeNet5, LeNet300100, ResNet20
 
 PyTree = Any
 
@@ -38,13 +41,16 @@ class ChannelGroup:
     ``norms``: BatchNorm modules normalising those channels; ``consumer``: the layer that
     reads them (its kernel's input axis -2 is sliced; after a flatten of NHWC, whose
     channel index runs fastest, every C-th row); ``field``/``index``: the model field
-    (and position in a tuple field) holding the width.
+    (and position in a tuple field) holding the width. ``through``: depthwise convs between
+    producer and consumer (channel c in, channel c out), whose output channels go with the
+    group's (kernel axis -1 and bias sliced; their BatchNorms are listed in ``norms``).
     """
     producer: str
     consumer: str
     field: str
     index: int | None = None
     norms: tuple[str, ...] = ()
+    through: tuple[str, ...] = ()
 
 
 def _chain(convs: Sequence[str], norms: Sequence[str | None], denses: Sequence[str],
@@ -80,6 +86,21 @@ def _cnnbn(model: CNNBN) -> list[ChannelGroup]:
     return _chain(convs, norms, ["fc"], "features", None, False)
 
 
+def _dscnnbn(model: DSCNNBN) -> list[ChannelGroup]:
+    # features[0] is the stem's width, features[i] block i's pointwise width; the depthwise
+    # conv of block i + 1 carries those channels on to pw<i+1> (the last ones go to fc).
+    blocks = len(model.features) - 1
+    producers = ["conv1"] + [f"pw{i}" for i in range(1, blocks + 1)]
+    norms = ["bn1"] + [f"bn_pw{i}" for i in range(1, blocks + 1)]
+    groups = []
+    for k, producer in enumerate(producers):
+        last = k == blocks
+        through = () if last else (f"dw{k + 1}",)
+        bns = (norms[k],) + (() if last else (f"bn_dw{k + 1}",)) if model.use_bn else ()
+        groups.append(ChannelGroup(producer, "fc" if last else f"pw{k + 1}", "features", k, bns, through))
+    return groups
+
+
 def _resnet20(model: ResNet20) -> list[ChannelGroup]:
     groups = []
     for k in range(len(model.setup_inner())):
@@ -92,6 +113,7 @@ def _resnet20(model: ResNet20) -> list[ChannelGroup]:
 
 _PLANS: dict[type, Callable[[Any], list[ChannelGroup]]] = {
     CNN3: _convs_fc1_fc2, LeNet5: _convs_fc1_fc2, LeNet300100: _lenet300100, CNNBN: _cnnbn, ResNet20: _resnet20,
+    DSCNNBN: _dscnnbn,
 }
 
 
@@ -129,7 +151,9 @@ def _kept_channels(kernel_mask: Any) -> Any:
 
 def couple_channel_masks(model: nn.Module, masks: PyTree) -> PyTree:
     """Extend each removable channel pruned in its producer's kernel mask to the producer's
-    bias and its BatchNorm ``scale``/``bias``, so the channel's output is exactly 0.
+    bias and its BatchNorm ``scale``/``bias``, so the channel's output is exactly 0 (and to
+    the kernel column and bias of the group's depthwise ``through`` convs, which then read
+    and output exactly 0 there).
 
     ``masks`` are masks over ``variables["params"]``; jit-friendly.
     """
@@ -139,6 +163,11 @@ def couple_channel_masks(model: nn.Module, masks: PyTree) -> PyTree:
         targets = [_get(masks, g.producer)] + [_get(masks, bn) for bn in g.norms]
         for node in targets:
             for name in ("bias", "scale"):
+                if name in node:
+                    node[name] = jnp.asarray(node[name], bool) & keep
+        for dw in g.through:
+            node = _get(masks, dw)
+            for name in ("kernel", "bias"):
                 if name in node:
                     node[name] = jnp.asarray(node[name], bool) & keep
     return masks
@@ -200,14 +229,16 @@ def shrink(model: nn.Module, variables: PyTree, masks: PyTree) -> tuple[nn.Modul
         keep = kernel_mask.reshape(-1, channels).any(0)
         idx = np.flatnonzero(keep) if keep.any() else np.array([0])
         producer = _get(small["params"], g.producer)
-        nodes = [producer] + [_get(collection, bn) for collection in small.values()
-                              for bn in g.norms if _has(collection, bn)]
+        through = [_get(small["params"], dw) for dw in g.through]
+        nodes = [producer] + through + [_get(collection, bn) for collection in small.values()
+                                        for bn in g.norms if _has(collection, bn)]
         if not keep.any():  # the kept channel must output exactly 0 (coupled masking)
-            for node in [producer] + [_get(small["params"], bn) for bn in g.norms]:
+            for node in [producer] + through + [_get(small["params"], bn) for bn in g.norms]:
                 for name in ("bias", "scale"):
                     if name in node:
                         node[name] = np.zeros_like(node[name])
-        producer["kernel"] = np.take(producer["kernel"], idx, axis=-1)
+        for node in [producer] + through:
+            node["kernel"] = np.take(node["kernel"], idx, axis=-1)
         for node in nodes:
             for name in node:
                 if name != "kernel":
