@@ -1,5 +1,6 @@
 r"""Reproduction: Krishnamoorthi 2018 / Jacob et al. 2018 — W8A8 and W4A8, per-tensor vs
-per-channel, post-training and quantization-aware, on LeNet-300-100 and a BatchNorm CNN.
+per-channel, post-training and quantization-aware, on LeNet-300-100, a BatchNorm CNN and a
+depthwise-separable (MobileNet-v1-style) BatchNorm CNN.
 
 One run per (model, seed): train in float, then post-training quantization (BatchNorm
 folded, activations calibrated per tensor, asymmetric; weights symmetric) at
@@ -12,8 +13,8 @@ weights untouched, so every PTQ row quantizes the same trained model.
 
 Run one point:
   jaxaccel train --config experiments/repro_int8.py --workdir runs/repro_int8/x \
-      --config.model.name=cnn_bn
-The reproduction (2 models × 3 seeds, table):
+      --config.model.name=dscnn_bn
+The reproduction (3 models × 3 seeds, table):
   scripts/reproduce_int8.sh
 """
 from jaxaccel import sweep
@@ -23,7 +24,7 @@ from jaxaccel.stages import stage
 LR = 1e-3
 FLOAT_STEPS = 600       # 9.6 epochs of mnist5k at batch 64
 QAT_STEPS = 200
-MODELS = ("lenet300_100", "cnn_bn")
+MODELS = ("lenet300_100", "cnn_bn", "dscnn_bn")
 PTQ = (  # (stage name, weight bits, per-channel)
     ("ptq_w8a8_per_channel", 8, True),
     ("ptq_w8a8_per_tensor", 8, False),

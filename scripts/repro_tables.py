@@ -324,7 +324,8 @@ INT8_ROWS = (  # (stage, label, published ResNet-v1-50 top-1 %, Krishnamoorthi 2
     ("qat_w4a8_per_tensor", "QAT W4A8 per-tensor", "73.2 (Table 5, QAT per-channel)"),
 )
 NOISE_POINTS = 0.5  # below this a PTQ loss is not a loss QAT can be said to recover
-MODEL_TITLES = {"lenet300_100": "LeNet-300-100", "cnn_bn": "BN CNN (cnn_bn, BN folded)"}
+MODEL_TITLES = {"lenet300_100": "LeNet-300-100", "cnn_bn": "BN CNN (cnn_bn, BN folded)",
+                "dscnn_bn": "Depthwise-separable BN CNN (dscnn_bn, BN folded)"}
 
 
 def int8(workdir: str) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Krishnamoorthi 2018 / Jacob et al. 2018 on mnist5k: W8A8 and W4A8 (and W3A8, W2A8) PTQ,
-# per-channel vs per-tensor, and 4-bit per-tensor QAT, on LeNet-300-100 and a BatchNorm CNN;
-# 3 seeds each. Prints the table (also written to $RUNS/repro_int8.md).
+# per-channel vs per-tensor, and 4-bit per-tensor QAT, on LeNet-300-100, a BatchNorm CNN and a
+# depthwise-separable BatchNorm CNN; 3 seeds each. Prints the table (also written to $RUNS/repro_int8.md).
 #   scripts/reproduce_int8.sh           # RUNS=runs by default; re-running skips finished points
 source "$(dirname "$0")/_repro_common.sh"
 sweep repro_int8

@@ -230,6 +230,35 @@ def test_han_table_reads_one_iteration_runs(tmp_path):
     assert "iteration" not in text
 
 
+def test_int8_sweeps_three_models_each_with_a_title(tmp_path):
+    path = os.path.join(ROOT, "experiments", "repro_int8.py")
+    runs = sweep.plan(config_lib.load_experiment(path), sweep.load_sweep(path), str(tmp_path))
+    names = sorted({run.config.model.name for run in runs})
+    assert names == ["cnn_bn", "dscnn_bn", "lenet300_100"] and len(runs) == 9
+    assert set(names) <= set(tables.MODEL_TITLES)
+
+
+def test_int8_table_one_section_per_model_and_collapse_verdict(tmp_path):
+    gaps = {"cnn_bn": (0.968, 0.968), "dscnn_bn": (0.965, 0.40)}  # W4 (per-channel, per-tensor)
+    for model, (w4_pc, w4_pt) in gaps.items():
+        for seed in range(3):
+            rows = [_row("float", 0.97, steps=10)]
+            for stage, _, _ in tables.INT8_ROWS[1:-1]:
+                acc = {"ptq_w4a8_per_channel": w4_pc, "ptq_w4a8_per_tensor": w4_pt}.get(stage, 0.968)
+                rows.append(_row(stage, acc, kind="quantize", int8_accuracy=acc))
+            rows.append(_row("qat_w4a8_per_tensor", 0.969, steps=5))
+            _fake_point(str(tmp_path), f"model.name={model},seed={seed}", seed,
+                        {"model": model, "test_accuracy": 0.968, "stages": rows})
+    text = tables.int8(str(tmp_path))
+    sections = {s.splitlines()[0].split(" — ")[0]: s.splitlines() for s in text.split("### ")[1:]}
+    assert set(sections) == {tables.MODEL_TITLES["cnn_bn"], tables.MODEL_TITLES["dscnn_bn"]}
+    flat, ds = sections[tables.MODEL_TITLES["cnn_bn"]], sections[tables.MODEL_TITLES["dscnn_bn"]]
+    assert "**does not hold**" in next(x for x in flat if x.startswith("- at 4 bits"))
+    collapse = next(x for x in ds if x.startswith("- at 4 bits"))
+    assert "-57.00" in collapse and "**holds**" in collapse
+    assert "**holds**" in next(x for x in ds if x.startswith("- 4-bit per-tensor QAT"))
+
+
 def test_int8_table_reports_no_collapse_honestly(tmp_path):
     for seed in range(3):
         rows = [_row("float", 0.97, steps=10)]
