@@ -311,6 +311,10 @@ def lottery(workdir: str) -> str:
 # Krishnamoorthi 2018 / Jacob et al. 2018
 # ---------------------------------------------------------------------------------------------
 
+# At 4 bits per-channel "holds" when it loses less than this fraction of per-tensor's loss
+# (Krishnamoorthi 2018, Table 5: 21 of 75 points, 0.28).
+PER_CHANNEL_HOLDS_FRACTION = 1 / 3
+
 INT8_ROWS = (  # (stage, label, published ResNet-v1-50 top-1 %, Krishnamoorthi 2018)
     ("float", "float32", "75.2"),
     ("ptq_w8a8_per_channel", "PTQ W8A8 per-channel", "75.1 (Table 3, sym. per-channel)"),
@@ -352,7 +356,12 @@ def int8(workdir: str) -> str:
         gap = {s: statistics.fmean(diffs(mruns, lambda r, s=s: r.acc(s), lambda r: r.acc("float")))
                for s, _, _ in INT8_ROWS if s != "float" and all(s in r.rows for r in mruns)}
         w8 = abs(gap["ptq_w8a8_per_channel"]) <= 0.5 and abs(gap["ptq_w8a8_per_tensor"]) <= 0.5
-        collapse = gap["ptq_w4a8_per_tensor"] < -10.0 and gap["ptq_w4a8_per_channel"] >= -1.0
+        # "Per-channel holds" as in the paper's own Table 5 (ResNet-v1-50, 4 bits): per-layer
+        # 75.2 -> 0.2 % while per-channel keeps 54 % -- it loses less than a third of what
+        # per-tensor loses (21 of 75 points), not nothing. The stricter "within 1 point" is
+        # printed beside it.
+        pt_loss, pc_loss = -gap["ptq_w4a8_per_tensor"], -gap["ptq_w4a8_per_channel"]
+        collapse = pt_loss > 10.0 and pc_loss < pt_loss * PER_CHANNEL_HOLDS_FRACTION
         lost = -gap["ptq_w4a8_per_tensor"]
         # A ratio of a loss within the test set's noise (1,000 images) means nothing.
         recovered = ((gap["qat_w4a8_per_tensor"] - gap["ptq_w4a8_per_tensor"]) / lost
@@ -361,8 +370,10 @@ def int8(workdir: str) -> str:
                 f"- W8A8 within 0.5 points of float, per-channel ({gap['ptq_w8a8_per_channel']:+.2f}) "
                 f"and per-tensor ({gap['ptq_w8a8_per_tensor']:+.2f}) → {verdict(w8)}",
                 f"- at 4 bits per-tensor collapses (> 10 points lost: "
-                f"{gap['ptq_w4a8_per_tensor']:+.2f}) while per-channel holds (≤ 1 point lost: "
-                f"{gap['ptq_w4a8_per_channel']:+.2f}) → {verdict(collapse)}",
+                f"{gap['ptq_w4a8_per_tensor']:+.2f}) while per-channel holds (loses under a third "
+                f"of that, as in the paper's Table 5 where it loses 21 of ResNet-50's 75 points: "
+                f"{gap['ptq_w4a8_per_channel']:+.2f}) → {verdict(collapse)}; per-channel within "
+                f"1 point of float: {'yes' if pc_loss <= 1.0 else 'no'}",
                 (f"- 4-bit per-tensor QAT recovers most (> 50%) of the per-tensor PTQ loss: "
                  f"{100 * recovered:.0f}% recovered ({gap['qat_w4a8_per_tensor']:+.2f} vs "
                  f"{gap['ptq_w4a8_per_tensor']:+.2f}) → {verdict(recovered > 0.5)}"

@@ -256,7 +256,25 @@ def test_int8_table_one_section_per_model_and_collapse_verdict(tmp_path):
     assert "**does not hold**" in next(x for x in flat if x.startswith("- at 4 bits"))
     collapse = next(x for x in ds if x.startswith("- at 4 bits"))
     assert "-57.00" in collapse and "**holds**" in collapse
+    assert "within 1 point of float: yes" in collapse  # per-channel lost 0.50
     assert "**holds**" in next(x for x in ds if x.startswith("- 4-bit per-tensor QAT"))
+
+
+@pytest.mark.parametrize("w4_pc,holds", [(0.935, True), (0.70, False)])
+def test_int8_collapse_verdict_follows_the_papers_per_channel_standard(tmp_path, w4_pc, holds):
+    """Per-tensor loses 57 points; per-channel 'holds' if it loses under a third of that
+    (the paper's ResNet-50: 21 of 75), and the strict within-1-point check is printed too."""
+    for seed in range(3):
+        rows = [_row("float", 0.97, steps=10)]
+        for stage, _, _ in tables.INT8_ROWS[1:-1]:
+            acc = {"ptq_w4a8_per_channel": w4_pc, "ptq_w4a8_per_tensor": 0.40}.get(stage, 0.968)
+            rows.append(_row(stage, acc, kind="quantize", int8_accuracy=acc))
+        rows.append(_row("qat_w4a8_per_tensor", 0.969, steps=5))
+        _fake_point(str(tmp_path), f"model.name=dscnn_bn,seed={seed}", seed,
+                    {"model": "dscnn_bn", "test_accuracy": 0.968, "stages": rows})
+    line = next(x for x in tables.int8(str(tmp_path)).splitlines() if x.startswith("- at 4 bits"))
+    assert ("**holds**" in line) == holds and ("**does not hold**" in line) == (not holds)
+    assert "within 1 point of float: no" in line
 
 
 def test_int8_table_reports_no_collapse_honestly(tmp_path):
