@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m jaxaccel train --config experiments/mnist5k_cnn3.py --workdir runs/demo
 
+# One pytest worker per core, each test file on one worker (module fixtures stay shared):
+# most tests wait on single-threaded XLA compiles or on subprocesses, so two workers on two
+# cores roughly halve the wall time.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
