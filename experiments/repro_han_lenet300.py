@@ -27,7 +27,7 @@ The reproduction (3 seeds, table with the published numbers):
 """
 from jaxaccel import sweep
 from jaxaccel.config import default_config
-from jaxaccel.stages import stage
+from jaxaccel.stages import iterative_pruning
 
 LR = 1.2e-3
 WEIGHT_DECAY = 1e-4
@@ -36,27 +36,6 @@ RETRAIN_STEPS = 3000    # total over the rounds (the one-iteration protocol's re
 ROUNDS = 3              # prune/retrain iterations
 # Fraction of each layer's weights removed (1 - Han et al. 2015, Table 2 "weights kept").
 PER_LAYER_SPARSITY = {"fc1/kernel": 0.92, "fc2/kernel": 0.91, "fc3/kernel": 0.74}
-
-
-def round_sparsity(r: int, rounds: int = ROUNDS) -> dict[str, float]:
-    """Per-layer sparsity after round r of `rounds`: keep ratio final_keep ** (r / rounds)."""
-    if r == rounds:
-        return dict(PER_LAYER_SPARSITY)
-    return {k: 1.0 - (1.0 - s) ** (r / rounds) for k, s in PER_LAYER_SPARSITY.items()}
-
-
-def han_stages(rounds: int = ROUNDS, retrain_steps: int = RETRAIN_STEPS) -> tuple:
-    """dense → no_retrain (evaluate with the final masks) → `rounds` × {prune, retrain}."""
-    steps = [retrain_steps // rounds + (r < retrain_steps % rounds) for r in range(rounds)]
-    out = [stage("dense", "train", steps=DENSE_STEPS),
-           stage("no_retrain", "evaluate",
-                 prune={"method": "one_shot", "per_layer": PER_LAYER_SPARSITY})]
-    for r in range(1, rounds + 1):
-        out += [stage(f"round{r}/prune", "prune",
-                      prune={"method": "one_shot", "per_layer": round_sparsity(r, rounds)}),
-                stage("retrain" if r == rounds else f"round{r}/retrain", "train",
-                      steps=steps[r - 1], optimizer={"lr": LR / 10})]
-    return tuple(out)
 
 
 def get_config():
@@ -72,7 +51,8 @@ def get_config():
     config.checkpoint_every = 5000
     config.progress = False
     config.parallel.num_devices = 1
-    config.stages = han_stages()
+    config.stages = iterative_pruning(PER_LAYER_SPARSITY, rounds=ROUNDS, dense_steps=DENSE_STEPS,
+                                      retrain_steps=RETRAIN_STEPS, retrain_optimizer={"lr": LR / 10})
     return config
 
 

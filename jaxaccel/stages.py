@@ -94,6 +94,30 @@ def stage(name: str, kind: str, *, steps: int = 0, optimizer: dict | None = None
     return s
 
 
+def iterative_pruning(final_sparsity: dict[str, float], *, rounds: int, dense_steps: int,
+                      retrain_steps: int, retrain_optimizer: dict | None = None) -> tuple:
+    """Han et al. 2015's iterated prune/retrain as stages, from per-leaf final sparsities.
+
+    `dense` training, `no_retrain` (the dense weights evaluated under the final one-shot masks,
+    state unchanged), then `rounds` x {`round{r}/prune` to keep final_keep ** (r / rounds) of
+    each leaf (the same ratio every round; masks only shrink), retraining with
+    `retrain_optimizer` overrides}; `retrain_steps` are split evenly and the last retraining
+    stage is named `retrain`.
+    """
+    if rounds < 1:
+        raise ValueError(f"iterative_pruning: rounds must be >= 1, got {rounds!r}")
+    steps = [retrain_steps // rounds + (r < retrain_steps % rounds) for r in range(rounds)]
+    out = [stage("dense", "train", steps=dense_steps),
+           stage("no_retrain", "evaluate", prune={"method": "one_shot", "per_layer": dict(final_sparsity)})]
+    for r in range(1, rounds + 1):
+        sparsity = (dict(final_sparsity) if r == rounds else
+                    {k: 1.0 - (1.0 - v) ** (r / rounds) for k, v in final_sparsity.items()})
+        out += [stage(f"round{r}/prune", "prune", prune={"method": "one_shot", "per_layer": sparsity}),
+                stage("retrain" if r == rounds else f"round{r}/retrain", "train", steps=steps[r - 1],
+                      optimizer=retrain_optimizer)]
+    return tuple(out)
+
+
 def imp_defaults() -> ml_collections.ConfigDict:
     """`config.imp`: iterative magnitude pruning rounds (lottery tickets)."""
     i = ml_collections.ConfigDict()

@@ -200,3 +200,20 @@ def test_bad_stages(stage_kwargs, needle):
     with pytest.raises(ValueError, match=re.escape(needle)) as e:
         stages.expand(c)
     assert "\n" not in str(e.value)
+
+
+def test_iterative_pruning_stages_follow_han_schedule():
+    final = {"fc1/kernel": 0.92, "fc3/kernel": 0.74}
+    st = stages.iterative_pruning(final, rounds=3, dense_steps=100, retrain_steps=3200,
+                                  retrain_optimizer={"lr": 1e-4})
+    assert [s.name for s in st] == ["dense", "no_retrain", "round1/prune", "round1/retrain",
+                                    "round2/prune", "round2/retrain", "round3/prune", "retrain"]
+    assert st[1].kind == "evaluate" and st[1].prune.per_layer.to_dict() == final
+    retrains = [s for s in st[2:] if s.kind == "train"]
+    assert [s.steps for s in retrains] == [1067, 1067, 1066]
+    assert all(s.optimizer.lr == 1e-4 for s in retrains)
+    for r, p in enumerate([s for s in st if s.kind == "prune"], start=1):
+        for k, v in final.items():  # keep ratio final_keep ** (r / 3)
+            assert abs((1 - p.prune.per_layer[k]) - (1 - v) ** (r / 3)) < 1e-12
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        stages.iterative_pruning(final, rounds=0, dense_steps=1, retrain_steps=1)
