@@ -362,10 +362,9 @@ def int8(workdir: str) -> str:
         # printed beside it.
         pt_loss, pc_loss = -gap["ptq_w4a8_per_tensor"], -gap["ptq_w4a8_per_channel"]
         collapse = pt_loss > 10.0 and pc_loss < pt_loss * PER_CHANNEL_HOLDS_FRACTION
-        lost = -gap["ptq_w4a8_per_tensor"]
         # A ratio of a loss within the test set's noise (1,000 images) means nothing.
-        recovered = ((gap["qat_w4a8_per_tensor"] - gap["ptq_w4a8_per_tensor"]) / lost
-                     if lost > NOISE_POINTS else None)
+        recovered = ((gap["qat_w4a8_per_tensor"] - gap["ptq_w4a8_per_tensor"]) / pt_loss
+                     if pt_loss > NOISE_POINTS else None)
         out += ["",
                 f"- W8A8 within 0.5 points of float, per-channel ({gap['ptq_w8a8_per_channel']:+.2f}) "
                 f"and per-tensor ({gap['ptq_w8a8_per_tensor']:+.2f}) → {verdict(w8)}",
@@ -378,7 +377,7 @@ def int8(workdir: str) -> str:
                  f"{100 * recovered:.0f}% recovered ({gap['qat_w4a8_per_tensor']:+.2f} vs "
                  f"{gap['ptq_w4a8_per_tensor']:+.2f}) → {verdict(recovered > 0.5)}"
                  if recovered is not None else
-                 f"- 4-bit per-tensor PTQ lost only {lost:+.2f} points (≤ {NOISE_POINTS}), so "
+                 f"- 4-bit per-tensor PTQ lost only {pt_loss:+.2f} points (≤ {NOISE_POINTS}), so "
                  f"there was nothing measurable for QAT to recover (QAT "
                  f"{gap['qat_w4a8_per_tensor']:+.2f}) → **not testable**"), ""]
     out.append("PTQ: BatchNorm folded into the convolutions, weights symmetric (narrow range), "
