@@ -109,6 +109,27 @@ def test_infer_bench_variants_and_speedups():
     else:
         int8 = next(r for r in out["results"] if r["variant"] == "int8")
         assert int8["top1_agreement_vs_fake_quant"] >= 0.9
+        ceiling = out["int8_ceiling"]  # the int8 layers (fc2, fc3) as plain matmuls
+        assert ceiling["shapes_mkn"] == [[16, 300, 100], [16, 100, 10]]
+        assert ceiling["macs"] == 16 * 300 * 100 + 16 * 100 * 10
+        assert ceiling["float32_ms_median"] > 0 and ceiling["int8_ms_median"] > 0
+        # Amdahl: the whole model gains less than its matmuls (or loses less, if int8 is slower).
+        assert min(1.0, ceiling["speedup"]) <= ceiling["bound_speedup"] <= max(1.0, ceiling["speedup"])
+        assert any("int8 ceiling" in n for n in out["notes"])
+
+
+def test_int8_matmul_shapes_of_convs_are_positions_by_kernel_by_channels():
+    import jax
+
+    from jaxaccel import models
+    from jaxaccel.bench.inference import int8_matmul_shapes
+
+    net = models.get_model("cnn3", 10)
+    x = jax.numpy.zeros((2, 8, 8, 3))
+    variables = models.init_variables(net, jax.random.PRNGKey(0), (8, 8, 3))
+    shapes = int8_matmul_shapes(net, variables, x, ["conv2", "conv3", "fc1"])
+    # conv2 sees 4x4 after one pool, conv3 2x2; fc1 the flattened 1x1x128.
+    assert shapes == [(2 * 4 * 4, 3 * 3 * 32, 64), (2 * 2 * 2, 3 * 3 * 64, 128), (2, 128, 128)]
 
 
 def test_resolve_skip():

@@ -10,6 +10,14 @@ Variants, all jitted forward passes on one device-resident batch, timed interlea
     granularity="channel", filter_fn=shrink.shrinkable_filter(model))`), then
     `shrink.shrink` to a physically smaller model; goal at 50%: ≥ 1.8× faster.
 Weights are the model's random initialisation: speed does not depend on their values.
+
+Alongside, the int8 arithmetic ceiling of this machine (`int8_matmul_ceiling`): each int8
+layer's MACs as one plain (M x K) @ (K x N) matmul (M = output positions, K = kernel size,
+N = output channels), run once in float32 and once as int8 x int8 -> int32, timed
+interleaved. Their ratio caps what integer arithmetic can gain here however the layers are
+lowered. `bound_speedup` is an Amdahl estimate for the whole model: the float model's share
+of those MACs taken at the plain float32 matmuls' time, everything else unchanged. On AVX2
+CPUs without VNNI (this dev machine) the matmul ratio is about 1.5x.
 """
 from __future__ import annotations
 
@@ -80,8 +88,10 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
     if int8_lib is not None:
         int8_model = int8_lib.convert_int8(variables, act_qparams, skip=skip)
         fns["int8"] = (jax.jit(lambda m, x: int8_lib.int8_apply(net, m, x)), (int8_model, x))
+        shapes = int8_matmul_shapes(net, variables, x, sorted(int8_model.layers))
     else:
         notes.append(f"int8 skipped: {int8_status}")
+        shapes = []
 
     dense_macs = shrink.flops(net, input_shape)
     macs: dict[str, int] = {name: dense_macs for name in fns}  # int8 does the same MACs in int8
@@ -125,11 +135,63 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
         out[f"pruned_{round(100 * s)}_speedup"] = by_name[f"pruned {round(100 * s)}%"]["speedup_vs_float32"]
     if out["int8_speedup"] is not None:
         out["int8_goal_met"] = out["int8_speedup"] >= GOAL_INT8
+    if shapes:
+        c = out["int8_ceiling"] = int8_matmul_ceiling(shapes, base, warmup=warmup, repeats=repeats)
+        notes.append(f"int8 ceiling on this machine: the int8 layers' {c['macs'] / 1e9:.2f} G MACs as plain "
+                     f"matmuls take {c['float32_ms_median']:.2f} ms in float32 and {c['int8_ms_median']:.2f} ms as "
+                     f"int8 ({c['speedup']:.2f}×, interleaved): no int8 lowering can beat that ratio here. Amdahl "
+                     f"estimate, if those MACs cost the float32 model what the plain matmuls cost and the rest "
+                     f"stays float32: at most {c['bound_speedup']:.2f}× for the whole model (goal {GOAL_INT8}×)")
     if "pruned_50_speedup" in out:
         out["pruned_50_goal_met"] = out["pruned_50_speedup"] >= GOAL_PRUNED_50
     out["notes"] = notes
     out["table"] = _table(out)
     return out
+
+
+def int8_matmul_shapes(net: Any, variables: Any, x: Any, layers: Sequence[str]) -> list[tuple[int, int, int]]:
+    """(M, K, N) of each call of the int8 `layers`: output positions, kernel size, output channels."""
+    import numpy as np
+
+    from jaxaccel.compress import prune
+
+    kernels = {p.rsplit("/", 1)[0]: leaf.shape for p, leaf in prune.named_leaves(variables["params"])
+               if prune.is_kernel(p, leaf)}
+    wanted = set(layers)
+    return [(int(np.prod(out_shape[:-1])), int(np.prod(kernels[path][:-1])), int(kernels[path][-1]))
+            for path, out_shape in prune.layer_calls(net, variables, x, train=False) if path in wanted]
+
+
+def int8_matmul_ceiling(shapes: Sequence[tuple[int, int, int]], float_model_ms: float, *,
+                        warmup: int = 3, repeats: int = 20, seed: int = 0) -> dict[str, Any]:
+    """float32 vs int8 time of the int8 layers' MACs as plain matmuls (see the module note).
+
+    `float_model_ms` is the float32 model's median time from the same run; the Amdahl bound
+    assumes everything but these matmuls costs what it costs in float32.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+
+    rng = np.random.default_rng(seed)
+    f32 = [(jnp.asarray(rng.standard_normal((m, k), np.float32)), jnp.asarray(rng.standard_normal((k, n), np.float32)))
+           for m, k, n in shapes]
+    i8 = [(jnp.asarray(rng.integers(-127, 128, (m, k)).astype(np.int8)),
+           jnp.asarray(rng.integers(-127, 128, (k, n)).astype(np.int8))) for m, k, n in shapes]
+    f32_fn = jax.jit(lambda ops: [a @ b for a, b in ops])
+    i8_fn = jax.jit(lambda ops: [lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+                                 for a, b in ops])
+    works = {"float32": lambda: jax.block_until_ready(f32_fn(f32)),
+             "int8": lambda: jax.block_until_ready(i8_fn(i8))}
+    for work in works.values():
+        work()  # compile
+    t = timing.time_interleaved(works, warmup=warmup, repeats=repeats)
+    f_ms, i_ms = t["float32"].median_ms, t["int8"].median_ms
+    matmul_part = min(f_ms, float_model_ms)
+    return {"shapes_mkn": [list(s) for s in shapes], "macs": int(sum(m * k * n for m, k, n in shapes)),
+            "float32_ms_median": f_ms, "int8_ms_median": i_ms, "speedup": timing.ratio(f_ms, i_ms),
+            "bound_speedup": timing.ratio(float_model_ms, float_model_ms - matmul_part + matmul_part * i_ms / f_ms)}
 
 
 def _table(r: dict[str, Any]) -> dict[str, Any]:
