@@ -4,10 +4,12 @@
 # Extra arguments go to `jaxaccel bench all`, e.g. `bash scripts/bench.sh --repeats 10`.
 # The PyTorch comparison runs when torch is installed (`pip install -e '.[bench]'`).
 #
-# On a CPU host the train benchmark (and so its PyTorch comparison) runs data-parallel over
-# TRAIN_DEVICES simulated CPU devices (default 8): XLA:CPU runs each device's shard of the
-# batch on its own thread, which is jaxaccel's fastest CPU set-up (BENCHMARKS.md, scaling).
-# The 1-device step time is in the scaling table of the same run. TRAIN_DEVICES=1 turns it off.
+# On a CPU host the process simulates 8 CPU devices (so the scaling table runs in-process) and
+# the train benchmark (and so its PyTorch comparison) runs data-parallel over TRAIN_DEVICES of
+# them (default 4): XLA:CPU runs each device's shard of the batch on its own thread, and on
+# the 2-core dev machine 4 devices was the fastest count in every scaling table (7-16% faster
+# than 8; BENCHMARKS.md). The 1-device step time is in the scaling table of the same run.
+# TRAIN_DEVICES=1 times one device.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
@@ -15,8 +17,9 @@ OUT="${BENCH_OUT:-runs/bench}"
 mkdir -p "$OUT"
 DEVICES=()
 backend=$("$PY" -c 'import jax; print(jax.default_backend())' 2>/dev/null || echo unknown)
-if [[ "$backend" == "cpu" && "${TRAIN_DEVICES:-8}" != "1" ]]; then
-  DEVICES=(--cpu-devices "${TRAIN_DEVICES:-8}" --devices "${TRAIN_DEVICES:-8}")
+if [[ "$backend" == "cpu" ]]; then
+  train_devices=${TRAIN_DEVICES:-4}
+  DEVICES=(--cpu-devices "$(( train_devices > 8 ? train_devices : 8 ))" --devices "$train_devices")
 fi
 start=$(date +%s)
 "$PY" -m jaxaccel bench all --compare-torch "${DEVICES[@]}" --json "$OUT/latest.json" --markdown "$OUT/latest.md" "$@"

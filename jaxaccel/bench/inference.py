@@ -139,7 +139,7 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
         c = out["int8_ceiling"] = int8_matmul_ceiling(shapes, base, warmup=warmup, repeats=repeats)
         notes.append(f"int8 ceiling on this machine: the int8 layers' {c['macs'] / 1e9:.2f} G MACs as plain "
                      f"matmuls take {c['float32_ms_median']:.2f} ms in float32 and {c['int8_ms_median']:.2f} ms as "
-                     f"int8 ({c['speedup']:.2f}×, interleaved): no int8 lowering can beat that ratio here. Amdahl "
+                     f"int8 ({c['speedup']:.2f}×, interleaved), the most XLA:CPU's int8 dot gains here. Amdahl "
                      f"estimate, if those MACs cost the float32 model what the plain matmuls cost and the rest "
                      f"stays float32: at most {c['bound_speedup']:.2f}× for the whole model (goal {GOAL_INT8}×)")
     if "pruned_50_speedup" in out:
