@@ -44,7 +44,7 @@ def job_config():
 
 def launch(experiment, workdir, *, env_extra=None, **popen):
     env = {**os.environ, "JAXACCEL_DEBUG": "", "PYTHON": sys.executable,
-           "JAXACCEL_HEARTBEAT_TIMEOUT": "10", "GRACE_SECONDS": "30", **(env_extra or {})}
+           "JAXACCEL_HEARTBEAT_TIMEOUT": "5", "GRACE_SECONDS": "15", **(env_extra or {})}
     return subprocess.Popen(["bash", SCRIPT, experiment, workdir], env=env, text=True, **popen)
 
 
@@ -76,7 +76,7 @@ def job(tmp_path_factory):
             assert time.monotonic() < end, "no checkpoint after 300 s"
             time.sleep(0.05)
         os.kill(pids[1], signal.SIGKILL)
-        _, err1 = proc.communicate(timeout=240)  # heartbeat 10 s + grace 30 s, with slack
+        _, err1 = proc.communicate(timeout=240)  # heartbeat 5 s + grace 15 s, with slack
     out["rc1"], out["err1"] = proc.returncode, err1
     out["log1"] = open(os.path.join(workdir, "logs", "process_0.log")).read()
     out["steps_after_kill"] = checkpoint_steps(workdir)
