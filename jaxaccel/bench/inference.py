@@ -21,6 +21,7 @@ CPUs without VNNI (this dev machine) the matmul ratio is about 1.5x.
 """
 from __future__ import annotations
 
+import collections
 import importlib
 from typing import Any, Sequence
 
@@ -174,16 +175,21 @@ def int8_matmul_ceiling(shapes: Sequence[tuple[int, int, int]], float_model_ms: 
     import numpy as np
     from jax import lax
 
+    # One operand set per distinct shape (ResNets repeat a few shapes many times), each
+    # matmul run as often as its layer is called.
+    counts = collections.Counter(tuple(int(v) for v in s) for s in shapes)
     rng = np.random.default_rng(seed)
-    f32 = [(jnp.asarray(rng.standard_normal((m, k), np.float32)), jnp.asarray(rng.standard_normal((k, n), np.float32)))
-           for m, k, n in shapes]
-    i8 = [(jnp.asarray(rng.integers(-127, 128, (m, k)).astype(np.int8)),
-           jnp.asarray(rng.integers(-127, 128, (k, n)).astype(np.int8))) for m, k, n in shapes]
-    f32_fn = jax.jit(lambda ops: [a @ b for a, b in ops])
-    i8_fn = jax.jit(lambda ops: [lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-                                 for a, b in ops])
-    works = {"float32": lambda: jax.block_until_ready(f32_fn(f32)),
-             "int8": lambda: jax.block_until_ready(i8_fn(i8))}
+    f32 = {s: (jnp.asarray(rng.standard_normal(s[:2], np.float32)), jnp.asarray(rng.standard_normal(s[1:], np.float32)))
+           for s in counts}
+    i8 = {s: (jnp.asarray(rng.integers(-127, 128, s[:2]).astype(np.int8)),
+              jnp.asarray(rng.integers(-127, 128, s[1:]).astype(np.int8))) for s in counts}
+    f32_dot = jax.jit(lambda a, b: a @ b)
+    i8_dot = jax.jit(lambda a, b: lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32))
+
+    def run(dot: Any, operands: dict) -> None:
+        jax.block_until_ready([dot(*operands[s]) for s, n in counts.items() for _ in range(n)])
+
+    works = {"float32": lambda: run(f32_dot, f32), "int8": lambda: run(i8_dot, i8)}
     for work in works.values():
         work()  # compile
     t = timing.time_interleaved(works, warmup=warmup, repeats=repeats)
