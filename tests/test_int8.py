@@ -215,3 +215,39 @@ def test_no_fusion_through_non_monotone_ops():
     fq = jax.jit(lambda v, x: q.apply_fake_quant(model, v, x, act))(variables, x)
     out = jax.jit(lambda m, x: i8.int8_apply(model, m, x, fuse=True))(qm, x)
     np.testing.assert_allclose(out, fq, rtol=1e-4, atol=1e-4)
+
+
+class _Conv(nn.Module):
+    strides: int
+    padding: object
+    kernel: int
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Conv(5, (self.kernel, self.kernel), strides=self.strides, padding=self.padding, name="layer")(x)
+
+
+@pytest.mark.parametrize("strides,padding,kernel", [
+    (1, "SAME", 3), (2, "SAME", 3), (1, "VALID", 3), (2, "VALID", 1), (1, ((2, 0), (1, 1)), 3), (2, "SAME", 4),
+])
+@pytest.mark.parametrize("act_config", [q.ACT_CONFIG, q.QuantConfig(per_channel=False)])  # zp != 0, zp == 0
+def test_im2col_and_native_int8_convs_agree_exactly(strides, padding, kernel, act_config):
+    """Integer arithmetic: both lowerings give bit-identical outputs (K = 27, not a multiple of 16)."""
+    model = _Conv(strides, padding, kernel)
+    x = jax.random.normal(jax.random.key(1), (3, 9, 8, 3)) + 0.7
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    act = q.calibrate(model, variables, [x], act_config)
+    qm = i8.convert_int8(variables, act)
+    assert (qm.layers["layer"].zero_point != 0) == (act_config is q.ACT_CONFIG)
+    outs = {low: np.asarray(jax.jit(lambda m, x: i8.int8_apply(model, m, x, conv_lowering=low))(qm, x))
+            for low in ("im2col", "native")}
+    np.testing.assert_array_equal(outs["im2col"], outs["native"])
+    fq = jax.jit(lambda v, x: q.apply_fake_quant(model, v, x, act))(variables, x)
+    np.testing.assert_allclose(outs["im2col"], fq, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_conv_lowering_names_the_choices(trained):
+    model, variables, act, x, _ = trained
+    with pytest.raises(ValueError, match="winograd.*im2col, native"):
+        i8.int8_apply(model, i8.convert_int8(variables, act), x, conv_lowering="winograd")
+    assert i8.resolve_conv_lowering("auto") == "im2col"  # the tests run on CPU
