@@ -19,10 +19,12 @@ Speed on XLA:CPU (measured on the 2-core dev machine, cnn3, batch 256): XLA fuse
 conv + bias + ReLU + max-pool into one YNNPACK kernel, while an int8 conv's int32 output cannot
 enter such a fusion (YNNPACK fusions take f32/bf16/s8/u8 only), so each int8 layer pays one extra
 int32 -> float pass; per layer int8 is ~1.2x cheaper, but the whole model (first conv float) runs
-at ~0.6-1.0x float32; `fuse=True` (requantize straight into the next layer's codes) and an
-im2col + int8 dot lowering (tried) do not change that. `jaxaccel bench infer` measures the
-ceiling: XLA:CPU's int8 dot is only ~1.3-1.6x its float32 matmul on that AVX2 CPU without VNNI.
-The gains there are 4x smaller weights and exact integer arithmetic, not latency.
+at ~0.6-0.8x float32; `fuse=True` (requantize straight into the next layer's codes) and the
+im2col lowering do not change that. `jaxaccel bench infer` measures the ceiling: XLA:CPU's int8
+dot is only ~1.2-1.6x its float32 matmul for cnn3's layers on that AVX2 CPU without VNNI, but
+2.2-2.4x for ResNet-20's narrow ones, where the im2col lowering (`conv_lowering="auto"` on CPU)
+takes int8 inference from 0.39x to ~1.0x float32. For cnn3 the gains are 4x smaller weights and
+exact integer arithmetic, not latency.
 """
 from __future__ import annotations
 
