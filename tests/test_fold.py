@@ -28,7 +28,7 @@ def _trained_like(variables, seed=0):
     return jax.tree_util.tree_unflatten(tree, out)
 
 
-@pytest.mark.parametrize("name,kwargs", [("cnn_bn", dict(features=(8, 16))), ("resnet20", dict(width=0.5)),
+@pytest.mark.parametrize("name,kwargs", [("cnn_bn", dict(features=(8, 16))), ("resnet20", dict(width=0.25)),
                                          ("dscnn_bn", dict(features=(8, 16, 16)))])
 def test_fold_eval_equivalence(name, kwargs):
     model = get_model(name, 10, **kwargs)

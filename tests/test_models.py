@@ -128,7 +128,10 @@ def test_unknown_name_dtype_impl_field():
         abstract(get_model("dscnn_bn", 10, pool_after=(0, 3)), (28, 28, 1))
 
 
-@pytest.mark.parametrize("name,shape", [("cnn3", (16, 16, 3)), ("resnet20", (8, 8, 3))])
+# ResNet-20 variants run with -m slow: the dtype / batch-stats handling is the models' shared
+# code (layers, batch_norm), covered by cnn3 / cnn_bn here; each ResNet-20 compile costs ~15 s.
+@pytest.mark.parametrize("name,shape", [("cnn3", (16, 16, 3)),
+                                        pytest.param("resnet20", (8, 8, 3), marks=pytest.mark.slow)])
 def test_bfloat16_compute_float32_params_and_logits(name, shape):
     m32 = get_model(name, 10)
     m16 = get_model(name, 10, dtype="bfloat16")
@@ -185,7 +188,8 @@ def test_width_multiplier():
     assert p["pw2"]["kernel"].shape == (1, 1, 32, 64) and p["fc"]["kernel"].shape == (64, 10)
 
 
-@pytest.mark.parametrize("name,shape", [("cnn_bn", (12, 12, 1)), ("resnet20", (8, 8, 3))])
+@pytest.mark.parametrize("name,shape", [("cnn_bn", (12, 12, 1)),
+                                        pytest.param("resnet20", (8, 8, 3), marks=pytest.mark.slow)])
 def test_batch_stats_update_in_train_mode_only(name, shape):
     model = get_model(name, 10)
     v = init_variables(model, KEY, shape)
