@@ -118,20 +118,6 @@ def test_infer_bench_variants_and_speedups():
         assert any("int8 ceiling" in n for n in out["notes"])
 
 
-def test_int8_matmul_shapes_of_convs_are_positions_by_kernel_by_channels():
-    import jax
-
-    from jaxaccel import models
-    from jaxaccel.bench.inference import int8_matmul_shapes
-
-    net = models.get_model("cnn3", 10)
-    x = jax.numpy.zeros((2, 8, 8, 3))
-    variables = models.init_variables(net, jax.random.PRNGKey(0), (8, 8, 3))
-    shapes = int8_matmul_shapes(net, variables, x, ["conv2", "conv3", "fc1"])
-    # conv2 sees 4x4 after one pool, conv3 2x2; fc1 the flattened 1x1x128.
-    assert shapes == [(2 * 4 * 4, 3 * 3 * 32, 64), (2 * 2 * 2, 3 * 3 * 64, 128), (2, 128, 128)]
-
-
 def test_resolve_skip():
     order = ["conv1", "conv2", "fc1"]
     assert resolve_skip("first", order) == ("conv1",)

@@ -221,3 +221,14 @@ def test_errors():
         shrink.shrink(model, variables, masks)
     with pytest.raises(ValueError, match=r"input_shape must be .* got \(8, 8\)"):
         shrink.flops(model, (8, 8))
+
+
+def test_layer_matmul_shapes_are_positions_by_kernel_by_channels():
+    model = get_model("cnn3", 10)
+    x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+    variables = jax.eval_shape(lambda r, x: model.init(r, x, train=False), jax.random.key(0), x)
+    shapes = dict(shrink.layer_matmul_shapes(model, variables, x))
+    # conv1 runs on 8x8, conv2 on 4x4 after one pool, conv3 on 2x2; fc1 on the flattened 1x1x128.
+    assert shapes == {"conv1": (2 * 8 * 8, 3 * 3 * 3, 32), "conv2": (2 * 4 * 4, 3 * 3 * 32, 64),
+                      "conv3": (2 * 2 * 2, 3 * 3 * 64, 128), "fc1": (2, 128, 128), "fc2": (2, 128, 10)}
+    assert sum(m * k * n for m, k, n in shapes.values()) == shrink.flops(model, (2, 8, 8, 3))

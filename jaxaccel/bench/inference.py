@@ -89,7 +89,7 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
     if int8_lib is not None:
         int8_model = int8_lib.convert_int8(variables, act_qparams, skip=skip)
         fns["int8"] = (jax.jit(lambda m, x: int8_lib.int8_apply(net, m, x)), (int8_model, x))
-        shapes = int8_matmul_shapes(net, variables, x, sorted(int8_model.layers))
+        shapes = [mkn for path, mkn in shrink.layer_matmul_shapes(net, variables, x) if path in int8_model.layers]
     else:
         notes.append(f"int8 skipped: {int8_status}")
         shapes = []
@@ -148,19 +148,6 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
     out["notes"] = notes
     out["table"] = _table(out)
     return out
-
-
-def int8_matmul_shapes(net: Any, variables: Any, x: Any, layers: Sequence[str]) -> list[tuple[int, int, int]]:
-    """(M, K, N) of each call of the int8 `layers`: output positions, kernel size, output channels."""
-    import numpy as np
-
-    from jaxaccel.compress import prune
-
-    kernels = {p.rsplit("/", 1)[0]: leaf.shape for p, leaf in prune.named_leaves(variables["params"])
-               if prune.is_kernel(p, leaf)}
-    wanted = set(layers)
-    return [(int(np.prod(out_shape[:-1])), int(np.prod(kernels[path][:-1])), int(kernels[path][-1]))
-            for path, out_shape in prune.layer_calls(net, variables, x, train=False) if path in wanted]
 
 
 def int8_matmul_ceiling(shapes: Sequence[tuple[int, int, int]], float_model_ms: float, *,

@@ -41,6 +41,7 @@ from jax.extend.core import Literal, Primitive
 
 from jaxaccel.compress.quant import (WEIGHT_CONFIG, QParams, QuantConfig, _check_skip, is_kernel, layer_kind,
                                      path_str, quantize, tensor_qparams)
+from jaxaccel.models.layers import im2col_patches
 
 
 @struct.dataclass
@@ -231,27 +232,20 @@ _IM2COL_K_MULTIPLE = 16
 
 def _im2col_int8_acc(q: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
                      padding: Any) -> jax.Array:
-    """int32 accumulator of a 2-D conv as patches @ kernel on int8 codes (`q` already padded
-    when `padding` is "VALID"): one int8 x int8 -> int32 dot_general; exact like the native conv."""
+    """int32 accumulator of a 2-D conv as one int8 x int8 -> int32 dot of im2col patches
+    (`layers.im2col_patches`, zero padding); exact like the native int8 conv."""
     kh, kw, cin, cout = kernel.shape
-    sh, sw = strides
-    if padding != "VALID":
-        pads = lax.padtype_to_pads(q.shape[1:3], (kh, kw), strides, padding) if isinstance(padding, str) else padding
-        q = jnp.pad(q, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
-    n, hp, wp, _ = q.shape
-    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    k = kh * kw * cin
-    extra = -k % _IM2COL_K_MULTIPLE
-    # Two passes (kw shifts along W, then kh shifts along H), columns in HWIO kernel order.
-    rows = jnp.concatenate([q[:, :, j:j + (wo - 1) * sw + 1:sw, :] for j in range(kw)], axis=-1)
-    blocks = [rows[:, i:i + (ho - 1) * sh + 1:sh] for i in range(kh)]
+    pads = lax.padtype_to_pads(q.shape[1:3], (kh, kw), strides, padding) if isinstance(padding, str) else padding
+    n, h, w, _ = q.shape
+    ho = (h + pads[0][0] + pads[0][1] - kh) // strides[0] + 1
+    wo = (w + pads[1][0] + pads[1][1] - kw) // strides[1] + 1
+    patches = im2col_patches(q, (kh, kw), [tuple(p) for p in pads], strides)
+    weights = kernel.reshape(kh * kw * cin, cout)
+    extra = -patches.shape[1] % _IM2COL_K_MULTIPLE  # zero columns x zero rows: exact
     if extra:
-        blocks.append(jnp.zeros((n, ho, wo, extra), q.dtype))
-    patches = jnp.concatenate(blocks, axis=-1).reshape(n * ho * wo, k + extra)
-    w = kernel.reshape(k, cout)
-    if extra:
-        w = jnp.pad(w, ((0, extra), (0, 0)))
-    acc = lax.dot_general(patches, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+        patches = jnp.pad(patches, ((0, 0), (0, extra)))
+        weights = jnp.pad(weights, ((0, extra), (0, 0)))
+    acc = lax.dot_general(patches, weights, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
     return acc.reshape(n, ho, wo, cout)
 
 
@@ -292,14 +286,12 @@ def _conv_acc(module: nn.Conv, layer: Int8Layer, q: jax.Array, lowering: str = "
         padding = "VALID"
     if lowering == "im2col" and n == 2 and groups == 1 and lhs_dil == (1, 1) and rhs_dil == (1, 1):
         acc = _im2col_int8_acc(q, layer.kernel, strides, padding)
-        if not layer.zero_point_is_zero:
-            acc = acc - layer.zp_correction
-        return acc.reshape(batch_shape + acc.shape[1:])
-    lhs_spec = (0, n + 1) + tuple(range(1, n + 1))
-    dn = lax.ConvDimensionNumbers(lhs_spec, (n + 1, n) + tuple(range(n)), lhs_spec)
-    acc = lax.conv_general_dilated(q, layer.kernel, strides, padding, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
-                                   dimension_numbers=dn, feature_group_count=groups,
-                                   preferred_element_type=jnp.int32)
+    else:
+        lhs_spec = (0, n + 1) + tuple(range(1, n + 1))
+        dn = lax.ConvDimensionNumbers(lhs_spec, (n + 1, n) + tuple(range(n)), lhs_spec)
+        acc = lax.conv_general_dilated(q, layer.kernel, strides, padding, lhs_dilation=lhs_dil,
+                                       rhs_dilation=rhs_dil, dimension_numbers=dn, feature_group_count=groups,
+                                       preferred_element_type=jnp.int32)
     if not layer.zero_point_is_zero:
         acc = acc - layer.zp_correction
     return acc.reshape(batch_shape + acc.shape[1:])

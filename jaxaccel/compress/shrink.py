@@ -268,9 +268,15 @@ def flops(model: nn.Module, input_shape: Sequence[int]) -> int:
         raise ValueError(f"input_shape must be (H, W, C) or (N, H, W, C), got {input_shape!r}")
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     variables = jax.eval_shape(lambda r, x: model.init(r, x, train=False), jax.random.key(0), x)
+    return sum(m * k * n for _, (m, k, n) in layer_matmul_shapes(model, variables, x))
+
+
+def layer_matmul_shapes(model: nn.Module, variables: Any, x: Any) -> list[tuple[str, tuple[int, int, int]]]:
+    """``(module path, (M, K, N))`` of every conv/dense call of ``model.apply(variables, x)`` in
+    eval mode, in call order: M output positions, K kernel entries per output (kh*kw*Cin/groups,
+    or Cin), N output channels -- the layer's MACs as one (M x K) @ (K x N) matmul.
+    ``variables`` and ``x`` may be ``jax.ShapeDtypeStruct`` trees (an abstract trace)."""
     kernels = {p.rsplit("/", 1)[0]: leaf.shape for p, leaf in prune.named_leaves(variables["params"])
                if prune.is_kernel(p, leaf)}
-    total = 0
-    for path, out_shape in prune.layer_calls(model, variables, x, train=False):
-        total += int(np.prod(out_shape[:-1])) * int(np.prod(kernels[path]))
-    return total
+    return [(path, (int(np.prod(out_shape[:-1])), int(np.prod(kernels[path][:-1])), int(kernels[path][-1])))
+            for path, out_shape in prune.layer_calls(model, variables, x, train=False)]

@@ -81,19 +81,22 @@ def _explicit_padding(padding: Any, in_hw: Sequence[int], k_hw: Sequence[int]) -
     return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
-def im2col_patches(x: jax.Array, kernel_hw: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:
-    """Stride-1 patches of NHWC `x` as a (N*Ho*Wo, kh*kw*C) matrix, columns in HWIO kernel order.
+def im2col_patches(x: jax.Array, kernel_hw: Sequence[int], padding: Sequence[tuple[int, int]],
+                   strides: Sequence[int] = (1, 1)) -> jax.Array:
+    """Patches of NHWC `x` (zero-padded by `padding`) as a (N*Ho*Wo, kh*kw*C) matrix, columns
+    in HWIO kernel order, one row per output position of a conv with `strides`.
 
     Built in two passes (kw shifts along W, then kh shifts along H): fewer, longer copies
     than stacking all kh*kw shifted slices at once, which XLA:CPU runs faster.
     """
     kh, kw = kernel_hw
+    sh, sw = strides
     (plo, phi), (qlo, qhi) = padding
     n, h, w, c = x.shape
     xp = jnp.pad(x, ((0, 0), (plo, phi), (qlo, qhi), (0, 0)))
-    ho, wo = h + plo + phi - kh + 1, w + qlo + qhi - kw + 1
-    rows = jnp.concatenate([xp[:, :, j:j + wo, :] for j in range(kw)], axis=-1)
-    p = jnp.concatenate([rows[:, i:i + ho] for i in range(kh)], axis=-1)
+    ho, wo = (h + plo + phi - kh) // sh + 1, (w + qlo + qhi - kw) // sw + 1
+    rows = jnp.concatenate([xp[:, :, j:j + (wo - 1) * sw + 1:sw, :] for j in range(kw)], axis=-1)
+    p = jnp.concatenate([rows[:, i:i + (ho - 1) * sh + 1:sh] for i in range(kh)], axis=-1)
     return p.reshape(n * ho * wo, kh * kw * c)
 
 
