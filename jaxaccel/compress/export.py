@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import export as jax_export
 
-from jaxaccel.compress.int8 import Int8Model, int8_apply
+from jaxaccel.compress.int8 import Int8Model, int8_apply, resolve_conv_lowering
 from jaxaccel.compress.quant import WEIGHT_CONFIG, QParams, QuantConfig, _layer_filter, apply_fake_quant, quantize_weights
 
 
@@ -86,8 +86,14 @@ def export_fake_quant(model: nn.Module, variables: Mapping, act_qparams: Mapping
 
 
 def export_int8(model: nn.Module, int8_model: Int8Model, input_shape: Sequence[int],
-                path: str | os.PathLike, *, batch_size: int | None = None) -> jax_export.Exported:
-    """Export real int8 inference (`int8.int8_apply`): int8 kernels stored as int8 constants."""
+                path: str | os.PathLike, *, batch_size: int | None = None,
+                conv_lowering: str = "auto") -> jax_export.Exported:
+    """Export real int8 inference (`int8.int8_apply`): int8 kernels stored as int8 constants.
+
+    `conv_lowering` as in `int8_apply` ("auto" resolves on the exporting machine's backend:
+    pass "native" for an artifact meant for GPU/TPU when exporting on a CPU host).
+    """
     int8_model = _host(int8_model)
-    return export_inference(lambda x: int8_apply(model, int8_model, x), input_shape, path,
-                            batch_size=batch_size)
+    resolve_conv_lowering(conv_lowering)  # a bad name fails here, before tracing
+    return export_inference(lambda x: int8_apply(model, int8_model, x, conv_lowering=conv_lowering),
+                            input_shape, path, batch_size=batch_size)
