@@ -203,11 +203,11 @@ def test_grouped_conv_module_matches_nn_conv_params_and_rejects_bad_groups():
 
 
 def test_conv_impl_names_and_resolution():
-    assert set(CONV_IMPLS) >= {"auto", "xla", "im2col", "cpu"}
+    assert set(CONV_IMPLS) >= {"auto", "xla", "im2col", "cpu", "winograd"}
     assert resolve_conv_impl("auto") == ("cpu" if jax.default_backend() == "cpu" else "xla")
     assert resolve_conv_impl("xla") == "xla"
-    with pytest.raises(ValueError, match="'winograd'.*xla"):
-        resolve_conv_impl("winograd")
+    with pytest.raises(ValueError, match="'fft'.*xla.*winograd"):
+        resolve_conv_impl("fft")
 
 
 def test_conv_module_matches_nn_conv_params_and_values():
@@ -275,3 +275,53 @@ def test_native_convs_of_cpu_path_read_a_materialised_input():
     assert "cond[" in jaxpr
     xla_layer = conv(8, 3, conv_impl="xla")
     assert "cond[" not in str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(xla_layer.apply(p, jnp.tanh(x)))))(p))
+
+
+# ----------------------------------------------------------------------------- Winograd
+
+def _lax_conv(x, k, padding):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 3), h=st.integers(3, 11), w=st.integers(3, 11), cin=st.integers(1, 9),
+       cout=st.integers(1, 9), pads=st.sampled_from([((1, 1), (1, 1)), ((0, 0), (0, 0)), ((2, 0), (1, 2))]))
+def test_winograd_conv_matches_lax_conv_values_and_both_grads(n, h, w, cin, cout, pads):
+    """F(2x2, 3x3) over odd and even sizes and paddings: values, input and filter gradients."""
+    kx, kk, kc = jax.random.split(jax.random.key(h * 100 + w * 10 + cin), 3)
+    x = jax.random.normal(kx, (n, h, w, cin))
+    k = jax.random.normal(kk, (3, 3, cin, cout))
+    y, vjp = jax.vjp(lambda x, k: layers.winograd_conv(x, k, pads), x, k)
+    y_ref, vjp_ref = jax.vjp(lambda x, k: _lax_conv(x, k, pads), x, k)
+    cot = jax.random.normal(kc, y_ref.shape)
+    assert_rel_close((y, vjp(cot)), (y_ref, vjp_ref(cot)), rtol=2e-6)
+
+
+def test_winograd_conv_rejects_other_kernel_sizes():
+    with pytest.raises(ValueError, match=r"3x3 kernel, got \(5, 5\)"):
+        layers.winograd_conv(jnp.ones((1, 8, 8, 2)), jnp.ones((5, 5, 2, 3)), ((2, 2), (2, 2)))
+
+
+def _has_winograd_matmuls(fn, *args) -> bool:
+    """Whether the jaxpr of `fn` has a dot_general batched over the 16 Winograd tile positions."""
+    return "dimension_numbers=(([2], [1]), ([0], [0]))" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_winograd_impl_runs_wide_3x3_convs_as_winograd_and_cnn3_uses_it_under_cpu():
+    from jaxaccel.models import get_model, init_variables
+
+    x = jnp.ones((2, 8, 8, 16))
+    layer = {impl: conv(8, 3, conv_impl=impl) for impl in ("winograd", "cpu")}
+    p = layer["cpu"].init(jax.random.key(0), x)
+    assert _has_winograd_matmuls(lambda p: layer["winograd"].apply(p, x), p)
+    assert not _has_winograd_matmuls(lambda p: layer["cpu"].apply(p, x), p)
+    # a first layer (patch 3*3*3 <= CPU_IM2COL_MAX_PATCH) stays im2col under "winograd"
+    x3 = jnp.ones((2, 8, 8, 3))
+    p3 = layer["cpu"].init(jax.random.key(0), x3)
+    assert not _has_winograd_matmuls(lambda p: layer["winograd"].apply(p, x3), p3)
+    assert layers.no_bn_conv_impl("cpu") == "winograd" and layers.no_bn_conv_impl("xla") == "xla"
+    assert layers.no_bn_conv_impl("im2col") == "im2col"
+    for impl, expected in (("cpu", True), ("xla", False)):
+        model = get_model("cnn3", 10, conv_impl=impl)
+        v = init_variables(model, jax.random.key(0), (16, 16, 3))
+        assert _has_winograd_matmuls(lambda v: model.apply(v, jnp.ones((2, 16, 16, 3))), v) == expected

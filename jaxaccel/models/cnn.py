@@ -7,7 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxaccel.models.layers import conv, conv_act_pool, max_pool, microbatch_count, microbatched
+from jaxaccel.models.layers import (conv, conv_act_pool, max_pool, microbatch_count, microbatched,
+                                    no_bn_conv_impl)
 
 # BatchNorm settings shared by every BN model: PyTorch's momentum 0.1 (flax's 0.9) and eps.
 BN_MOMENTUM = 0.9
@@ -32,6 +33,7 @@ class CNN3(nn.Module):
 
     `microbatch`: examples per micro-batch for the conv stack (None: the conv_impl's choice,
     see `layers.microbatch_count`); results do not depend on it beyond float rounding.
+    Under "cpu" its convs use "winograd" (`layers.no_bn_conv_impl`).
     """
 
     num_classes: int
@@ -43,16 +45,17 @@ class CNN3(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        convs = [conv(f, 3, padding="SAME", dtype=self.dtype, conv_impl=self.conv_impl, name=f"conv{i + 1}")
+        impl = no_bn_conv_impl(self.conv_impl)
+        convs = [conv(f, 3, padding="SAME", dtype=self.dtype, conv_impl=impl, name=f"conv{i + 1}")
                  for i, f in enumerate(self.features)]
 
         def conv_stack(x):
             for layer in convs:
-                x = conv_act_pool(layer, x, nn.relu, 2, self.conv_impl)
+                x = conv_act_pool(layer, x, nn.relu, 2, impl)
             return x.reshape((x.shape[0], -1))
 
         x = x.astype(self.dtype)
-        x = microbatched(conv_stack, x, microbatch_count(x.shape[0], self.conv_impl, self.microbatch))
+        x = microbatched(conv_stack, x, microbatch_count(x.shape[0], impl, self.microbatch))
         x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)
         return x.astype(jnp.float32)
