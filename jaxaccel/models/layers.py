@@ -18,11 +18,11 @@ Implementations (`CONV_IMPLS`):
               its filter gradient taken from a materialised input (`_native_materialized_input`);
               `max_pool_2d` before bias and activation; and, in models without BatchNorm, the
               conv stack run on micro-batches of `CPU_MICROBATCH` examples (`microbatched`).
-  * "winograd": "cpu", except that stride-1 3x3 convs past the im2col threshold run as
-              Winograd F(2x2, 3x3) (`winograd_conv`): forward and filter gradient as 16
-              batched matmuls between transformed 4x4 input tiles and transformed kernels
-              (2.25x fewer multiplies), input gradient the native conv. `CNN3` uses it under
-              "cpu" (`no_bn_conv_impl`): its cnn3 train step is ~1.1x faster in the bench
+  * "winograd": "cpu", except that stride-1 3x3 convs past the im2col threshold take their
+              filter gradient by Winograd F(2x2, 3x3) (`winograd_conv`): 16 batched matmuls
+              between transformed 4x4 input tiles and transformed output gradients (2.25x
+              fewer multiplies); forward and input gradient stay the native conv. `CNN3` uses
+              it under "cpu" (`no_bn_conv_impl`): its train step measured ~1.1x faster
               (XLA:CPU's native filter-gradient conv for 32 -> 64 channels was its slowest op);
               in ResNet-20 (BatchNorm between convs) it measured 5-15% slower, so "cpu" keeps
               the native conv there.
@@ -41,7 +41,7 @@ only difference: when two window entries are within one rounding step of each ot
 nothing per example (only the summation order of filter gradients). im2col forwards
 round differently from the native conv (~1e-7 relative), which can flip the maximum of a
 pool window whose entries are that close; the "cpu" path uses im2col only in first layers.
-Winograd F(2x2, 3x3) rounds differently too (~2e-7 relative in float32, tested).
+The Winograd filter gradient rounds differently too (~2e-7 relative in float32, tested).
 """
 from __future__ import annotations
 
@@ -158,7 +158,9 @@ def _make_im2col_conv(padding: tuple[tuple[int, int], ...]) -> Callable[[jax.Arr
 # ----------------------------------------------------------------------------- Winograd F(2x2, 3x3)
 # Lavin & Gray (2016): a 2x2 output tile of a 3x3 conv from a 4x4 input tile as
 # Y = A^T [(G k G^T) * (B^T d B)] A. Over all tiles and channels the elementwise product becomes
-# 16 independent matmuls (one per tile position) of (tiles, Cin) @ (Cin, Cout).
+# 16 independent matmuls (one per tile position) of (tiles, Cin) @ (Cin, Cout). Y is linear in
+# k, so the filter gradient is its transpose: G^T [sum over tiles (B^T d B)^T (A dY A^T)] G,
+# 16 matmuls of (Cin, tiles) @ (tiles, Cout): 2.25x fewer multiplies than the direct one.
 _WINO_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
 _WINO_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
 _WINO_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
@@ -195,16 +197,6 @@ def winograd_input_tiles(x: jax.Array, padding: Sequence[tuple[int, int]]) -> ja
     return _along0(_WINO_BB, tiles).reshape(16, n * th * tw, c)
 
 
-def _winograd_forward(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, int]]) -> jax.Array:
-    n = x.shape[0]
-    cin, cout = kernel.shape[2:]
-    ho, wo, th, tw = _winograd_geometry(x.shape, padding)
-    u = _along0(_WINO_GG, kernel.reshape(9, cin * cout)).reshape(16, cin, cout)
-    m = lax.dot_general(winograd_input_tiles(x, padding), u, (((2,), (1,)), ((0,), (0,))))  # (16, P, cout)
-    y = _along0(_WINO_AA, m.reshape(16, -1)).reshape(2, 2, n, th, tw, cout)
-    return y.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * th, 2 * tw, cout)[:, :ho, :wo]
-
-
 def _winograd_filter_grad(x: jax.Array, dy: jax.Array, padding: Sequence[tuple[int, int]]) -> jax.Array:
     """d loss / d kernel: the forward's transposes, G^T [sum over tiles (B^T d B)^T (A dY A^T)] G."""
     n, ho, wo, cout = dy.shape
@@ -216,12 +208,13 @@ def _winograd_filter_grad(x: jax.Array, dy: jax.Array, padding: Sequence[tuple[i
 
 
 def winograd_conv(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, int]]) -> jax.Array:
-    """Stride-1 NHWC conv of `x` with a 3x3 HWIO `kernel` by Winograd F(2x2, 3x3).
+    """Stride-1 NHWC conv of `x` with a 3x3 HWIO `kernel` whose filter gradient is Winograd F(2x2, 3x3).
 
-    Forward and filter gradient are Winograd (custom VJP); the input gradient is XLA's conv of
-    `dy` with the flipped kernel (Winograd there measured slower on XLA:CPU: its tile transposes
-    of the wide `dy` cost more than the multiplies saved). Odd output sizes are padded to whole
-    tiles and cropped.
+    The forward is XLA's conv (it stays fusable with its neighbours: a Winograd forward measured
+    as fast in the cnn3 train step and 2x slower for inference); the input gradient is XLA's conv
+    of `dy` with the flipped kernel (Winograd there measured slower on XLA:CPU: the tile
+    transposes of the wide `dy` cost more than the multiplies saved). Odd output sizes are
+    padded to whole tiles.
     """
     if kernel.shape[:2] != (3, 3):
         raise ValueError(f"winograd_conv needs a 3x3 kernel, got {kernel.shape[:2]}")
@@ -236,12 +229,15 @@ def _winograd_fn(padding: tuple[tuple[int, int], ...]) -> Callable:
     if padding in _WINOGRAD_FNS:
         return _WINOGRAD_FNS[padding]
 
+    def forward(x, kernel):
+        return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
+
     @jax.custom_vjp
     def conv_fn(x, kernel):
-        return _winograd_forward(x, kernel, padding)
+        return forward(x, kernel)
 
     def fwd(x, kernel):
-        return _winograd_forward(x, kernel, padding), (x, kernel)
+        return forward(x, kernel), (x, kernel)
 
     def bwd(res, dy):
         x, kernel = res
