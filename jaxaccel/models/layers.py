@@ -225,6 +225,20 @@ def winograd_conv(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, 
 _WINOGRAD_FNS: dict[tuple[tuple[int, int], ...], Callable] = {}
 
 
+def _with_backward(forward: Callable, backward: Callable) -> Callable:
+    """`forward(x, kernel)` whose VJP is `backward(x, kernel, dy) -> (dx, dkernel)` (saves x, kernel)."""
+
+    @jax.custom_vjp
+    def f(x, kernel):
+        return forward(x, kernel)
+
+    def fwd(x, kernel):
+        return forward(x, kernel), (x, kernel)
+
+    f.defvjp(fwd, lambda res, dy: backward(*res, dy))
+    return f
+
+
 def _winograd_fn(padding: tuple[tuple[int, int], ...]) -> Callable:
     if padding in _WINOGRAD_FNS:
         return _WINOGRAD_FNS[padding]
@@ -232,21 +246,12 @@ def _winograd_fn(padding: tuple[tuple[int, int], ...]) -> Callable:
     def forward(x, kernel):
         return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
 
-    @jax.custom_vjp
-    def conv_fn(x, kernel):
-        return forward(x, kernel)
-
-    def fwd(x, kernel):
-        return forward(x, kernel), (x, kernel)
-
-    def bwd(res, dy):
-        x, kernel = res
+    def backward(x, kernel, dy):
         dk = _winograd_filter_grad(x, dy, padding).astype(kernel.dtype)
         return _input_grad(dy, kernel, padding).astype(x.dtype), dk
 
-    conv_fn.defvjp(fwd, bwd)
-    _WINOGRAD_FNS[padding] = conv_fn
-    return conv_fn
+    _WINOGRAD_FNS[padding] = _with_backward(forward, backward)
+    return _WINOGRAD_FNS[padding]
 
 
 def _fast_path_ok(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
@@ -306,18 +311,10 @@ def _native_materialized_input(conv_fn: Callable, x: jax.Array, kernel: jax.Arra
     order: about a third of ResNet-20's train step on this machine.
     """
 
-    @jax.custom_vjp
-    def f(x, kernel):
-        return conv_fn(x, kernel)
-
-    def fwd(x, kernel):
-        return conv_fn(x, kernel), (x, kernel)
-
-    def bwd(res, dy):
-        x, kernel = res
+    def backward(x, kernel, dy):
         return jax.vjp(conv_fn, _materialized(x, kernel.reshape(-1)[0]), kernel)[1](dy)
 
-    f.defvjp(fwd, bwd)
+    f = _with_backward(conv_fn, backward)
     return f(x, kernel)
 
 
