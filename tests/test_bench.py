@@ -211,3 +211,12 @@ def test_step_flops_counts_model_flops_not_winograds_fewer():
     # conv2 + conv3 forward MACs alone (3x3, 8x8x32->64 and 4x4x64->128), times 2 FLOPs
     assert model_flops > 2 * 8 * (8 * 8 * 9 * 32 * 64 + 4 * 4 * 9 * 64 * 128)
     assert executed < model_flops  # (XLA counts the transforms as dense 16x16 matmuls)
+
+
+def test_resolved_conv_impl_is_the_models_own_auto_choice():
+    import jax
+
+    on_cpu = jax.default_backend() == "cpu"
+    assert workload.resolved_conv_impl("auto", "cnn3") == ("winograd" if on_cpu else "xla")
+    assert workload.resolved_conv_impl("auto", "resnet20") == ("cpu" if on_cpu else "xla")
+    assert workload.resolved_conv_impl("cpu", "cnn3") == "cpu"

@@ -308,7 +308,7 @@ def _has_winograd_matmuls(fn, *args) -> bool:
     return "dimension_numbers=(([1], [1]), ([0], [0]))" in str(jax.make_jaxpr(grad)(*args))
 
 
-def test_winograd_impl_runs_wide_3x3_convs_as_winograd_and_cnn3_uses_it_under_cpu():
+def test_winograd_impl_runs_wide_3x3_convs_as_winograd_and_is_cnn3s_auto_on_cpu():
     from jaxaccel.models import get_model, init_variables
 
     x = jnp.ones((2, 8, 8, 16))
@@ -320,9 +320,12 @@ def test_winograd_impl_runs_wide_3x3_convs_as_winograd_and_cnn3_uses_it_under_cp
     x3 = jnp.ones((2, 8, 8, 3))
     p3 = layer["cpu"].init(jax.random.key(0), x3)
     assert not _has_winograd_matmuls(lambda p: layer["winograd"].apply(p, x3), p3)
-    assert layers.no_bn_conv_impl("cpu") == "winograd" and layers.no_bn_conv_impl("xla") == "xla"
-    assert layers.no_bn_conv_impl("im2col") == "im2col"
-    for impl, expected in (("cpu", True), ("xla", False)):
+    on_cpu = jax.default_backend() == "cpu"
+    assert resolve_conv_impl("auto", "winograd") == ("winograd" if on_cpu else "xla")
+    assert resolve_conv_impl("cpu", "winograd") == "cpu"  # explicit names are honoured
+    with pytest.raises(ValueError, match="'fft'"):
+        resolve_conv_impl("auto", "fft")
+    for impl, expected in (("auto", on_cpu), ("winograd", True), ("cpu", False), ("xla", False)):
         model = get_model("cnn3", 10, conv_impl=impl)
         v = init_variables(model, jax.random.key(0), (16, 16, 3))
-        assert _has_winograd_matmuls(lambda v: model.apply(v, jnp.ones((2, 16, 16, 3))), v) == expected
+        assert _has_winograd_matmuls(lambda v: model.apply(v, jnp.ones((2, 16, 16, 3))), v) == expected, impl

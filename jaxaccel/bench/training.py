@@ -134,7 +134,8 @@ def bench_train(model: str = "cnn3", batch_size: int = 128,
     workload.check_model(model)
     workload.check_conv_impl(conv_impl)
     workload.check_conv_impl(baseline_conv_impl)
-    impl, base_impl = workload.resolved_conv_impl(conv_impl), workload.resolved_conv_impl(baseline_conv_impl)
+    impl = workload.resolved_conv_impl(conv_impl, model)
+    base_impl = workload.resolved_conv_impl(baseline_conv_impl, model)
     notes: list[str] = []
 
     main = make_step_bench(model, batch_size, input_shape, conv_impl=conv_impl, strategy=strategy,
@@ -219,7 +220,7 @@ def _table(r: dict[str, Any]) -> dict[str, Any]:
         ["model FLOPs / step (XLA cost_analysis, plain-Flax step)",
          _fmt(r["flops_per_step"] and r["flops_per_step"] / 1e9, ".2f") + " GFLOP",
          f"achieved {_fmt(r['achieved_gflops'])} GFLOP/s; this step executes "
-         f"{_fmt(r.get('executed_flops_per_step') and r['executed_flops_per_step'] / 1e9, '.2f')} GFLOP"],
+         f"{_fmt(r['executed_flops_per_step'] and r['executed_flops_per_step'] / 1e9, '.2f')} GFLOP"],
         [f"float32 matmul {r['matmul_size']}³ (peak)", f"{r['matmul_peak_gflops']:.0f} GFLOP/s", "same run, interleaved"],
         ["model FLOPs utilisation", _fmt(r["mfu"] and 100 * r["mfu"]) + " %", "achieved / matmul peak"],
     ]

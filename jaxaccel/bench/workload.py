@@ -70,11 +70,12 @@ def check_conv_impl(conv_impl: str) -> str:
     return layers.check_conv_impl(conv_impl)
 
 
-def resolved_conv_impl(conv_impl: str) -> str:
-    """The concrete implementation "auto" stands for on this backend."""
-    from jaxaccel.models import layers
+def resolved_conv_impl(conv_impl: str, model: str) -> str:
+    """The concrete implementation `conv_impl` stands for in registered `model` on this backend."""
+    from jaxaccel import models
 
-    return layers.resolve_conv_impl(conv_impl)
+    cpu_choice = getattr(models.MODELS.get(model), "AUTO_CPU_CONV_IMPL", "cpu")
+    return models.resolve_conv_impl(conv_impl, cpu_choice)
 
 
 def matching_dataset(input_shape: Sequence[int]) -> str | None:

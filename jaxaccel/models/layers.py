@@ -21,12 +21,13 @@ Implementations (`CONV_IMPLS`):
   * "winograd": "cpu", except that stride-1 3x3 convs past the im2col threshold take their
               filter gradient by Winograd F(2x2, 3x3) (`winograd_conv`): 16 batched matmuls
               between transformed 4x4 input tiles and transformed output gradients (2.25x
-              fewer multiplies); forward and input gradient stay the native conv. `CNN3` uses
-              it under "cpu" (`no_bn_conv_impl`): its train step measured ~1.1x faster
-              (XLA:CPU's native filter-gradient conv for 32 -> 64 channels was its slowest op);
-              in ResNet-20 (BatchNorm between convs) it measured 5-15% slower, so "cpu" keeps
-              the native conv there.
-  * "auto":   resolved when the model is traced: "cpu" on the CPU backend, "xla" elsewhere.
+              fewer multiplies); forward and input gradient stay the native conv. `CNN3`'s
+              "auto" picks it on CPU (`CNN3.AUTO_CPU_CONV_IMPL`): its train step measured
+              ~1.1x faster than "cpu" (XLA:CPU's native filter-gradient conv for 32 -> 64
+              channels was its slowest op); in ResNet-20 (BatchNorm between convs) it measured
+              5-15% slower, so the other models' "auto" stays "cpu".
+  * "auto":   resolved when the model is traced: on the CPU backend "cpu" (or the model's
+              `AUTO_CPU_CONV_IMPL`), "xla" elsewhere.
 Stride-1 depthwise convs (`feature_group_count` = input channels = output channels, kernel
 (kh, kw, 1, C)) run under "im2col" and "cpu" as kh*kw shifted multiply-adds
 (`depthwise_conv_shifted`; XLA:CPU's grouped conv, forward plus both gradients, is 3-7x
@@ -75,18 +76,14 @@ def check_conv_impl(conv_impl: str) -> str:
     return conv_impl
 
 
-def resolve_conv_impl(conv_impl: str) -> str:
-    """Map "auto" to the concrete implementation for the default backend."""
+def resolve_conv_impl(conv_impl: str, cpu_choice: str = "cpu") -> str:
+    """Map "auto" to the concrete implementation for the default backend: `cpu_choice` on CPU
+    (a model's measured fastest; "cpu" unless the model says otherwise), "xla" elsewhere."""
     check_conv_impl(conv_impl)
+    check_conv_impl(cpu_choice)
     if conv_impl != "auto":
         return conv_impl
-    return "cpu" if jax.default_backend() == "cpu" else "xla"
-
-
-def no_bn_conv_impl(conv_impl: str) -> str:
-    """The conv_impl for a conv stack without BatchNorm (CNN3): "winograd" where `conv_impl`
-    resolves to "cpu" (measured faster there, not in BatchNorm models), else `conv_impl`."""
-    return "winograd" if resolve_conv_impl(conv_impl) == "cpu" else conv_impl
+    return cpu_choice if jax.default_backend() == "cpu" else "xla"
 
 
 # ----------------------------------------------------------------------------- convolution
@@ -183,7 +180,7 @@ def _winograd_geometry(x_shape: Sequence[int], padding: Sequence[tuple[int, int]
     return ho, wo, -(-ho // 2), -(-wo // 2)
 
 
-def winograd_input_tiles(x: jax.Array, padding: Sequence[tuple[int, int]]) -> jax.Array:
+def _winograd_input_tiles(x: jax.Array, padding: Sequence[tuple[int, int]]) -> jax.Array:
     """B^T d B for every 4x4 tile (stride 2) of zero-padded NHWC `x`: (16, N*th*tw, C)."""
     n, _, _, c = x.shape
     (plo, phi), (qlo, qhi) = padding
@@ -203,7 +200,7 @@ def _winograd_filter_grad(x: jax.Array, dy: jax.Array, padding: Sequence[tuple[i
     _, _, th, tw = _winograd_geometry(x.shape, padding)
     dyp = jnp.pad(dy, ((0, 0), (0, 2 * th - ho), (0, 2 * tw - wo), (0, 0))).reshape(n, th, 2, tw, 2, cout)
     dm = _along0(_WINO_AA.T, dyp.transpose(2, 4, 0, 1, 3, 5).reshape(4, -1)).reshape(16, n * th * tw, cout)
-    du = lax.dot_general(winograd_input_tiles(x, padding), dm, (((1,), (1,)), ((0,), (0,))))  # (16, cin, cout)
+    du = lax.dot_general(_winograd_input_tiles(x, padding), dm, (((1,), (1,)), ((0,), (0,))))  # (16, cin, cout)
     return _along0(_WINO_GG.T, du.reshape(16, -1)).reshape(3, 3, *du.shape[1:])
 
 
