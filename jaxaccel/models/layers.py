@@ -400,6 +400,16 @@ class Conv(nn.Module):
             return y, bias
         return y if bias is None else y + bias
 
+    def max_pooled(self, x: jax.Array, window: int):
+        """`(max_pool_2d(y, window), bias)` for y = this conv's output before the bias.
+
+        The same values as pooling `self(x, add_bias=False)`'s output; a method of its own so
+        that transforms which intercept module methods (int8 inference) can run conv + pool as
+        one kernel.
+        """
+        y, bias = self(x, add_bias=False)
+        return max_pool_2d(y, window), bias
+
 
 def conv(
     features: int,
@@ -502,8 +512,7 @@ def conv_act_pool(layer: nn.Module, x: jax.Array, act: Callable[[jax.Array], jax
     act = act or (lambda v: v)
     if resolve_conv_impl(conv_impl) == "xla":
         return max_pool(act(layer(x)), window, conv_impl="xla")
-    y, bias = layer(x, add_bias=False)
-    y = max_pool_2d(y, window)
+    y, bias = layer.max_pooled(x, window)
     return act(y if bias is None else y + bias)
 
 
