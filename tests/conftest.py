@@ -21,6 +21,8 @@ os.environ.setdefault("JAXACCEL_DATA_DIR", tempfile.mkdtemp(prefix="jaxaccel-tfd
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAXACCEL_COMPILATION_CACHE",
                       tempfile.mkdtemp(prefix="jaxaccel-xla-cache-"))
+# The int8 CPU kernel is compiled once per test run (not taken from the user's cache).
+os.environ.setdefault("JAXACCEL_KERNEL_CACHE", tempfile.mkdtemp(prefix="jaxaccel-kernels-"))
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()

@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxaccel.compress import int8 as i8
+from jaxaccel.compress import int8_kernel
 from jaxaccel.compress import quant as q
 from jaxaccel.compress.fold import fold_bn
 from jaxaccel.models import get_model, init_variables
@@ -231,17 +232,19 @@ class _Conv(nn.Module):
     (1, "SAME", 3), (2, "SAME", 3), (1, "VALID", 3), (2, "VALID", 1), (1, ((2, 0), (1, 1)), 3), (2, "SAME", 4),
 ])
 @pytest.mark.parametrize("act_config", [q.ACT_CONFIG, q.QuantConfig(per_channel=False)])  # zp != 0, zp == 0
-def test_im2col_and_native_int8_convs_agree_exactly(strides, padding, kernel, act_config):
-    """Integer arithmetic: both lowerings give bit-identical outputs (K = 27, not a multiple of 16)."""
+def test_int8_conv_lowerings_agree_exactly(strides, padding, kernel, act_config):
+    """Integer arithmetic: every lowering gives the same outputs (K = 27, not a multiple of 16)."""
     model = _Conv(strides, padding, kernel)
     x = jax.random.normal(jax.random.key(1), (3, 9, 8, 3)) + 0.7
     variables = jax.jit(model.init)(jax.random.key(0), x)
     act = q.calibrate(model, variables, [x], act_config)
     qm = i8.convert_int8(variables, act)
     assert (qm.layers["layer"].zero_point != 0) == (act_config is q.ACT_CONFIG)
+    lowerings = ("im2col", "native") + (("cpu_kernel",) if int8_kernel.available() else ())
     outs = {low: np.asarray(jax.jit(lambda m, x: i8.int8_apply(model, m, x, conv_lowering=low))(qm, x))
-            for low in ("im2col", "native")}
-    np.testing.assert_array_equal(outs["im2col"], outs["native"])
+            for low in lowerings}
+    for low in lowerings:  # same int32 accumulators; the float epilogue may round a last bit differently
+        np.testing.assert_allclose(outs[low], outs["native"], rtol=1e-6, atol=1e-6, err_msg=low)
     fq = jax.jit(lambda v, x: q.apply_fake_quant(model, v, x, act))(variables, x)
     np.testing.assert_allclose(outs["im2col"], fq, rtol=1e-5, atol=1e-5)
 
@@ -250,4 +253,7 @@ def test_unknown_conv_lowering_names_the_choices(trained):
     model, variables, act, x, _ = trained
     with pytest.raises(ValueError, match="winograd.*im2col, native"):
         i8.int8_apply(model, i8.convert_int8(variables, act), x, conv_lowering="winograd")
-    assert i8.resolve_conv_lowering("auto") == "im2col"  # the tests run on CPU
+    # The tests run on CPU: "auto" is the AVX2 kernel where it builds, else im2col; never the
+    # kernel for an exported (portable) program.
+    assert i8.resolve_conv_lowering("auto") == ("cpu_kernel" if int8_kernel.available() else "im2col")
+    assert i8.resolve_conv_lowering("auto", portable=True) == "im2col"

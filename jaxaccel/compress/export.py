@@ -90,10 +90,11 @@ def export_int8(model: nn.Module, int8_model: Int8Model, input_shape: Sequence[i
                 conv_lowering: str = "auto") -> jax_export.Exported:
     """Export real int8 inference (`int8.int8_apply`): int8 kernels stored as int8 constants.
 
-    `conv_lowering` as in `int8_apply` ("auto" resolves on the exporting machine's backend:
-    pass "native" for an artifact meant for GPU/TPU when exporting on a CPU host).
+    `conv_lowering` as in `int8_apply`, but portable: "auto" resolves on the exporting machine's
+    backend to "im2col" (CPU) or "native", never to the process-local "cpu_kernel" custom call;
+    pass "native" for an artifact meant for GPU/TPU when exporting on a CPU host.
     """
     int8_model = _host(int8_model)
-    resolve_conv_lowering(conv_lowering)  # a bad name fails here, before tracing
-    return export_inference(lambda x: int8_apply(model, int8_model, x, conv_lowering=conv_lowering),
+    lowering = resolve_conv_lowering(conv_lowering, portable=True)  # a bad name fails here, before tracing
+    return export_inference(lambda x: int8_apply(model, int8_model, x, conv_lowering=lowering),
                             input_shape, path, batch_size=batch_size)

@@ -6,25 +6,25 @@ per-output-channel `out_scale = s_x * s_w`, the float bias and the static input 
 point; no float copy of those kernels is kept. `int8_apply` runs the unchanged linen model,
 intercepting each quantized conv/dense call (nn.Conv, nn.Dense, or a custom layer owning a
 `kernel`): the float input is quantized with the static scale (one multiply-round-clip-convert
-pass, no reductions), the layer runs as `lax.conv_general_dilated` / `lax.dot_general` on int8
-operands with `preferred_element_type=int32`, and the int32 accumulator is rescaled once
-(zero-point correction, `* out_scale + bias`). Layers in `skip` stay float (e.g. a first conv
-with 3 input channels: its int8 conv is much slower than float on XLA:CPU).
+pass, no reductions), the layer runs int8 x int8 -> int32 (per `conv_lowering`: the CPU kernel,
+an im2col dot, or `lax.conv_general_dilated` / `lax.dot_general` with
+`preferred_element_type=int32`), and the int32 accumulator is rescaled once (zero-point
+correction, `* out_scale + bias`). Layers in `skip` stay float.
 
 The result equals `quant.apply_fake_quant` with the same weight config and `skip` up to float
 summation order: integer codes are computed exactly as `fake_quant` does (multiply by the float32
 inverse scale, round half to even, clamp).
 
-Speed on XLA:CPU (measured on the 2-core dev machine, cnn3, batch 256): XLA fuses a float
-conv + bias + ReLU + max-pool into one YNNPACK kernel, while an int8 conv's int32 output cannot
-enter such a fusion (YNNPACK fusions take f32/bf16/s8/u8 only), so each int8 layer pays one extra
-int32 -> float pass; per layer int8 is ~1.2x cheaper, but the whole model (first conv float) runs
-at ~0.6-0.8x float32; `fuse=True` (requantize straight into the next layer's codes) and the
-im2col lowering do not change that. `jaxaccel bench infer` measures the ceiling: XLA:CPU's int8
-dot is only ~1.2-1.6x its float32 matmul for cnn3's layers on that AVX2 CPU without VNNI, but
-2.2-2.4x for ResNet-20's narrow ones, where the im2col lowering (`conv_lowering="auto"` on CPU)
-takes int8 inference from 0.39x to ~1.0x float32. For cnn3 the gains are 4x smaller weights and
-exact integer arithmetic, not latency.
+Speed on CPU (measured on the 2-core AVX2 dev machine, cnn3, batch 256): XLA:CPU's own int8 dot
+is only ~1.2-1.5x its float32 matmul there (no VNNI), and XLA fuses a float conv + bias + ReLU +
+max-pool into one YNNPACK kernel that an int8 conv's int32 output cannot join; with XLA's int8
+ops the whole model ran at 0.66-0.8x float32. `conv_lowering="auto"` therefore runs int8 convs
+and dense layers on CPU in `int8_kernel` (an AVX2 implicit-GEMM kernel, exact, ~2x float32's
+multiply-adds; the models' conv + 2x2 max-pool, `layers.Conv.max_pooled`, as one call that writes
+only the pooled int32 values): every layer int8, cnn3 runs ~1.5-1.65x faster than float32
+(`jaxaccel bench infer`). Where the kernel cannot run, "auto" falls back to "im2col" (one int8
+dot of patches: ~3x faster than XLA's int8 conv for ResNet-20's narrow layers) on CPU, and to
+the native int8 conv on GPU/TPU. Exported programs never use the kernel (`portable=True`).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from jax.extend.core import Literal, Primitive
 
 from jaxaccel.compress.quant import (WEIGHT_CONFIG, QParams, QuantConfig, _check_skip, is_kernel, layer_kind,
                                      path_str, quantize, tensor_qparams)
+from jaxaccel.compress import int8_kernel
 from jaxaccel.models.layers import im2col_patches
 
 
@@ -213,15 +214,28 @@ def _broadcast_int(v: Any, n: int) -> tuple[int, ...]:
     return tuple(v)
 
 
-CONV_LOWERINGS: tuple[str, ...] = ("auto", "im2col", "native")
+CONV_LOWERINGS: tuple[str, ...] = ("auto", "cpu_kernel", "im2col", "native")
 
 
-def resolve_conv_lowering(lowering: str) -> str:
-    """'auto' -> 'im2col' on the CPU backend, 'native' elsewhere; unknown names raise ValueError."""
+def resolve_conv_lowering(lowering: str, *, portable: bool = False) -> str:
+    """'auto' -> 'cpu_kernel' on CPU when `int8_kernel.available()` (else 'im2col'), 'native' on
+    other backends. `portable` (exported artifacts) rules out 'cpu_kernel', a custom call of this
+    process: 'auto' then means 'im2col' on CPU. Unknown names, and 'cpu_kernel' where it cannot
+    run, raise ValueError naming the choices."""
     if lowering not in CONV_LOWERINGS:
         raise ValueError(f"unknown int8 conv lowering {lowering!r}; valid choices: {', '.join(CONV_LOWERINGS)}")
     if lowering == "auto":
-        return "im2col" if jax.default_backend() == "cpu" else "native"
+        if jax.default_backend() != "cpu":
+            return "native"
+        return "cpu_kernel" if not portable and int8_kernel.available() else "im2col"
+    if lowering == "cpu_kernel":
+        choices = ", ".join(c for c in CONV_LOWERINGS if c != "cpu_kernel")
+        if portable:
+            raise ValueError("int8 conv lowering 'cpu_kernel' is a custom call of this process and cannot be "
+                             f"exported; valid choices here: {choices}")
+        if not int8_kernel.available():
+            raise ValueError(f"int8 conv lowering 'cpu_kernel' cannot run here ({int8_kernel.unavailable_reason()}); "
+                             f"valid choices here: {choices}")
     return lowering
 
 
@@ -249,12 +263,23 @@ def _im2col_int8_acc(q: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
     return acc.reshape(n, ho, wo, cout)
 
 
-def _conv_acc(module: nn.Conv, layer: Int8Layer, q: jax.Array, lowering: str = "native") -> jax.Array:
-    """int32 accumulator of an int8 conv of int8 codes `q` (zero-point corrected).
+def _max_pool_acc(acc: jax.Array, window: int) -> jax.Array:
+    """window x window max (stride window, VALID) of an NHWC int32 accumulator."""
+    n, h, w, c = acc.shape
+    hp, wp = h // window, w // window
+    acc = acc[:, :hp * window, :wp * window]
+    return acc.reshape(n, hp, window, wp, window, c).max(axis=(2, 4))
 
-    `lowering` "im2col" runs ungrouped, undilated 2-D convs as one int8 dot of patches (on
-    XLA:CPU ~3x faster than its int8 conv for ResNet-20's narrow layers); "native" (and every
-    other conv) runs `lax.conv_general_dilated` with int8 operands. Both are exact.
+
+def _conv_acc(module: nn.Conv, layer: Int8Layer, q: jax.Array, lowering: str = "native",
+              max_pool: int = 1) -> jax.Array:
+    """int32 accumulator of an int8 conv of int8 codes `q` (zero-point corrected), max-pooled
+    `max_pool` x `max_pool` (exact: the rescale that follows is increasing, s_x * s_w > 0).
+
+    `lowering` "cpu_kernel" runs ungrouped, undilated 2-D convs (and a 2x2 pool) in
+    `int8_kernel`; "im2col" as one int8 dot of patches (on XLA:CPU ~3x faster than its int8
+    conv for ResNet-20's narrow layers); "native" (and every other conv) runs
+    `lax.conv_general_dilated` with int8 operands. All are exact.
     """
     n = layer.kernel.ndim - 2
     if getattr(module, "mask", None) is not None:
@@ -284,7 +309,16 @@ def _conv_acc(module: nn.Conv, layer: Int8Layer, q: jax.Array, lowering: str = "
         q = jnp.pad(q, [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)],
                     constant_values=np.int8(layer.zero_point))
         padding = "VALID"
-    if lowering == "im2col" and n == 2 and groups == 1 and lhs_dil == (1, 1) and rhs_dil == (1, 1):
+    plain_2d = n == 2 and groups == 1 and lhs_dil == (1, 1) and rhs_dil == (1, 1)
+    if lowering == "cpu_kernel" and plain_2d:
+        if padding != "VALID":  # here the zero point is 0: pad with the code of real 0
+            pads = lax.padtype_to_pads(q.shape[1:3], layer.kernel.shape[:2], strides, padding) \
+                if isinstance(padding, str) else padding
+            q = jnp.pad(q, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
+        acc = int8_kernel.conv_acc(q, layer.kernel, strides, max_pool if max_pool == 2 else 1)
+        if max_pool == 2:
+            max_pool = 1  # done in the kernel
+    elif lowering == "im2col" and plain_2d:
         acc = _im2col_int8_acc(q, layer.kernel, strides, padding)
     else:
         lhs_spec = (0, n + 1) + tuple(range(1, n + 1))
@@ -292,13 +326,18 @@ def _conv_acc(module: nn.Conv, layer: Int8Layer, q: jax.Array, lowering: str = "
         acc = lax.conv_general_dilated(q, layer.kernel, strides, padding, lhs_dilation=lhs_dil,
                                        rhs_dilation=rhs_dil, dimension_numbers=dn, feature_group_count=groups,
                                        preferred_element_type=jnp.int32)
+    if max_pool > 1:
+        acc = _max_pool_acc(acc, max_pool)
     if not layer.zero_point_is_zero:
         acc = acc - layer.zp_correction
     return acc.reshape(batch_shape + acc.shape[1:])
 
 
-def _dense_acc(layer: Int8Layer, q: jax.Array) -> jax.Array:
-    acc = lax.dot_general(q, layer.kernel, (((q.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+def _dense_acc(layer: Int8Layer, q: jax.Array, lowering: str = "native") -> jax.Array:
+    if lowering == "cpu_kernel":
+        acc = int8_kernel.matmul_acc(q, layer.kernel)
+    else:
+        acc = lax.dot_general(q, layer.kernel, (((q.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
     if not layer.zero_point_is_zero:
         acc = acc - layer.zp_correction
     return acc
@@ -311,6 +350,15 @@ def _add_bias_arg(key: str, args: tuple, kwargs: Mapping) -> bool:
         raise ValueError(f"int8 layer {key!r} called with unsupported arguments "
                          f"({len(args)} positional, keywords {sorted(kwargs)}); expected layer(x[, add_bias=])")
     return bool(kwargs.get("add_bias", True))
+
+
+def _pool_window_arg(key: str, args: tuple, kwargs: Mapping) -> int:
+    """The call must be layer.max_pooled(x, window) (`layers.Conv.max_pooled`)."""
+    if len(args) + len(kwargs) != 2 or set(kwargs) - {"window"}:
+        raise ValueError(f"int8 layer {key!r}: max_pooled called with unsupported arguments "
+                         f"({len(args)} positional, keywords {sorted(kwargs)}); expected max_pooled(x, window)")
+    window = kwargs["window"] if "window" in kwargs else args[1]
+    return int(window)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,11 +461,12 @@ def _run(model: nn.Module, int8_model: Int8Model, images: jax.Array, plan: Mappi
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name != "__call__" or module.scope is None:
+        if context.method_name not in ("__call__", "max_pooled") or module.scope is None:
             return next_fun(*args, **kwargs)
         key = "/".join(module.path)
         layer = layers.get(key)
-        if layer is None and layer_kind(module) is None:
+        pooled = context.method_name == "max_pooled"
+        if layer is None and (pooled or layer_kind(module) is None):
             return next_fun(*args, **kwargs)
         x = args[0]
         out_dtype = getattr(module, "dtype", None) or (
@@ -425,7 +474,12 @@ def _run(model: nn.Module, int8_model: Int8Model, images: jax.Array, plan: Mappi
         if layer is None:  # a float conv/dense layer (skipped)
             y = next_fun(*args, **kwargs)
         else:
-            add_bias = _add_bias_arg(key, args, kwargs)
+            if pooled:  # the models' conv + max-pool (`layers.Conv.max_pooled`): pool the int32 accumulator
+                window = _pool_window_arg(key, args, kwargs)
+                add_bias = False
+            else:
+                window = 1
+                add_bias = _add_bias_arg(key, args, kwargs)
             if mark:
                 x = _LAYER_IN.bind(x, key=key)
             if key in receives_codes:
@@ -433,7 +487,10 @@ def _run(model: nn.Module, int8_model: Int8Model, images: jax.Array, plan: Mappi
             else:
                 q = quantize_input(x, layer)
             conv = layer.kernel.ndim >= 3 and not isinstance(module, nn.Dense)
-            acc = _conv_acc(module, layer, q, conv_lowering) if conv else _dense_acc(layer, q)
+            if conv:
+                acc = _conv_acc(module, layer, q, conv_lowering, window)
+            else:
+                acc = _dense_acc(layer, q, conv_lowering)
             y = acc.astype(jnp.float32) * layer.out_scale
             if not add_bias:  # the models' conv: (output before bias, bias) so they can pool first
                 bias = layer.bias.astype(out_dtype) if getattr(module, "use_bias", True) else None
@@ -470,8 +527,9 @@ def int8_apply(model: nn.Module, int8_model: Int8Model, images: jax.Array, *, fu
     where provably exact (`fusion_plan`), an int8 layer instead requantizes straight to the next
     int8 layer's codes and the model's ReLU / max-pool run on bytes. Both give the same results
     (up to fused-multiply-add rounding at ties); on XLA:CPU with YNNPACK fusions they also run
-    equally fast, hence off by default. `conv_lowering` picks how int8 convs run (`CONV_LOWERINGS`;
-    "auto": im2col patches @ kernel as one int8 dot on CPU, the native int8 conv elsewhere).
+    equally fast, hence off by default. `conv_lowering` picks how int8 convs and dense layers run
+    (`CONV_LOWERINGS`; "auto": `int8_kernel` on an AVX2 CPU, else im2col patches @ kernel as one
+    int8 dot on CPU, the native int8 conv on GPU/TPU; see `resolve_conv_lowering`).
     """
     lowering = resolve_conv_lowering(conv_lowering)
     plan = fusion_plan(model, int8_model, images) if fuse else {}

@@ -1,0 +1,278 @@
+// int8 convolution / matmul for XLA:CPU on AVX2: an XLA FFI custom call (see int8_kernel.py).
+//
+// out[m, n] (int32) = sum_k A[m, k] * W[k, n], A = im2col rows of an 8-bit NHWC input (uint8 or
+// int8 codes) gathered on the fly (implicit GEMM: no patch matrix in memory), W = an int8
+// (K, N) kernel. Exact integer arithmetic.
+//
+// Why AVX2 vpmaddwd: without VNNI, the int8 instruction vpmaddubsw adds two u8 x s8 products
+// into a *saturating* int16, which overflows for 8-bit activation codes in [0, 255]. vpmaddwd
+// multiplies int16 pairs into exact int32 sums, 16 MACs per instruction, two per cycle: twice
+// the multiply-adds of float32 FMA. Operands are widened to int16 while packing.
+//
+// Layout: W is packed once per call into panels of 16 output channels x K (k pairs
+// interleaved); every 6 output rows are gathered and widened into a small A panel, then a
+// 6 x 16 register tile (12 accumulators) runs over K. Rows are split over XLA's intra-op
+// thread pool.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kMR = 6;   // rows per register tile
+constexpr int64_t kNR = 16;  // output channels per register tile (two ymm of int32)
+
+struct ConvGeometry {
+  int64_t batch, h, w, c;   // padded input (VALID conv)
+  int64_t kh, kw, sh, sw;   // kernel window and strides
+  int64_t ho, wo, cout;
+  int64_t k() const { return kh * kw * c; }
+  int64_t k2() const { return (k() + 1) / 2; }  // k pairs
+  int64_t m() const { return batch * ho * wo; }
+};
+
+// W (K, N) int8 -> int16 panels [N/16][K/2][16][2], zero-padded in N and K.
+std::vector<int16_t> PackWeights(const int8_t* w, int64_t k, int64_t n) {
+  const int64_t k2 = (k + 1) / 2, nb = (n + kNR - 1) / kNR;
+  std::vector<int16_t> out(nb * k2 * kNR * 2, 0);
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t p = 0; p < k2; ++p)
+      for (int64_t j = 0; j < kNR; ++j) {
+        const int64_t col = b * kNR + j;
+        if (col >= n) continue;
+        int16_t* dst = &out[((b * k2 + p) * kNR + j) * 2];
+        dst[0] = w[(2 * p) * n + col];
+        dst[1] = (2 * p + 1 < k) ? w[(2 * p + 1) * n + col] : 0;
+      }
+  return out;
+}
+
+template <typename T>
+inline void Widen(const T* src, int16_t* dst, int64_t len);
+
+template <>
+inline void Widen<uint8_t>(const uint8_t* src, int16_t* dst, int64_t len) {
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < len; ++i) dst[i] = src[i];
+}
+
+template <>
+inline void Widen<int8_t>(const int8_t* src, int16_t* dst, int64_t len) {
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < len; ++i) dst[i] = src[i];
+}
+
+// One im2col row (output position n, oh, ow) widened to int16, zero-padded to 2 * k2.
+template <typename T>
+inline void PackRow(const T* x, const ConvGeometry& g, int64_t n, int64_t oh, int64_t ow, int16_t* dst) {
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const T* row = x + ((n * g.h + oh * g.sh + i) * g.w + ow * g.sw) * g.c;
+    if (g.sw == 1) {  // the kw windows of one input row are contiguous
+      Widen(row, dst + i * g.kw * g.c, g.kw * g.c);
+    } else {
+      for (int64_t j = 0; j < g.kw; ++j) Widen(row + j * g.c, dst + (i * g.kw + j) * g.c, g.c);
+    }
+  }
+  for (int64_t k = g.k(); k < 2 * g.k2(); ++k) dst[k] = 0;
+}
+
+// acc[MR][16] = panel (MR x 2*k2 int16) @ packed weight block (k2 x 16 x 2 int16).
+template <int MR>
+inline void Tile(const int16_t* panel, const int16_t* wblock, int64_t k2, int32_t* acc) {
+  __m256i c[MR][2];
+  const int32_t* a[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    c[r][0] = c[r][1] = _mm256_setzero_si256();
+    a[r] = reinterpret_cast<const int32_t*>(panel + r * 2 * k2);
+  }
+  const __m256i* wp = reinterpret_cast<const __m256i*>(wblock);
+  for (int64_t p = 0; p < k2; ++p) {
+    const __m256i b0 = _mm256_loadu_si256(wp + 2 * p), b1 = _mm256_loadu_si256(wp + 2 * p + 1);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256i ar = _mm256_set1_epi32(a[r][p]);  // two int16 codes: k = 2p, 2p + 1
+      c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(ar, b0));
+      c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(ar, b1));
+    }
+  }
+  __m256i* out = reinterpret_cast<__m256i*>(acc);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_si256(out + 2 * r, c[r][0]);
+    _mm256_storeu_si256(out + 2 * r + 1, c[r][1]);
+  }
+}
+
+constexpr int64_t kChunk = 16;  // panels per work item
+
+// Work items are chunks of kChunk panels: all of a chunk's rows are gathered first, then each
+// 16-channel weight block (L1-resident) multiplies every panel of the chunk (L2-resident).
+
+// Plain conv: panels of kMR consecutive output rows.
+template <typename T>
+void RunPanels(const T* x, const int16_t* wpacked, const ConvGeometry& g, int32_t* out, std::atomic<int64_t>* next) {
+  const int64_t k2 = g.k2(), nb = (g.cout + kNR - 1) / kNR, m = g.m(), stride = kMR * 2 * k2;
+  const int64_t num_panels = (m + kMR - 1) / kMR;
+  std::vector<int16_t> panels(kChunk * stride);
+  alignas(32) int32_t acc[kMR * kNR];
+  for (int64_t chunk = next->fetch_add(1); chunk * kChunk < num_panels; chunk = next->fetch_add(1)) {
+    const int64_t m_begin = chunk * kChunk * kMR, m_end = std::min(m, m_begin + kChunk * kMR);
+    const int64_t count = (m_end - m_begin + kMR - 1) / kMR;
+    int64_t ow = m_begin % g.wo, oh = (m_begin / g.wo) % g.ho, n = m_begin / (g.wo * g.ho);
+    for (int64_t r = 0; r < count * kMR; ++r) {
+      int16_t* dst = panels.data() + r * 2 * k2;
+      if (m_begin + r >= m_end) {
+        std::memset(dst, 0, 2 * k2 * sizeof(int16_t));
+        continue;
+      }
+      PackRow(x, g, n, oh, ow, dst);
+      if (++ow == g.wo) {
+        ow = 0;
+        if (++oh == g.ho) oh = 0, ++n;
+      }
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t c0 = b * kNR, cols = std::min(kNR, g.cout - c0);
+      for (int64_t i = 0; i < count; ++i) {
+        Tile<kMR>(panels.data() + i * stride, wpacked + b * k2 * kNR * 2, k2, acc);
+        const int64_t m0 = m_begin + i * kMR, rows = std::min(kMR, m_end - m0);
+        for (int64_t r = 0; r < rows; ++r)
+          std::memcpy(out + (m0 + r) * g.cout + c0, acc + r * kNR, cols * sizeof(int32_t));
+      }
+    }
+  }
+}
+
+// Conv + 2x2 max-pool (stride 2, VALID): one panel = the 4 conv rows of one pooled position,
+// reduced with a max before the store (so only the pooled int32 values reach memory).
+template <typename T>
+void RunPooledPanels(const T* x, const int16_t* wpacked, const ConvGeometry& g, int32_t* out,
+                     std::atomic<int64_t>* next) {
+  const int64_t k2 = g.k2(), nb = (g.cout + kNR - 1) / kNR, stride = 4 * 2 * k2;
+  const int64_t hp = g.ho / 2, wp = g.wo / 2, num = g.batch * hp * wp;
+  std::vector<int16_t> panels(kChunk * stride);
+  alignas(32) int32_t acc[4 * kNR];
+  alignas(32) int32_t best[kNR];
+  for (int64_t chunk = next->fetch_add(1); chunk * kChunk < num; chunk = next->fetch_add(1)) {
+    const int64_t p_begin = chunk * kChunk, count = std::min(num, p_begin + kChunk) - p_begin;
+    int64_t pj = p_begin % wp, pi = (p_begin / wp) % hp, n = p_begin / (wp * hp);
+    for (int64_t i = 0; i < count; ++i) {
+      for (int q = 0; q < 4; ++q)
+        PackRow(x, g, n, 2 * pi + q / 2, 2 * pj + q % 2, panels.data() + i * stride + q * 2 * k2);
+      if (++pj == wp) {
+        pj = 0;
+        if (++pi == hp) pi = 0, ++n;
+      }
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t c0 = b * kNR, cols = std::min(kNR, g.cout - c0);
+      for (int64_t i = 0; i < count; ++i) {
+        Tile<4>(panels.data() + i * stride, wpacked + b * k2 * kNR * 2, k2, acc);
+        const __m256i* a = reinterpret_cast<const __m256i*>(acc);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_max_epi32(_mm256_max_epi32(_mm256_load_si256(a + h), _mm256_load_si256(a + 2 + h)),
+                                             _mm256_max_epi32(_mm256_load_si256(a + 4 + h), _mm256_load_si256(a + 6 + h)));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(best) + h, v);
+        }
+        std::memcpy(out + (p_begin + i) * g.cout + c0, best, cols * sizeof(int32_t));
+      }
+    }
+  }
+}
+
+// Runs `work()` on the caller and on up to n - 1 pool threads; returns when every started copy is done.
+// Copies that start after the caller has finished do nothing (so none touches freed buffers).
+struct Join {
+  std::mutex mu;
+  std::condition_variable cv;
+  int active = 0;
+  bool closed = false;
+};
+
+template <typename F>
+void Parallel(ffi::ThreadPool& pool, int64_t n, F work) {
+  auto join = std::make_shared<Join>();
+  auto shared_work = std::make_shared<F>(std::move(work));
+  for (int64_t t = 1; t < n; ++t) {
+    pool.Schedule([join, shared_work]() {
+      {
+        std::lock_guard<std::mutex> lock(join->mu);
+        if (join->closed) return;
+        ++join->active;
+      }
+      (*shared_work)();
+      std::lock_guard<std::mutex> lock(join->mu);
+      if (--join->active == 0) join->cv.notify_all();
+    });
+  }
+  (*shared_work)();
+  std::unique_lock<std::mutex> lock(join->mu);
+  join->closed = true;
+  join->cv.wait(lock, [&] { return join->active == 0; });
+}
+
+ffi::Error Int8ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> w,
+                        ffi::ResultBuffer<ffi::S32> out, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                        int64_t max_pool) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 4 || wd.size() != 2) return ffi::Error::InvalidArgument("int8 conv: x must be NHWC, w (K, N)");
+  ConvGeometry g{xd[0], xd[1], xd[2], xd[3], kh, kw, sh, sw, 0, 0, wd[1]};
+  if (g.k() != wd[0]) return ffi::Error::InvalidArgument("int8 conv: w rows != kh * kw * C");
+  if (g.h < kh || g.w < kw) return ffi::Error::InvalidArgument("int8 conv: window larger than the input");
+  g.ho = (g.h - kh) / sh + 1;
+  g.wo = (g.w - kw) / sw + 1;
+  if (max_pool != 1 && max_pool != 2) return ffi::Error::InvalidArgument("int8 conv: max_pool must be 1 or 2");
+  const std::vector<int16_t> wpacked = PackWeights(w.typed_data(), g.k(), g.cout);
+  const int64_t rows = max_pool == 2 ? g.batch * (g.ho / 2) * (g.wo / 2) * 4 : g.m();
+  const int64_t chunks = (rows + kChunk * kMR - 1) / (kChunk * kMR);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), chunks));
+  std::atomic<int64_t> next{0};
+  int32_t* o = out->typed_data();
+  auto run = [&](auto xp) {
+    if (max_pool == 2)
+      Parallel(pool, threads, [&, xp] { RunPooledPanels(xp, wpacked.data(), g, o, &next); });
+    else
+      Parallel(pool, threads, [&, xp] { RunPanels(xp, wpacked.data(), g, o, &next); });
+  };
+  if (x.element_type() == ffi::DataType::U8) {
+    run(static_cast<const uint8_t*>(x.untyped_data()));
+  } else if (x.element_type() == ffi::DataType::S8) {
+    run(static_cast<const int8_t*>(x.untyped_data()));
+  } else {
+    return ffi::Error::InvalidArgument("int8 conv: x must be uint8 or int8");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelInt8Conv, Int8ConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("max_pool"));

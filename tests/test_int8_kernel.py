@@ -1,0 +1,125 @@
+"""Tests for jaxaccel.compress.int8_kernel: the AVX2 int8 conv kernel equals XLA's integer conv."""
+import os
+import platform
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from jax import lax
+
+from jaxaccel.compress import int8 as i8
+from jaxaccel.compress import int8_kernel as K
+from jaxaccel.compress import quant as q
+from jaxaccel.models import get_model, init_variables
+from jaxaccel.models.layers import microbatch_count, resolve_conv_impl
+
+AVX2_HOST = platform.machine().lower() in ("x86_64", "amd64") and " avx2" in Path("/proc/cpuinfo").read_text()
+needs_kernel = pytest.mark.skipif(not AVX2_HOST or K._compiler() is None,
+                                  reason="needs an x86 CPU with AVX2 and a C++ compiler")
+
+
+def _reference(x, kernel, strides, pool):
+    """int32 VALID conv (+ 2x2 max-pool) by XLA, in int32 so nothing can overflow."""
+    y = lax.conv_general_dilated(x.astype(jnp.int32), kernel.astype(jnp.int32), strides, "VALID",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if pool == 2:
+        n, h, w, c = y.shape
+        y = y[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    return np.asarray(y)
+
+
+@needs_kernel
+def test_kernel_builds_and_registers_on_an_avx2_host():
+    assert K.unavailable_reason() is None
+    assert K.available()
+    assert K.kernel_path().exists() and str(K.kernel_path()).startswith(os.environ["JAXACCEL_KERNEL_CACHE"])
+
+
+@needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), cin=st.integers(1, 40),
+       cout=st.integers(1, 40), kh=st.integers(1, 3), kw=st.integers(1, 3), sh=st.integers(1, 2),
+       sw=st.integers(1, 2), unsigned=st.booleans(), pool=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_conv_equals_xla_integer_conv(n, h, w, cin, cout, kh, kw, sh, sw, unsigned, pool, seed):
+    """Any shape (K odd or even, channels not a multiple of 16, strided, pooled): exact, extreme codes included."""
+    h, w = max(h, kh), max(w, kw)
+    if pool == 2 and ((h - kh) // sh + 1 < 2 or (w - kw) // sw + 1 < 2):
+        pool = 1
+    rng = np.random.default_rng(seed)
+    lo = 0 if unsigned else -128
+    x = rng.integers(lo, lo + 256, (n, h, w, cin)).astype(np.uint8 if unsigned else np.int8)
+    x.flat[0] = lo + 255  # the largest products: 255 * -128 (uint8) overflow int16 pairs, not int32
+    kernel = rng.integers(-128, 128, (kh, kw, cin, cout)).astype(np.int8)
+    kernel.flat[0] = -128
+    got = jax.jit(K.conv_acc, static_argnums=(2, 3))(jnp.asarray(x), jnp.asarray(kernel), (sh, sw), pool)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), _reference(x, kernel, (sh, sw), pool))
+
+
+@needs_kernel
+def test_matmul_keeps_leading_dims_and_is_exact():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (2, 5, 37)).astype(np.uint8)
+    w = rng.integers(-128, 128, (37, 19)).astype(np.int8)
+    got = np.asarray(jax.jit(K.matmul_acc)(jnp.asarray(x), jnp.asarray(w)))
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64))
+
+
+@needs_kernel
+def test_bad_operands_name_the_value():
+    x = jnp.zeros((1, 4, 4, 3), jnp.int8)
+    k = jnp.zeros((3, 3, 3, 8), jnp.int8)
+    with pytest.raises(ValueError, match="float32"):
+        K.conv_acc(x.astype(jnp.float32), k)
+    with pytest.raises(ValueError, match="max_pool must be 1 or 2, got 3"):
+        K.conv_acc(x, k, max_pool=3)
+    with pytest.raises(ValueError, match="5x5 is larger than the input 4x4"):
+        K.conv_acc(x, jnp.zeros((5, 5, 3, 8), jnp.int8))
+    with pytest.raises(ValueError, match=r"\(1, 4, 4, 3\), \(3, 3, 2, 8\)"):
+        K.conv_acc(x, jnp.zeros((3, 3, 2, 8), jnp.int8))
+
+
+@needs_kernel
+def test_build_is_cached_by_source_and_flags(monkeypatch):
+    path = K._build()
+    mtime = path.stat().st_mtime_ns
+    assert K._build() == path and path.stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    monkeypatch.setattr(K, "CXX_FLAGS", K.CXX_FLAGS + ("-DJAXACCEL_TEST",))
+    assert K.kernel_path() != path  # other flags (or source, compiler, jaxlib): another library
+
+
+def test_auto_falls_back_and_explicit_kernel_explains_why(monkeypatch):
+    monkeypatch.setattr(K, "available", lambda: False)
+    monkeypatch.setattr(K, "unavailable_reason", lambda: "no C++ compiler (c++, g++ or clang++; or set CXX)")
+    assert i8.resolve_conv_lowering("auto") == "im2col"
+    with pytest.raises(ValueError, match=r"'cpu_kernel' cannot run here \(no C\+\+ compiler.*im2col, native"):
+        i8.resolve_conv_lowering("cpu_kernel")
+
+
+def test_exported_programs_never_use_the_kernel():
+    assert i8.resolve_conv_lowering("auto", portable=True) in ("im2col", "native")
+    with pytest.raises(ValueError, match="cannot be exported"):
+        i8.resolve_conv_lowering("cpu_kernel", portable=True)
+
+
+@needs_kernel
+def test_cnn3_int8_runs_every_layer_in_the_kernel_with_pooling_fused():
+    """conv+pool (Conv.max_pooled) and dense layers all become kernel calls; results equal im2col's."""
+    model = get_model("cnn3", 10, features=(8, 16, 32), hidden=16)
+    variables = init_variables(model, jax.random.key(0), (16, 16, 3))
+    x = jax.random.normal(jax.random.key(1), (64, 16, 16, 3))
+    act = q.calibrate(model, variables, [x])
+    qm = i8.convert_int8(variables, act)
+    run = {low: jax.jit(lambda m, x, low=low: i8.int8_apply(model, m, x, conv_lowering=low))
+           for low in ("cpu_kernel", "im2col")}
+    calls = [line for line in run["cpu_kernel"].lower(qm, x).as_text().splitlines() if f"@{K.TARGET}(" in line]
+    groups = microbatch_count(64, resolve_conv_impl(model.conv_impl, model.AUTO_CPU_CONV_IMPL))
+    assert len(calls) == 3 * groups + 2  # each micro-batch's 3 convs, then fc1 and fc2
+    assert sum("max_pool = 2" in line for line in calls) == 3 * groups  # every conv's pool is in the kernel
+    out = np.asarray(run["cpu_kernel"](qm, x))
+    np.testing.assert_allclose(out, np.asarray(run["im2col"](qm, x)), rtol=1e-5, atol=1e-5)
+    fq = np.asarray(jax.jit(lambda v, x: q.apply_fake_quant(model, v, x, act))(variables, x))
+    np.testing.assert_allclose(out, fq, rtol=1e-4, atol=1e-4)
