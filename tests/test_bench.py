@@ -9,6 +9,8 @@ import pytest
 from jaxaccel import cli
 from jaxaccel.bench import compilation_cache, report, sweep, timing, torch_cnn3, workload
 from jaxaccel.bench.inference import bench_infer, resolve_skip
+from jaxaccel.compress import int8 as i8
+from jaxaccel.compress import int8_kernel
 from jaxaccel.bench.input_pipeline import bench_input
 from jaxaccel.bench.scaling import bench_scaling
 
@@ -103,16 +105,22 @@ def test_infer_bench_variants_and_speedups():
     pruned = out["results"][-1]
     assert 0 < pruned["mac_fraction"] < 0.6  # 50% of each hidden width: about a quarter of fc2
     assert out["pruned_50_speedup"] > 0 and out["float32_ms_median"] > 0
-    assert out["int8_float_layers"] == ["fc1"]
+    assert out["int8_float_layers"] == []  # every layer int8 by default
     if out["int8_speedup"] is None:
         assert "int8 skipped" in " ".join(out["notes"])
     else:
         int8 = next(r for r in out["results"] if r["variant"] == "int8")
         assert int8["top1_agreement_vs_fake_quant"] >= 0.9
-        ceiling = out["int8_ceiling"]  # the int8 layers (fc2, fc3) as plain matmuls
-        assert ceiling["shapes_mkn"] == [[16, 300, 100], [16, 100, 10]]
-        assert ceiling["macs"] == 16 * 300 * 100 + 16 * 100 * 10
+        assert out["int8_conv_lowering"] == i8.resolve_conv_lowering("auto")
+        ceiling = out["int8_ceiling"]  # the int8 layers (fc1, fc2, fc3) as plain matmuls
+        assert ceiling["shapes_mkn"] == [[16, 64, 300], [16, 300, 100], [16, 100, 10]]
+        assert ceiling["macs"] == 16 * 64 * 300 + 16 * 300 * 100 + 16 * 100 * 10
         assert ceiling["float32_ms_median"] > 0 and ceiling["int8_ms_median"] > 0
+        if int8_kernel.available():  # the AVX2 kernel's time for the same matmuls, beside XLA's int8 dot
+            assert ceiling["kernel_ms_median"] > 0 and ceiling["kernel_speedup"] > 0
+            assert min(1.0, ceiling["kernel_speedup"]) <= ceiling["kernel_bound_speedup"] <= max(1.0, ceiling["kernel_speedup"])
+        else:
+            assert ceiling["kernel_speedup"] is None
         # Amdahl: the whole model gains less than its matmuls (or loses less, if int8 is slower).
         assert min(1.0, ceiling["speedup"]) <= ceiling["bound_speedup"] <= max(1.0, ceiling["speedup"])
         assert any("int8 ceiling" in n for n in out["notes"])

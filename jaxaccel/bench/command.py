@@ -39,8 +39,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="mnist5k", help="input: a prepared dataset (default mnist5k)")
     p.add_argument("--data-dir", default=None, help="input: TFDS data dir")
     p.add_argument("--sparsities", default="0.25,0.5,0.75", help="infer: channel sparsities")
-    p.add_argument("--int8-skip", default="first",
-                   help="infer: layers kept float in int8/fake-quant: first | none | a,b (default first)")
+    p.add_argument("--int8-skip", default="none",
+                   help="infer: layers kept float in int8/fake-quant: none | first | a,b (default none)")
     p.add_argument("--sweep-points", type=int, default=4, help="sweep: K points (default 4)")
     p.add_argument("--sweep-steps", type=int, default=50, help="sweep: steps per point (default 50)")
     p.add_argument("--sweep-config", default=None,

@@ -5,19 +5,20 @@ Variants, all jitted forward passes on one device-resident batch, timed interlea
   * fake-quant: `compress.quant.apply_fake_quant` with activation scales calibrated on a
     batch (the PTQ reference: simulated int8 in float arithmetic);
   * int8: `compress.int8.int8_apply` on `convert_int8` of the same scales (integer
-    convs/matmuls), goal ≥ 1.4× faster than float32 for cnn3 at batch 256 on CPU;
+    convs/matmuls, every layer by default: `int8_skip="none"`; lowered by "auto", on an AVX2
+    CPU `compress.int8_kernel`), goal ≥ 1.4× faster than float32 for cnn3 at batch 256 on CPU;
   * pruned-and-shrunk: channel masks at each sparsity (`prune.magnitude_masks(...,
     granularity="channel", filter_fn=shrink.shrinkable_filter(model))`), then
     `shrink.shrink` to a physically smaller model; goal at 50%: ≥ 1.8× faster.
 Weights are the model's random initialisation: speed does not depend on their values.
 
-Alongside, the int8 arithmetic ceiling of this machine (`int8_matmul_ceiling`): each int8
-layer's MACs as one plain (M x K) @ (K x N) matmul (M = output positions, K = kernel size,
-N = output channels), run once in float32 and once as int8 x int8 -> int32, timed
-interleaved. Their ratio caps what integer arithmetic can gain here however the layers are
-lowered. `bound_speedup` is an Amdahl estimate for the whole model: the float model's share
-of those MACs taken at the plain float32 matmuls' time, everything else unchanged. On AVX2
-CPUs without VNNI (this dev machine) the matmul ratio is about 1.5x.
+Alongside, the int8 arithmetic of this machine (`int8_matmul_ceiling`): each int8 layer's
+MACs as one plain (M x K) @ (K x N) matmul (M = output positions, K = kernel size, N = output
+channels), run in float32, as XLA's int8 x int8 -> int32 dot and (where it runs) as
+`int8_kernel.matmul_acc`, timed interleaved. `bound_speedup` is an Amdahl estimate for the whole
+model: the float model's share of those MACs taken at the plain float32 matmuls' time,
+everything else unchanged. On the AVX2 dev machine without VNNI, XLA's int8 dot is only
+~1.2-1.5x its float32 matmul (a bound of ~1.2x for cnn3), the kernel ~2x.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def resolve_skip(skip: str | Sequence[str], order: Sequence[str]) -> tuple[str, 
 
 def bench_infer(model: str = "cnn3", batch_size: int = 256,
                 input_shape: Sequence[int] = workload.DEFAULT_INPUT_SHAPE, *,
-                sparsities: Sequence[float] = DEFAULT_SPARSITIES, int8_skip: str | Sequence[str] = "first",
+                sparsities: Sequence[float] = DEFAULT_SPARSITIES, int8_skip: str | Sequence[str] = "none",
                 conv_impl: str = "auto", warmup: int = 3, repeats: int = 20,
                 seed: int = 0) -> dict[str, Any]:
     """Median forward time of float32, fake-quant, int8 and pruned+shrunk models; speed-ups."""
@@ -86,7 +87,9 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
     fake = jax.jit(lambda v, q, x: quant.apply_fake_quant(net, v, x, q, skip=skip))
     fns["fake-quant"] = (fake, (variables, act_qparams, x))
     int8_lib, int8_status = _int8_module()
+    int8_lowering = None
     if int8_lib is not None:
+        int8_lowering = int8_lib.resolve_conv_lowering("auto")
         int8_model = int8_lib.convert_int8(variables, act_qparams, skip=skip)
         fns["int8"] = (jax.jit(lambda m, x: int8_lib.int8_apply(net, m, x)), (int8_model, x))
         shapes = [mkn for path, mkn in shrink.layer_matmul_shapes(net, variables, x) if path in int8_model.layers]
@@ -125,7 +128,8 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
     by_name = {r["variant"]: r for r in results}
     out: dict[str, Any] = {
         "bench": "infer", "model": model, "batch_size": batch_size, "input_shape": list(input_shape),
-        "conv_impl": conv_impl, "int8_float_layers": list(skip), "sparsities": list(sparsities),
+        "conv_impl": conv_impl, "int8_float_layers": list(skip), "int8_conv_lowering": int8_lowering,
+        "sparsities": list(sparsities),
         "warmup": warmup, "repeats": repeats, "results": results,
         "float32_ms_median": base,
         "fake_quant_speedup": by_name["fake-quant"]["speedup_vs_float32"],
@@ -138,11 +142,16 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
         out["int8_goal_met"] = out["int8_speedup"] >= GOAL_INT8
     if shapes:
         c = out["int8_ceiling"] = int8_matmul_ceiling(shapes, base, warmup=warmup, repeats=repeats)
+        kernel = ""
+        if c.get("kernel_speedup") is not None:
+            kernel = (f"; jaxaccel's AVX2 int8 kernel (`compress.int8_kernel`, the `cpu_kernel` lowering) "
+                      f"runs them in {c['kernel_ms_median']:.2f} ms ({c['kernel_speedup']:.2f}×; Amdahl bound "
+                      f"{c['kernel_bound_speedup']:.2f}×)")
         notes.append(f"int8 ceiling on this machine: the int8 layers' {c['macs'] / 1e9:.2f} G MACs as plain "
                      f"matmuls take {c['float32_ms_median']:.2f} ms in float32 and {c['int8_ms_median']:.2f} ms as "
-                     f"int8 ({c['speedup']:.2f}×, interleaved), the most XLA:CPU's int8 dot gains here. Amdahl "
-                     f"estimate, if those MACs cost the float32 model what the plain matmuls cost and the rest "
-                     f"stays float32: at most {c['bound_speedup']:.2f}× for the whole model (goal {GOAL_INT8}×)")
+                     f"XLA's int8 dot ({c['speedup']:.2f}×, interleaved){kernel}. Amdahl bound: if those MACs cost "
+                     f"the float32 model what the plain matmuls cost and the rest stays float32, XLA's int8 dot "
+                     f"gains at most {c['bound_speedup']:.2f}× for the whole model (goal {GOAL_INT8}×)")
     if "pruned_50_speedup" in out:
         out["pruned_50_goal_met"] = out["pruned_50_speedup"] >= GOAL_PRUNED_50
     out["notes"] = notes
@@ -177,16 +186,28 @@ def int8_matmul_ceiling(shapes: Sequence[tuple[int, int, int]], float_model_ms: 
         jax.block_until_ready([dot(*operands[s]) for s, n in counts.items() for _ in range(n)])
 
     works = {"float32": lambda: run(f32_dot, f32), "int8": lambda: run(i8_dot, i8)}
+    from jaxaccel.compress import int8_kernel
+    if int8_kernel.available():
+        works["kernel"] = lambda: run(jax.jit(int8_kernel.matmul_acc), i8)
     for work in works.values():
         work()  # compile
     t = timing.time_interleaved(works, warmup=warmup, repeats=repeats)
     f_ms, i_ms = t["float32"].median_ms, t["int8"].median_ms
-    speedup = timing.ratio(f_ms, i_ms)
     share = min(1.0, f_ms / float_model_ms)  # of the float model's time spent in these MACs
-    bound = 1.0 / (1.0 - share + share / speedup)  # between 1 and `speedup`; clamp float rounding
-    bound = min(max(bound, min(1.0, speedup)), max(1.0, speedup))
-    return {"shapes_mkn": [list(s) for s in shapes], "macs": int(sum(m * k * n for m, k, n in shapes)),
-            "float32_ms_median": f_ms, "int8_ms_median": i_ms, "speedup": speedup, "bound_speedup": bound}
+
+    def amdahl(speedup: float) -> float:  # between 1 and `speedup`; clamp float rounding
+        bound = 1.0 / (1.0 - share + share / speedup)
+        return min(max(bound, min(1.0, speedup)), max(1.0, speedup))
+
+    speedup = timing.ratio(f_ms, i_ms)
+    out = {"shapes_mkn": [list(s) for s in shapes], "macs": int(sum(m * k * n for m, k, n in shapes)),
+           "float32_ms_median": f_ms, "int8_ms_median": i_ms, "speedup": speedup, "bound_speedup": amdahl(speedup),
+           "kernel_ms_median": None, "kernel_speedup": None, "kernel_bound_speedup": None}
+    if "kernel" in t:
+        k_speedup = timing.ratio(f_ms, t["kernel"].median_ms)
+        out.update(kernel_ms_median=t["kernel"].median_ms, kernel_speedup=k_speedup,
+                   kernel_bound_speedup=amdahl(k_speedup))
+    return out
 
 
 def _table(r: dict[str, Any]) -> dict[str, Any]:
@@ -202,7 +223,9 @@ def _table(r: dict[str, Any]) -> dict[str, Any]:
                      f"{x['mac_fraction']:.2f}" if x["mac_fraction"] is not None else "–", check])
     shape = "×".join(str(v) for v in r["input_shape"])
     floats = ", ".join(r["int8_float_layers"]) or "none"
-    return {"title": f"infer ({r['model']}, batch {r['batch_size']}, {shape}; float layers in int8/fake-quant: {floats})",
+    lowering = f"; int8 convs: {r['int8_conv_lowering']}" if r.get("int8_conv_lowering") else ""
+    return {"title": f"infer ({r['model']}, batch {r['batch_size']}, {shape}; float layers in int8/fake-quant: "
+                     f"{floats}{lowering})",
             "columns": ["variant", "ms / batch (median ± IQR)", "img/s", "speed-up vs float32",
                         "MACs vs dense", "check"],
             "rows": rows}
