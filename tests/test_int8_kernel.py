@@ -123,3 +123,22 @@ def test_cnn3_int8_runs_every_layer_in_the_kernel_with_pooling_fused():
     np.testing.assert_allclose(out, np.asarray(run["im2col"](qm, x)), rtol=1e-5, atol=1e-5)
     fq = np.asarray(jax.jit(lambda v, x: q.apply_fake_quant(model, v, x, act))(variables, x))
     np.testing.assert_allclose(out, fq, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_batch_sharded_call_runs_per_device_without_gathering():
+    """On a `data` mesh each device convolves its own examples (no all-gather); results are exact."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (16, 10, 10, 8)).astype(np.uint8)
+    k = rng.integers(-128, 128, (3, 3, 8, 24)).astype(np.int8)
+    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    f = jax.jit(K.conv_acc, static_argnums=(2, 3))
+    hlo = f.lower(xs, jnp.asarray(k), (1, 1), 2).compile().as_text()
+    assert "all-gather" not in hlo
+    assert "s32[2,4,4,24]" in hlo and K.TARGET in hlo  # the per-device call: 16 / 8 examples
+    out = f(xs, jnp.asarray(k), (1, 1), 2)
+    assert out.sharding.spec[0] == "data"
+    np.testing.assert_array_equal(np.asarray(out), _reference(x, k, (1, 1), 2))
+    pm = jax.pmap(lambda x: K.conv_acc(x, jnp.asarray(k), (1, 1), 2))(x.reshape(8, 2, 10, 10, 8))
+    np.testing.assert_array_equal(np.asarray(pm).reshape(16, 4, 4, 24), _reference(x, k, (1, 1), 2))

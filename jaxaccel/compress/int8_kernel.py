@@ -23,12 +23,14 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 SOURCE = Path(__file__).with_name("int8_kernel.cc")
 TARGET = "jaxaccel_int8_conv"
@@ -131,10 +133,41 @@ def conv_acc(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), m
     ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
     if ho < 1 or wo < 1:
         raise ValueError(f"int8 kernel window {kh}x{kw} is larger than the input {h}x{w}")
-    ho, wo = ho // max_pool, wo // max_pool
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n, ho, wo, cout), jnp.int32), vmap_method="sequential")
-    return call(x, kernel.reshape(kh * kw * cin, cout), kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh),
-                sw=np.int64(sw), max_pool=np.int64(max_pool))
+    return _conv_call(x, kernel.reshape(kh * kw * cin, cout), kh, kw, sh, sw, max_pool)
+
+
+def _ffi_conv(x: jax.Array, w2d: jax.Array, kh: int, kw: int, sh: int, sw: int, max_pool: int) -> jax.Array:
+    n, h, w, _ = x.shape
+    ho, wo = ((h - kh) // sh + 1) // max_pool, ((w - kw) // sw + 1) // max_pool
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n, ho, wo, w2d.shape[1]), jnp.int32),
+                            vmap_method="sequential")
+    return call(x, w2d, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh), sw=np.int64(sw),
+                max_pool=np.int64(max_pool))
+
+
+# Under a sharded jit the custom call is partitioned along the batch: each device runs the kernel
+# on its own examples with the (replicated) kernel, instead of XLA gathering the whole batch.
+_conv_call = custom_partitioning(_ffi_conv, static_argnums=(2, 3, 4, 5, 6))
+
+
+def _batch_spec(arg_shapes: Any) -> Any:
+    spec = arg_shapes[0].sharding.spec
+    return spec[0] if len(spec) else None
+
+
+def _partition(kh, kw, sh, sw, max_pool, mesh, arg_shapes, result_shape):
+    batch = NamedSharding(mesh, PartitionSpec(_batch_spec(arg_shapes), None, None, None))
+    lower = functools.partial(_ffi_conv, kh=kh, kw=kw, sh=sh, sw=sw, max_pool=max_pool)
+    return mesh, lower, batch, (batch, NamedSharding(mesh, PartitionSpec()))
+
+
+def _infer_sharding(kh, kw, sh, sw, max_pool, mesh, arg_shapes, result_shape):
+    return NamedSharding(mesh, PartitionSpec(_batch_spec(arg_shapes), None, None, None))
+
+
+_conv_call.def_partition(partition=_partition, infer_sharding_from_operands=_infer_sharding,
+                         sharding_rule="b h w c, k n -> b i j n",
+                         need_replication_factors=("h", "w", "c", "k", "n", "i", "j"))
 
 
 def matmul_acc(x: jax.Array, kernel: jax.Array) -> jax.Array:
