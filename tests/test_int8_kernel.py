@@ -91,6 +91,14 @@ def test_build_is_cached_by_source_and_flags(monkeypatch):
     assert K.kernel_path() != path  # other flags (or source, compiler, jaxlib): another library
 
 
+def test_a_failing_compiler_is_reported_and_leaves_no_library(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXACCEL_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.raises(RuntimeError, match="^false .*int8_kernel.cc.* failed"):
+        K._build()
+    assert not list(tmp_path.glob("*.so"))  # nothing half-written is left to load later
+
+
 def test_auto_falls_back_and_explicit_kernel_explains_why(monkeypatch):
     monkeypatch.setattr(K, "available", lambda: False)
     monkeypatch.setattr(K, "unavailable_reason", lambda: "no C++ compiler (c++, g++ or clang++; or set CXX)")

@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -68,7 +69,9 @@ def unavailable_reason() -> str | None:
     try:
         _register()
     except (OSError, AttributeError, RuntimeError) as e:
-        return f"the kernel did not build or load: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        reason = f"the kernel did not build or load: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        warnings.warn(f"jaxaccel int8 CPU kernel unavailable ({reason}); int8 layers use XLA's int8 dot")
+        return reason
     return None
 
 
