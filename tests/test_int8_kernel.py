@@ -39,7 +39,7 @@ def test_kernel_builds_and_registers_on_an_avx2_host():
 
 
 @needs_kernel
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(n=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), cin=st.integers(1, 40),
        cout=st.integers(1, 40), kh=st.integers(1, 3), kw=st.integers(1, 3), sh=st.integers(1, 2),
        sw=st.integers(1, 2), unsigned=st.booleans(), pool=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
