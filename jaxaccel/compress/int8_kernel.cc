@@ -22,6 +22,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -58,24 +59,15 @@ std::vector<int16_t> PackWeights(const int8_t* w, int64_t k, int64_t n) {
   return out;
 }
 
+// 8-bit codes (uint8 zero-extended, int8 sign-extended) -> int16, 16 at a time.
 template <typename T>
-inline void Widen(const T* src, int16_t* dst, int64_t len);
-
-template <>
-inline void Widen<uint8_t>(const uint8_t* src, int16_t* dst, int64_t len) {
+inline void Widen(const T* src, int16_t* dst, int64_t len) {
   int64_t i = 0;
-  for (; i + 16 <= len; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  for (; i < len; ++i) dst[i] = src[i];
-}
-
-template <>
-inline void Widen<int8_t>(const int8_t* src, int16_t* dst, int64_t len) {
-  int64_t i = 0;
-  for (; i + 16 <= len; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i + 16 <= len; i += 16) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    const __m256i w = std::is_same_v<T, uint8_t> ? _mm256_cvtepu8_epi16(v) : _mm256_cvtepi8_epi16(v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), w);
+  }
   for (; i < len; ++i) dst[i] = src[i];
 }
 
