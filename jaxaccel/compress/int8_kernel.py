@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 SOURCE = Path(__file__).with_name("int8_kernel.cc")
 TARGET = "jaxaccel_int8_conv"
-CXX_FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")  # -w: jaxlib header warnings
+CXX_FLAGS = ("-O3", "-mavx2", "-std=c++17", "-shared", "-fPIC", "-w")  # -w: jaxlib header warnings
 
 
 def _cpu_has_avx2() -> bool:
