@@ -188,7 +188,8 @@ def int8_matmul_ceiling(shapes: Sequence[tuple[int, int, int]], float_model_ms: 
     works = {"float32": lambda: run(f32_dot, f32), "int8": lambda: run(i8_dot, i8)}
     from jaxaccel.compress import int8_kernel
     if int8_kernel.available():
-        works["kernel"] = lambda: run(jax.jit(int8_kernel.matmul_acc), i8)
+        kernel_dot = jax.jit(int8_kernel.matmul_acc)
+        works["kernel"] = lambda: run(kernel_dot, i8)
     for work in works.values():
         work()  # compile
     t = timing.time_interleaved(works, warmup=warmup, repeats=repeats)

@@ -42,7 +42,7 @@ from jax.extend.core import Literal, Primitive
 from jaxaccel.compress.quant import (WEIGHT_CONFIG, QParams, QuantConfig, _check_skip, is_kernel, layer_kind,
                                      path_str, quantize, tensor_qparams)
 from jaxaccel.compress import int8_kernel
-from jaxaccel.models.layers import im2col_patches
+from jaxaccel.models.layers import im2col_patches, max_pool_2d
 
 
 @struct.dataclass
@@ -263,14 +263,6 @@ def _im2col_int8_acc(q: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
     return acc.reshape(n, ho, wo, cout)
 
 
-def _max_pool_acc(acc: jax.Array, window: int) -> jax.Array:
-    """window x window max (stride window, VALID) of an NHWC int32 accumulator."""
-    n, h, w, c = acc.shape
-    hp, wp = h // window, w // window
-    acc = acc[:, :hp * window, :wp * window]
-    return acc.reshape(n, hp, window, wp, window, c).max(axis=(2, 4))
-
-
 def _conv_acc(module: nn.Conv, layer: Int8Layer, q: jax.Array, lowering: str = "native",
               max_pool: int = 1) -> jax.Array:
     """int32 accumulator of an int8 conv of int8 codes `q` (zero-point corrected), max-pooled
@@ -327,7 +319,7 @@ def _conv_acc(module: nn.Conv, layer: Int8Layer, q: jax.Array, lowering: str = "
                                        rhs_dilation=rhs_dil, dimension_numbers=dn, feature_group_count=groups,
                                        preferred_element_type=jnp.int32)
     if max_pool > 1:
-        acc = _max_pool_acc(acc, max_pool)
+        acc = max_pool_2d(acc, max_pool)  # the models' pool (reshape-then-max), on int32
     if not layer.zero_point_is_zero:
         acc = acc - layer.zp_correction
     return acc.reshape(batch_shape + acc.shape[1:])

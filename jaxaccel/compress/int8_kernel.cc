@@ -10,9 +10,9 @@
 // the multiply-adds of float32 FMA. Operands are widened to int16 while packing.
 //
 // Layout: W is packed once per call into panels of 16 output channels x K (k pairs
-// interleaved); every 6 output rows are gathered and widened into a small A panel, then a
-// 6 x 16 register tile (12 accumulators) runs over K. Rows are split over XLA's intra-op
-// thread pool.
+// interleaved); output rows are gathered and widened in panels of 6 (4 with the fused 2x2
+// max-pool: one pooled position), and a 6 x 16 (4 x 16) register tile runs over K. Chunks of
+// panels are split over XLA's intra-op thread pool.
 #include <immintrin.h>
 
 #include <algorithm>

@@ -9,7 +9,7 @@ from the 8-bit NHWC input, widens it to int16 and multiplies it with the int8 ke
 `available()` says whether it can run here (CPU backend, an x86 CPU with AVX2, a C++ compiler);
 the first call compiles `int8_kernel.cc` with the system's `c++` against jaxlib's FFI headers
 into `$JAXACCEL_KERNEL_CACHE` (default `~/.cache/jaxaccel/kernels`), keyed by a hash of the
-source, the flags and the jaxlib version, so later processes only load it.
+source, the compiler, its flags and the jaxlib version, so later processes only load it.
 """
 from __future__ import annotations
 
