@@ -225,6 +225,9 @@ def test_resolved_conv_impl_is_the_models_own_auto_choice():
     import jax
 
     on_cpu = jax.default_backend() == "cpu"
-    assert workload.resolved_conv_impl("auto", "cnn3") == ("winograd" if on_cpu else "xla")
+    from jaxaccel.models import winograd_kernel
+
+    cnn3_cpu = "cpu_kernel" if winograd_kernel.available() else "winograd"
+    assert workload.resolved_conv_impl("auto", "cnn3") == (cnn3_cpu if on_cpu else "xla")
     assert workload.resolved_conv_impl("auto", "resnet20") == ("cpu" if on_cpu else "xla")
     assert workload.resolved_conv_impl("cpu", "cnn3") == "cpu"

@@ -262,6 +262,10 @@ def test_microbatched_reassembles_in_order_and_counts():
     assert layers.microbatch_count(100, "cpu", 32) == 2  # largest divisor of 100 not above 100 // 32
     assert layers.microbatch_count(7, "xla", 2) == 1  # prime batch: no even split
     assert layers.microbatch_count(1, "cpu") == 1
+    if layers.winograd_kernel.available():  # whole batches to train, micro-batches at inference
+        assert layers.microbatch_count(128, "cpu_kernel", train=True) == 1
+        assert layers.microbatch_count(128, "cpu_kernel") == 128 // layers.CPU_MICROBATCH
+        assert layers.microbatch_count(128, "cpu_kernel", 64, train=True) == 2  # an explicit size is honoured
     with pytest.raises(ValueError, match="microbatch"):
         layers.microbatch_count(8, "cpu", 0)
 
@@ -325,7 +329,9 @@ def test_winograd_impl_runs_wide_3x3_convs_as_winograd_and_is_cnn3s_auto_on_cpu(
     assert resolve_conv_impl("cpu", "winograd") == "cpu"  # explicit names are honoured
     with pytest.raises(ValueError, match="'fft'"):
         resolve_conv_impl("auto", "fft")
-    for impl, expected in (("auto", on_cpu), ("winograd", True), ("cpu", False), ("xla", False)):
+    # cnn3's "auto" on CPU is "cpu_kernel" (its Winograd runs inside the kernel), else "winograd"
+    auto_xla_winograd = on_cpu and not layers.winograd_kernel.available()
+    for impl, expected in (("auto", auto_xla_winograd), ("winograd", True), ("cpu", False), ("xla", False)):
         model = get_model("cnn3", 10, conv_impl=impl)
         v = init_variables(model, jax.random.key(0), (16, 16, 3))
         assert _has_winograd_matmuls(lambda v: model.apply(v, jnp.ones((2, 16, 16, 3))), v) == expected, impl

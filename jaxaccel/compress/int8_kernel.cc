@@ -17,17 +17,16 @@
 
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using jaxaccel::Parallel;
 
 namespace {
 
@@ -188,37 +187,6 @@ void RunPooledPanels(const T* x, const int16_t* wpacked, const ConvGeometry& g, 
       }
     }
   }
-}
-
-// Runs `work()` on the caller and on up to n - 1 pool threads; returns when every started copy is done.
-// Copies that start after the caller has finished do nothing (so none touches freed buffers).
-struct Join {
-  std::mutex mu;
-  std::condition_variable cv;
-  int active = 0;
-  bool closed = false;
-};
-
-template <typename F>
-void Parallel(ffi::ThreadPool& pool, int64_t n, F work) {
-  auto join = std::make_shared<Join>();
-  auto shared_work = std::make_shared<F>(std::move(work));
-  for (int64_t t = 1; t < n; ++t) {
-    pool.Schedule([join, shared_work]() {
-      {
-        std::lock_guard<std::mutex> lock(join->mu);
-        if (join->closed) return;
-        ++join->active;
-      }
-      (*shared_work)();
-      std::lock_guard<std::mutex> lock(join->mu);
-      if (--join->active == 0) join->cv.notify_all();
-    });
-  }
-  (*shared_work)();
-  std::unique_lock<std::mutex> lock(join->mu);
-  join->closed = true;
-  join->cv.wait(lock, [&] { return join->active == 0; });
 }
 
 ffi::Error Int8ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> w,

@@ -7,72 +7,32 @@ from the 8-bit NHWC input, widens it to int16 and multiplies it with the int8 ke
 16-channel panels, on XLA's intra-op thread pool. A dense layer is its 1x1 case.
 
 `available()` says whether it can run here (CPU backend, an x86 CPU with AVX2, a C++ compiler);
-the first call compiles `int8_kernel.cc` with the system's `c++` against jaxlib's FFI headers
-into `$JAXACCEL_KERNEL_CACHE` (default `~/.cache/jaxaccel/kernels`), keyed by a hash of the
-source, the compiler, its flags and the jaxlib version, so later processes only load it.
+the first call compiles `int8_kernel.cc` (see `jaxaccel.cpu_kernels`: cached in
+`$JAXACCEL_KERNEL_CACHE`, default `~/.cache/jaxaccel/kernels`), so later processes only load it.
 """
 from __future__ import annotations
 
-import ctypes
-import fcntl
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxaccel import cpu_kernels
 
 SOURCE = Path(__file__).with_name("int8_kernel.cc")
 TARGET = "jaxaccel_int8_conv"
 CXX_FLAGS = ("-O3", "-mavx2", "-std=c++17", "-shared", "-fPIC", "-w")  # -w: jaxlib header warnings
-
-
-def _cpu_has_avx2() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx2" in flags
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-
-
-def cache_dir() -> Path:
-    """Where compiled kernels are kept: `$JAXACCEL_KERNEL_CACHE`, else ~/.cache/jaxaccel/kernels."""
-    return Path(os.environ.get("JAXACCEL_KERNEL_CACHE") or Path.home() / ".cache" / "jaxaccel" / "kernels")
+cache_dir = cpu_kernels.cache_dir
+_compiler = cpu_kernels.compiler
 
 
 @functools.cache
 def unavailable_reason() -> str | None:
     """None if the kernel can run in this process, else why not (one line)."""
-    if jax.default_backend() != "cpu":
-        return f"the default backend is {jax.default_backend()!r}, not cpu"
-    if not _cpu_has_avx2():
-        return f"the CPU ({platform.machine()}) has no AVX2"
-    if _compiler() is None:
-        return "no C++ compiler (c++, g++ or clang++; or set CXX)"
-    try:
-        _register()
-    except (OSError, AttributeError, RuntimeError) as e:
-        reason = f"the kernel did not build or load: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        warnings.warn(f"jaxaccel int8 CPU kernel unavailable ({reason}); int8 layers use XLA's int8 dot")
-        return reason
-    return None
+    return cpu_kernels.unavailable_reason(("avx2",), _register, "int8 layers use XLA's int8 dot")
 
 
 def available() -> bool:
@@ -82,39 +42,17 @@ def available() -> bool:
 
 def kernel_path() -> Path:
     """The compiled library's path: the cache dir plus a hash of source, compiler, flags, jaxlib."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((_compiler() or "",) + CXX_FLAGS).encode()
-                         + jaxlib.__version__.encode()).hexdigest()[:16]
-    return cache_dir() / f"int8_kernel-{key}.so"
+    return cpu_kernels.library_path(SOURCE, CXX_FLAGS)
 
 
 def _build() -> Path:
     """Compile `int8_kernel.cc` unless the cache has it (one builder at a time: a file lock)."""
-    out = kernel_path()
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test workers: the others wait, then load it
-        if out.exists():
-            return out
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            cmd = [_compiler(), *CXX_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")
-            os.replace(tmp, out)  # atomic: a reader never sees half a file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return out
+    return cpu_kernels.build(SOURCE, CXX_FLAGS)
 
 
 @functools.cache
 def _register() -> None:
-    lib = ctypes.cdll.LoadLibrary(str(_build()))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxaccelInt8Conv), platform="cpu")
+    cpu_kernels.register(_build(), "JaxaccelInt8Conv", TARGET)
 
 
 def conv_acc(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), max_pool: int = 1) -> jax.Array:
@@ -148,29 +86,9 @@ def _ffi_conv(x: jax.Array, w2d: jax.Array, kh: int, kw: int, sh: int, sw: int, 
                 max_pool=np.int64(max_pool))
 
 
-# Under a sharded jit the custom call is partitioned along the batch: each device runs the kernel
-# on its own examples with the (replicated) kernel, instead of XLA gathering the whole batch.
-_conv_call = custom_partitioning(_ffi_conv, static_argnums=(2, 3, 4, 5, 6))
-
-
-def _batch_spec(arg_shapes: Any) -> Any:
-    spec = arg_shapes[0].sharding.spec
-    return spec[0] if len(spec) else None
-
-
-def _partition(kh, kw, sh, sw, max_pool, mesh, arg_shapes, result_shape):
-    batch = NamedSharding(mesh, PartitionSpec(_batch_spec(arg_shapes), None, None, None))
-    lower = functools.partial(_ffi_conv, kh=kh, kw=kw, sh=sh, sw=sw, max_pool=max_pool)
-    return mesh, lower, batch, (batch, NamedSharding(mesh, PartitionSpec()))
-
-
-def _infer_sharding(kh, kw, sh, sw, max_pool, mesh, arg_shapes, result_shape):
-    return NamedSharding(mesh, PartitionSpec(_batch_spec(arg_shapes), None, None, None))
-
-
-_conv_call.def_partition(partition=_partition, infer_sharding_from_operands=_infer_sharding,
-                         sharding_rule="b h w c, k n -> b i j n",
-                         need_replication_factors=("h", "w", "c", "k", "n", "i", "j"))
+# Under a sharded jit each device runs the kernel on its own examples (no gather of the batch).
+_conv_call = cpu_kernels.batch_partitioned(_ffi_conv, "b h w c, k n -> b i j n",
+                                           ("h", "w", "c", "k", "n", "i", "j"), num_static=5)
 
 
 def matmul_acc(x: jax.Array, kernel: jax.Array) -> jax.Array:

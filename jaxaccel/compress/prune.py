@@ -193,8 +193,12 @@ def layer_calls(model: nn.Module, variables: PyTree, *args: Any,
         out = next_fun(*call_args, **call_kwargs)
         path = "/".join(context.module.path)
         if path in kernels and context.method_name == "__call__":
-            # The models' fast conv may return (y, bias) for a later fused bias add.
-            y = out[0] if isinstance(out, tuple) else out
+            # The models' fast conv may return (y, bias) for a later fused bias add, or its pooled
+            # output (`layers.Conv.max_pooled`): the conv's own output shape is what counts.
+            full = out
+            if call_kwargs.get("pool_window") is not None:
+                full = next_fun(*call_args, **{**call_kwargs, "pool_window": None})
+            y = full[0] if isinstance(full, tuple) else full
             calls.append((path, tuple(y.shape)))
         return out
 

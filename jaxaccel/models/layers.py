@@ -56,7 +56,9 @@ from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import default_kernel_init
 from jax import lax
 
-CONV_IMPLS: tuple[str, ...] = ("auto", "xla", "im2col", "cpu", "winograd")
+from jaxaccel.models import winograd_kernel
+
+CONV_IMPLS: tuple[str, ...] = ("auto", "xla", "im2col", "cpu", "winograd", "cpu_kernel")
 
 # Under "cpu", convs whose patch length kh*kw*Cin is at most this use im2col: building their
 # patches is cheap and XLA:CPU's native conv is slow for few input channels.
@@ -78,12 +80,21 @@ def check_conv_impl(conv_impl: str) -> str:
 
 def resolve_conv_impl(conv_impl: str, cpu_choice: str = "cpu") -> str:
     """Map "auto" to the concrete implementation for the default backend: `cpu_choice` on CPU
-    (a model's measured fastest; "cpu" unless the model says otherwise), "xla" elsewhere."""
+    (a model's measured fastest; "cpu" unless the model says otherwise), "xla" elsewhere.
+
+    A `cpu_choice` of "cpu_kernel" becomes "winograd" where the kernel cannot run; an explicit
+    "cpu_kernel" there raises ValueError saying why.
+    """
     check_conv_impl(conv_impl)
     check_conv_impl(cpu_choice)
+    if conv_impl == "cpu_kernel" and not winograd_kernel.available():
+        raise ValueError(f"conv_impl 'cpu_kernel' cannot run here ({winograd_kernel.unavailable_reason()}); "
+                         f"valid choices here: {', '.join(i for i in CONV_IMPLS if i != 'cpu_kernel')}")
     if conv_impl != "auto":
         return conv_impl
-    return cpu_choice if jax.default_backend() == "cpu" else "xla"
+    if jax.default_backend() != "cpu":
+        return "xla"
+    return "winograd" if cpu_choice == "cpu_kernel" and not winograd_kernel.available() else cpu_choice
 
 
 # ----------------------------------------------------------------------------- convolution
@@ -204,7 +215,8 @@ def _winograd_filter_grad(x: jax.Array, dy: jax.Array, padding: Sequence[tuple[i
     return _along0(_WINO_GG.T, du.reshape(16, -1)).reshape(3, 3, *du.shape[1:])
 
 
-def winograd_conv(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, int]]) -> jax.Array:
+def winograd_conv(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, int]],
+                  use_kernel: bool = False) -> jax.Array:
     """Stride-1 NHWC conv of `x` with a 3x3 HWIO `kernel` whose filter gradient is Winograd F(2x2, 3x3).
 
     The forward is XLA's conv (it stays fusable with its neighbours: a Winograd forward measured
@@ -212,14 +224,19 @@ def winograd_conv(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, 
     of `dy` with the flipped kernel (Winograd there measured slower on XLA:CPU: the tile
     transposes of the wide `dy` cost more than the multiplies saved). Odd output sizes are
     padded to whole tiles.
+
+    `use_kernel` (conv_impl "cpu_kernel"): all three (forward, input gradient, filter gradient)
+    run as Winograd F(2x2, 3x3) in jaxaccel's CPU kernel (`winograd_kernel`) where it supports
+    the shapes (float32, "SAME", channels multiples of 8 and 16), with every transform fused
+    into the kernel's matmuls; elsewhere as above.
     """
     if kernel.shape[:2] != (3, 3):
         raise ValueError(f"winograd_conv needs a 3x3 kernel, got {kernel.shape[:2]}")
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _winograd_fn(padding)(x, kernel)
+    return _winograd_fn(padding, use_kernel)(x, kernel)
 
 
-_WINOGRAD_FNS: dict[tuple[tuple[int, int], ...], Callable] = {}
+_WINOGRAD_FNS: dict[tuple[tuple[tuple[int, int], ...], bool], Callable] = {}
 
 
 def _with_backward(forward: Callable, backward: Callable) -> Callable:
@@ -236,19 +253,33 @@ def _with_backward(forward: Callable, backward: Callable) -> Callable:
     return f
 
 
-def _winograd_fn(padding: tuple[tuple[int, int], ...]) -> Callable:
-    if padding in _WINOGRAD_FNS:
-        return _WINOGRAD_FNS[padding]
+def _winograd_fn(padding: tuple[tuple[int, int], ...], use_kernel: bool) -> Callable:
+    if (padding, use_kernel) in _WINOGRAD_FNS:
+        return _WINOGRAD_FNS[padding, use_kernel]
+
+    def kernel_ok(x, kernel):
+        return (use_kernel and winograd_kernel.supports(x.shape, kernel.shape, padding, x.dtype)
+                and kernel.dtype == jnp.float32)
 
     def forward(x, kernel):
+        if kernel_ok(x, kernel):
+            return winograd_kernel.conv(x, kernel)
         return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
 
     def backward(x, kernel, dy):
-        dk = _winograd_filter_grad(x, dy, padding).astype(kernel.dtype)
-        return _input_grad(dy, kernel, padding).astype(x.dtype), dk
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)  # "SAME" 3x3: dx is a "SAME" conv of dy
+        if kernel_ok(dy, flipped):
+            dx = winograd_kernel.conv(dy, flipped)
+        else:
+            dx = _input_grad(dy, kernel, padding).astype(x.dtype)
+        if kernel_ok(x, kernel) and dy.dtype == jnp.float32:
+            dk = winograd_kernel.filter_grad(x, dy)
+        else:
+            dk = _winograd_filter_grad(x, dy, padding).astype(kernel.dtype)
+        return dx, dk
 
-    _WINOGRAD_FNS[padding] = _with_backward(forward, backward)
-    return _WINOGRAD_FNS[padding]
+    _WINOGRAD_FNS[padding, use_kernel] = _with_backward(forward, backward)
+    return _WINOGRAD_FNS[padding, use_kernel]
 
 
 def _fast_path_ok(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
@@ -338,9 +369,9 @@ def _make_conv_general_dilated(impl: str) -> Callable:
             return _native_materialized_input(native_fn, lhs, rhs)
         kh, kw, cin, _ = rhs.shape
         pads = _explicit_padding(padding, lhs.shape[1:3], (kh, kw))
-        if impl in ("cpu", "winograd") and kh * kw * cin > CPU_IM2COL_MAX_PATCH:
-            if impl == "winograd" and (kh, kw) == (3, 3):
-                return winograd_conv(lhs, rhs, pads)
+        if impl in ("cpu", "winograd", "cpu_kernel") and kh * kw * cin > CPU_IM2COL_MAX_PATCH:
+            if impl in ("winograd", "cpu_kernel") and (kh, kw) == (3, 3):
+                return winograd_conv(lhs, rhs, pads, use_kernel=impl == "cpu_kernel")
             return _native_materialized_input(native_fn, lhs, rhs)
         return _make_im2col_conv(pads)(lhs, rhs)
 
@@ -354,6 +385,7 @@ _CONV_FNS: dict[str, Callable] = {
     "im2col": _make_conv_general_dilated("im2col"),
     "cpu": _make_conv_general_dilated("cpu"),
     "winograd": _make_conv_general_dilated("winograd"),
+    "cpu_kernel": _make_conv_general_dilated("cpu_kernel"),
 }
 
 
@@ -382,7 +414,7 @@ class Conv(nn.Module):
     feature_group_count: int = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array, add_bias: bool = True):
+    def __call__(self, x: jax.Array, add_bias: bool = True, pool_window: int | None = None):
         kh, kw = self.kernel_size
         groups = self.feature_group_count
         cin = x.shape[-1]
@@ -394,6 +426,8 @@ class Conv(nn.Module):
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         strides = (self.strides, self.strides) if isinstance(self.strides, int) else tuple(self.strides)
         padding = self.padding if isinstance(self.padding, str) else tuple(tuple(p) for p in self.padding)
+        if pool_window is not None:  # see max_pooled
+            return _conv_max_pool(self.conv_impl, x, kernel, strides, padding, groups, pool_window), bias
         y = conv_general_dilated_fn(self.conv_impl)(x, kernel, strides, padding, dimension_numbers=_NHWC,
                                                     feature_group_count=groups)
         if not add_bias:
@@ -405,10 +439,49 @@ class Conv(nn.Module):
 
         The same values as pooling `self(x, add_bias=False)`'s output; a method of its own so
         that transforms which intercept module methods (int8 inference) can run conv + pool as
-        one kernel.
+        one kernel. It calls `self(x, add_bias=False, pool_window=window)`, so interceptors of
+        `__call__` (calibration, fake-quant) see the conv's input as usual; under "cpu_kernel"
+        the Winograd kernel pools inside the conv (`winograd_kernel.conv_max_pool`).
         """
-        y, bias = self(x, add_bias=False)
-        return max_pool_2d(y, window), bias
+        return self(x, add_bias=False, pool_window=window)
+
+
+def _conv_max_pool(conv_impl: str, x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Any,
+                   groups: int, window: int) -> jax.Array:
+    """max_pool_2d(conv(x, kernel), window), fused into one Winograd kernel call where it can be."""
+    if (window == 2 and resolve_conv_impl(conv_impl) == "cpu_kernel" and groups == 1 and strides == (1, 1)
+            and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0 and kernel.shape[:2] == (3, 3)
+            and 9 * x.shape[-1] > CPU_IM2COL_MAX_PATCH and kernel.dtype == jnp.float32
+            and winograd_kernel.supports(x.shape, kernel.shape, _explicit_padding(padding, x.shape[1:3], (3, 3)),
+                                         x.dtype)):
+        return _winograd_conv_max_pool(x, kernel)
+    y = conv_general_dilated_fn(conv_impl)(x, kernel, strides, padding, dimension_numbers=_NHWC,
+                                           feature_group_count=groups)
+    return max_pool_2d(y, window)
+
+
+@jax.custom_vjp
+def _winograd_conv_max_pool(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """2x2 max-pool of the "SAME" 3x3 conv, in the Winograd kernel; the gradient routes each window's
+    gradient to its first maximum (as `max_pool_2d`) and runs both conv gradients in the kernel."""
+    return winograd_kernel.conv_max_pool(x, kernel)[0]
+
+
+def _winograd_conv_max_pool_fwd(x, kernel):
+    pooled, first = winograd_kernel.conv_max_pool(x, kernel)
+    return pooled, (x, kernel, first)
+
+
+def _winograd_conv_max_pool_bwd(res, g):
+    x, kernel, first = res
+    dy = _route_to_first(first, g, 2, x.shape[:3] + kernel.shape[-1:])  # the conv output's gradient
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)  # "SAME" 3x3: dx is a "SAME" conv of dy
+    dx = winograd_kernel.conv(dy, flipped) if winograd_kernel.supports(dy.shape, flipped.shape, winograd_kernel.PADDING,
+                                                                       dy.dtype) else _input_grad(dy, kernel, winograd_kernel.PADDING)
+    return dx, winograd_kernel.filter_grad(x, dy)
+
+
+_winograd_conv_max_pool.defvjp(_winograd_conv_max_pool_fwd, _winograd_conv_max_pool_bwd)
 
 
 def conv(
@@ -450,18 +523,24 @@ def _pool_backward(window: int, res: tuple[jax.Array, jax.Array], g: jax.Array) 
     # which is what XLA's select-and-scatter (nn.max_pool's gradient) does on ties: find that
     # position (int8, one pass over x), then write the input-sized gradient in one pass.
     x, y = res
-    n, h, w, c = x.shape
-    ho, wo = y.shape[1:3]
     xr = _windows(x, window)
     first = jnp.full(y.shape, window * window - 1, jnp.int8)
     for k in range(window * window - 2, -1, -1):
         first = jnp.where(xr[:, :, k // window, :, k % window, :] == y, jnp.int8(k), first)
+    return (_route_to_first(first, g, window, x.shape),)
+
+
+def _route_to_first(first: jax.Array, g: jax.Array, window: int, x_shape: Sequence[int]) -> jax.Array:
+    """The pool input's gradient (`x_shape`): each window's gradient `g` at the row-major position
+    `first` (int8) of its first maximum, zeros elsewhere; written in one pass."""
+    n, h, w, c = x_shape
+    ho, wo = g.shape[1:3]
     pos = (jnp.arange(window, dtype=jnp.int8)[:, None] * window + jnp.arange(window, dtype=jnp.int8)[None, :])
     hit = first[:, :, None, :, None, :] == pos[None, None, :, None, :, None]
     dx = jnp.where(hit, g[:, :, None, :, None, :], jnp.zeros((), g.dtype)).reshape(n, ho * window, wo * window, c)
     if (ho * window, wo * window) != (h, w):
         dx = jnp.pad(dx, ((0, 0), (0, h - ho * window), (0, w - wo * window), (0, 0)))
-    return (dx,)
+    return dx
 
 
 def _make_max_pool_2d(window: int) -> Callable[[jax.Array], jax.Array]:
@@ -518,11 +597,19 @@ def conv_act_pool(layer: nn.Module, x: jax.Array, act: Callable[[jax.Array], jax
 
 # ----------------------------------------------------------------------------- micro-batches
 
-def microbatch_count(batch: int, conv_impl: str, microbatch: int | None = None) -> int:
+def microbatch_count(batch: int, conv_impl: str, microbatch: int | None = None, train: bool = False) -> int:
     """How many micro-batches to split `batch` into: the largest divisor of `batch` not above
-    batch / size, with size `microbatch` if given, else `CPU_MICROBATCH` under "cpu" (1 otherwise)."""
+    batch / size, with size `microbatch` if given, else `CPU_MICROBATCH` under "cpu", "winograd"
+    and (at inference only) "cpu_kernel"; 1 otherwise.
+
+    Measured on cnn3 (2-core CPU): a "cpu_kernel" train step is fastest whole (batch 128: ~100 ms
+    whole vs ~115 ms in micro-batches of 32: the kernels block for the cache themselves and lose
+    efficiency on small calls), its inference in micro-batches of 32 (batch 256: ~54 vs ~90 ms:
+    with no activations kept for a backward pass, each micro-batch's stay in cache).
+    """
     if microbatch is None:
-        if resolve_conv_impl(conv_impl) not in ("cpu", "winograd"):
+        impl = resolve_conv_impl(conv_impl)
+        if impl not in ("cpu", "winograd", "cpu_kernel") or (impl == "cpu_kernel" and train):
             return 1
         microbatch = CPU_MICROBATCH
     if microbatch < 1:

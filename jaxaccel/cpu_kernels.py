@@ -1,0 +1,154 @@
+"""Building, caching and registering jaxaccel's C++ XLA FFI kernels for the CPU.
+
+A kernel is one C++ source file beside the Python module that calls it (`compress/int8_kernel.cc`,
+`models/winograd_kernel.cc`), plus the shared `cpu_kernels.h`. Its first use in a process
+compiles it with the system C++ compiler (`$CXX`, else `c++`, `g++` or `clang++`) against
+jaxlib's FFI headers into `$JAXACCEL_KERNEL_CACHE` (default `~/.cache/jaxaccel/kernels`), under
+a name hashed from the sources, the compiler, its flags and the jaxlib version, so later
+processes only load it. Builds hold a file lock (parallel test workers wait for one build) and
+land by atomic rename (nobody loads half a file).
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jaxlib
+
+HEADER = Path(__file__).with_name("cpu_kernels.h")
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: `$JAXACCEL_KERNEL_CACHE`, else ~/.cache/jaxaccel/kernels."""
+    return Path(os.environ.get("JAXACCEL_KERNEL_CACHE") or Path.home() / ".cache" / "jaxaccel" / "kernels")
+
+
+def compiler() -> str | None:
+    """The C++ compiler kernels are built with: `$CXX`, else the first of c++, g++, clang++ on PATH."""
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def cpu_has(features: Sequence[str]) -> bool:
+    """Whether this is an x86-64 CPU whose /proc/cpuinfo flags include all `features` (e.g. "avx2")."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return all(f in flags for f in features)
+
+
+def library_path(source: Path, flags: Sequence[str]) -> Path:
+    """The compiled library's path: the cache dir plus a hash of sources, compiler, flags, jaxlib."""
+    key = hashlib.sha256(source.read_bytes() + HEADER.read_bytes()
+                         + " ".join((compiler() or "", *flags)).encode()
+                         + jaxlib.__version__.encode()).hexdigest()[:16]
+    return cache_dir() / f"{source.stem}-{key}.so"
+
+
+def build(source: Path, flags: Sequence[str]) -> Path:
+    """Compile `source` unless the cache has it; returns the library. Raises RuntimeError on failure."""
+    out = library_path(source, flags)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test workers: the others wait, then load it
+        if out.exists():
+            return out
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            cmd = [compiler() or "c++", *flags, f"-I{jax.ffi.include_dir()}", f"-I{HEADER.parent}", str(source),
+                   "-o", tmp]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")
+            os.replace(tmp, out)  # atomic: a reader never sees half a file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return out
+
+
+def register(library: Path, symbol: str, target: str) -> None:
+    """Load `library` and register its FFI handler `symbol` as the CPU custom-call `target`."""
+    lib = ctypes.cdll.LoadLibrary(str(library))
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+
+
+def unavailable_reason(features: Sequence[str], load: Callable[[], None], fallback: str) -> str | None:
+    """None if a kernel needing CPU `features` can run in this process (`load()` builds and registers
+    it), else why not, in one line; a failed build also warns once, saying what runs instead (`fallback`)."""
+    if jax.default_backend() != "cpu":
+        return f"the default backend is {jax.default_backend()!r}, not cpu"
+    if not cpu_has(features):
+        return f"the CPU ({platform.machine()}) lacks {' or '.join(f.upper() for f in features)}"
+    if compiler() is None:
+        return "no C++ compiler (c++, g++ or clang++; or set CXX)"
+    try:
+        load()
+    except (OSError, AttributeError, RuntimeError) as e:
+        reason = f"the kernel did not build or load: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        warnings.warn(f"jaxaccel CPU kernel unavailable ({reason}); {fallback}")
+        return reason
+    return None
+
+
+def batch_partitioned(fn: Callable, sharding_rule: str, need_replication_factors: Sequence[str],
+                      num_static: int = 0, summed: bool = False) -> Callable:
+    """`fn(x, *others, *static)` (a custom call; the last `num_static` arguments are static) as a
+    `custom_partitioning` along the leading (batch) axis of `x`: under a sharded jit each device
+    runs the kernel on its own examples, instead of XLA gathering the whole batch onto every
+    device. The other array arguments are batch-sharded like `x` if their leading axis is the
+    batch (same length; `summed` kernels), else replicated. The result is batch-sharded, or, if
+    `summed` (the result is a sum over the batch, e.g. a weight gradient), replicated: the
+    per-device results are added with a `psum` over the batch's mesh axes. A tuple of results
+    is sharded alike."""
+    from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def batch_axes(arg_shapes):
+        spec = arg_shapes[0].sharding.spec
+        return spec[0] if len(spec) else None
+
+    def sharded(mesh, axes, rank):
+        return NamedSharding(mesh, PartitionSpec(axes, *([None] * (rank - 1))))
+
+    def result_sharding(mesh, arg_shapes, result_shape):
+        axes = None if summed else batch_axes(arg_shapes)
+        if isinstance(result_shape, (tuple, list)):  # several results
+            return tuple(sharded(mesh, axes, len(r.shape)) for r in result_shape)
+        return sharded(mesh, axes, len(result_shape.shape))
+
+    def partition(*args):
+        static, (mesh, arg_shapes, result_shape) = args[:-3], args[-3:]
+        axes = batch_axes(arg_shapes)
+        ins = tuple(sharded(mesh, axes if summed else None, len(a.shape)) for a in arg_shapes)
+        ins = (sharded(mesh, axes, len(arg_shapes[0].shape)),) + ins[1:]
+
+        def lower(*arrays):
+            out = fn(*arrays, *static)
+            return jax.lax.psum(out, axes) if summed and axes is not None else out
+
+        return mesh, lower, result_sharding(mesh, arg_shapes, result_shape), ins
+
+    def infer_sharding(*args):
+        return result_sharding(*args[-3:])
+
+    n_arrays = fn.__code__.co_argcount - num_static
+    call = custom_partitioning(fn, static_argnums=tuple(range(n_arrays, n_arrays + num_static)))
+    call.def_partition(partition=partition, infer_sharding_from_operands=infer_sharding,
+                       sharding_rule=sharding_rule, need_replication_factors=tuple(need_replication_factors))
+    return call

@@ -1,0 +1,152 @@
+"""Tests for jaxaccel.models.winograd_kernel and conv_impl "cpu_kernel": the float32 Winograd CPU
+kernel equals XLA's conv (values and both gradients) on every shape it takes."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from jax import lax
+
+from jaxaccel import cpu_kernels
+from jaxaccel.models import get_model, init_variables, layers
+from jaxaccel.models import winograd_kernel as W
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.cpu_has(("avx2", "fma")) or cpu_kernels.compiler() is None,
+                                  reason="needs an x86 CPU with AVX2 and FMA and a C++ compiler")
+SAME = ((1, 1), (1, 1))
+
+
+def _conv(x, k):
+    return lax.conv_general_dilated(x, k, (1, 1), SAME, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=lax.Precision.HIGHEST)
+
+
+def _close(got, want, rtol=2e-5):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert np.abs(got - want).max() <= rtol * np.abs(want).max(), np.abs(got - want).max() / np.abs(want).max()
+
+
+@needs_kernel
+def test_kernel_builds_into_the_cache_and_registers():
+    assert W.unavailable_reason() is None and W.available()
+    assert W.kernel_path().exists() and str(W.kernel_path()).startswith(os.environ["JAXACCEL_KERNEL_CACHE"])
+
+
+@needs_kernel
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 3), h=st.integers(1, 11), w=st.integers(1, 11), c8=st.integers(1, 3),
+       k16=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_conv_and_filter_grad_equal_xla_on_any_shape(n, h, w, c8, k16, seed):
+    """Odd and even sizes (partial tiles at the edges), 1x1 images, several channel panels."""
+    c, k = 8 * c8, 16 * k16
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, c, k)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((n, h, w, k)), jnp.float32)
+    _close(jax.jit(W.conv)(x, kernel), _conv(x, kernel))
+    _close(jax.jit(W.filter_grad)(x, dy), jax.vjp(lambda kk: _conv(x, kk), kernel)[1](dy)[0])
+
+
+@needs_kernel
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 3), h2=st.integers(1, 5), w2=st.integers(1, 5), c8=st.integers(1, 2),
+       k16=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_fused_max_pool_equals_pooling_the_conv_and_routes_gradients_alike(n, h2, w2, c8, k16, seed):
+    """Pooled values, first-maximum positions (ties: the earlier one, as select-and-scatter) and
+    both gradients of layers' fused conv + pool equal max_pool_2d of XLA's conv."""
+    h, w, c, k = 2 * h2, 2 * w2, 8 * c8, 16 * k16
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    x[0] = 0.0  # an all-zero image: every window's four entries tie (at 0)
+    x, kernel = jnp.asarray(x), jnp.asarray(rng.standard_normal((3, 3, c, k)), jnp.float32)
+    pooled, first = jax.jit(W.conv_max_pool)(x, kernel)
+    y = np.asarray(_conv(x, kernel)).reshape(n, h // 2, 2, w // 2, 2, k).transpose(0, 1, 3, 5, 2, 4)
+    y = y.reshape(n, h // 2, w // 2, k, 4)
+    _close(pooled, y.max(-1))
+    assert first.dtype == jnp.int8 and not np.asarray(first)[0].any()  # ties go to the first position
+    near = np.sort(y, -1)[..., -1] - np.sort(y, -1)[..., -2] < 1e-4 * np.abs(y).max()  # rounding could swap
+    np.testing.assert_array_equal(np.asarray(first)[~near], y.argmax(-1)[~near])
+    g = jnp.asarray(rng.standard_normal(pooled.shape), jnp.float32)
+    fused = jax.grad(lambda x, k: jnp.sum(layers._winograd_conv_max_pool(x, k) * g), (0, 1))(x, kernel)
+    plain = jax.grad(lambda x, k: jnp.sum(layers.max_pool_2d(_conv(x, k), 2) * g), (0, 1))(x, kernel)
+    for a, e in zip(fused, plain):
+        _close(a, e, 1e-4)
+
+
+@needs_kernel
+def test_unsupported_inputs_are_refused_with_the_shapes():
+    x, k = jnp.zeros((1, 4, 4, 8)), jnp.zeros((3, 3, 8, 16))
+    assert W.supports(x.shape, k.shape, SAME, jnp.float32)
+    for xs, ks, pad, dt in (((1, 4, 4, 6), (3, 3, 6, 16), SAME, jnp.float32),     # C % 8
+                            ((1, 4, 4, 8), (3, 3, 8, 24), SAME, jnp.float32),     # K % 16
+                            ((1, 4, 4, 8), (5, 5, 8, 16), SAME, jnp.float32),     # not 3x3
+                            ((1, 4, 4, 8), (3, 3, 8, 16), ((0, 0), (0, 0)), jnp.float32),  # VALID
+                            ((1, 4, 4, 8), (3, 3, 8, 16), SAME, jnp.bfloat16)):
+        assert not W.supports(xs, ks, pad, dt)
+    with pytest.raises(ValueError, match=r"float32\[1, 4, 4, 6\], float32\[3, 3, 6, 16\]"):
+        W.conv(jnp.zeros((1, 4, 4, 6)), jnp.zeros((3, 3, 6, 16)))
+    with pytest.raises(ValueError, match=r"bfloat16\[1, 4, 4, 8\]"):
+        W.conv(x.astype(jnp.bfloat16), k)
+    with pytest.raises(ValueError, match=r"float32\[1, 4, 4, 8\], float32\[1, 4, 4, 24\]"):
+        W.filter_grad(x, jnp.zeros((1, 4, 4, 24)))
+    with pytest.raises(ValueError, match=r"even height and width, got \[1, 5, 4, 8\]"):
+        W.conv_max_pool(jnp.zeros((1, 5, 4, 8)), k)
+
+
+@needs_kernel
+def test_cpu_kernel_impl_runs_every_wide_conv_in_the_kernel():
+    """cnn3 under "cpu_kernel": conv2/conv3's forward, input and filter gradients are kernel calls,
+    the first layer (3 input channels) stays im2col; gradients match the plain Flax model's."""
+    model = get_model("cnn3", 10, conv_impl="cpu_kernel", microbatch=8)
+    plain = get_model("cnn3", 10, conv_impl="xla")
+    v = init_variables(plain, jax.random.key(0), (16, 16, 3))
+    x = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
+
+    def loss(m):
+        return lambda p: jnp.mean(m.apply({"params": p}, x) ** 2)
+
+    grad = jax.jit(jax.grad(loss(model)))
+    hlo = grad.lower(v["params"]).as_text()
+    assert hlo.count(f"@{W.POOL_TARGET}(") == 2  # conv2, conv3 forward, each with its 2x2 max-pool
+    assert hlo.count(f"@{W.TARGET}(") == 2  # their input gradients
+    assert hlo.count(f"@{W.GRAD_TARGET}(") == 2  # and filter gradients
+    for a, e in zip(jax.tree.leaves(grad(v["params"])), jax.tree.leaves(jax.grad(loss(plain))(v["params"]))):
+        assert np.abs(np.asarray(a) - np.asarray(e)).max() <= 1e-4 * np.abs(np.asarray(e)).max()
+
+
+@needs_kernel
+def test_batch_sharded_step_runs_per_device_and_sums_the_filter_gradient():
+    """On an 8-device `data` mesh: no all-gather of activations, one all-reduce per filter gradient,
+    the same gradients as on one device; pmap runs the kernel per device too."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 6, 6, 16)).astype(np.float32)
+    k = rng.standard_normal((3, 3, 16, 32)).astype(np.float32)
+
+    def loss(k, x):
+        return jnp.sum(layers.winograd_conv(x, k, SAME, use_kernel=True) ** 2)
+
+    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    hlo = f.lower(k, xs).compile().as_text()
+    assert "all-gather" not in hlo
+    assert hlo.count(f'custom_call_target="{W.TARGET}"') == 2 and W.GRAD_TARGET in hlo
+    assert "f32[2,6,6,32]{3,2,1,0} custom-call(" in hlo  # the forward per device: 16 / 8 examples
+    (val, (dk, dx)), (val1, (dk1, dx1)) = f(k, xs), jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(k, x)
+    assert dx.sharding.spec[0] == "data"
+    _close(dk, dk1, 1e-5)
+    _close(dx, dx1, 1e-5)
+    pm = jax.pmap(lambda x: W.conv(x, jnp.asarray(k)))(x.reshape(8, 2, 6, 6, 16))
+    _close(pm.reshape(16, 6, 6, 32), _conv(jnp.asarray(x), jnp.asarray(k)))
+
+
+def test_auto_falls_back_to_winograd_and_explicit_kernel_explains_why(monkeypatch):
+    monkeypatch.setattr(W, "available", lambda: False)
+    monkeypatch.setattr(W, "unavailable_reason", lambda: "no C++ compiler (c++, g++ or clang++; or set CXX)")
+    on_cpu = jax.default_backend() == "cpu"
+    assert layers.resolve_conv_impl("auto", "cpu_kernel") == ("winograd" if on_cpu else "xla")
+    with pytest.raises(ValueError, match=r"'cpu_kernel' cannot run here \(no C\+\+ compiler.*xla, im2col, cpu, winograd$"):
+        layers.resolve_conv_impl("cpu_kernel")
