@@ -152,3 +152,21 @@ def batch_partitioned(fn: Callable, sharding_rule: str, need_replication_factors
     call.def_partition(partition=partition, infer_sharding_from_operands=infer_sharding,
                        sharding_rule=sharding_rule, need_replication_factors=tuple(need_replication_factors))
     return call
+
+
+def vmap_sequentially(fn: Callable) -> Callable:
+    """`fn` (array arguments only, e.g. a `batch_partitioned` custom call, which has no batching
+    rule of its own) under `jax.vmap`: one call per vmapped index (`lax.map`), the unbatched
+    arguments shared. Vectorized sweeps vmap whole models over their hyperparameters."""
+    wrapped = jax.custom_batching.custom_vmap(fn)
+
+    @wrapped.def_vmap
+    def rule(axis_size, in_batched, *args):
+        def one(mapped):
+            it = iter(mapped)
+            return wrapped(*(next(it) if b else a for a, b in zip(args, in_batched)))
+
+        out = jax.lax.map(one, [a for a, b in zip(args, in_batched) if b])
+        return out, jax.tree.map(lambda _: True, out)
+
+    return wrapped

@@ -100,5 +100,11 @@ def test_fixed_batch_export_of_default_model(tmp_path):
     qm = i8.convert_int8(variables, act)
     np.testing.assert_allclose(got, jax.jit(lambda m, x: i8.int8_apply(model, m, x))(qm, x), rtol=1e-5, atol=1e-5)
     assert exp.in_avals[0].shape == (64, 8, 8, 1)
+    # the float model's "auto" runs conv2/conv3 in jaxaccel's Winograd CPU kernel in this process;
+    # its export must not carry that process-local custom call (it exports as "winograd")
+    fexp = ex.export_float(model, variables, (8, 8, 1), tmp_path / "f32", batch_size=64)
+    assert "custom_call" not in fexp.mlir_module()
+    np.testing.assert_allclose(ex.load_exported(tmp_path / "f32").call(x), model.apply(variables, x),
+                               rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="batch_size"):
         ex.export_float(model, variables, (8, 8, 1), tmp_path / "f", batch_size=0)

@@ -327,6 +327,8 @@ def test_winograd_impl_runs_wide_3x3_convs_as_winograd_and_is_cnn3s_auto_on_cpu(
     on_cpu = jax.default_backend() == "cpu"
     assert resolve_conv_impl("auto", "winograd") == ("winograd" if on_cpu else "xla")
     assert resolve_conv_impl("cpu", "winograd") == "cpu"  # explicit names are honoured
+    assert layers.portable_conv_impl("cpu_kernel") == "winograd"  # exports never carry the kernel
+    assert layers.portable_conv_impl("auto", "cpu_kernel") == ("winograd" if on_cpu else "xla")
     with pytest.raises(ValueError, match="'fft'"):
         resolve_conv_impl("auto", "fft")
     # cnn3's "auto" on CPU is "cpu_kernel" (its Winograd runs inside the kernel), else "winograd"

@@ -150,3 +150,21 @@ def test_auto_falls_back_to_winograd_and_explicit_kernel_explains_why(monkeypatc
     assert layers.resolve_conv_impl("auto", "cpu_kernel") == ("winograd" if on_cpu else "xla")
     with pytest.raises(ValueError, match=r"'cpu_kernel' cannot run here \(no C\+\+ compiler.*xla, im2col, cpu, winograd$"):
         layers.resolve_conv_impl("cpu_kernel")
+
+
+@needs_kernel
+def test_vmapped_over_kernels_like_a_vectorized_sweep():
+    """vmap (vsweep's hyperparameter axis) runs one kernel call per point: same as unbatched."""
+    model = get_model("cnn3", 10, features=(8, 16, 32), hidden=16, conv_impl="cpu_kernel")
+    v = init_variables(model, jax.random.key(0), (8, 8, 3))
+    points = jax.tree.map(lambda a: jnp.stack([a, 1.5 * a]), v)
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+
+    def grad(v):
+        return jax.grad(lambda v: jnp.sum(model.apply(v, x, train=True) ** 2))(v)
+
+    batched = jax.jit(jax.vmap(grad))(points)
+    for i in range(2):
+        one = grad(jax.tree.map(lambda a: a[i], points))
+        for a, e in zip(jax.tree.leaves(batched), jax.tree.leaves(one)):
+            _close(a[i], e, 1e-5)

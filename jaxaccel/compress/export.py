@@ -21,6 +21,7 @@ from jax import export as jax_export
 
 from jaxaccel.compress.int8 import Int8Model, int8_apply, resolve_conv_lowering
 from jaxaccel.compress.quant import WEIGHT_CONFIG, QParams, QuantConfig, _layer_filter, apply_fake_quant, quantize_weights
+from jaxaccel.models.layers import portable_conv_impl
 
 
 def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -62,10 +63,18 @@ def _host(tree):
     return jax.device_get(tree)
 
 
+def _portable(model: nn.Module) -> nn.Module:
+    """`model` with a `conv_impl` an exported program can carry: never the process-local
+    "cpu_kernel" custom calls (`layers.portable_conv_impl`)."""
+    if not hasattr(model, "conv_impl"):
+        return model
+    return model.clone(conv_impl=portable_conv_impl(model.conv_impl, getattr(model, "AUTO_CPU_CONV_IMPL", "cpu")))
+
+
 def export_float(model: nn.Module, variables: Mapping, input_shape: Sequence[int],
                  path: str | os.PathLike, *, batch_size: int | None = None) -> jax_export.Exported:
     """Export the eval-mode float model."""
-    variables = _host(variables)
+    variables, model = _host(variables), _portable(model)
     return export_inference(lambda x: model.apply(variables, x, train=False), input_shape, path,
                             batch_size=batch_size)
 
@@ -75,7 +84,7 @@ def export_fake_quant(model: nn.Module, variables: Mapping, act_qparams: Mapping
                       weight_config: QuantConfig | None = WEIGHT_CONFIG, skip: Iterable[str] = (),
                       batch_size: int | None = None) -> jax_export.Exported:
     """Export the fake-quant simulation (`quant.apply_fake_quant`); weights are quantized once, here."""
-    skip = tuple(skip)
+    skip, model = tuple(skip), _portable(model)
     variables = dict(_host(variables))
     if weight_config is not None:
         variables["params"], _ = quantize_weights(variables["params"], weight_config, _layer_filter(skip))
@@ -94,7 +103,7 @@ def export_int8(model: nn.Module, int8_model: Int8Model, input_shape: Sequence[i
     backend to "im2col" (CPU) or "native", never to the process-local "cpu_kernel" custom call;
     pass "native" for an artifact meant for GPU/TPU when exporting on a CPU host.
     """
-    int8_model = _host(int8_model)
+    int8_model, model = _host(int8_model), _portable(model)
     lowering = resolve_conv_lowering(conv_lowering, portable=True)  # a bad name fails here, before tracing
     return export_inference(lambda x: int8_apply(model, int8_model, x, conv_lowering=lowering),
                             input_shape, path, batch_size=batch_size)

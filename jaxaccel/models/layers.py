@@ -97,6 +97,15 @@ def resolve_conv_impl(conv_impl: str, cpu_choice: str = "cpu") -> str:
     return "winograd" if cpu_choice == "cpu_kernel" and not winograd_kernel.available() else cpu_choice
 
 
+def portable_conv_impl(conv_impl: str, cpu_choice: str = "cpu") -> str:
+    """`resolve_conv_impl` for a program that leaves this process (`jax.export`): "winograd"
+    where that gives "cpu_kernel", whose custom calls exist only where the kernel is registered."""
+    check_conv_impl(conv_impl)
+    if conv_impl == "cpu_kernel":
+        return "winograd"
+    return resolve_conv_impl(conv_impl, "winograd" if cpu_choice == "cpu_kernel" else cpu_choice)
+
+
 # ----------------------------------------------------------------------------- convolution
 
 def _explicit_padding(padding: Any, in_hw: Sequence[int], k_hw: Sequence[int]) -> tuple[tuple[int, int], ...]:

@@ -150,11 +150,12 @@ def _ffi_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return call(x, transform_kernel(kernel))
 
 
-# Under a sharded jit each device runs the kernel on its own examples (no gather of the batch).
-_conv_call = cpu_kernels.batch_partitioned(_ffi_conv, "b h w c, p q r n -> b h w n",
-                                           ("h", "w", "c", "p", "q", "r", "n"))
-_pool_call = cpu_kernels.batch_partitioned(_ffi_pool, "b h w c, p q r n -> b i j n, b i j n",
-                                           ("h", "w", "c", "p", "q", "r", "n", "i", "j"))
+# Under a sharded jit each device runs the kernel on its own examples (no gather of the batch);
+# under vmap (vectorized sweeps) one call per vmapped index.
+_conv_call = cpu_kernels.vmap_sequentially(cpu_kernels.batch_partitioned(_ffi_conv, "b h w c, p q r n -> b h w n",
+                                           ("h", "w", "c", "p", "q", "r", "n")))
+_pool_call = cpu_kernels.vmap_sequentially(cpu_kernels.batch_partitioned(_ffi_pool, "b h w c, p q r n -> b i j n, b i j n",
+                                           ("h", "w", "c", "p", "q", "r", "n", "i", "j")))
 # The filter gradient sums over the batch: each device sums its examples, then a psum.
-_grad_call = cpu_kernels.batch_partitioned(_ffi_grad, "b h w c, b h w k -> x c k", ("h", "w", "c", "k", "x"),
-                                           summed=True)
+_grad_call = cpu_kernels.vmap_sequentially(cpu_kernels.batch_partitioned(_ffi_grad, "b h w c, b h w k -> x c k", ("h", "w", "c", "k", "x"),
+                                           summed=True))
