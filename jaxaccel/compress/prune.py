@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxaccel.models.layers import max_pool_2d
+
 PyTree = Any
 Params = PyTree
 Masks = PyTree
@@ -190,15 +192,18 @@ def layer_calls(model: nn.Module, variables: PyTree, *args: Any,
     calls: list[tuple[str, tuple[int, ...]]] = []
 
     def record(next_fun, call_args, call_kwargs, context):
-        out = next_fun(*call_args, **call_kwargs)
         path = "/".join(context.module.path)
+        window = call_kwargs.get("pool_window") if context.method_name == "__call__" else None
+        if window is not None:
+            # The models' conv + pool (`layers.Conv.max_pooled`) returns the pooled output: record
+            # the conv's own output shape (only shapes are traced here, so pool it separately).
+            y, bias = next_fun(*call_args, **{**call_kwargs, "pool_window": None})
+            out = (max_pool_2d(y, window), bias)
+        else:
+            out = next_fun(*call_args, **call_kwargs)
+            # The models' fast conv may return (y, bias) for a later fused bias add.
+            y = out[0] if isinstance(out, tuple) else out
         if path in kernels and context.method_name == "__call__":
-            # The models' fast conv may return (y, bias) for a later fused bias add, or its pooled
-            # output (`layers.Conv.max_pooled`): the conv's own output shape is what counts.
-            full = out
-            if call_kwargs.get("pool_window") is not None:
-                full = next_fun(*call_args, **{**call_kwargs, "pool_window": None})
-            y = full[0] if isinstance(full, tuple) else full
             calls.append((path, tuple(y.shape)))
         return out
 

@@ -26,6 +26,17 @@ Implementations (`CONV_IMPLS`):
               ~1.1x faster than "cpu" (XLA:CPU's native filter-gradient conv for 32 -> 64
               channels was its slowest op); in ResNet-20 (BatchNorm between convs) it measured
               5-15% slower, so the other models' "auto" stays "cpu".
+  * "cpu_kernel": "winograd", but its 3x3 convs run all three passes (forward, input gradient,
+              filter gradient) as Winograd F(2x2, 3x3) in jaxaccel's own AVX2+FMA kernel
+              (`winograd_kernel`, an XLA FFI custom call compiled on first use), which fuses
+              the tile transforms into its matmuls and, in `Conv.max_pooled`, the 2x2 max-pool
+              into the forward (only the pooled values and each window's int8 first-maximum
+              position are written). Where the kernel does not cover a conv (float32 only,
+              "SAME", channels multiples of 8 / 16, even sizes for the fused pool) it is
+              "winograd". `CNN3`'s "auto" picks it on CPU when the kernel can run: its train
+              step measured ~1.4x faster than "winograd" (cnn3 batch 128: ~85-100 vs ~120-145 ms).
+              It trains on whole batches (micro-batches only at inference, see
+              `microbatch_count`). Exports (`portable_conv_impl`) use "winograd" instead.
   * "auto":   resolved when the model is traced: on the CPU backend "cpu" (or the model's
               `AUTO_CPU_CONV_IMPL`), "xla" elsewhere.
 Stride-1 depthwise convs (`feature_group_count` = input channels = output channels, kernel
@@ -42,7 +53,8 @@ only difference: when two window entries are within one rounding step of each ot
 nothing per example (only the summation order of filter gradients). im2col forwards
 round differently from the native conv (~1e-7 relative), which can flip the maximum of a
 pool window whose entries are that close; the "cpu" path uses im2col only in first layers.
-The Winograd filter gradient rounds differently too (~2e-7 relative in float32, tested).
+The Winograd filter gradient rounds differently too (~2e-7 relative in float32, tested), and so
+do the kernel's Winograd forward and input gradient (~1e-6 relative, tested against XLA's conv).
 """
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-// Winograd F(2x2, 3x3) float32 convolution for XLA:CPU on AVX2 + FMA: an XLA FFI custom call
-// (see winograd_kernel.py).
+// Winograd F(2x2, 3x3) float32 convolution for XLA:CPU on AVX2 + FMA: XLA FFI custom calls
+// (see winograd_kernel.py). Three handlers: JaxaccelWinogradConv (y), JaxaccelWinogradConvPool
+// (y's 2x2 max-pool and each window's first-maximum position) and JaxaccelWinogradFilterGrad
+// (the transformed kernel's gradient; see the "filter gradient" section).
 //
 // y = conv(x, g): 3x3 kernel, stride 1, one row/column of zero padding on each side ("SAME"),
 // NHWC. Each 2x2 block of outputs (a tile) is computed from its 4x4 input window d as

@@ -1,14 +1,17 @@
-"""A Winograd F(2x2, 3x3) float32 conv kernel for XLA:CPU (AVX2 + FMA), as an XLA FFI custom call.
+"""Winograd F(2x2, 3x3) float32 conv kernels for XLA:CPU (AVX2 + FMA), as XLA FFI custom calls.
 
-Used by `conv_impl="cpu_kernel"` (`layers`) for the forward and the input gradient of stride-1
-"SAME" 3x3 convs. XLA:CPU's direct convs ran at ~20-30 G multiply-adds/s on cnn3's shapes here;
-Winograd needs 16 multiplies per 2x2 outputs instead of 36, and the kernel (`winograd_kernel.cc`)
-transforms input tiles into a per-thread buffer, runs the 16 (tiles x C) @ (C x K) matmuls in
-a 6x16 FMA register tile and transforms the results straight into the output, so no
-transformed tensor is ever written to memory. The kernel's transform `transform_kernel` is
-plain JAX (differentiable, cheap: 16 x C x K numbers).
+Used by `conv_impl="cpu_kernel"` (`layers`) for stride-1 "SAME" 3x3 convs, in all three passes:
+`conv` (the forward and the input gradient, a conv of dy with the flipped kernel),
+`conv_max_pool` (the forward fused with the models' 2x2 max-pool) and `filter_grad`.
+XLA:CPU's direct convs ran at ~20-30 G multiply-adds/s on cnn3's shapes on the 2-core dev
+machine, and the same Winograd expressed as XLA ops spent more time in its tile transforms
+than in its matmuls. The kernels (`winograd_kernel.cc`) transform input tiles (and output-
+gradient tiles) into a per-thread buffer, run the 16 matmuls of each chunk of tiles in a 6x16
+FMA register tile, and transform the results straight into the output: no transformed tensor
+is ever written to memory, and 16 multiplies per 2x2 outputs instead of 36. The 3x3 kernel's
+own transform (`transform_kernel`, 16 x C x K numbers) is plain JAX.
 
-`available()` says whether it can run here (CPU backend, an x86 CPU with AVX2 and FMA, a C++
+`available()` says whether they can run here (CPU backend, an x86 CPU with AVX2 and FMA, a C++
 compiler); the first call compiles `winograd_kernel.cc` (see `jaxaccel.cpu_kernels`: cached in
 `$JAXACCEL_KERNEL_CACHE`), so later processes only load it.
 """
@@ -152,10 +155,10 @@ def _ffi_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 # Under a sharded jit each device runs the kernel on its own examples (no gather of the batch);
 # under vmap (vectorized sweeps) one call per vmapped index.
-_conv_call = cpu_kernels.vmap_sequentially(cpu_kernels.batch_partitioned(_ffi_conv, "b h w c, p q r n -> b h w n",
-                                           ("h", "w", "c", "p", "q", "r", "n")))
-_pool_call = cpu_kernels.vmap_sequentially(cpu_kernels.batch_partitioned(_ffi_pool, "b h w c, p q r n -> b i j n, b i j n",
-                                           ("h", "w", "c", "p", "q", "r", "n", "i", "j")))
+_conv_call = cpu_kernels.vmap_sequentially(cpu_kernels.batch_partitioned(
+    _ffi_conv, "b h w c, p q r n -> b h w n", ("h", "w", "c", "p", "q", "r", "n")))
+_pool_call = cpu_kernels.vmap_sequentially(cpu_kernels.batch_partitioned(
+    _ffi_pool, "b h w c, p q r n -> b i j n, b i j n", ("h", "w", "c", "p", "q", "r", "n", "i", "j")))
 # The filter gradient sums over the batch: each device sums its examples, then a psum.
-_grad_call = cpu_kernels.vmap_sequentially(cpu_kernels.batch_partitioned(_ffi_grad, "b h w c, b h w k -> x c k", ("h", "w", "c", "k", "x"),
-                                           summed=True))
+_grad_call = cpu_kernels.vmap_sequentially(cpu_kernels.batch_partitioned(
+    _ffi_grad, "b h w c, b h w k -> x c k", ("h", "w", "c", "k", "x"), summed=True))
