@@ -83,6 +83,31 @@ def test_bad_operands_name_the_value():
 
 
 @needs_kernel
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 3), h=st.integers(4, 12), w=st.integers(4, 12), c16=st.integers(1, 4),
+       k16=st.integers(1, 3), unsigned=st.booleans(), pool=st.sampled_from([1, 2]), extreme=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_winograd_convs_are_exact(n, h, w, c16, k16, unsigned, pool, extreme, seed):
+    """3x3 stride-1 convs with channels multiples of 16 run as integer Winograd: still exact, for
+    odd sizes (partial tiles) and the largest codes and weights (no int16/int32 overflow)."""
+    cin, cout = 16 * c16, 16 * k16
+    rng = np.random.default_rng(seed)
+    lo = 0 if unsigned else -128
+    x = rng.integers(lo, lo + 256, (n, h, w, cin)).astype(np.uint8 if unsigned else np.int8)
+    kernel = rng.integers(-128, 128, (3, 3, cin, cout)).astype(np.int8)
+    if extreme:  # alternating extremes: the transforms' largest magnitudes
+        x = np.where(np.indices(x.shape).sum(0) % 2 == 0, lo, lo + 255).astype(x.dtype)
+        kernel = np.where(np.indices(kernel.shape).sum(0) % 3 == 0, 127, -128).astype(np.int8)
+    assert K.winograd_ok(x.shape, kernel.shape, (1, 1))
+    got = jax.jit(K.conv_acc, static_argnums=(2, 3))(jnp.asarray(x), jnp.asarray(kernel), (1, 1), pool)
+    assert f"@{K.WINOGRAD_TARGET}(" in jax.jit(K.conv_acc, static_argnums=(2, 3)).lower(
+        jnp.asarray(x), jnp.asarray(kernel), (1, 1), pool).as_text()
+    np.testing.assert_array_equal(np.asarray(got), _reference(x, kernel, (1, 1), pool))
+    assert not K.winograd_ok(x.shape, (3, 3, 208, 16), (1, 1))  # > 192 inputs could overflow int32
+    assert not K.winograd_ok(x.shape, kernel.shape, (2, 2))
+
+
+@needs_kernel
 def test_build_is_cached_by_source_and_flags(monkeypatch):
     path = K._build()
     mtime = path.stat().st_mtime_ns
@@ -123,10 +148,13 @@ def test_cnn3_int8_runs_every_layer_in_the_kernel_with_pooling_fused():
     qm = i8.convert_int8(variables, act)
     run = {low: jax.jit(lambda m, x, low=low: i8.int8_apply(model, m, x, conv_lowering=low))
            for low in ("cpu_kernel", "im2col")}
-    calls = [line for line in run["cpu_kernel"].lower(qm, x).as_text().splitlines() if f"@{K.TARGET}(" in line]
+    hlo = run["cpu_kernel"].lower(qm, x).as_text().splitlines()
+    calls = [line for line in hlo if f"@{K.TARGET}(" in line or f"@{K.WINOGRAD_TARGET}(" in line]
     groups = microbatch_count(64, resolve_conv_impl(model.conv_impl, model.AUTO_CPU_CONV_IMPL))
     assert len(calls) == 3 * groups + 2  # each micro-batch's 3 convs, then fc1 and fc2
     assert sum("max_pool = 2" in line for line in calls) == 3 * groups  # every conv's pool is in the kernel
+    # conv3 (16 -> 32 channels, 3x3) is an integer Winograd call; conv1/conv2 (3 and 8 inputs) direct
+    assert sum(f"@{K.WINOGRAD_TARGET}(" in line for line in calls) == groups
     out = np.asarray(run["cpu_kernel"](qm, x))
     np.testing.assert_allclose(out, np.asarray(run["im2col"](qm, x)), rtol=1e-5, atol=1e-5)
     fq = np.asarray(jax.jit(lambda v, x: q.apply_fake_quant(model, v, x, act))(variables, x))

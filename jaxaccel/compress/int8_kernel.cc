@@ -13,6 +13,9 @@
 // interleaved); output rows are gathered and widened in panels of 6 (4 with the fused 2x2
 // max-pool: one pooled position), and a 6 x 16 (4 x 16) register tile runs over K. Chunks of
 // panels are split over XLA's intra-op thread pool.
+//
+// JaxaccelInt8Winograd: 3x3 stride-1 convs as exact integer Winograd F(2x2, 3x3) with the same
+// vpmaddwd register tile (see the "Winograd, exact" section).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -42,8 +45,9 @@ struct ConvGeometry {
   int64_t m() const { return batch * ho * wo; }
 };
 
-// W (K, N) int8 -> int16 panels [N/16][K/2][16][2], zero-padded in N and K.
-std::vector<int16_t> PackWeights(const int8_t* w, int64_t k, int64_t n) {
+// W (K, N) int8 (or int16) -> int16 panels [N/16][K/2][16][2], zero-padded in N and K.
+template <typename W>
+std::vector<int16_t> PackWeights(const W* w, int64_t k, int64_t n) {
   const int64_t k2 = (k + 1) / 2, nb = (n + kNR - 1) / kNR;
   std::vector<int16_t> out(nb * k2 * kNR * 2, 0);
   for (int64_t b = 0; b < nb; ++b)
@@ -223,6 +227,159 @@ ffi::Error Int8ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------- Winograd, exact
+// 3x3 stride-1 VALID convs as Winograd F(2x2, 3x3) in integers: with U4 = (2G) g (2G)^T (an
+// integer, 4 x G g G^T) each 2x2 output tile is Y = (A^T [sum_c (B^T d_c B) * U4_c] A) / 4, exactly.
+// B^T d B of 8-bit codes needs at most 11 bits (|.| <= 4 * 255), U4 at most 12 (|.| <= 9 * 128),
+// so both are int16 and the 16 products per tile go through vpmaddwd like the direct conv's;
+// 9 * 1020 * 1152 * C < 2^31 for C <= 192 (the caller checks). 16 multiplies per 2x2 outputs
+// instead of 36.
+
+struct WinoGeometry {
+  int64_t n, h, w, c, k;  // padded input (VALID), output channels
+  int64_t ho, wo;         // conv output size
+  int64_t th, tw;         // tile grid (the pooled grid when pooling)
+  bool pool;
+  int64_t tiles() const { return n * th * tw; }
+};
+
+// V[xi][t][c] (int16, row stride c2 = C rounded up to pairs) = (B^T d B)[xi] of tile `tile`.
+template <typename T>
+void WinoInput(const T* x, const WinoGeometry& g, int64_t tile, int16_t* v, int64_t t, int64_t stride) {
+  const int64_t per_image = g.th * g.tw;
+  const int64_t img = tile / per_image, rem = tile % per_image;
+  const int64_t r0 = 2 * (rem / g.tw), q0 = 2 * (rem % g.tw);
+  const T* base = x + img * g.h * g.w * g.c;
+  for (int64_t c0 = 0; c0 < g.c; c0 += 16) {
+    __m256i d[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        if (r0 + i < g.h && q0 + j < g.w) {
+          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + ((r0 + i) * g.w + q0 + j) * g.c + c0));
+          d[i][j] = std::is_same_v<T, uint8_t> ? _mm256_cvtepu8_epi16(b) : _mm256_cvtepi8_epi16(b);
+        } else {
+          d[i][j] = _mm256_setzero_si256();  // only feeds outputs beyond the image, never stored
+        }
+      }
+    __m256i s[4][4];
+    for (int j = 0; j < 4; ++j) {
+      s[0][j] = _mm256_sub_epi16(d[0][j], d[2][j]);
+      s[1][j] = _mm256_add_epi16(d[1][j], d[2][j]);
+      s[2][j] = _mm256_sub_epi16(d[2][j], d[1][j]);
+      s[3][j] = _mm256_sub_epi16(d[1][j], d[3][j]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      int16_t* dst = v + (i * 4) * stride + t * g.c + c0;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_sub_epi16(s[i][0], s[i][2]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + stride), _mm256_add_epi16(s[i][1], s[i][2]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * stride), _mm256_sub_epi16(s[i][2], s[i][1]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 3 * stride), _mm256_sub_epi16(s[i][1], s[i][3]));
+    }
+  }
+}
+
+// out[tile][k0:k0+16] = (A^T M A) / 4 (or its 2x2 max when pooling), M[xi] = m[xi][t][0:16] (int32).
+void WinoOutput(const int32_t* m, int64_t t_len, const WinoGeometry& g, int64_t first_tile, int64_t k0, int32_t* out) {
+  const int64_t per_image = g.th * g.tw;
+  for (int64_t t = 0; t < t_len; ++t) {
+    const int64_t tile = first_tile + t;
+    const int64_t img = tile / per_image, rem = tile % per_image;
+    const int64_t r0 = 2 * (rem / g.tw), q0 = 2 * (rem % g.tw);
+    for (int half = 0; half < 2; ++half) {
+      __m256i s[2][4];
+      for (int j = 0; j < 4; ++j) {
+        const int32_t* p = m + (j * t_len + t) * kNR + half * 8;
+        const int64_t st = 4 * t_len * kNR;
+        const __m256i m0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        const __m256i m1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + st));
+        const __m256i m2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2 * st));
+        const __m256i m3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 3 * st));
+        s[0][j] = _mm256_add_epi32(_mm256_add_epi32(m0, m1), m2);
+        s[1][j] = _mm256_sub_epi32(_mm256_sub_epi32(m1, m2), m3);
+      }
+      __m256i y[2][2];
+      for (int i = 0; i < 2; ++i) {
+        y[i][0] = _mm256_srai_epi32(_mm256_add_epi32(_mm256_add_epi32(s[i][0], s[i][1]), s[i][2]), 2);
+        y[i][1] = _mm256_srai_epi32(_mm256_sub_epi32(_mm256_sub_epi32(s[i][1], s[i][2]), s[i][3]), 2);
+      }
+      if (g.pool) {
+        const __m256i best = _mm256_max_epi32(_mm256_max_epi32(y[0][0], y[0][1]), _mm256_max_epi32(y[1][0], y[1][1]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + tile * g.k + k0 + half * 8), best);
+        continue;
+      }
+      for (int i = 0; i < 2 && r0 + i < g.ho; ++i)
+        for (int j = 0; j < 2 && q0 + j < g.wo; ++j)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + ((img * g.ho + r0 + i) * g.wo + q0 + j) * g.k + k0 + half * 8),
+                              y[i][j]);
+    }
+  }
+}
+
+template <typename T>
+void RunWinoChunks(const T* x, const int16_t* upacked, const WinoGeometry& g, int64_t chunk, int32_t* out,
+                   std::atomic<int64_t>* next) {
+  const int64_t k2 = g.c / 2, stride = chunk * g.c, nb = g.k / kNR;
+  std::vector<int16_t> v(16 * stride, 0);  // rows past a last partial chunk stay 0
+  std::vector<int32_t> m(16 * chunk * kNR);
+  alignas(32) int32_t acc[kMR * kNR];
+  const int64_t chunks = (g.tiles() + chunk - 1) / chunk;
+  for (int64_t ci = next->fetch_add(1); ci < chunks; ci = next->fetch_add(1)) {
+    const int64_t first = ci * chunk, t_len = std::min(chunk, g.tiles() - first);
+    for (int64_t t = 0; t < t_len; ++t) WinoInput(x, g, first + t, v.data(), t, stride);
+    for (int64_t kb = 0; kb < nb; ++kb) {
+      for (int xi = 0; xi < 16; ++xi) {
+        const int16_t* ux = upacked + (xi * nb + kb) * k2 * kNR * 2;
+        int32_t* mx = m.data() + xi * t_len * kNR;
+        for (int64_t t = 0; t < t_len; t += kMR) {
+          Tile<kMR>(v.data() + xi * stride + t * g.c, ux, k2, acc);
+          std::memcpy(mx + t * kNR, acc, std::min(kMR, t_len - t) * kNR * sizeof(int32_t));
+        }
+      }
+      WinoOutput(m.data(), t_len, g, first, kb * kNR, out);
+    }
+  }
+}
+
+ffi::Error Int8WinogradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S16> u4,
+                            ffi::ResultBuffer<ffi::S32> out, int64_t max_pool) {
+  const auto xd = x.dimensions();
+  const auto ud = u4.dimensions();
+  if (xd.size() != 4 || ud.size() != 3 || ud[0] != 16 || ud[1] != xd[3])
+    return ffi::Error::InvalidArgument("int8 winograd: x must be NHWC, u4 [16, C, K]");
+  if (xd[1] < 3 || xd[2] < 3) return ffi::Error::InvalidArgument("int8 winograd: input smaller than 3x3");
+  WinoGeometry g{xd[0], xd[1], xd[2], xd[3], ud[2], xd[1] - 2, xd[2] - 2, 0, 0, max_pool == 2};
+  if (g.c % 16 != 0 || g.k % kNR != 0 || g.c > 192)
+    return ffi::Error::InvalidArgument("int8 winograd: channels must be multiples of 16, input channels <= 192");
+  if (max_pool != 1 && max_pool != 2) return ffi::Error::InvalidArgument("int8 winograd: max_pool must be 1 or 2");
+  g.th = g.pool ? g.ho / 2 : (g.ho + 1) / 2;
+  g.tw = g.pool ? g.wo / 2 : (g.wo + 1) / 2;
+  // U4 [16][C][K] -> per xi the direct conv's packed panels [K/16][C/2][16][2].
+  std::vector<int16_t> upacked;
+  upacked.reserve(16 * g.c * g.k);
+  for (int xi = 0; xi < 16; ++xi) {
+    const std::vector<int16_t> one = PackWeights(u4.typed_data() + xi * g.c * g.k, g.c, g.k);
+    upacked.insert(upacked.end(), one.begin(), one.end());
+  }
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  const int64_t panels = std::max<int64_t>(1, std::min<int64_t>(16, (g.tiles() + 4 * workers * kMR - 1) / (4 * workers * kMR)));
+  const int64_t chunk = panels * kMR;
+  const int64_t chunks = (g.tiles() + chunk - 1) / chunk;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(workers, chunks));
+  std::atomic<int64_t> next{0};
+  int32_t* o = out->typed_data();
+  if (g.tiles() == 0) return ffi::Error::Success();
+  if (x.element_type() == ffi::DataType::U8) {
+    const uint8_t* xp = static_cast<const uint8_t*>(x.untyped_data());
+    Parallel(pool, threads, [&] { RunWinoChunks(xp, upacked.data(), g, chunk, o, &next); });
+  } else if (x.element_type() == ffi::DataType::S8) {
+    const int8_t* xp = static_cast<const int8_t*>(x.untyped_data());
+    Parallel(pool, threads, [&] { RunWinoChunks(xp, upacked.data(), g, chunk, o, &next); });
+  } else {
+    return ffi::Error::InvalidArgument("int8 winograd: x must be uint8 or int8");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelInt8Conv, Int8ConvImpl,
@@ -235,4 +392,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelInt8Conv, Int8ConvImpl,
                                   .Attr<int64_t>("kw")
                                   .Attr<int64_t>("sh")
                                   .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("max_pool"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelInt8Winograd, Int8WinogradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S16>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("max_pool"));

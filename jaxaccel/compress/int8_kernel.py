@@ -4,7 +4,10 @@ XLA:CPU's own int8 dot runs only ~1.2x its float32 matmul on AVX2 CPUs without V
 hardware does twice float32's multiply-adds with `vpmaddwd` (int16 pairs -> exact int32). The
 kernel (`int8_kernel.cc`) is an implicit-GEMM conv: it gathers each output row's receptive field
 from the 8-bit NHWC input, widens it to int16 and multiplies it with the int8 kernel packed in
-16-channel panels, on XLA's intra-op thread pool. A dense layer is its 1x1 case.
+16-channel panels, on XLA's intra-op thread pool. A dense layer is its 1x1 case. 3x3 stride-1
+convs with channels multiples of 16 (`winograd_ok`) run as exact integer Winograd F(2x2, 3x3)
+instead: the input tiles' transforms fit int16, the kernel's transform times 4 is an integer,
+and the same vpmaddwd matmuls do 16 multiplies per 2x2 outputs instead of 36.
 
 `available()` says whether it can run here (CPU backend, an x86 CPU with AVX2, a C++ compiler);
 the first call compiles `int8_kernel.cc` (see `jaxaccel.cpu_kernels`: cached in
@@ -24,6 +27,7 @@ from jaxaccel import cpu_kernels
 
 SOURCE = Path(__file__).with_name("int8_kernel.cc")
 TARGET = "jaxaccel_int8_conv"
+WINOGRAD_TARGET = "jaxaccel_int8_winograd"
 CXX_FLAGS = ("-O3", "-mavx2", "-std=c++17", "-shared", "-fPIC", "-w")  # -w: jaxlib header warnings
 cache_dir = cpu_kernels.cache_dir
 _compiler = cpu_kernels.compiler
@@ -52,7 +56,9 @@ def _build() -> Path:
 
 @functools.cache
 def _register() -> None:
-    cpu_kernels.register(_build(), "JaxaccelInt8Conv", TARGET)
+    library = _build()
+    cpu_kernels.register(library, "JaxaccelInt8Conv", TARGET)
+    cpu_kernels.register(library, "JaxaccelInt8Winograd", WINOGRAD_TARGET)
 
 
 def conv_acc(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), max_pool: int = 1) -> jax.Array:
@@ -74,7 +80,36 @@ def conv_acc(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), m
     ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
     if ho < 1 or wo < 1:
         raise ValueError(f"int8 kernel window {kh}x{kw} is larger than the input {h}x{w}")
+    if winograd_ok(x.shape, kernel.shape, (sh, sw)):
+        return _winograd_call(x, kernel, max_pool)
     return _conv_call(x, kernel.reshape(kh * kw * cin, cout), kh, kw, sh, sw, max_pool)
+
+
+def winograd_ok(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether `conv_acc` runs this conv as exact integer Winograd F(2x2, 3x3) (16 multiplies per
+    2x2 outputs instead of 36): 3x3, stride 1, channels multiples of 16, at most 192 inputs (so
+    no int32 sum can overflow), an input of at least 4x4."""
+    return (tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1) and kernel_shape[2] % 16 == 0
+            and kernel_shape[3] % 16 == 0 and kernel_shape[2] <= 192 and min(x_shape[1:3]) >= 4)
+
+
+def _winograd_u4(kernel: jax.Array) -> jax.Array:
+    """U4 = (2G) k (2G)^T of an int8 HWIO 3x3 kernel as int16 [16, C, K] (4x the Winograd transform,
+    an integer; |U4| <= 9 * 128). Arithmetic, no constants: it runs in a custom_partitioning body."""
+    def along(t, axis):
+        g0, g1, g2 = (jnp.take(t, i, axis=axis) for i in range(3))
+        return jnp.stack([2 * g0, g0 + g1 + g2, g0 - g1 + g2, 2 * g2], axis=axis)
+
+    u = along(along(kernel.astype(jnp.int32), 0), 1)
+    return u.reshape(16, *kernel.shape[2:]).astype(jnp.int16)
+
+
+def _ffi_winograd(x: jax.Array, kernel: jax.Array, max_pool: int) -> jax.Array:
+    n, h, w, _ = x.shape
+    ho, wo = (h - 2) // max_pool, (w - 2) // max_pool
+    call = jax.ffi.ffi_call(WINOGRAD_TARGET, jax.ShapeDtypeStruct((n, ho, wo, kernel.shape[-1]), jnp.int32),
+                            vmap_method="sequential")
+    return call(x, _winograd_u4(kernel), max_pool=np.int64(max_pool))
 
 
 def _ffi_conv(x: jax.Array, w2d: jax.Array, kh: int, kw: int, sh: int, sw: int, max_pool: int) -> jax.Array:
@@ -89,6 +124,10 @@ def _ffi_conv(x: jax.Array, w2d: jax.Array, kh: int, kw: int, sh: int, sw: int, 
 # Under a sharded jit each device runs the kernel on its own examples (no gather of the batch).
 _conv_call = cpu_kernels.batch_partitioned(_ffi_conv, "b h w c, k n -> b i j n",
                                            ("h", "w", "c", "k", "n", "i", "j"), num_static=5)
+
+
+_winograd_call = cpu_kernels.batch_partitioned(_ffi_winograd, "b h w c, p q r n -> b i j n",
+                                               ("h", "w", "c", "p", "q", "r", "n", "i", "j"), num_static=1)
 
 
 def matmul_acc(x: jax.Array, kernel: jax.Array) -> jax.Array:
