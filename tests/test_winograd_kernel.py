@@ -77,6 +77,19 @@ def test_fused_max_pool_equals_pooling_the_conv_and_routes_gradients_alike(n, h2
 
 
 @needs_kernel
+def test_filter_gradient_is_bit_reproducible():
+    """Threads take the filter gradient's slices in any order; the sum must not depend on it
+    (exact resume and reproducible runs need bit-identical gradients)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((32, 16, 16, 32)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((32, 16, 16, 64)), jnp.float32)
+    f = jax.jit(W.filter_grad)
+    first = np.asarray(f(x, dy))
+    for _ in range(10):
+        np.testing.assert_array_equal(np.asarray(f(x, dy)), first)
+
+
+@needs_kernel
 def test_unsupported_inputs_are_refused_with_the_shapes():
     x, k = jnp.zeros((1, 4, 4, 8)), jnp.zeros((3, 3, 8, 16))
     assert W.supports(x.shape, k.shape, SAME, jnp.float32)

@@ -257,13 +257,12 @@ void TileGradRows(int rows, const float* v, int64_t c_len, const float* dm, int6
   }
 }
 
-// Worker: adds the dU of chunks of tiles (taken until none is left) into its own `du` (16 x C x K).
-void RunFilterGradChunks(const float* x, const float* dy, const Geometry& g, int64_t chunk, float* du,
-                         std::atomic<int64_t>* next) {
+// Adds the dU of chunks [c_begin, c_end) of tiles, in order, into `du` (16 x C x K).
+void RunFilterGradSlice(const float* x, const float* dy, const Geometry& g, int64_t chunk, int64_t c_begin,
+                        int64_t c_end, float* du) {
   const int64_t vs = chunk * g.c, ms = chunk * g.k;  // floats per xi in the two tile buffers
   std::vector<float> v(16 * vs), dm(16 * ms);
-  const int64_t chunks = (g.tiles() + chunk - 1) / chunk;
-  for (int64_t ci = next->fetch_add(1); ci < chunks; ci = next->fetch_add(1)) {
+  for (int64_t ci = c_begin; ci < c_end; ++ci) {
     const int64_t first = ci * chunk, t_len = std::min(chunk, g.tiles() - first);
     for (int64_t t = 0; t < t_len; ++t) {
       TransformInput(x, g, first + t, v.data(), t, vs);
@@ -328,19 +327,24 @@ ffi::Error WinogradFilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   Geometry g{xd[0], xd[1], xd[2], xd[3], yd[3], (xd[1] + 1) / 2, (xd[2] + 1) / 2};
   if (g.c % 8 != 0 || g.k % kNR != 0)
     return ffi::Error::InvalidArgument("winograd filter grad: channels must be multiples of 8 (x) and 16 (dy)");
+  // Deterministic: the tiles are cut into kSlices fixed slices (by shape alone), each summed in
+  // order into its own partial dU by whichever thread takes it, and the partials are added in
+  // slice order, so the result does not depend on thread timing (training runs reproduce).
+  constexpr int64_t kSlices = 4;
   const int64_t size = 16 * g.c * g.k;
-  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunk = std::max<int64_t>(kMR, std::min<int64_t>(48, (g.tiles() + 2 * workers - 1) / (2 * workers)));
+  const int64_t chunk = std::max<int64_t>(kMR, std::min<int64_t>(48, (g.tiles() + 2 * kSlices - 1) / (2 * kSlices)));
   const int64_t chunks = (g.tiles() + chunk - 1) / chunk;
-  const int64_t threads = std::min(workers, chunks);
-  std::vector<std::vector<float>> partial(threads);
-  std::atomic<int64_t> next{0}, slot{0};
+  const int64_t slices = std::min(kSlices, chunks);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), slices));
+  std::vector<std::vector<float>> partial(slices);
+  std::atomic<int64_t> next{0};
   const float* xp = x.typed_data();
   const float* dyp = dy.typed_data();
   Parallel(pool, threads, [&] {
-    std::vector<float>& mine = partial[slot.fetch_add(1)];
-    mine.assign(size, 0.0f);
-    RunFilterGradChunks(xp, dyp, g, chunk, mine.data(), &next);
+    for (int64_t i = next.fetch_add(1); i < slices; i = next.fetch_add(1)) {
+      partial[i].assign(size, 0.0f);
+      RunFilterGradSlice(xp, dyp, g, chunk, i * chunks / slices, (i + 1) * chunks / slices, partial[i].data());
+    }
   });
   float* out = du->typed_data();
   std::memset(out, 0, size * sizeof(float));
