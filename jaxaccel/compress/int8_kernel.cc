@@ -30,6 +30,7 @@
 
 namespace ffi = xla::ffi;
 using jaxaccel::Parallel;
+using jaxaccel::TileAt;
 
 namespace {
 
@@ -246,9 +247,7 @@ struct WinoGeometry {
 // V[xi][t][c] (int16, row stride c2 = C rounded up to pairs) = (B^T d B)[xi] of tile `tile`.
 template <typename T>
 void WinoInput(const T* x, const WinoGeometry& g, int64_t tile, int16_t* v, int64_t t, int64_t stride) {
-  const int64_t per_image = g.th * g.tw;
-  const int64_t img = tile / per_image, rem = tile % per_image;
-  const int64_t r0 = 2 * (rem / g.tw), q0 = 2 * (rem % g.tw);
+  const auto [img, r0, q0] = TileAt(tile, g.th, g.tw);
   const T* base = x + img * g.h * g.w * g.c;
   for (int64_t c0 = 0; c0 < g.c; c0 += 16) {
     __m256i d[4][4];
@@ -280,11 +279,9 @@ void WinoInput(const T* x, const WinoGeometry& g, int64_t tile, int16_t* v, int6
 
 // out[tile][k0:k0+16] = (A^T M A) / 4 (or its 2x2 max when pooling), M[xi] = m[xi][t][0:16] (int32).
 void WinoOutput(const int32_t* m, int64_t t_len, const WinoGeometry& g, int64_t first_tile, int64_t k0, int32_t* out) {
-  const int64_t per_image = g.th * g.tw;
   for (int64_t t = 0; t < t_len; ++t) {
     const int64_t tile = first_tile + t;
-    const int64_t img = tile / per_image, rem = tile % per_image;
-    const int64_t r0 = 2 * (rem / g.tw), q0 = 2 * (rem % g.tw);
+    const auto [img, r0, q0] = TileAt(tile, g.th, g.tw);
     for (int half = 0; half < 2; ++half) {
       __m256i s[2][4];
       for (int j = 0; j < 4; ++j) {

@@ -25,6 +25,7 @@
 
 namespace ffi = xla::ffi;
 using jaxaccel::Parallel;
+using jaxaccel::TileAt;
 
 namespace {
 
@@ -47,9 +48,8 @@ int64_t ChunkTiles(int64_t c, int64_t tiles, int64_t threads) {
 
 // V[xi][t][c0:c0+8] = (B^T d B)[xi] for tile `tile` of the chunk, d its 4x4 window (zero outside).
 void TransformInput(const float* x, const Geometry& g, int64_t tile, float* v, int64_t t, int64_t stride) {
-  const int64_t per_image = g.th * g.tw;
-  const int64_t img = tile / per_image, rem = tile % per_image;
-  const int64_t r0 = 2 * (rem / g.tw) - 1, q0 = 2 * (rem % g.tw) - 1;
+  const auto [img, out_row, out_col] = TileAt(tile, g.th, g.tw);
+  const int64_t r0 = out_row - 1, q0 = out_col - 1;  // the window starts one before: "SAME" padding
   const float* base = x + img * g.h * g.w * g.c;
   const bool interior = r0 >= 0 && q0 >= 0 && r0 + 4 <= g.h && q0 + 4 <= g.w;
   for (int64_t c0 = 0; c0 < g.c; c0 += 8) {
@@ -97,30 +97,35 @@ inline void Tile(const float* v, const float* u, int64_t c_len, float* m) {
   }
 }
 
-// y[tile's 2x2 block][k0:k0+16] = A^T M A for each tile of the chunk, M[xi] = m[xi][t][0:16].
+// The 2x2 outputs A^T M A of tile t, channels [half * 8, half * 8 + 8) of a 16-channel block, as
+// y[row * 2 + col]; M[xi] = m[xi][t][0:16], the chunk's matmul results.
+inline void OutputTile(const float* m, int64_t t_len, int64_t t, int half, __m256 y[4]) {
+  __m256 s[2][4];  // A^T M: combine rows
+  for (int j = 0; j < 4; ++j) {
+    const float* p = m + (j * t_len + t) * kNR + half * 8;
+    const int64_t st = 4 * t_len * kNR;  // next row of the 4x4 (xi + 4)
+    const __m256 m0 = _mm256_loadu_ps(p), m1 = _mm256_loadu_ps(p + st), m2 = _mm256_loadu_ps(p + 2 * st),
+                 m3 = _mm256_loadu_ps(p + 3 * st);
+    s[0][j] = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
+    s[1][j] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
+  }
+  for (int i = 0; i < 2; ++i) {  // (A^T M) A: combine columns
+    y[2 * i] = _mm256_add_ps(_mm256_add_ps(s[i][0], s[i][1]), s[i][2]);
+    y[2 * i + 1] = _mm256_sub_ps(_mm256_sub_ps(s[i][1], s[i][2]), s[i][3]);
+  }
+}
+
+// y[tile's 2x2 block][k0:k0+16] = A^T M A for each tile of the chunk (clipped at odd edges).
 void TransformOutput(const float* m, int64_t t_len, const Geometry& g, int64_t first_tile, int64_t k0, float* y) {
-  const int64_t per_image = g.th * g.tw;
   for (int64_t t = 0; t < t_len; ++t) {
-    const int64_t tile = first_tile + t;
-    const int64_t img = tile / per_image, rem = tile % per_image;
-    const int64_t r0 = 2 * (rem / g.tw), q0 = 2 * (rem % g.tw);
+    const auto [img, r0, q0] = TileAt(first_tile + t, g.th, g.tw);
     for (int half = 0; half < 2; ++half) {
-      __m256 s[2][4];  // A^T M: combine rows
-      for (int j = 0; j < 4; ++j) {
-        const float* p = m + (j * t_len + t) * kNR + half * 8;
-        const int64_t st = 4 * t_len * kNR;  // next row of the 4x4 (xi + 4)
-        const __m256 m0 = _mm256_loadu_ps(p), m1 = _mm256_loadu_ps(p + st), m2 = _mm256_loadu_ps(p + 2 * st),
-                     m3 = _mm256_loadu_ps(p + 3 * st);
-        s[0][j] = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
-        s[1][j] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
-      }
-      for (int i = 0; i < 2; ++i) {
-        if (r0 + i >= g.h) break;
-        const __m256 y0 = _mm256_add_ps(_mm256_add_ps(s[i][0], s[i][1]), s[i][2]);
-        const __m256 y1 = _mm256_sub_ps(_mm256_sub_ps(s[i][1], s[i][2]), s[i][3]);
+      __m256 out[4];
+      OutputTile(m, t_len, t, half, out);
+      for (int i = 0; i < 2 && r0 + i < g.h; ++i) {
         float* dst = y + ((img * g.h + r0 + i) * g.w + q0) * g.k + k0 + half * 8;
-        _mm256_storeu_ps(dst, y0);
-        if (q0 + 1 < g.w) _mm256_storeu_ps(dst + g.k, y1);
+        _mm256_storeu_ps(dst, out[2 * i]);
+        if (q0 + 1 < g.w) _mm256_storeu_ps(dst + g.k, out[2 * i + 1]);
       }
     }
   }
@@ -134,19 +139,8 @@ void TransformOutputPooled(const float* m, int64_t t_len, const Geometry& g, int
   for (int64_t t = 0; t < t_len; ++t) {
     const int64_t out = (first_tile + t) * g.k + k0;  // tile index = pooled position (n, i, j)
     for (int half = 0; half < 2; ++half) {
-      __m256 s[2][4];
-      for (int j = 0; j < 4; ++j) {
-        const float* p = m + (j * t_len + t) * kNR + half * 8;
-        const int64_t st = 4 * t_len * kNR;
-        const __m256 m0 = _mm256_loadu_ps(p), m1 = _mm256_loadu_ps(p + st), m2 = _mm256_loadu_ps(p + 2 * st),
-                     m3 = _mm256_loadu_ps(p + 3 * st);
-        s[0][j] = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
-        s[1][j] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
-      }
-      const __m256 y[4] = {_mm256_add_ps(_mm256_add_ps(s[0][0], s[0][1]), s[0][2]),
-                           _mm256_sub_ps(_mm256_sub_ps(s[0][1], s[0][2]), s[0][3]),
-                           _mm256_add_ps(_mm256_add_ps(s[1][0], s[1][1]), s[1][2]),
-                           _mm256_sub_ps(_mm256_sub_ps(s[1][1], s[1][2]), s[1][3])};
+      __m256 y[4];
+      OutputTile(m, t_len, t, half, y);
       __m256 best = y[0], arg = _mm256_setzero_ps();
       for (int q = 1; q < 4; ++q) {  // strictly greater: ties keep the earlier position
         const __m256 gt = _mm256_cmp_ps(y[q], best, _CMP_GT_OQ);
@@ -196,9 +190,7 @@ void RunChunks(const float* x, const float* u, const Geometry& g, int64_t chunk,
 
 // dm[xi][t][k0:k0+8] = (A dY A^T)[xi] for tile `tile`: A (4x2) spreads its 2x2 block of dY (zero outside).
 void TransformOutputGrad(const float* dy, const Geometry& g, int64_t tile, float* dm, int64_t t, int64_t stride) {
-  const int64_t per_image = g.th * g.tw;
-  const int64_t img = tile / per_image, rem = tile % per_image;
-  const int64_t r0 = 2 * (rem / g.tw), q0 = 2 * (rem % g.tw);
+  const auto [img, r0, q0] = TileAt(tile, g.th, g.tw);
   const float* base = dy + img * g.h * g.w * g.k;
   const __m256 zero = _mm256_setzero_ps();
   for (int64_t k0 = 0; k0 < g.k; k0 += 8) {
