@@ -7,8 +7,10 @@
 # On a CPU host the process simulates 8 CPU devices (so the scaling table runs in-process) and
 # the train benchmark (and so its PyTorch comparison) runs data-parallel over TRAIN_DEVICES of
 # them (default 4): XLA:CPU runs each device's shard of the batch on its own thread, and on
-# the 2-core dev machine 4 devices was the fastest count in every scaling table (7-16% faster
-# than 8; BENCHMARKS.md). The 1-device step time is in the scaling table of the same run.
+# the 2-core dev machine 4 devices was the fastest count with XLA's convs (7-16% faster than 8);
+# with cnn3's Winograd kernel 2 devices measure 4-8% faster than 4 (BENCHMARKS.md, 2026-12-02
+# 06:13), kept at 4 so entries stay comparable. The 1-device step time is in the scaling table
+# of the same run.
 # TRAIN_DEVICES=1 times one device.
 set -euo pipefail
 cd "$(dirname "$0")/.."
