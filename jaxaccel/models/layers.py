@@ -497,8 +497,10 @@ def _winograd_conv_max_pool_bwd(res, g):
     x, kernel, first = res
     dy = _route_to_first(first, g, 2, x.shape[:3] + kernel.shape[-1:])  # the conv output's gradient
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)  # "SAME" 3x3: dx is a "SAME" conv of dy
-    dx = winograd_kernel.conv(dy, flipped) if winograd_kernel.supports(dy.shape, flipped.shape, winograd_kernel.PADDING,
-                                                                       dy.dtype) else _input_grad(dy, kernel, winograd_kernel.PADDING)
+    if winograd_kernel.supports(dy.shape, flipped.shape, winograd_kernel.PADDING, dy.dtype):
+        dx = winograd_kernel.conv(dy, flipped)
+    else:  # e.g. fewer than 16 input channels: XLA's conv
+        dx = _input_grad(dy, kernel, winograd_kernel.PADDING)
     return dx, winograd_kernel.filter_grad(x, dy)
 
 
