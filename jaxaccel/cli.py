@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import threading
+import warnings
 
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 3
@@ -49,11 +50,13 @@ def _ignore_closed_loop_callbacks(unraisable: "sys.UnraisableHookArgs") -> None:
 def _last_words(line: str, program: bool) -> None:
     """Print `line`; as a program (not called from Python), also make it the last thing on
     stderr: background threads still finishing (orbax's save threads after a failed write)
-    must not log or print tracebacks after it before the process exits."""
+    must not log or print tracebacks after it before the process exits, nor warnings (an orbax
+    coroutine left unawaited by the failed save warns when it is collected at exit)."""
     if program:
         logging.disable(logging.CRITICAL)
         sys.unraisablehook = lambda _: None
         threading.excepthook = lambda _: None
+        warnings.simplefilter("ignore")
     print(line, file=sys.stderr, flush=True)
 
 
