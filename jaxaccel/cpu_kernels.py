@@ -135,8 +135,8 @@ def batch_partitioned(fn: Callable, sharding_rule: str, need_replication_factors
     def partition(*args):
         static, (mesh, arg_shapes, result_shape) = args[:-3], args[-3:]
         axes = batch_axes(arg_shapes)
-        ins = tuple(sharded(mesh, axes if summed else None, len(a.shape)) for a in arg_shapes)
-        ins = (sharded(mesh, axes, len(arg_shapes[0].shape)),) + ins[1:]
+        ins = (sharded(mesh, axes, len(arg_shapes[0].shape)),
+               *(sharded(mesh, axes if summed else None, len(a.shape)) for a in arg_shapes[1:]))
 
         def lower(*arrays):
             out = fn(*arrays, *static)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel import cpu_kernels
+from jaxaccel.models.winograd_kernel import g_along
 
 SOURCE = Path(__file__).with_name("int8_kernel.cc")
 TARGET = "jaxaccel_int8_conv"
@@ -95,12 +96,8 @@ def winograd_ok(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Se
 
 def _winograd_u4(kernel: jax.Array) -> jax.Array:
     """U4 = (2G) k (2G)^T of an int8 HWIO 3x3 kernel as int16 [16, C, K] (4x the Winograd transform,
-    an integer; |U4| <= 9 * 128). Arithmetic, no constants: it runs in a custom_partitioning body."""
-    def along(t, axis):
-        g0, g1, g2 = (jnp.take(t, i, axis=axis) for i in range(3))
-        return jnp.stack([2 * g0, g0 + g1 + g2, g0 - g1 + g2, 2 * g2], axis=axis)
-
-    u = along(along(kernel.astype(jnp.int32), 0), 1)
+    an integer; |U4| <= 9 * 128)."""
+    u = g_along(g_along(kernel.astype(jnp.int32), 0, doubled=True), 1, doubled=True)
     return u.reshape(16, *kernel.shape[2:]).astype(jnp.int16)
 
 

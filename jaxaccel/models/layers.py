@@ -288,11 +288,7 @@ def _winograd_fn(padding: tuple[tuple[int, int], ...], use_kernel: bool) -> Call
         return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
 
     def backward(x, kernel, dy):
-        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)  # "SAME" 3x3: dx is a "SAME" conv of dy
-        if kernel_ok(dy, flipped):
-            dx = winograd_kernel.conv(dy, flipped)
-        else:
-            dx = _input_grad(dy, kernel, padding).astype(x.dtype)
+        dx = _winograd_input_grad(dy, kernel, padding, use_kernel).astype(x.dtype)
         if kernel_ok(x, kernel) and dy.dtype == jnp.float32:
             dk = winograd_kernel.filter_grad(x, dy)
         else:
@@ -301,6 +297,17 @@ def _winograd_fn(padding: tuple[tuple[int, int], ...], use_kernel: bool) -> Call
 
     _WINOGRAD_FNS[padding, use_kernel] = _with_backward(forward, backward)
     return _WINOGRAD_FNS[padding, use_kernel]
+
+
+def _winograd_input_grad(dy: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], ...],
+                         use_kernel: bool) -> jax.Array:
+    """Input gradient of a stride-1 3x3 conv: in the Winograd kernel (a "SAME" conv of `dy` with
+    the flipped kernel) if `use_kernel` and it takes the shapes, else XLA's (`_input_grad`)."""
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    if use_kernel and winograd_kernel.supports(dy.shape, flipped.shape, padding, dy.dtype) \
+            and flipped.dtype == jnp.float32:
+        return winograd_kernel.conv(dy, flipped)
+    return _input_grad(dy, kernel, padding)
 
 
 def _fast_path_ok(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
@@ -470,11 +477,12 @@ class Conv(nn.Module):
 def _conv_max_pool(conv_impl: str, x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Any,
                    groups: int, window: int) -> jax.Array:
     """max_pool_2d(conv(x, kernel), window), fused into one Winograd kernel call where it can be."""
+    # `supports` covers 3x3, "SAME", float32 (x and kernel share a dtype here) and channels % 8 (so
+    # never a first layer that "cpu_kernel" would run as im2col: 9 * 8 > CPU_IM2COL_MAX_PATCH).
     if (window == 2 and resolve_conv_impl(conv_impl) == "cpu_kernel" and groups == 1 and strides == (1, 1)
-            and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0 and kernel.shape[:2] == (3, 3)
-            and 9 * x.shape[-1] > CPU_IM2COL_MAX_PATCH and kernel.dtype == jnp.float32
-            and winograd_kernel.supports(x.shape, kernel.shape, _explicit_padding(padding, x.shape[1:3], (3, 3)),
-                                         x.dtype)):
+            and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0 and kernel.ndim == 4
+            and winograd_kernel.supports(x.shape, kernel.shape, _explicit_padding(padding, x.shape[1:3],
+                                                                                  kernel.shape[:2]), x.dtype)):
         return _winograd_conv_max_pool(x, kernel)
     y = conv_general_dilated_fn(conv_impl)(x, kernel, strides, padding, dimension_numbers=_NHWC,
                                            feature_group_count=groups)
@@ -496,12 +504,7 @@ def _winograd_conv_max_pool_fwd(x, kernel):
 def _winograd_conv_max_pool_bwd(res, g):
     x, kernel, first = res
     dy = _route_to_first(first, g, 2, x.shape[:3] + kernel.shape[-1:])  # the conv output's gradient
-    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)  # "SAME" 3x3: dx is a "SAME" conv of dy
-    if winograd_kernel.supports(dy.shape, flipped.shape, winograd_kernel.PADDING, dy.dtype):
-        dx = winograd_kernel.conv(dy, flipped)
-    else:  # e.g. fewer than 16 input channels: XLA's conv
-        dx = _input_grad(dy, kernel, winograd_kernel.PADDING)
-    return dx, winograd_kernel.filter_grad(x, dy)
+    return _winograd_input_grad(dy, kernel, winograd_kernel.PADDING, True), winograd_kernel.filter_grad(x, dy)
 
 
 _winograd_conv_max_pool.defvjp(_winograd_conv_max_pool_fwd, _winograd_conv_max_pool_bwd)

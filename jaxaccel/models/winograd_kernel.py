@@ -23,7 +23,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxaccel import cpu_kernels
 
@@ -34,9 +33,6 @@ GRAD_TARGET = "jaxaccel_winograd_filter_grad"
 CXX_FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")  # -w: jaxlib header warnings
 PADDING = ((1, 1), (1, 1))  # the only padding the kernel does: "SAME" for a 3x3 window
 
-# G of F(2x2, 3x3): U = G k G^T, the 4x4 transformed kernel of each (input, output) channel pair.
-_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @functools.cache
@@ -72,17 +68,28 @@ def supports(x_shape: Sequence[int], kernel_shape: Sequence[int], padding: Seque
             and x_shape[3] % 8 == 0 and kernel_shape[3] % 16 == 0)
 
 
-def _g_along(t: jax.Array, axis: int) -> jax.Array:
-    """G (4x3) applied along `axis` (length 3) of `t`, as arithmetic (no array constants: it runs
-    inside a `custom_partitioning` function, which may not close over any)."""
+def g_along(t: jax.Array, axis: int, doubled: bool = False) -> jax.Array:
+    """G of F(2x2, 3x3) (4x3: rows 1 0 0 / .5 .5 .5 / .5 -.5 .5 / 0 0 1) applied along `axis`
+    (length 3) of `t`; `doubled`: 2G, integer for integer `t` (the int8 kernel's exact Winograd).
+    Arithmetic, no array constants: it runs inside `custom_partitioning` functions, which may
+    not close over any."""
     g0, g1, g2 = (jnp.take(t, i, axis=axis) for i in range(3))
-    return jnp.stack([g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2], axis=axis)
+    plus, minus = g0 + g1 + g2, g0 - g1 + g2
+    if doubled:
+        return jnp.stack([2 * g0, plus, minus, 2 * g2], axis=axis)
+    return jnp.stack([g0, 0.5 * plus, 0.5 * minus, g2], axis=axis)
+
+
+def _gt_along(t: jax.Array, axis: int) -> jax.Array:
+    """G^T (3x4) applied along `axis` (length 4) of `t`: the transpose of `g_along`."""
+    t0, t1, t2, t3 = (jnp.take(t, i, axis=axis) for i in range(4))
+    return jnp.stack([t0 + 0.5 * (t1 + t2), 0.5 * (t1 - t2), 0.5 * (t1 + t2) + t3], axis=axis)
 
 
 def transform_kernel(kernel: jax.Array) -> jax.Array:
     """HWIO 3x3 `kernel` (C, K channels) -> U = G k G^T packed as the kernel reads it: [16, K/16, C, 16]."""
     c, k = kernel.shape[2:]
-    u = _g_along(_g_along(kernel, 0), 1)  # (4, 4, C, K)
+    u = g_along(g_along(kernel, 0), 1)  # (4, 4, C, K)
     return u.reshape(16, c, k // 16, 16).transpose(0, 2, 1, 3)
 
 
@@ -127,8 +134,7 @@ def filter_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
                          f"of the same N, H, W, got {x.dtype}{list(x.shape)}, {dy.dtype}{list(dy.shape)}")
     if not available():
         raise ValueError(f"the winograd CPU kernel cannot run here ({unavailable_reason()})")
-    du = _grad_call(x, dy).reshape(4, 4, c, k)
-    return jnp.einsum("ai,abck,bj->ijck", _G, du, _G, precision=_HIGHEST)
+    return _gt_along(_gt_along(_grad_call(x, dy).reshape(4, 4, c, k), 0), 1)
 
 
 def _ffi_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
