@@ -36,6 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxaccel import config as config_lib
+from jaxaccel import io
 
 log = logging.getLogger("jaxaccel")
 
@@ -225,7 +226,7 @@ class Checkpointer:
         The write finishes in the background; a failure of this or an earlier save raises
         `CheckpointSaveError` here or in `wait`/`close`.
         """
-        record = {**meta, CHECKSUMS_KEY: tree_checksums(state)}
+        record = io.to_jsonable({**meta, CHECKSUMS_KEY: tree_checksums(state)})  # strict JSON
         record[RECORD_CRC_KEY] = _record_crc(record)
         self._guard(self._probe_writable, step)
         self._guard(lambda: self.manager.save(step, args=ocp.args.Composite(

@@ -36,10 +36,16 @@ def run_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from jaxaccel.train import train
     results = train(config, args.workdir, overwrite=args.overwrite)
-    print(f"test_accuracy={results['test_accuracy']:.4f} test_loss={results['test_loss']:.4f} "
-          f"steps={results['steps']} devices={results['num_devices']} "
-          f"strategy={results['strategy']} workdir={args.workdir}")
+    print(f"test_accuracy={_number(results['test_accuracy'])} "
+          f"test_loss={_number(results['test_loss'])} steps={results['steps']} "
+          f"devices={results['num_devices']} strategy={results['strategy']} "
+          f"workdir={args.workdir}")
     return 0
+
+
+def _number(x) -> str:
+    """A result for the summary line: 4 decimals, or `nan` for a non-finite (null) value."""
+    return "nan" if x is None else f"{x:.4f}"
 
 
 def add_datasets_arguments(p: argparse.ArgumentParser) -> None:

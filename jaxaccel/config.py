@@ -18,6 +18,8 @@ from typing import Any
 
 import ml_collections
 
+from jaxaccel import io
+
 # Keys that only change how a run is executed, not what it computes. A resumed run may
 # change them without being refused as a different experiment.
 RUNTIME_KEYS = ("parallel", "distributed", "log_every", "eval_every", "checkpoint_every",
@@ -49,6 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.dataset.test_split = "test"
     c.dataset.crop_padding = 0     # random crop after zero padding (0 = off)
     c.dataset.flip = False         # random horizontal flip
+    c.dataset.validation_split = 0.0  # fraction of train held out for validation (0 = off)
+    c.dataset.validation_seed = 0  # which examples are held out (stratified), not the run's seed
+    c.dataset.image_size = (0, 0)  # image_folder: resize every image to (H, W); (0, 0) = as is
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "cnn3"
@@ -274,7 +279,7 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
 
 def to_json(config: ml_collections.ConfigDict) -> str:
     """Stable JSON of a config (what `workdir/config.json` holds)."""
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_plain)
+    return io.dumps(config.to_dict())
 
 
 def _plain(x: Any) -> Any:
@@ -295,9 +300,18 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 
 def differences(saved: ml_collections.ConfigDict, requested: ml_collections.ConfigDict) -> list[str]:
-    """Dotted keys whose values differ, ignoring keys that only affect execution."""
+    """Dotted keys whose values differ, ignoring keys that only affect execution.
+
+    A key that a workdir's older config.json lacks (added to the schema since) counts as
+    its default: old workdirs resume as long as the new key keeps its default.
+    """
     a = dict(_flat_items(from_json(to_json(saved))))
     b = dict(_flat_items(from_json(to_json(requested))))
+    defaults = dict(_flat_items(from_json(to_json(default_config()))))
+    sections = {k.rsplit(".", i)[0] for k in (*a, *b) for i in range(1, k.count(".") + 1)}
+    for k, v in defaults.items():
+        if k not in a and k not in sections:  # e.g. `stages` written out as stages.0.name
+            a[k] = v
     out = []
     for k in sorted(set(a) | set(b)):
         if k.split(".")[0] in RUNTIME_KEYS:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
 from typing import Any, Iterator
+
+from jaxaccel import io
 
 log = logging.getLogger("jaxaccel")
 
@@ -45,9 +46,9 @@ class MetricWriter:
     def write(self, step: int, values: dict[str, Any], *, prefix: str) -> None:
         if not self.enabled:
             return
-        clean = {k: _jsonable(v) for k, v in values.items()}
+        clean = io.to_jsonable(values)
         row = {"step": int(step), "split": prefix, "time": round(time.time(), 3), **clean}
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(io.dumps(row, indent=None, sort_keys=False) + "\n")
         self._file.flush()
         if self._tb is not None:
             for k, v in clean.items():
@@ -72,13 +73,6 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (bool, int, str)) or v is None:
-        return v
-    f = float(v)
-    return None if math.isnan(f) or math.isinf(f) else f
 
 
 def _ends_with_torn_line(path: str) -> bool:

@@ -46,6 +46,7 @@ import ml_collections
 import numpy as np
 
 from jaxaccel import config as config_lib
+from jaxaccel import io
 
 log = logging.getLogger("jaxaccel")
 
@@ -334,9 +335,8 @@ def read_error(subdir: str) -> str:
 def mark_started(run: PointRun) -> None:
     """Write point.json; clear a previous attempt's error and stale (shorter) results."""
     os.makedirs(run.workdir, exist_ok=True)
-    _write_text(os.path.join(run.workdir, POINT_FILE),
-                json.dumps({"name": run.name, "overrides": run.overrides}, indent=2,
-                           default=_jsonable))  # key order kept: it is the table's order
+    io.write_json(os.path.join(run.workdir, POINT_FILE),  # key order kept: the table's order
+                  {"name": run.name, "overrides": run.overrides}, sort_keys=False)
     for name in (ERROR_FILE, RESULTS_FILE):
         path = os.path.join(run.workdir, name)
         if os.path.exists(path):
@@ -347,7 +347,7 @@ def mark_failed(run: PointRun, message: str, details: str = "") -> None:
     """Record a failure: one-line message, then details (traceback or log tail)."""
     run.status, run.error = FAILED, " ".join(message.split()) or "failed"
     os.makedirs(run.workdir, exist_ok=True)
-    _write_text(os.path.join(run.workdir, ERROR_FILE), run.error + "\n\n" + details)
+    io.write_text(os.path.join(run.workdir, ERROR_FILE), run.error + "\n\n" + details)
 
 
 def write_sweep_file(workdir: str, runs: Sequence[PointRun], *, experiment: str = "",
@@ -359,23 +359,8 @@ def write_sweep_file(workdir: str, runs: Sequence[PointRun], *, experiment: str 
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "points": [r.summary() for r in runs]}
     os.makedirs(workdir, exist_ok=True)
-    _write_text(os.path.join(workdir, SWEEP_FILE),
-                json.dumps(body, indent=2, sort_keys=True, default=_jsonable))
+    io.write_json(os.path.join(workdir, SWEEP_FILE), body)
 
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, (np.integer, np.floating)):
-        return x.item()
-    if isinstance(x, (tuple, set)):
-        return list(x)
-    return str(x)
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text if text.endswith("\n") else text + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------

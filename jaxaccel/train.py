@@ -10,9 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import json
 import logging
-import math
 import os
 import shutil
 import statistics
@@ -28,7 +26,7 @@ import optax
 
 from jaxaccel import checkpoint as ckpt_lib
 from jaxaccel import config as config_lib
-from jaxaccel import data, metrics, models, parallel
+from jaxaccel import data, io, metrics, models, parallel
 from jaxaccel import stages as stages_lib
 from jaxaccel.compress import prune, quant
 from jaxaccel.preemption import Preempted, PreemptionGuard
@@ -514,8 +512,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
         "sparsity": final["sparsity"], "model_bytes": final["model_bytes"],
         "stages": rows,
     }
+    results = io.to_jsonable(results)  # what results.json holds: non-finite values are None
     if is_main:
-        _write_json(os.path.join(workdir, "results.json"), results)
+        io.write_json(os.path.join(workdir, "results.json"), results)
     return results
 
 
@@ -705,21 +704,7 @@ def _prepare_workdir(config, workdir: str, *, overwrite: bool, is_main: bool) ->
                     os.remove(p)
     if is_main:
         os.makedirs(workdir, exist_ok=True)
-        _write_json_text(path, config_lib.to_json(config))
-
-
-def _write_json(path: str, obj: dict) -> None:
-    _write_json_text(path, json.dumps(obj, indent=2, sort_keys=True,
-                                      default=lambda x: None if x is None or (
-                                          isinstance(x, float) and math.isnan(x)) else float(x)))
-
-
-def _write_json_text(path: str, text: str) -> None:
-    """Atomic write: a reader never sees a half file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+        io.write_text(path, config_lib.to_json(config))
 
 
 class _CallableModule(type(os)):

@@ -58,7 +58,7 @@ import optax
 
 from jaxaccel import checkpoint as ckpt_lib
 from jaxaccel import config as config_lib
-from jaxaccel import data, metrics, parallel, sweep
+from jaxaccel import data, io, metrics, parallel, sweep
 from jaxaccel import stages as stages_lib
 from jaxaccel import train as train_lib
 from jaxaccel.compress import prune
@@ -384,7 +384,7 @@ def _prepare_point_dir(run: sweep.PointRun) -> None:
                 f"({'; '.join(diff[:3])}{' …' if len(diff) > 3 else ''}); use another "
                 f"--workdir or --overwrite")
     os.makedirs(run.workdir, exist_ok=True)
-    _write_text(path, config_lib.to_json(run.config))
+    io.write_text(path, config_lib.to_json(run.config))
 
 
 def run_points(runs: Sequence[sweep.PointRun], *, mode: str = "auto",
@@ -522,7 +522,7 @@ def _train(runs: list[sweep.PointRun], *, mode: str, on_change: Callable[[], Non
     for r in runs:
         if r.name in failed:
             sweep.mark_failed(r, failed[r.name])
-    _write_text(os.path.join(group_dir, "points.json"), json.dumps(names, indent=2))
+    io.write_json(os.path.join(group_dir, "points.json"), names)
 
     # -- Compile the block of S steps once ------------------------------------------------
     num_steps = config.num_steps
@@ -655,7 +655,7 @@ def _train(runs: list[sweep.PointRun], *, mode: str, on_change: Callable[[], Non
                                "steps_per_dispatch": block,
                                "images_per_sec": rate * k_points if rate else None},
             }
-            _write_json(os.path.join(r.workdir, sweep.RESULTS_FILE), results)
+            io.write_json(os.path.join(r.workdir, sweep.RESULTS_FILE), results)
             r.status = sweep.DONE
     on_change()
     if all(r.status == sweep.DONE for r in runs):  # only resumes need the stacked state
@@ -700,20 +700,3 @@ def run_vectorized(config: ml_collections.ConfigDict, points: Sequence[sweep.Poi
             out.append({"error": sweep.read_error(r.workdir) or "not finished"})
     return out
 
-
-def _write_json(path: str, obj: dict) -> None:
-    def clean(x):
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        return x
-    _write_text(path, json.dumps(clean(obj), indent=2, sort_keys=True))
-
-
-def _write_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)

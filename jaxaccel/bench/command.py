@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any, Callable
 
+from jaxaccel import io
+
 SUITES = ("train", "scaling", "input", "infer", "sweep", "compile", "all")
 ALL_ORDER = ("train", "scaling", "input", "infer", "sweep", "compile")
 
@@ -245,10 +247,10 @@ def run_bench(args: argparse.Namespace, overrides: list[str]) -> int:
         payload = {**results[args.suite], "command": command, "machine": machine}
     print(f"\n(total {elapsed:.0f} s; load average at the end: {machine['load_average_end']})")
     if args.json:
-        report.write_json(args.json, payload)
+        io.write_json(args.json, payload)
         print(f"wrote {args.json}")
     if args.markdown:
-        report.write_text(args.markdown, report.markdown_report(results.values(), machine, command))
+        io.write_text(args.markdown, report.markdown_report(results.values(), machine, command))
         print(f"wrote {args.markdown}")
     if failed:
         print(f"jaxaccel: bench: failed: {', '.join(failed)}", file=sys.stderr)

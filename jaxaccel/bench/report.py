@@ -1,9 +1,6 @@
 """Benchmark results as markdown tables and JSON files."""
 from __future__ import annotations
 
-import json
-import math
-import os
 from typing import Any, Iterable
 
 
@@ -43,33 +40,3 @@ def markdown_header(machine: dict[str, Any], command: str) -> str:
 def markdown_report(results: Iterable[dict[str, Any]], machine: dict[str, Any], command: str) -> str:
     parts = [markdown_header(machine, command)] + [markdown_result(r) for r in results]
     return "\n\n".join(parts) + "\n"
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, numpy scalars -> Python, tuples -> lists."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if hasattr(x, "item") and callable(x.item) and getattr(x, "ndim", 1) == 0:
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def write_json(path: str, obj: dict[str, Any]) -> None:
-    """Write `obj` as indented JSON atomically, creating parent dirs."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_clean(obj), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def write_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)

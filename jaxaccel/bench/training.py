@@ -22,7 +22,6 @@ class StepBench:
     """
 
     def __init__(self, setup: Any, mesh: Any, strategy: str, batch: dict, *, seed: int = 0):
-        import jax
 
         from jaxaccel import train
 

@@ -7,9 +7,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from typing import Any
+
+from jaxaccel import io
 
 SUBCOMMANDS = ("report", "package")
 
@@ -52,15 +52,6 @@ def _input_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
-def _write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def run_compress(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise ValueError(f"compress takes no --config overrides, got --config.{overrides[0]}")
@@ -84,7 +75,7 @@ def _report(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.source!r} is neither a workdir nor a package file")
     print(report.to_markdown(rep), end="")
     if args.json_path:
-        _write_json(args.json_path, rep)
+        io.write_json(args.json_path, rep)
     return 0
 
 
@@ -116,5 +107,5 @@ def _package(args: argparse.Namespace) -> int:
         print(f"  vs float32 orbax checkpoint {run.checkpoint_dir}: {ckpt_bytes:,} bytes "
               f"-> {info['checkpoint_ratio']:.1f}x smaller (it also holds optimizer state)")
     if args.json_path:
-        _write_json(args.json_path, info)
+        io.write_json(args.json_path, info)
     return 0

@@ -21,11 +21,11 @@ uses it, and the tests check it against the arrays actually written.
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 import os
 import zipfile
+from io import BytesIO
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel import models
+from jaxaccel import io, models
 from jaxaccel.compress import prune, quant
 
 PyTree = Any
@@ -319,8 +319,8 @@ def save_compressed(path: str | os.PathLike, model: nn.Module, variables: Mappin
     meta = {"format": FORMAT, "version": VERSION, "model": spec, "bits": bits,
             "per_channel": per_channel, "float_dtype": float_dtype,
             "collections": sorted(variables), "leaves": records, "extra": dict(extra or {})}
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays, **{_META_KEY: np.array(json.dumps(meta))})
+    buffer = BytesIO()
+    np.savez_compressed(buffer, **arrays, **{_META_KEY: np.array(io.dumps(meta))})
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
