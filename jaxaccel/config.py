@@ -14,7 +14,9 @@ import importlib.util
 import json
 import math
 import os
-from typing import Any
+import re
+import traceback
+from typing import Any, Callable
 
 import ml_collections
 
@@ -108,23 +110,63 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def load_experiment(path: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
-    """Import an experiment file, call its `get_config()` and apply `key=value` overrides."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path!r}")
-    module = _import_file(path)
-    if not hasattr(module, "get_config"):
+    """Import an experiment file, call its `get_config()`, check everything it set against the
+    schema (`check_schema`) and apply `key=value` overrides.
+
+    A mistake inside the file (an unknown key at any depth, a value of the wrong type, an
+    exception in `get_config()`) is a one-line `ConfigError` naming the file and the key or line.
+    """
+    module = import_experiment(path)
+    if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"{path!r} has no get_config() function")
-    config = module.get_config()
+    config = call_experiment(path, module.get_config)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not an "
+                          f"ml_collections.ConfigDict (start from jaxaccel.config.default_config())")
+    try:
+        check_schema(config)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     apply_overrides(config, overrides or [])
     return config
 
 
-def _import_file(path: str):
-    spec = importlib.util.spec_from_file_location(
-        "jaxaccel_experiment_" + os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_EXPERIMENTS: dict[str, Any] = {}
+
+
+def import_experiment(path: str):
+    """The experiment file as a module, imported once per version of the file (its
+    `get_config()` and `get_sweep()` are read from the same import; an edited file is
+    imported again)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path!r}")
+    stat = os.stat(path)
+    key = f"{os.path.abspath(path)}:{stat.st_mtime_ns}:{stat.st_size}"
+    if key not in _EXPERIMENTS:
+        spec = importlib.util.spec_from_file_location(
+            "jaxaccel_experiment_" + os.path.splitext(os.path.basename(path))[0], path)
+        module = importlib.util.module_from_spec(spec)
+        call_experiment(path, lambda: spec.loader.exec_module(module))
+        _EXPERIMENTS[key] = module
+    return _EXPERIMENTS[key]
+
+
+def call_experiment(path: str, fn: Callable[[], Any]) -> Any:
+    """`fn()` (code of the experiment file); any exception becomes one ConfigError line naming
+    the file, the line of the file where it happened, and the error."""
+    try:
+        return fn()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a user's file may raise anything
+        line = getattr(e, "lineno", None) if isinstance(e, SyntaxError) else None
+        target = os.path.abspath(path)
+        for frame in traceback.extract_tb(e.__traceback__):
+            if os.path.abspath(frame.filename) == target:
+                line = frame.lineno
+        where = f"{path}, line {line}" if line else path
+        message = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"{where}: {type(e).__name__}: {message}") from None
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
@@ -211,10 +253,84 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     return out
 
 
+# Sections whose keys are free (per-layer maps, model fields); their values are checked by
+# whatever reads them (`validate` for model fields). `*` stands for a stage index.
+FREE_SECTIONS = ("model.kwargs", "imp.per_layer_rates", "stages.*.prune.per_layer",
+                 "stages.*.prune.per_layer_rates")
+
+
+def check_schema(config: ml_collections.ConfigDict) -> None:
+    """Every key `config` sets exists in the schema with a value of the schema's type.
+
+    The schema is `default_config()`, and for each entry of `stages` a full `stages.stage(...)`
+    (its `optimizer` section may override any optimizer field). ml_collections accepts new
+    keys silently (`c.num_step = 100` adds a key nobody reads); this refuses them, at any
+    depth, with "did you mean" from the schema's keys.
+    """
+    _check_section(config, default_config(), "")
+
+
+def _check_section(node: Any, schema: ml_collections.ConfigDict, prefix: str) -> None:
+    if not isinstance(node, (ml_collections.ConfigDict, dict)):
+        raise ConfigError(f"{prefix[:-1]}={node!r} must be a section with keys "
+                          f"{', '.join(sorted(schema.keys()))}")
+    generic = re.sub(r"\.\d+\.", ".*.", prefix)
+    for key, value in node.items():
+        path = prefix + key
+        if key not in schema:
+            known = [prefix + k for k in _leaf_keys(schema)]
+            close = difflib.get_close_matches(path, known, n=3, cutoff=0.75)
+            hint = f"; did you mean {', '.join(close)}?" if close else (
+                f"; valid keys here: {', '.join(sorted(schema.keys()))}")
+            raise ConfigError(f"unknown config key {path!r}{hint}")
+        expected = schema[key]
+        if generic + key in FREE_SECTIONS:
+            if not isinstance(value, (ml_collections.ConfigDict, dict)):
+                raise ConfigError(f"{path}={value!r} must be a mapping")
+        elif path == "stages":
+            _check_stages(value)
+        elif isinstance(expected, ml_collections.ConfigDict):
+            _check_section(value, expected, path + ".")
+        else:
+            _coerce(path, expected, value)
+
+
+def _leaf_keys(schema: ml_collections.ConfigDict) -> list[str]:
+    return [k for k in schema.keys()] + [f"{k}.{sub}" for k, v in schema.items()
+                                         if isinstance(v, ml_collections.ConfigDict)
+                                         for sub in _leaf_keys(v)]
+
+
+def _check_stages(value: Any) -> None:
+    from jaxaccel import stages as stages_lib
+    if not isinstance(value, (tuple, list)):
+        raise ConfigError(f"stages={value!r} must be a tuple of stage sections made with "
+                          f"jaxaccel.stages.stage(...)")
+    schema = stages_lib.stage("name", "train")
+    schema.optimizer = default_config().optimizer
+    for i, s in enumerate(value):
+        _check_section(s, schema, f"stages.{i}.")
+
+
+def _check_model_kwargs(config: ml_collections.ConfigDict) -> None:
+    """`model.kwargs` may set only fields the model has (other than those set by other keys)."""
+    from jaxaccel import models
+    cls = models.MODELS[config.model.name]
+    fields = sorted(set(cls.__dataclass_fields__) - {"parent", "name", "num_classes", "dtype",
+                                                     "conv_impl"})
+    for key in config.model.kwargs.keys():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=2)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ConfigError(f"model.kwargs.{key}: model {config.model.name!r} has no field "
+                              f"{key!r}; {hint}its fields: {', '.join(fields)}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Check every choice and range the trainer relies on; raise ConfigError if bad."""
+    """Check every key, type, choice and range the trainer relies on; raise ConfigError if bad."""
     from jaxaccel import data, models  # local: keeps `import jaxaccel.config` light
 
+    check_schema(config)
     for key, choices in CHOICES.items():
         value = _get(config, key)
         if value not in choices:
@@ -222,6 +338,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model.name not in models.MODELS:
         raise ConfigError(f"model.name={config.model.name!r} is not valid; "
                           f"choose one of: {', '.join(sorted(models.MODELS))}")
+    _check_model_kwargs(config)
     datasets = sorted(data.DATASETS) + [data.FOLDER_DATASET]
     if config.dataset.name not in datasets:
         raise ConfigError(f"dataset.name={config.dataset.name!r} is not valid; "

@@ -24,6 +24,7 @@ IMP rounds (train → prune → rewind) without writing them out.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable
 
 import jax
@@ -86,12 +87,28 @@ def stage(name: str, kind: str, *, steps: int = 0, optimizer: dict | None = None
     s.kind = kind
     s.steps = steps
     s.optimizer = ml_collections.ConfigDict(optimizer or {})
-    s.prune = prune_defaults()
-    s.prune.update(prune or {})
-    s.quant = quant_defaults()
-    s.quant.update(quant or {})
+    s.prune = _filled(prune_defaults(), prune, f"stage {name!r} prune")
+    s.quant = _filled(quant_defaults(), quant, f"stage {name!r} quant")
     s.rewind = rewind
     return s
+
+
+def _filled(defaults: ml_collections.ConfigDict, values: dict | None,
+            where: str) -> ml_collections.ConfigDict:
+    """`defaults` updated with `values`, refusing keys the section does not have (a typo such
+    as `sparsty` would otherwise be stored and never read) and values of another type."""
+    for key, value in (values or {}).items():
+        if key not in defaults:
+            close = difflib.get_close_matches(key, list(defaults.keys()), n=2)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ValueError(f"{where}: unknown key {key!r}; {hint}valid keys: "
+                             f"{', '.join(sorted(defaults.keys()))}")
+        try:
+            defaults[key] = value
+        except TypeError:
+            raise ValueError(f"{where}.{key}={value!r}: expected "
+                             f"{type(defaults[key]).__name__}") from None
+    return defaults
 
 
 def iterative_pruning(final_sparsity: dict[str, float], *, rounds: int, dense_steps: int,

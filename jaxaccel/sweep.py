@@ -27,7 +27,6 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import importlib.util
 import itertools
 import json
 import logging
@@ -227,15 +226,10 @@ def point_config(base: ml_collections.ConfigDict, point: Point) -> ml_collection
 
 def load_sweep(path: str) -> list[Point]:
     """The points of an experiment file's `get_sweep()` (checked to be dicts of str keys)."""
-    if not os.path.isfile(path):
-        raise config_lib.ConfigError(f"config file not found: {path!r}")
-    spec = importlib.util.spec_from_file_location(
-        "jaxaccel_sweep_" + os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_sweep"):
+    module = config_lib.import_experiment(path)  # the import get_config() came from
+    if not callable(getattr(module, "get_sweep", None)):
         raise config_lib.ConfigError(f"{path!r} has no get_sweep() function")
-    points = list(module.get_sweep())
+    points = list(config_lib.call_experiment(path, module.get_sweep))
     for i, p in enumerate(points):
         if not isinstance(p, dict) or not all(isinstance(k, str) for k in p):
             raise config_lib.ConfigError(f"get_sweep() point {i} is {p!r}, not a dict of "

@@ -1,5 +1,6 @@
 """Config loading, overrides and validation."""
 import os
+import re
 
 import ml_collections
 import pytest
@@ -87,3 +88,74 @@ def test_override_inside_stages():
         config_lib.apply_overrides(c, ["stages.5.steps=1"])
     with pytest.raises(config_lib.ConfigError, match="expected float"):
         config_lib.apply_overrides(c, ["stages.1.prune.sparsity=abc"])
+
+
+EXPERIMENT = '''
+from jaxaccel.config import default_config
+from jaxaccel.stages import stage
+
+def get_config():
+    c = default_config()
+    c.dataset.name, c.model.name, c.num_steps = "digits", "lenet5", 2
+{body}
+    return c
+'''
+
+SWEEP = '''
+def get_sweep():
+    return [{{"optimizer.lr": 0.1}}, {{{point}: 1}}]
+'''
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("    c.optimizer.learning_rate = 0.5", "unknown config key 'optimizer.learning_rate'"),
+    ("    c.num_step = 100", "'num_step'; did you mean num_steps"),
+    ("    c.dataset.nmae = 'mnist5k'", "'dataset.nmae'; did you mean dataset.name"),
+    ("    c.stages = (stage('t', 'train', steps=2),\n"
+     "                stage('prune', 'prune', prune={'method': 'one_shot', 'sparsty': 0.9}))",
+     "line 9: ValueError: stage 'prune' prune: unknown key 'sparsty'; did you mean sparsity"),
+    ("    c.optimizer.lr = '0.01'", "line 8: TypeError: .*'lr'"),
+    ("    c.stages = (stage('t', 'train', steps=2),)\n    c.stages[0].prune.sparsty = 0.9",
+     "'stages.0.prune.sparsty'; did you mean stages.0.prune.sparsity"),
+    ("    c.model.kwargs.paddin = 'SAME'", "model.kwargs.paddin: model 'lenet5' has no field "
+                                           "'paddin'; did you mean padding"),
+    ("    c.optimizer.momentum = None", r"optimizer.momentum=None: expected float"),
+    ("    undefined_name", "line 8: NameError: name 'undefined_name' is not defined"),
+])
+def test_mistakes_in_experiment_files_are_one_line_errors(body, needle, tmp_path, capsys):
+    """Everything an experiment file sets is checked before anything runs: exit 2, one line
+    naming the file and the key, nothing written."""
+    from jaxaccel import cli
+    path = tmp_path / "exp.py"
+    path.write_text(EXPERIMENT.format(body=body))
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--config", str(path), "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("jaxaccel: error: "), err
+    assert re.search(needle, err), err
+    if "model.kwargs" not in body:  # checked with the model, after --config overrides
+        assert str(path) in err
+    assert not workdir.exists()
+
+
+def test_mistakes_in_sweep_points_are_refused_before_anything_runs(tmp_path, capsys):
+    from jaxaccel import cli
+    path = tmp_path / "exp.py"
+    path.write_text(EXPERIMENT.format(body="") + SWEEP.format(point='"num_step"'))
+    workdir = tmp_path / "sweep"
+    assert cli.main(["sweep", "--config", str(path), "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "did you mean num_steps" in err, err
+    assert not workdir.exists()
+
+
+def test_experiment_file_is_imported_once(tmp_path):
+    path = tmp_path / "counted.py"
+    path.write_text("import builtins\nbuiltins.jaxaccel_imports = "
+                    "getattr(builtins, 'jaxaccel_imports', 0) + 1\n"
+                    + EXPERIMENT.format(body="") + SWEEP.format(point='"seed"'))
+    import builtins
+    from jaxaccel import sweep
+    config_lib.load_experiment(str(path))
+    sweep.load_sweep(str(path))
+    assert builtins.jaxaccel_imports == 1
