@@ -354,6 +354,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"optimizer.lr={config.optimizer.lr} must be positive")
     if config.model.width <= 0:
         raise ConfigError(f"model.width={config.model.width} must be positive")
+    if not 0.0 <= config.dataset.validation_split < 1.0:
+        raise ConfigError(f"dataset.validation_split={config.dataset.validation_split} must be "
+                          f"in [0, 1): the fraction of the train split held out (0 = none)")
+    if config.dataset.validation_seed < 0:
+        raise ConfigError(f"dataset.validation_seed={config.dataset.validation_seed} must be >= 0")
     if not 0.0 <= config.label_smoothing < 1.0:
         raise ConfigError(f"label_smoothing={config.label_smoothing} must be in [0, 1)")
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):

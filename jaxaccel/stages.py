@@ -25,7 +25,7 @@ IMP rounds (train → prune → rewind) without writing them out.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -319,10 +319,14 @@ def weight_stats(params, masks, bits: int = 32) -> dict[str, Any]:
 
 
 def ptq_evaluate(model, variables: dict, q: ml_collections.ConfigDict, *, input_shape,
-                 calibration_images: list, eval_batches: Callable) -> dict[str, Any]:
-    """Fold BN, calibrate activations, then test accuracy with fake-quant and with real int8.
+                 calibration_images: list, eval_batches: Callable[[str], Iterable[dict]],
+                 splits: Sequence[str] = ("test",)) -> dict[str, Any]:
+    """Fold BN, calibrate activations, then evaluate fake-quant and real int8 inference.
 
-    `eval_batches()` yields dicts with normalised `image`, `label`, `mask`.
+    `eval_batches(split)` yields dicts with normalised `image`, `label`, `mask`. Returns
+    `{"fake_quant": {split: {"accuracy", "loss", "count"}}, "int8": {...} (8-bit symmetric
+    weights only), "int8_runtime_bytes", "act_qparams", "weight_config"}`; the qparams are
+    those of the BN-folded model.
     """
     from jaxaccel.compress import fold, int8, quant
     folded_model, folded = fold.fold_bn(model, variables, input_shape=input_shape)
@@ -330,18 +334,20 @@ def ptq_evaluate(model, variables: dict, q: ml_collections.ConfigDict, *, input_
     act_qparams = quant.calibrate(folded_model, folded, calibration_images, a_cfg)
     fake = jax.jit(lambda v, x: quant.apply_fake_quant(folded_model, v, x, act_qparams,
                                                        weight_config=w_cfg))
-    out = {"fake_quant": _accuracy(lambda x: fake(folded, x), eval_batches)}
+    out: dict[str, Any] = {"act_qparams": act_qparams, "weight_config": w_cfg}
+    out["fake_quant"] = {s: _accuracy(lambda x: fake(folded, x), eval_batches(s)) for s in splits}
     if q.int8 and q.weight_bits == 8 and q.act_bits == 8 and q.symmetric:
         int8_model = int8.convert_int8(folded, act_qparams, weight_config=w_cfg)
         run = jax.jit(lambda m, x: int8.int8_apply(folded_model, m, x))
-        out["int8"] = _accuracy(lambda x: run(int8_model, x), eval_batches)
-        out["int8_bytes"] = int8.int8_size_bytes(int8_model)
+        out["int8"] = {s: _accuracy(lambda x: run(int8_model, x), eval_batches(s))
+                       for s in splits}
+        out["int8_runtime_bytes"] = int8.int8_size_bytes(int8_model)
     return out
 
 
-def _accuracy(logits_fn: Callable, eval_batches: Callable) -> dict[str, float]:
+def _accuracy(logits_fn: Callable, batches: Iterable[dict]) -> dict[str, float]:
     correct = count = loss = 0.0
-    for b in eval_batches():
+    for b in batches:
         logits = np.asarray(logits_fn(jnp.asarray(b["image"])), np.float64)
         mask = np.asarray(b["mask"], np.float64)
         labels = np.asarray(b["label"])
@@ -350,4 +356,5 @@ def _accuracy(logits_fn: Callable, eval_batches: Callable) -> dict[str, float]:
         loss += float(np.sum(-logp[np.arange(len(labels)), labels] * mask))
         correct += float(np.sum((logits.argmax(-1) == labels) * mask))
         count += float(mask.sum())
-    return {"accuracy": correct / max(count, 1.0), "loss": loss / max(count, 1.0)}
+    return {"accuracy": correct / max(count, 1.0), "loss": loss / max(count, 1.0),
+            "count": int(count)}

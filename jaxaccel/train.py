@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import logging
 import os
 import shutil
@@ -392,19 +391,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     setups = {i: build(config, s) for i, s in enumerate(stages) if s.kind == "train"}
     first = setups[min(setups)] if setups else build(config, stages[0])
     spec = first.spec
-    data_dir, path = config.dataset.data_dir or None, config.dataset.path or None
-    train_source = data.get_source(config.dataset.name, config.dataset.train_split,
-                                   data_dir=data_dir, path=path)
-    test_source = data.get_source(config.dataset.name, config.dataset.test_split,
-                                  data_dir=data_dir, path=path)
-    batches = data.TrainBatches(train_source, spec, global_batch_size=config.batch_size,
+    splits = data.splits_for(config.dataset)
+    batches = data.TrainBatches(splits.train, spec, global_batch_size=config.batch_size,
                                 seed=config.seed, crop_padding=config.dataset.crop_padding,
                                 flip=config.dataset.flip, process_index=pid,
                                 process_count=pcount,
                                 cache=pcount == 1)  # several processes: each reads its rows only
-    evaluate = functools.partial(evaluate_source, source=test_source, spec=spec,
-                                 batch_size=config.eval_batch_size, process_index=pid,
-                                 process_count=pcount)
+    evaluate = Evaluator(splits, spec, batch_size=config.eval_batch_size, process_index=pid,
+                         process_count=pcount)
     mesh = parallel.make_mesh(num_devices)
     uses_snapshot = any(s.kind == "rewind" and s.rewind == "snapshot" for s in stages)
     offsets = np.cumsum([0] + [s.steps for s in stages]).tolist()  # global step per stage
@@ -475,7 +469,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
                 snapshot_at = (config.rewind_step if uses_snapshot and snapshot is None
                                else None)
                 state, stats_i, extras = train_loop(
-                    runner, state, batches, lambda s: evaluate(runner.run_eval, s),
+                    runner, state, batches, evaluate,
                     checkpointer, writer, guard, num_steps=st.steps, step_offset=offsets[i],
                     meta={"stage": i, "stage_name": st.name, "rows": rows}, extras=extras,
                     snapshot_at=snapshot_at, show_progress=is_main and config.progress)
@@ -485,27 +479,35 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
                 result = evaluate(runner.run_eval, state)
             else:
                 carry, evaluated, result, extra_row = _transform(
-                    st, i, carry, snapshot, config, setups, first, train_source, batches,
-                    evaluate, mesh, runner_for, stages)
+                    st, i, carry, snapshot, config, setups, first, batches, evaluate, mesh,
+                    runner_for)
                 row.update(extra_row)
             if st.kind == "train":
                 evaluated = carry
-            bits = st.quant.weight_bits if st.quant.mode != "none" else 32
+                bits = st.quant.weight_bits if st.quant.mode == "qat" else 32
+            else:
+                quantized = evaluated.get("quant")
+                bits = quantized.weight_bits if quantized is not None else 32
             # The row describes the weights it evaluated (for an evaluate stage with a
             # one-shot prune section: the pruned ones, not the unchanged carry).
-            row.update(test_accuracy=result["accuracy"], test_loss=result["loss"],
+            row.update(**evaluate.row(result),
                        **stages_lib.weight_stats(evaluated["params"], evaluated["masks"], bits))
-            writer.write(offsets[i + 1], {**result, "stage": st.name}, prefix="test")
+            evaluate.write(writer, offsets[i + 1], result, st.name)
             rows.append(row)
             final = row
         checkpointer.close()
 
     # -- Results --------------------------------------------------------------------------
+    # The final row's numbers describe the model the pipeline ends with (after a quantize
+    # stage: the deployed int8 / fake-quant model, with the float one beside it).
+    reported = {k: v for k, v in final.items()
+                if k == "deployed" or k.endswith(("_accuracy", "_loss"))}
     results = {
-        "test_accuracy": final["test_accuracy"], "test_loss": final["test_loss"],
+        **reported,
         "steps": int(offsets[-1]), "num_devices": num_devices, "num_processes": pcount,
         "strategy": config.parallel.strategy, "model": config.model.name,
-        "dataset": config.dataset.name, "train_images_per_sec": stats.get("train_images_per_sec"),
+        "dataset": config.dataset.name, **splits.sizes(),
+        "train_images_per_sec": stats.get("train_images_per_sec"),
         "compile_seconds": stats.get("compile_seconds"),
         "nonfinite_steps": stats.get("nonfinite_steps", 0),
         "num_params": int(sum(np.size(x) for x in jax.tree.leaves(carry["params"]))),
@@ -518,8 +520,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     return results
 
 
-def _transform(st, i, carry, snapshot, config, setups, first, train_source, batches, evaluate,
-               mesh, runner_for, stages) -> tuple[dict, dict, dict, dict]:
+def _transform(st, i, carry, snapshot, config, setups, first, batches, evaluate, mesh,
+               runner_for) -> tuple[dict, dict, dict, dict]:
     """Run a non-training stage on the carried weights.
 
     Returns (carry for the next stage, the weights evaluated, test result, row). They differ
@@ -550,22 +552,41 @@ def _transform(st, i, carry, snapshot, config, setups, first, train_source, batc
     if st.kind == "evaluate" and st.prune.method != "none":
         params, masks = stages_lib.prune_once(carry["params"], carry["masks"], st.prune)
         evaluated = {**carry, "params": params, "masks": masks}
+    if st.kind == "quantize":
+        carry = {**carry, "quant": st.quant}
+    elif st.kind == "rewind":
+        carry = {**carry, "quant": None}  # float weights again
+    evaluated = carry if st.kind != "evaluate" else {**evaluated, "quant": carry.get("quant")}
     state = runner.start(evaluated)
     result = evaluate(runner.run_eval, state)
-    if st.kind == "quantize":
-        setup = runner.setup
-        variables = {"params": carry["params"], "batch_stats": carry["batch_stats"]}
-        calib = [batches.batch(k)["image"] for k in range(st.quant.calibration_batches)]
-        ptq = stages_lib.ptq_evaluate(
-            setup.model, variables, st.quant, input_shape=setup.input_shape,
-            calibration_images=calib,
-            eval_batches=lambda: data.eval_batches(evaluate.keywords["source"], setup.spec,
-                                                   batch_size=config.eval_batch_size))
-        row.update(float_accuracy=result["accuracy"],
-                   int8_accuracy=ptq.get("int8", {}).get("accuracy"),
-                   int8_bytes=ptq.get("int8_bytes"))
-        result = ptq["fake_quant"]
+    if evaluated.get("quant") is not None:  # report the model a quantized pipeline deploys
+        result, row = _quantized_result(runner.setup, evaluated, batches, evaluate, result)
     return carry, evaluated, result, row
+
+
+def _quantized_result(setup: Setup, carry: dict, batches, evaluate: "Evaluator",
+                      float_result: dict) -> tuple[dict, dict]:
+    """Evaluate the carried weights as the quantize stage `carry["quant"]` deploys them.
+
+    Folds BN, calibrates activations on the first `calibration_batches` training batches,
+    and evaluates fake-quant and (8-bit symmetric weights) real int8 inference. Returns the
+    deployed model's result (int8 when it ran, else fake-quant) and the row fields that
+    name each model's numbers: `deployed`, `float32_*`, `fake_quant_*`, `int8_*` for every
+    evaluated split, and `int8_runtime_bytes`.
+    """
+    q = carry["quant"]
+    variables = {"params": carry["params"], "batch_stats": carry["batch_stats"]}
+    calib = [batches.batch(k)["image"] for k in range(q.calibration_batches)]
+    ptq = stages_lib.ptq_evaluate(setup.model, variables, q, input_shape=setup.input_shape,
+                                  calibration_images=calib, eval_batches=evaluate.batches,
+                                  splits=evaluate.splits)
+    deployed = "int8" if "int8" in ptq else "fake_quant"
+    row = {"deployed": deployed, "int8_runtime_bytes": ptq.get("int8_runtime_bytes")}
+    for name, res in (("float32", float_result), ("fake_quant", ptq["fake_quant"]),
+                      ("int8", ptq.get("int8"))):
+        if res is not None:
+            row.update({f"{name}_{k}": v for k, v in Evaluator.row(res).items()})
+    return ptq[deployed], row
 
 
 def train_loop(runner: Runner, state: TrainState, batches, evaluate: Callable, checkpointer,
@@ -637,8 +658,8 @@ def train_loop(runner: Runner, state: TrainState, batches, evaluate: Callable, c
             progress.update(step_offset + done, row)
             window, timed_steps, side_work = [], 0, True
         if config.eval_every and done % config.eval_every == 0 and done != num_steps:
-            writer.write(step_offset + done, {**evaluate(state), "stage": stage_name},
-                         prefix="test")
+            evaluate.write(writer, step_offset + done, evaluate(runner.run_eval, state),
+                           stage_name)
             side_work = True
         if done % config.checkpoint_every == 0 or done == num_steps:
             save(done)
@@ -658,9 +679,54 @@ def train_loop(runner: Runner, state: TrainState, batches, evaluate: Callable, c
                    "compile_seconds": compile_seconds, "nonfinite_steps": nonfinite}, extras
 
 
+class Evaluator:
+    """Loss and accuracy of a state on the validation split (when the run holds one out) and
+    on the test split: `evaluator(run_eval, state) -> {split: {"loss", "accuracy", "count"}}`.
+
+    Selection (early stopping, best points, searches) reads "validation"; "test" is reported
+    beside it and never selects anything.
+    """
+
+    def __init__(self, splits: data.Splits, spec: data.DatasetSpec, *, batch_size: int,
+                 process_index: int = 0, process_count: int = 1):
+        self.sources = {"validation": splits.validation, "test": splits.test}
+        if splits.validation is None:
+            del self.sources["validation"]
+        self.spec, self.batch_size = spec, batch_size
+        self.process_index, self.process_count = process_index, process_count
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.sources)
+
+    def batches(self, split: str):
+        """Every example of `split` once, as padded eval batches (this process's rows)."""
+        return data.eval_batches(self.sources[split], self.spec, batch_size=self.batch_size,
+                                 process_index=self.process_index,
+                                 process_count=self.process_count)
+
+    def __call__(self, run_eval: Callable, state: TrainState) -> dict[str, dict]:
+        return {split: evaluate_source(run_eval, state, source=source, spec=self.spec,
+                                       batch_size=self.batch_size,
+                                       process_index=self.process_index,
+                                       process_count=self.process_count)
+                for split, source in self.sources.items()}
+
+    @staticmethod
+    def row(result: dict[str, dict]) -> dict[str, float]:
+        """`{split}_accuracy` and `{split}_loss` of every evaluated split (results rows)."""
+        return {f"{split}_{k}": r[k] for split, r in result.items() for k in ("accuracy", "loss")}
+
+    @staticmethod
+    def write(writer, step: int, result: dict[str, dict], stage_name: str) -> None:
+        """One metrics row per split (`split` = "validation" / "test")."""
+        for split, r in result.items():
+            writer.write(step, {**r, "stage": stage_name}, prefix=split)
+
+
 def evaluate_source(run_eval: Callable, state: TrainState, *, source, spec, batch_size: int,
                     process_index: int = 0, process_count: int = 1) -> dict:
-    """Test-set loss and accuracy over every example exactly once."""
+    """Loss and accuracy over every example of `source` exactly once."""
     sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     for batch in data.eval_batches(source, spec, batch_size=batch_size,
                                    process_index=process_index, process_count=process_count):

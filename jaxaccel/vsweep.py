@@ -447,12 +447,8 @@ def _train(runs: list[sweep.PointRun], *, mode: str, on_change: Callable[[], Non
     mesh = parallel.make_mesh(num_devices)
     setup = train_lib.build(config)
     spec = setup.spec
-    data_dir, path = config.dataset.data_dir or None, config.dataset.path or None
-    train_source = data.get_source(config.dataset.name, config.dataset.train_split,
-                                   data_dir=data_dir, path=path)
-    test_source = data.get_source(config.dataset.name, config.dataset.test_split,
-                                  data_dir=data_dir, path=path)
-    batches = StackedBatches(train_source, spec, configs)
+    splits = data.splits_for(config.dataset)
+    batches = StackedBatches(splits.train, spec, configs)
 
     # -- Model, optimizer & shardings ----------------------------------------------------
     structure = Structure(configs)
@@ -487,16 +483,22 @@ def _train(runs: list[sweep.PointRun], *, mode: str, on_change: Callable[[], Non
     v_eval = jax.jit(eval_all, in_shardings=(state_sh, eval_batch_sh), out_shardings=hp_sh)
     hp = jax.device_put({k: jnp.asarray(v) for k, v in hp_host.items()}, hp_sh)
 
-    def evaluate(states) -> list[dict]:
-        totals = {k: np.zeros(k_points) for k in ("loss", "correct", "count")}
-        for b in data.eval_batches(test_source, spec, batch_size=config.eval_batch_size):
-            out = jax.device_get(v_eval(states, jax.device_put(b, eval_batch_sh)))
-            for k in totals:
-                totals[k] += np.asarray(out[k], np.float64)
-        n = np.maximum(totals["count"], 1.0)
-        return [{"loss": float(totals["loss"][i] / n[i]),
-                 "accuracy": float(totals["correct"][i] / n[i]),
-                 "count": int(totals["count"][i])} for i in range(k_points)]
+    evaluator = train_lib.Evaluator(splits, spec, batch_size=config.eval_batch_size)
+
+    def evaluate(states) -> list[dict[str, dict]]:
+        """Point i's `{split: {"loss", "accuracy", "count"}}`, as `train.Evaluator` gives."""
+        per_split = {}
+        for split in evaluator.splits:
+            totals = {k: np.zeros(k_points) for k in ("loss", "correct", "count")}
+            for b in evaluator.batches(split):
+                out = jax.device_get(v_eval(states, jax.device_put(b, eval_batch_sh)))
+                for k in totals:
+                    totals[k] += np.asarray(out[k], np.float64)
+            n = np.maximum(totals["count"], 1.0)
+            per_split[split] = [{"loss": float(totals["loss"][i] / n[i]),
+                                 "accuracy": float(totals["correct"][i] / n[i]),
+                                 "count": int(totals["count"][i])} for i in range(k_points)]
+        return [{split: per_split[split][i] for split in per_split} for i in range(k_points)]
 
     # -- Load the stacked checkpoint (resume) or initialise ---------------------------------
     names = [r.name for r in runs]
@@ -603,7 +605,7 @@ def _train(runs: list[sweep.PointRun], *, mode: str, on_change: Callable[[], Non
             if config.eval_every and done % config.eval_every == 0 and done != num_steps:
                 for i, ev in enumerate(evaluate(states)):
                     if runs[i].name not in failed:
-                        writers[i].write(done, {**ev, "stage": setup.stage.name}, prefix="test")
+                        evaluator.write(writers[i], done, ev, setup.stage.name)
                 side_work = True
             if done % config.checkpoint_every == 0 or done == num_steps:
                 save(done)
@@ -630,7 +632,7 @@ def _train(runs: list[sweep.PointRun], *, mode: str, on_change: Callable[[], Non
             if r.name in failed:
                 continue
             state = point_state(r.config, host_states, i)
-            writers[i].write(num_steps, {**finals[i], "stage": stage.name}, prefix="test")
+            evaluator.write(writers[i], num_steps, finals[i], stage.name)
             if save_checkpoints:
                 ckpt = ckpt_lib.Checkpointer(r.workdir, keep=r.config.keep_checkpoints)
                 ckpt.save(num_steps, {"state": state},
@@ -639,14 +641,14 @@ def _train(runs: list[sweep.PointRun], *, mode: str, on_change: Callable[[], Non
                            "epoch": num_steps // batches.steps_per_epoch, "vectorized": True})
                 ckpt.close()
             row = {"name": stage.name, "kind": stage.kind, "steps": stage.steps,
-                   "test_accuracy": finals[i]["accuracy"], "test_loss": finals[i]["loss"],
+                   **evaluator.row(finals[i]),
                    **stages_lib.weight_stats(state.params, prune.get_masks(state.opt_state),
                                              32)}
             results = {
-                "test_accuracy": row["test_accuracy"], "test_loss": row["test_loss"],
+                **evaluator.row(finals[i]),
                 "steps": num_steps, "num_devices": num_devices, "num_processes": 1,
                 "strategy": config.parallel.strategy, "model": config.model.name,
-                "dataset": config.dataset.name, "train_images_per_sec": rate,
+                "dataset": config.dataset.name, **splits.sizes(), "train_images_per_sec": rate,
                 "compile_seconds": compile_seconds, "nonfinite_steps": int(nonfinite[i]),
                 "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params))),
                 "sparsity": row["sparsity"], "model_bytes": row["model_bytes"],

@@ -245,7 +245,8 @@ def test_int8_table_one_section_per_model_and_collapse_verdict(tmp_path):
             rows = [_row("float", 0.97, steps=10)]
             for stage, _, _ in tables.INT8_ROWS[1:-1]:
                 acc = {"ptq_w4a8_per_channel": w4_pc, "ptq_w4a8_per_tensor": w4_pt}.get(stage, 0.968)
-                rows.append(_row(stage, acc, kind="quantize", int8_accuracy=acc))
+                rows.append(_row(stage, acc, kind="quantize", int8_test_accuracy=acc,
+                                 fake_quant_test_accuracy=acc))
             rows.append(_row("qat_w4a8_per_tensor", 0.969, steps=5))
             _fake_point(str(tmp_path), f"model.name={model},seed={seed}", seed,
                         {"model": model, "test_accuracy": 0.968, "stages": rows})
@@ -268,7 +269,8 @@ def test_int8_collapse_verdict_follows_the_papers_per_channel_standard(tmp_path,
         rows = [_row("float", 0.97, steps=10)]
         for stage, _, _ in tables.INT8_ROWS[1:-1]:
             acc = {"ptq_w4a8_per_channel": w4_pc, "ptq_w4a8_per_tensor": 0.40}.get(stage, 0.968)
-            rows.append(_row(stage, acc, kind="quantize", int8_accuracy=acc))
+            rows.append(_row(stage, acc, kind="quantize", int8_test_accuracy=acc,
+                                 fake_quant_test_accuracy=acc))
         rows.append(_row("qat_w4a8_per_tensor", 0.969, steps=5))
         _fake_point(str(tmp_path), f"model.name=dscnn_bn,seed={seed}", seed,
                     {"model": "dscnn_bn", "test_accuracy": 0.968, "stages": rows})
@@ -281,7 +283,8 @@ def test_int8_table_reports_no_collapse_honestly(tmp_path):
     for seed in range(3):
         rows = [_row("float", 0.97, steps=10)]
         for stage, _, _ in tables.INT8_ROWS[1:-1]:
-            rows.append(_row(stage, 0.968, kind="quantize", int8_accuracy=0.968))
+            rows.append(_row(stage, 0.968, kind="quantize", int8_test_accuracy=0.968,
+                                 fake_quant_test_accuracy=0.968))
         rows.append(_row("qat_w4a8_per_tensor", 0.969, steps=5))
         _fake_point(str(tmp_path), f"model.name=cnn_bn,seed={seed}", seed,
                     {"model": "cnn_bn", "test_accuracy": 0.968, "stages": rows})

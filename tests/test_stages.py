@@ -57,12 +57,33 @@ def test_five_stage_pipeline_rows(pipeline_run):
     assert rows["finetune"]["test_accuracy"] >= rows["prune"]["test_accuracy"]
     assert rows["train"]["test_accuracy"] > 0.8
     assert abs(rows["quantize"]["test_accuracy"] - rows["finetune"]["test_accuracy"]) < 0.03
-    assert abs(rows["quantize"]["int8_accuracy"] - rows["quantize"]["test_accuracy"]) <= 0.01
+    q = rows["quantize"]
+    assert abs(q["int8_test_accuracy"] - q["fake_quant_test_accuracy"]) <= 0.01
+    assert q["float32_test_accuracy"] == rows["finetune"]["test_accuracy"]
     assert results["steps"] == 90
     saved = json.load(open(os.path.join(wd, "results.json")))
     assert [r["name"] for r in saved["stages"]] == list(rows)
     stages_logged = {r.get("stage") for r in metrics.read_metrics(wd) if r["split"] == "train"}
     assert stages_logged == {"train", "finetune"}
+
+
+def test_a_quantizing_pipeline_reports_the_model_it_deploys(pipeline_run):
+    """After a quantize stage, rows and the top level describe the int8 model (the one that
+    would be deployed), with the float32 and fake-quant numbers beside it under their names."""
+    _, results = pipeline_run
+    rows = {r["name"]: r for r in results["stages"]}
+    for name in ("quantize", "evaluate"):  # evaluate after quantize evaluates the int8 model
+        row = rows[name]
+        assert row["deployed"] == "int8" and row["bits"] == 8
+        assert row["test_accuracy"] == row["int8_test_accuracy"]
+        assert row["test_loss"] == row["int8_test_loss"]
+        assert row["int8_runtime_bytes"] > 0
+    assert rows["evaluate"]["int8_test_accuracy"] == rows["quantize"]["int8_test_accuracy"]
+    assert "deployed" not in rows["finetune"] and rows["finetune"]["bits"] == 32
+    assert results["deployed"] == "int8"
+    assert results["test_accuracy"] == rows["evaluate"]["int8_test_accuracy"]
+    assert results["float32_test_accuracy"] == rows["finetune"]["test_accuracy"]
+    assert results["fake_quant_test_accuracy"] == rows["evaluate"]["fake_quant_test_accuracy"]
 
 
 def test_pruned_weights_stay_zero_through_finetune(pipeline_run):

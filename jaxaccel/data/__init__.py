@@ -11,6 +11,7 @@ read from a data dir where they were prepared beforehand (nothing is ever downlo
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -29,10 +30,13 @@ from jaxaccel.data.catalog import (
 )
 from jaxaccel.data.pipeline import (
     ExampleSource,
+    Subset,
     TrainBatches,
     eval_batches,
     normalize,
     read_arrays,
+    read_labels,
+    validation_indices,
 )
 
 __all__ = [
@@ -40,6 +44,8 @@ __all__ = [
     "FOLDER_DATASET",
     "DatasetSpec",
     "ExampleSource",
+    "Splits",
+    "Subset",
     "TrainBatches",
     "dataset_spec",
     "default_data_dir",
@@ -50,6 +56,10 @@ __all__ = [
     "normalize",
     "prepare",
     "read_arrays",
+    "read_labels",
+    "spec_for",
+    "splits_for",
+    "validation_indices",
 ]
 
 FOLDER_DATASET = "image_folder"
@@ -195,3 +205,42 @@ def get_source(
                           rebuildable=DATASETS.get(name) is None
                           or DATASETS[name].kind != "catalog") from e
     return ExampleSource(source, name=name, split=split, files=label)
+
+
+@dataclasses.dataclass
+class Splits:
+    """The examples a run trains on, selects on (validation, optional) and reports (test)."""
+
+    train: Any
+    validation: Any | None
+    test: Any
+
+    def sizes(self) -> dict[str, int]:
+        """`num_train_examples`, `num_validation_examples`, `num_test_examples`."""
+        return {"num_train_examples": len(self.train),
+                "num_validation_examples": len(self.validation) if self.validation is not None else 0,
+                "num_test_examples": len(self.test)}
+
+
+def spec_for(dataset: Any) -> DatasetSpec:
+    """The `DatasetSpec` of a config's `dataset` section."""
+    return dataset_spec(dataset.name, path=dataset.path or None, data_dir=dataset.data_dir or None)
+
+
+def splits_for(dataset: Any) -> Splits:
+    """Train, validation and test examples of a config's `dataset` section.
+
+    With `validation_split` = f > 0, a stratified fraction f of the train split, drawn from
+    `validation_seed` (not the run's seed: every run of an experiment selects on the same
+    examples), is held out as the validation split and never trained on.
+    """
+    kwargs = dict(data_dir=dataset.data_dir or None, path=dataset.path or None)
+    train = get_source(dataset.name, dataset.train_split, **kwargs)
+    test = get_source(dataset.name, dataset.test_split, **kwargs)
+    if not dataset.validation_split:
+        return Splits(train, None, test)
+    kept, held = validation_indices(read_labels(train), dataset.validation_split,
+                                    dataset.validation_seed)
+    return Splits(Subset(train, kept, split=f"{dataset.train_split} (without validation)"),
+                  Subset(train, held, split="validation"), test)
+

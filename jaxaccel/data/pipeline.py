@@ -65,6 +65,68 @@ class ExampleSource:
         return f"ExampleSource({self.name!r}, split={self.split!r}, len={len(self)})"
 
 
+class Subset:
+    """The examples of `source` at `indices`, in that order, with the same random-access
+    protocol (len, `__getitem__`, `__getitems__`): a validation split, or the train split
+    without it."""
+
+    def __init__(self, source: Any, indices: Sequence[int] | np.ndarray, *, split: str = ""):
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.split = split or getattr(source, "split", "")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.source[int(self.indices[int(index)])]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        rows = [int(self.indices[int(i)]) for i in indices]
+        if hasattr(self.source, "__getitems__"):
+            return self.source.__getitems__(rows)
+        return [self.source[i] for i in rows]
+
+    def __repr__(self) -> str:
+        return f"Subset({self.source!r}, {len(self)} examples, split={self.split!r})"
+
+
+# Distinguishes the validation draw (validation_seed) from every other random stream.
+_VALIDATION_STREAM = 0x76616C00
+
+
+def read_labels(source: Any) -> np.ndarray:
+    """Labels (N,) int32 of every example of `source`, in order."""
+    return read_arrays(source, np.arange(len(source)))[1]
+
+
+def validation_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(train, validation)` example indices: a stratified, deterministic split of `labels`.
+
+    round(fraction * N) examples (at least 1) are held out, each class contributing in
+    proportion to its size (largest remainder, ties to the lower class index); which
+    examples is drawn from `seed` alone. Both index arrays are sorted and disjoint, and
+    together they cover every example once.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction!r}")
+    total = max(1, int(round(fraction * n)))
+    if total >= n:
+        raise ValueError(f"validation_split={fraction} of {n} examples leaves none to train on")
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * (total / n)
+    quota = np.floor(exact).astype(np.int64)
+    order = np.lexsort((np.arange(len(classes)), -(exact - quota)))  # largest remainder first
+    quota[order[: total - int(quota.sum())]] += 1
+    rng = np.random.default_rng([int(seed), _VALIDATION_STREAM])
+    held = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, quota)]
+    validation = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    train = np.setdiff1d(np.arange(n), validation, assume_unique=True)
+    return train, validation
+
+
 def read_arrays(source: Any, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Images (N,H,W,C) uint8 and labels (N,) int32 of `source` at `indices`, read in chunks."""
     indices = np.asarray(indices, dtype=np.int64)
