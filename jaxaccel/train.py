@@ -750,13 +750,67 @@ def _check_model(config: ml_collections.ConfigDict, setup: Setup) -> None:
             f"{' '.join(str(e).split())[:300]}") from e
 
 
+def _trained_steps(workdir: str) -> int | None:
+    """The newest checkpoint step in `workdir` (None: nothing trained yet)."""
+    steps = [int(n) for n in _listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+    return max(steps) if steps else None
+
+
+def _listdir(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+def extension_problem(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                      trained: int) -> str | None:
+    """Why resuming a run that trained `trained` steps under `saved` with `config`'s different
+    `num_steps` would silently change it (None if it would not).
+
+    `num_steps` is the one run-time key that can change what a resumed run computes: a
+    schedule that spans the run (cosine, warmup_cosine) would decay over a different length
+    (the learning rate of the steps still to come jumps), IMP rounds of `num_steps` would
+    change length, and fewer steps than already trained cannot be honoured. A constant or
+    piecewise (absolute boundaries) schedule extends exactly: the first `trained` steps are
+    those of a run planned with the new length, so such a run continues (and says so).
+    """
+    old, new = saved.num_steps, config.num_steps
+    if tuple(config.stages):
+        return None  # explicit stages: each has its own `steps`; num_steps is unused
+    if new < trained:
+        return (f"num_steps={new} is fewer than the {trained} steps this run already trained")
+    if config.imp.rounds and not config.imp.steps:
+        return (f"num_steps {old} -> {new} would change the length of every IMP round "
+                f"(imp.steps=0 means rounds of num_steps)")
+    schedule = config.optimizer.schedule
+    if schedule in ("cosine", "warmup_cosine"):
+        before = float(make_schedule(saved.optimizer, old)(trained))
+        after = float(make_schedule(config.optimizer, new)(trained))
+        return (f"num_steps {old} -> {new}: optimizer.schedule={schedule!r} decays over "
+                f"num_steps, so the learning rate at step {trained} would jump from "
+                f"{before:.2g} to {after:.2g}")
+    return None
+
+
 def _prepare_workdir(config, workdir: str, *, overwrite: bool, is_main: bool) -> None:
-    """Refuse to mix experiments in one workdir; write config.json for a new run."""
+    """Refuse to mix experiments in one workdir (or to change a run silently on resume);
+    write config.json for a new run."""
     path = os.path.join(workdir, "config.json")
     if os.path.isfile(path):
         with open(path) as f:
             saved = config_lib.from_json(f.read())
         diff = config_lib.differences(saved, config)
+        trained = _trained_steps(workdir)
+        if saved.num_steps != config.num_steps and trained is not None:
+            problem = extension_problem(saved, config, trained)
+            if problem is not None and not overwrite:
+                raise config_lib.ConfigError(
+                    f"workdir {workdir!r}: {problem}; use a new --workdir, or --overwrite to "
+                    f"start again")
+            if problem is not None:
+                diff.append(problem)
+            elif not tuple(config.stages):
+                log.info("extending the run in %s: num_steps %d -> %d (schedule %r does not "
+                         "depend on num_steps; continuing from step %d)", workdir,
+                         saved.num_steps, config.num_steps, config.optimizer.schedule, trained)
         if diff and not overwrite:
             raise config_lib.ConfigError(
                 f"workdir {workdir!r} holds a different experiment ({'; '.join(diff[:3])}"
