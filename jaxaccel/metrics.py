@@ -129,14 +129,17 @@ def read_metrics(workdir: str, *, raw: bool = False) -> Iterator[dict]:
 
 
 class Progress:
-    """A tqdm bar with live metrics on a terminal; plain log lines otherwise."""
+    """A tqdm bar with live metrics on a terminal; plain log lines otherwise, each prefixed
+    with `label` (the stage name) so a log shows which stage a loss belongs to."""
 
-    def __init__(self, total: int, start: int, *, enabled: bool = True):
+    def __init__(self, total: int, start: int, *, enabled: bool = True, label: str = ""):
         self.enabled = enabled
         self.bar = None
+        self.prefix = f"[{label}] " if label else ""
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                            desc=label or None)
         self.last = start
 
     def update(self, step: int, row: dict) -> None:
@@ -147,8 +150,8 @@ class Progress:
             self.bar.update(step - self.last)
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
         else:
-            print(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in shown.items()),
-                  flush=True)
+            print(f"{self.prefix}step {step}: "
+                  + " ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
         self.last = step
 
     def close(self) -> None:

@@ -459,6 +459,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
             if i < resume_stage:
                 continue
             row = {"name": st.name, "kind": st.kind, "steps": st.steps}
+            if is_main and config.progress:
+                log.info("stage %d/%d %r: %s%s", i + 1, len(stages), st.name, st.kind,
+                         f", {st.steps} steps" if st.kind == "train" else "")
             if st.kind == "train":
                 runner = runner_for(i)
                 if i == resume_stage and restored is not None:
@@ -493,6 +496,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
             row.update(**evaluate.row(result),
                        **stages_lib.weight_stats(evaluated["params"], evaluated["masks"], bits))
             evaluate.write(writer, offsets[i + 1], result, st.name)
+            if is_main and config.progress:
+                log.info("[%s] %s", st.name, _row_summary(row))
             rows.append(row)
             final = row
         checkpointer.close()
@@ -518,6 +523,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     if is_main:
         io.write_json(os.path.join(workdir, "results.json"), results)
     return results
+
+
+def _row_summary(row: dict) -> str:
+    """A stage row in one log line: its accuracies, sparsity, bits and deployed model."""
+    keys = ("validation_accuracy", "test_accuracy", "sparsity", "bits", "deployed")
+    return " ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+                    for k in keys if row.get(k) is not None)
 
 
 def _transform(st, i, carry, snapshot, config, setups, first, batches, evaluate, mesh,
@@ -603,7 +615,7 @@ def train_loop(runner: Runner, state: TrainState, batches, evaluate: Callable, c
     stage_name = (meta or {}).get("stage_name", "train")
     start = runner.host_step(state)
     progress = metrics.Progress(step_offset + num_steps, step_offset + start,
-                                enabled=show_progress)
+                                enabled=show_progress, label=stage_name)
     window, rates, nonfinite, timed_steps = [], [], 0, 0
     compile_seconds = None
     # XLA:CPU can deadlock in a collective's rendezvous when two multi-device steps are in

@@ -238,3 +238,18 @@ def test_iterative_pruning_stages_follow_han_schedule():
             assert abs((1 - p.prune.per_layer[k]) - (1 - v) ** (r / 3)) < 1e-12
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         stages.iterative_pruning(final, rounds=0, dense_steps=1, retrain_steps=1)
+
+
+def test_console_lines_name_their_stage(tmp_path, capsys, caplog):
+    c = pipeline_config()
+    c.dataset.name = "digits"
+    c.progress, c.log_every = True, 2
+    c.stages = (stages.stage("dense", "train", steps=2),
+                stages.stage("prune", "prune", prune={"method": "one_shot", "sparsity": 0.5}),
+                stages.stage("finetune", "train", steps=2))
+    with caplog.at_level("INFO", logger="jaxaccel"):
+        jaxaccel.train(c, str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "[dense] step 2: loss=" in out and "[finetune] step 4: loss=" in out
+    assert "stage 3/3 'finetune': train, 2 steps" in caplog.text
+    assert "[prune] test_accuracy=" in caplog.text and "sparsity=0.5" in caplog.text
