@@ -41,72 +41,140 @@ class ConfigError(ValueError):
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Every key the trainer reads, with its default. Experiments override a few."""
+    """Every key the trainer reads, with its default (what each means: `KEY_HELP`, or
+    `jaxaccel config`). Experiments override a few."""
+    from jaxaccel import stages  # the stage schema; imports nothing of jaxaccel
+
     c = ml_collections.ConfigDict()
     c.seed = 0
-
-    c.dataset = ml_collections.ConfigDict()
-    c.dataset.name = "mnist5k"
-    c.dataset.path = ""            # image_folder: root with train/ and test/ subfolders
-    c.dataset.data_dir = ""        # "" -> $JAXACCEL_DATA_DIR or ~/.cache/jaxaccel/tfds
-    c.dataset.train_split = "train"
-    c.dataset.test_split = "test"
-    c.dataset.crop_padding = 0     # random crop after zero padding (0 = off)
-    c.dataset.flip = False         # random horizontal flip
-    c.dataset.validation_split = 0.0  # fraction of train held out for validation (0 = off)
-    c.dataset.validation_seed = 0  # which examples are held out (stratified), not the run's seed
-    c.dataset.image_size = (0, 0)  # image_folder: resize every image to (H, W); (0, 0) = as is
-
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "cnn3"
-    c.model.width = 1.0
-    c.model.dtype = "float32"
-    c.model.conv_impl = "auto"
-    c.model.kwargs = ml_collections.ConfigDict()  # extra model fields, e.g. padding="SAME"
-
-    c.batch_size = 128             # global, across all devices and processes
+    c.dataset = ml_collections.ConfigDict(dict(
+        name="mnist5k", path="", data_dir="", train_split="train", test_split="test",
+        crop_padding=0, flip=False, validation_split=0.0, validation_seed=0, image_size=(0, 0)))
+    c.model = ml_collections.ConfigDict(dict(
+        name="cnn3", width=1.0, dtype="float32", conv_impl="auto",
+        kwargs=ml_collections.ConfigDict()))
+    c.batch_size = 128
     c.eval_batch_size = 512
     c.num_steps = 1000
     c.label_smoothing = 0.0
-
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "adam"
-    c.optimizer.lr = 1e-3
-    c.optimizer.momentum = 0.9     # sgd
-    c.optimizer.nesterov = False   # sgd
-    c.optimizer.b1 = 0.9           # adam/adamw
-    c.optimizer.b2 = 0.999
-    c.optimizer.weight_decay = 0.0  # adamw: decoupled; sgd/adam: added to the gradient (L2)
-    c.optimizer.grad_clip_norm = 0.0  # 0 = off
-    c.optimizer.schedule = "constant"
-    c.optimizer.warmup_steps = 0
-    c.optimizer.boundaries = (0,)  # piecewise: steps where lr is multiplied by decay_factor
-    c.optimizer.decay_factor = 0.1
-
-    c.parallel = ml_collections.ConfigDict()
-    c.parallel.strategy = "data"
-    c.parallel.cpu_devices = 0     # >0: simulate this many CPU devices (before the backend starts)
-    c.parallel.num_devices = 0     # >0: use only the first N devices (single process); 0 = all
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator_address = ""  # host:port; "" -> env vars or single process
-    c.distributed.num_processes = 0
-    c.distributed.process_id = -1
-
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adam", lr=1e-3, momentum=0.9, nesterov=False, b1=0.9, b2=0.999,
+        weight_decay=0.0, grad_clip_norm=0.0, schedule="constant", warmup_steps=0,
+        boundaries=(0,), decay_factor=0.1))
+    c.parallel = ml_collections.ConfigDict(dict(strategy="data", cpu_devices=0, num_devices=0))
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address="", num_processes=0, process_id=-1))
     c.log_every = 50
-    c.eval_every = 0               # 0 -> only at the end
+    c.eval_every = 0
     c.checkpoint_every = 500
     c.keep_checkpoints = 2
-    c.progress = True              # progress bar when attached to a terminal
-    c.init_from = ""               # workdir or checkpoint dir to start from (transfer learning)
+    c.progress = True
+    c.init_from = ""
     c.nonfinite = "stop"
-
-    # Multi-stage pipelines (see jaxaccel/stages.py): () = one train stage of num_steps.
-    from jaxaccel import stages  # local: stages imports nothing heavy
     c.stages = ()
     c.imp = stages.imp_defaults()
-    c.rewind_step = 0              # snapshot for `rewind` stages: weights after this many steps
+    c.rewind_step = 0
     return c
+
+
+# One line per key of `default_config()` (tests/test_config.py checks none is missing).
+KEY_HELP: dict[str, str] = {
+    "seed": "seeds initialisation, data order and augmentation (not the validation split)",
+    "dataset.name": "a built-in, catalog or image_folder dataset (`jaxaccel datasets`)",
+    "dataset.path": "image_folder: ROOT with train/<class>/* and test/<class>/* images",
+    "dataset.data_dir": "where prepared datasets live; '' = $JAXACCEL_DATA_DIR or "
+                        "~/.cache/jaxaccel/tfds",
+    "dataset.train_split": "the split trained on (TFDS slicing allowed, e.g. train[:50%])",
+    "dataset.test_split": "the split reported as test (never used to select anything)",
+    "dataset.crop_padding": "random crop after zero padding by this many pixels (0 = off)",
+    "dataset.flip": "random horizontal flips",
+    "dataset.validation_split": "fraction of the train split held out for validation, "
+                                "stratified (0 = none); selection reads it",
+    "dataset.validation_seed": "which examples are held out (fixed across runs and seeds)",
+    "dataset.image_size": "image_folder: resize every image to (H, W); (0, 0) = keep the size "
+                          "(all images must then have one size)",
+    "model.name": "a registered model",
+    "model.width": "multiplies the model's default layer widths",
+    "model.dtype": "compute dtype (params stay float32)",
+    "model.conv_impl": "how convs and pools are lowered (never which params exist)",
+    "model.kwargs": "other model fields, e.g. padding='SAME' for lenet5 (checked against "
+                    "the model)",
+    "batch_size": "global batch, over all devices and processes",
+    "eval_batch_size": "global batch of evaluation passes",
+    "num_steps": "training steps (of the single train stage when `stages` is empty)",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "optimizer.name": "the optax optimizer",
+    "optimizer.lr": "peak learning rate",
+    "optimizer.momentum": "sgd momentum (0 = plain sgd)",
+    "optimizer.nesterov": "sgd: Nesterov momentum",
+    "optimizer.b1": "adam/adamw beta1",
+    "optimizer.b2": "adam/adamw beta2",
+    "optimizer.weight_decay": "adamw: decoupled decay; sgd/adam: L2 added to the gradient",
+    "optimizer.grad_clip_norm": "clip gradients to this global norm (0 = off)",
+    "optimizer.schedule": "learning-rate schedule (cosine ones decay over the stage's steps)",
+    "optimizer.warmup_steps": "warmup_cosine: linear warmup steps",
+    "optimizer.boundaries": "piecewise: steps where lr is multiplied by decay_factor",
+    "optimizer.decay_factor": "piecewise: the factor at each boundary",
+    "parallel.strategy": "data (jit, batch sharded), fsdp (params sharded too), pmap",
+    "parallel.cpu_devices": "> 0: simulate this many CPU devices (before JAX starts)",
+    "parallel.num_devices": "> 0: use only the first N devices (single process); 0 = all",
+    "distributed.coordinator_address": "multi-process: host:port of process 0; '' = "
+                                       "environment or single process",
+    "distributed.num_processes": "multi-process: number of processes (0 = from environment)",
+    "distributed.process_id": "multi-process: this process's index (-1 = from environment)",
+    "log_every": "steps between train metrics rows",
+    "eval_every": "steps between validation/test evaluations (0 = only at stage ends)",
+    "checkpoint_every": "steps between checkpoints",
+    "keep_checkpoints": "checkpoints kept",
+    "progress": "progress lines (a bar on a terminal)",
+    "init_from": "a workdir to start from (transfer learning; mismatched shapes re-initialised)",
+    "nonfinite": "on a non-finite loss or gradient: stop, or skip the update",
+    "stages": "a multi-stage pipeline: a tuple of jaxaccel.stages.stage(...); () = one train "
+              "stage of num_steps",
+    "imp.rounds": "iterative magnitude pruning rounds (train -> prune -> rewind), 0 = off",
+    "imp.rate": "IMP: fraction of the remaining weights pruned per round",
+    "imp.per_layer_rates": "IMP: per-layer rates, e.g. {'fc3/kernel': 0.1}",
+    "imp.rewind": "IMP: rewind to the snapshot at rewind_step, or to random weights (control)",
+    "imp.steps": "IMP: training steps per round (0 = num_steps)",
+    "rewind_step": "rewind stages go back to the weights after this many steps",
+}
+
+
+def describe(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """One row per leaf key of `config` (stage sections written out as `stages.<i>.<key>`):
+    `key`, `value`, `default` (the schema's), `type`, `choices` (tuple or None), `help`."""
+    from jaxaccel import data, models
+    from jaxaccel import stages as stages_lib
+    choices = {**CHOICES, "model.name": tuple(sorted(models.MODELS)),
+               "dataset.name": (*data.DATASETS, data.FOLDER_DATASET),
+               "model.conv_impl": models.CONV_IMPLS, "imp.rewind": stages_lib.REWIND_TO,
+               **{f"stages.*.{k}": v for k, v in stages_lib.choices().items()}}
+    schema, stage_schema = default_config(), stages_lib.stage("name", "train")
+    rows = []
+    for key, text in _flat_items(from_json(to_json(config))):
+        generic = re.sub(r"^stages\.\d+\.", "stages.*.", key)
+        value = json.loads(text)
+        if generic.startswith("stages.*."):
+            field = generic[len("stages.*."):]
+            default = _get_or_none(stage_schema, field)
+            help_ = stages_lib.KEY_HELP.get(field) or stages_lib.KEY_HELP.get(
+                field.split(".")[0], "")
+        else:
+            default = _get_or_none(schema, key)
+            help_ = KEY_HELP.get(key) or KEY_HELP.get(key.rsplit(".", 1)[0], "")
+        rows.append({"key": key, "value": value, "default": default,
+                     "type": type(default if default is not None else value).__name__,
+                     "choices": choices.get(generic), "help": help_})
+    return rows
+
+
+def _get_or_none(config: ml_collections.ConfigDict, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+            return None
+        node = node[part]
+    return node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
 
 
 def load_experiment(path: str, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
@@ -445,7 +513,7 @@ def differences(saved: ml_collections.ConfigDict, requested: ml_collections.Conf
 
 def _flat_items(node: Any, prefix: str = ""):
     """(dotted key, JSON value) pairs; lists of sections are indexed: `stages.1.prune.sparsity`."""
-    if isinstance(node, (dict, ml_collections.ConfigDict)):
+    if isinstance(node, (dict, ml_collections.ConfigDict)) and (len(node) or not prefix):
         for k, v in node.items():
             yield from _flat_items(v, f"{prefix}{k}.")
     elif isinstance(node, (list, tuple)) and any(isinstance(v, (dict, ml_collections.ConfigDict))

@@ -39,6 +39,51 @@ REWIND_TO = ("snapshot", "random")
 EVALUATE_PRUNE_METHODS = ("none", "one_shot")  # evaluate with one-shot masks, state unchanged
 
 
+def choices() -> dict[str, tuple]:
+    """The valid values of a stage's choice fields (`stages.<i>.<key>`)."""
+    from jaxaccel.compress import prune, quant
+    return {"kind": KINDS, "prune.method": PRUNE_METHODS, "prune.scope": prune.SCOPES,
+            "prune.granularity": prune.GRANULARITIES, "prune.distribution": prune.DISTRIBUTIONS,
+            "quant.mode": QUANT_MODES, "quant.observer": quant.OBSERVERS, "rewind": REWIND_TO}
+
+
+# One line per field of a stage (`jaxaccel config` shows them).
+KEY_HELP: dict[str, str] = {
+    "name": "the stage's name (rows, metrics and logs carry it)",
+    "kind": "train | prune | rewind | quantize | evaluate",
+    "steps": "train stages: optimizer steps",
+    "optimizer": "train stages: overrides of the config's optimizer fields",
+    "prune.method": "one_shot / imp (prune stages), gradual (train stages), one_shot (evaluate)",
+    "prune.sparsity": "one_shot / gradual: target fraction of kernel weights pruned",
+    "prune.initial": "gradual: sparsity at begin_step",
+    "prune.begin_step": "gradual: first pruning step of the stage",
+    "prune.end_step": "gradual: last pruning step (0 = 3/4 of the stage)",
+    "prune.frequency": "gradual: steps between mask updates",
+    "prune.scope": "rank weights per layer or across all layers",
+    "prune.granularity": "unstructured weights, whole output channels, or n:m blocks",
+    "prune.n": "n:m: weights kept per block",
+    "prune.m": "n:m: block size",
+    "prune.norm": "channel: the norm ranking channels (1 or 2)",
+    "prune.distribution": "per-layer sparsity: uniform, or erk (Evci et al.)",
+    "prune.skip_first": "leave the first layer dense",
+    "prune.skip_last": "leave the last layer dense",
+    "prune.rate": "imp: fraction of the remaining weights pruned this round",
+    "prune.round": "imp: the round (set by expansion)",
+    "prune.per_layer_rates": "imp: per-layer rates, e.g. {'fc3/kernel': 0.1}",
+    "prune.per_layer": "one_shot / gradual: per-layer sparsities, e.g. {'fc1/kernel': 0.9}",
+    "quant.mode": "ptq (quantize stages) or qat (train stages)",
+    "quant.weight_bits": "weight bits, 2..8",
+    "quant.act_bits": "activation bits, 2..8",
+    "quant.per_channel": "weights: one scale per output channel (else per tensor)",
+    "quant.symmetric": "weights symmetric (activations are asymmetric, per tensor)",
+    "quant.observer": "activation range observer",
+    "quant.calibration_batches": "ptq: training batches used to calibrate activations",
+    "quant.delay": "qat: steps before fake-quant switches on",
+    "quant.int8": "ptq: also run real int8 inference (8-bit symmetric only)",
+    "rewind": "rewind stages: to the snapshot at rewind_step, or to random weights",
+}
+
+
 def prune_defaults() -> ml_collections.ConfigDict:
     """Fields of a stage's `prune` section (magnitude_masks arguments + schedule)."""
     p = ml_collections.ConfigDict()
@@ -207,6 +252,12 @@ def _validate(i: int, s: ml_collections.ConfigDict) -> None:
             raise ValueError(f"{where}.quant.{key}={s.quant[key]} must be in 2..8")
     if not 0.0 <= s.prune.sparsity < 1.0:
         raise ValueError(f"{where}.prune.sparsity={s.prune.sparsity} must be in [0, 1)")
+    for key, valid in choices().items():
+        section, _, field = key.rpartition(".")
+        value = s[section][field] if section else s[field]
+        if value not in valid:
+            raise ValueError(f"{where}.{key}={value!r} is not valid; choose one of: "
+                             f"{', '.join(map(str, valid))}")
 
 
 def stage_optimizer(config: ml_collections.ConfigDict,

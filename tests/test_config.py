@@ -159,3 +159,20 @@ def test_experiment_file_is_imported_once(tmp_path):
     config_lib.load_experiment(str(path))
     sweep.load_sweep(str(path))
     assert builtins.jaxaccel_imports == 1
+
+
+def test_every_key_is_documented_and_described():
+    c = config_lib.default_config()
+    leaves = [k for k in config_lib.flat_keys(c)]
+    assert sorted(set(leaves) - {"model.kwargs"} - set(config_lib.KEY_HELP)) == []
+    from jaxaccel import stages
+    c.stages = (stages.stage("t", "train", steps=3, optimizer={"lr": 0.1}),)
+    c.optimizer.name = "sgd"
+    rows = {r["key"]: r for r in config_lib.describe(c)}
+    assert rows["optimizer.name"] == {"key": "optimizer.name", "value": "sgd", "default": "adam",
+                                      "type": "str", "choices": ("sgd", "adam", "adamw"),
+                                      "help": config_lib.KEY_HELP["optimizer.name"]}
+    assert rows["stages.0.optimizer.lr"]["value"] == 0.1
+    assert rows["stages.0.prune.granularity"]["choices"] == ("unstructured", "channel", "n:m")
+    assert all(r["help"] for r in rows.values()), [k for k, r in rows.items() if not r["help"]]
+    assert rows["optimizer.boundaries"]["type"] == "tuple"

@@ -13,6 +13,7 @@ from jaxaccel.compress import quant as q
 from jaxaccel.compress.fold import fold_bn
 from jaxaccel.models import get_model, init_variables
 from jaxaccel.models.layers import conv
+from ties import assert_equal_up_to_ties
 
 
 def _digits():
@@ -72,7 +73,7 @@ def test_int8_matches_fake_quant_on_trained_model(trained, skip):
         # fused hand-offs (plain flax layers: int8 codes through ReLU / max-pool): same numbers
         plain = model.clone(conv_impl="xla")
         fused = jax.jit(lambda m, x: i8.int8_apply(plain, m, x, fuse=True))(qm, x)
-        np.testing.assert_allclose(fused, out, rtol=1e-5, atol=1e-5)
+        assert_equal_up_to_ties(fused, out)  # fused XLA vs kernel: a tie may flip one code
 
 
 def test_int8_kernels_are_int8_and_float_copy_dropped(trained):
@@ -215,7 +216,7 @@ def test_no_fusion_through_non_monotone_ops():
     assert i8.fusion_plan(model, qm, x) == {"c4": "d"}
     fq = jax.jit(lambda v, x: q.apply_fake_quant(model, v, x, act))(variables, x)
     out = jax.jit(lambda m, x: i8.int8_apply(model, m, x, fuse=True))(qm, x)
-    np.testing.assert_allclose(out, fq, rtol=1e-4, atol=1e-4)
+    assert_equal_up_to_ties(out, fq, rtol=1e-4, atol=1e-4)
 
 
 class _Conv(nn.Module):
