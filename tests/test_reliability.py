@@ -421,23 +421,22 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write(reference, tmp_path):
 
 @pytest.mark.multiprocess
 def test_sigkill_at_random_moments_then_resume_gives_identical_params(reference, tmp_path):
-    """Kill a real run twice at random moments (mostly inside the per-step saves)."""
+    """Kill a real run twice at random moments (mostly inside the per-step saves).
+
+    Each kill is placed by progress, not by the clock (a random number of new checkpoints,
+    then a random few milliseconds), so it lands mid-run on a slow or a fast CPU alike."""
     exp = experiment_file(tmp_path, checkpoint_every=1, log_every=1, keep_checkpoints=2)
     wd = str(tmp_path / "run")
     rng = random.Random(1234)
     kills = 0
     for _ in range(2):
         before = latest_step(wd)
-        if before >= 20:  # an earlier run got to the end before its kill: nothing left to cut
-            break
+        target = min(before + rng.randint(1, 6), 15)  # 5 steps (and saves) before the end
         proc = subprocess.Popen(train_argv(exp, wd), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        # Wait for a checkpoint this process wrote; a run resumed near the end may instead
-        # finish first, which is fine as long as it finished cleanly.
-        wait_until(lambda: latest_step(wd) > before or proc.poll() is not None, None,
-                   "a new checkpoint")
-        if proc.poll() is None:
-            time.sleep(rng.uniform(0.0, 1.0))
+        wait_until(lambda: latest_step(wd) >= target or proc.poll() is not None, None,
+                   f"checkpoint {target}")
+        time.sleep(rng.uniform(0.0, 0.03))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
