@@ -244,26 +244,39 @@ def zhu_gupta(workdir: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def early_stop_iterations(run: Run) -> dict[str, int]:
-    """Per train stage: the stage iteration with the minimum test loss (evaluated every
-    `eval_every` steps and at the stage's end)."""
+def early_stops(run: Run) -> dict[str, tuple[int, float | None]]:
+    """Per train stage: (iteration, test accuracy % there) of the evaluation with the minimum
+    validation loss (evaluations every `eval_every` steps and at the stage's end). The test
+    split is only read at the iteration validation chose. Runs without a validation split
+    (written before it existed) select on test loss, as they did then."""
     offsets = run.stage_offsets()
+    rows = [r for r in metrics.read_metrics(run.workdir)
+            if r.get("stage") in offsets and run.rows[r["stage"]]["kind"] == "train"
+            and int(r["step"]) > offsets[r["stage"]]]
+    select = "validation" if any(r.get("split") == "validation" for r in rows) else "test"
+    test_acc = {(r["stage"], int(r["step"])): float(r["accuracy"]) for r in rows
+                if r.get("split") == "test"}
     best: dict[str, tuple[float, int]] = {}
-    for row in metrics.read_metrics(run.workdir):
-        name = row.get("stage")
-        if row.get("split") != "test" or name not in offsets or run.rows[name]["kind"] != "train":
-            continue
-        it = int(row["step"]) - offsets[name]
-        if it <= 0:
-            continue
-        if name not in best or row["loss"] < best[name][0]:
-            best[name] = (float(row["loss"]), it)
-    return {k: v[1] for k, v in best.items()}
+    for row in rows:
+        name = row["stage"]
+        if row.get("split") == select and (name not in best or row["loss"] < best[name][0]):
+            best[name] = (float(row["loss"]), int(row["step"]))
+    out = {}
+    for name, (_, step) in best.items():
+        acc = test_acc.get((name, step))
+        out[name] = (step - offsets[name], None if acc is None else 100.0 * acc)
+    return out
+
+
+def selection_split(runs: list[Run]) -> str:
+    """"validation" if the runs held out a validation split, else "test" (older runs)."""
+    return "validation" if all(r.results.get("num_validation_examples") for r in runs) else "test"
 
 
 def lottery(workdir: str) -> str:
     runs = finished_runs(workdir)
-    stops = {r.seed: early_stop_iterations(r) for r in runs}
+    stops = {r.seed: early_stops(r) for r in runs}
+    split = selection_split(runs)
     rounds = sorted({int(m.group(1)) for r in runs for n in r.rows
                      if (m := re.match(r"^round(\d+)/train$", n))})
     dense = {r.seed: r.acc("round0/train") for r in runs}
@@ -275,20 +288,25 @@ def lottery(workdir: str) -> str:
         reinit = [r.acc(q) for r in runs] if k else []
         ticket_gap[k] = diffs(runs, lambda r: r.acc(t), lambda r: dense[r.seed])
         reinit_gap[k] = diffs(runs, lambda r: r.acc(q), lambda r: dense[r.seed]) if k else []
-        it_t = [stops[r.seed].get(t) for r in runs]
-        it_q = [stops[r.seed].get(q) for r in runs] if k else []
+        stop_t = [stops[r.seed].get(t, (None, None)) for r in runs]
+        stop_q = [stops[r.seed].get(q, (None, None)) for r in runs] if k else []
         rows.append([str(k), f"{statistics.fmean(remaining):.1f}%", fmt(ticket),
                      fmt(reinit) if k else "—", fmt(ticket_gap[k], sign=True),
                      fmt(reinit_gap[k], sign=True) if k else "—",
-                     fmt(it_t, 0), fmt(it_q, 0) if k else "—"])
+                     fmt([it for it, _ in stop_t], 0), fmt([it for it, _ in stop_q], 0) if k else "—",
+                     fmt([a for _, a in stop_t]), fmt([a for _, a in stop_q]) if k else "—"])
     out = ["## Frankle & Carbin 2019 — lottery tickets, LeNet-300-100 on mnist5k", "",
            f"IMP, 20% of each hidden layer and 10% of the output layer per round, reset to the "
            f"initial weights; control: the same mask with fresh random weights. {seeds_note(runs)}. "
            f"Accuracy at the end of each round's training; early-stop iteration = iteration "
-           f"of minimum test loss.", ""]
+           f"of minimum {split} loss"
+           + (f" (validation: {runs[0].results['num_validation_examples']} training images "
+              f"held out), with the test accuracy at that iteration." if split == "validation"
+              else " (these runs had no validation split: a test-split choice)."), ""]
     out += table(["round", "weights remaining", "ticket %", "random reinit %",
                   "ticket − dense", "reinit − dense", "early-stop iter (ticket)",
-                  "early-stop iter (reinit)"], rows)
+                  "early-stop iter (reinit)", "ticket % at early stop",
+                  "reinit % at early stop"], rows)
     holds_down_to = None
     for k in rounds:
         if ticket_gap[k] and statistics.fmean(ticket_gap[k]) >= -0.5:
@@ -313,8 +331,8 @@ def lottery(workdir: str) -> str:
             "tickets reach higher test accuracy than the dense network down to ~13.5% of the "
             "weights remaining, early-stop 38% earlier at 21%, and fall back to the dense "
             "accuracy at ~3.6%; randomly re-initialized networks with the same masks degrade "
-            "steadily. Early stopping here reads the test split (mnist5k has no validation "
-            "split); it only picks the reported iteration, never the model."]
+            "steadily. The early-stop iteration is chosen on the validation split "
+            "(`dataset.validation_split`); test accuracy is read only at that iteration."]
     return "\n".join(out) + "\n"
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from jaxaccel import config as config_lib
+from jaxaccel import metrics
 from jaxaccel import models, stages, sweep
 from jaxaccel.compress import prune
 
@@ -311,6 +312,14 @@ def test_lottery_smoke_run_through_sweep_and_table(tmp_path):
     rows = [x for x in text.splitlines() if x.startswith("| 1 |")]
     assert rows and "80.0%" in rows[0]  # 0.8 of fc1, fc2 and 0.9 of fc3 kept
     run = tables.finished_runs(str(tmp_path))[0]
-    stops = tables.early_stop_iterations(run)
+    assert run.results["num_validation_examples"] == 400  # selection reads validation
+    assert "minimum validation loss" in text
+    stops = tables.early_stops(run)
     assert set(stops) == {"round0/train", "round1/reinit_train", "round1/train"}
-    assert all(it in (5, 10) for it in stops.values())
+    assert all(it in (5, 10) and 0 <= acc <= 100 for it, acc in stops.values())
+    validation = {(r["stage"], r["step"]): r["loss"] for r in metrics.read_metrics(run.workdir)
+                  if r["split"] == "validation"}
+    for stage, (it, acc) in stops.items():  # the iteration of minimum validation loss
+        offset = run.stage_offsets()[stage]
+        losses = {s - offset: loss for (name, s), loss in validation.items() if name == stage}
+        assert it == min(losses, key=losses.get)
