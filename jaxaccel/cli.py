@@ -29,7 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `jaxaccel` argument parser, every subcommand included (public so tests and
+    docs can walk it, e.g. to check that every flag has help)."""
     p = argparse.ArgumentParser(prog="jaxaccel", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name, (module, help_) in COMMANDS.items():
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command in `argv` (None: this process's command line, i.e. run as a program)."""
     program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
+    parser = build_parser()
     known, extra = parser.parse_known_args(argv)
     overrides = [a[len("--config."):] for a in extra if a.startswith("--config.")]
     unknown = [a for a in extra if not a.startswith("--config.")]

@@ -1,9 +1,13 @@
-"""The `jaxaccel` command: bad input gives one line and exit status 2; workdirs survive."""
+"""The `jaxaccel` command: bad input gives one line and exit status 2; workdirs survive;
+every flag has help."""
+import argparse
 import os
 import subprocess
 import sys
 
 import pytest
+
+from jaxaccel import cli
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "digits_lenet5.py")
 
@@ -67,3 +71,57 @@ def test_datasets_lists_builtins():
     assert proc.returncode == 0, proc.stderr
     for name in ("digits", "mnist5k", "image_folder"):
         assert name in proc.stdout
+
+
+# Arguments without help that live in files outside this change; remove each entry as soon
+# as its owner adds the help (the test then fails until the entry is gone, keeping this exact).
+KNOWN_MISSING_HELP = {"compress package WORKDIR", "compress export WORKDIR"}
+
+
+def _arguments(parser: argparse.ArgumentParser, path: str = "jaxaccel"):
+    """(where, name, help) of every argument and subcommand in the tree below `parser`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                yield path, choice.dest, choice.help
+            for name, sub in action.choices.items():
+                yield from _arguments(sub, f"{path} {name}")
+            continue
+        name = action.option_strings[0] if action.option_strings else (action.metavar or action.dest)
+        yield path, name, action.help
+
+
+def test_every_argument_has_help():
+    found = list(_arguments(cli.build_parser()))
+    where = {w for w, _, _ in found}
+    # The walk reaches every subcommand and the nested ones.
+    assert {f"jaxaccel {c}" for c in cli.COMMANDS} <= where
+    assert {f"jaxaccel compress {c}" for c in ("report", "package")} <= where
+    assert ("jaxaccel bench", "suite") in {(w, n) for w, n, _ in found}
+    missing = {f"{w.removeprefix('jaxaccel ')} {n}" for w, n, h in found
+               if not (h and h.strip() and h != argparse.SUPPRESS)}
+    assert missing == KNOWN_MISSING_HELP, (
+        f"arguments without help: {sorted(missing - KNOWN_MISSING_HELP)}; "
+        f"now with help, drop from KNOWN_MISSING_HELP: {sorted(KNOWN_MISSING_HELP - missing)}")
+
+
+def test_datasets_says_built_on_first_use_not_not_prepared(tmp_path, capsys):
+    from jaxaccel import data
+    empty, ready = str(tmp_path / "empty"), str(tmp_path / "ready")
+    assert cli.main(["datasets", "--data-dir", empty]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    for name in ("digits", "mnist5k", "image_folder"):
+        assert "built on first use (offline)" in rows[name], rows[name]
+        assert "not prepared" not in rows[name]
+    assert rows["digits"].split()[1] == "built-in" and rows["image_folder"].split()[1] == "folder"
+    assert rows["cifar10"].split()[1] == "catalog"
+    assert "not prepared: needs `tfds build cifar10` on a machine with internet" in rows["cifar10"]
+    assert f"data dir: {empty}" in rows["data"]
+    assert not os.path.exists(empty)  # listing prepares nothing
+    data.prepare("digits", data_dir=ready)
+    assert cli.main(["datasets", "--data-dir", ready]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert rows["digits"].split()[1:] == ["built-in", "prepared"]
+    assert "built on first use (offline)" in rows["mnist5k"]

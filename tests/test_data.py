@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
+import subprocess
+import sys
 from unittest import mock
 
 import jax
@@ -16,7 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import jaxaccel.data as data
-from jaxaccel.data import DatasetSpec, TrainBatches, eval_batches
+from jaxaccel.data import DatasetSpec, TrainBatches, builders, eval_batches
 
 # ---------------------------------------------------------------------------------------
 # Fixtures
@@ -171,13 +175,57 @@ def test_source_access_and_slicing(data_dir):
         data.get_source("digits", "validation", data_dir=data_dir)
 
 
+def _listed(data_dir: str) -> dict[str, data.DatasetStatus]:
+    return {d.name: d for d in data.list_datasets(data_dir)}
+
+
 def test_list_datasets(data_dir, tmp_path):
-    listed = dict(data.list_datasets(data_dir))
+    listed = _listed(data_dir)
     assert set(listed) == set(data.DATASETS)
-    assert not listed["cifar10"]
+    assert listed["cifar10"] == data.DatasetStatus("cifar10", "catalog", False)
+    assert {listed[n].kind for n in ("digits", "mnist5k")} == {"builtin"}
     data.prepare("digits", data_dir=data_dir)
-    assert dict(data.list_datasets(data_dir))["digits"]
-    assert not dict(data.list_datasets(str(tmp_path)))["digits"]
+    assert _listed(data_dir)["digits"] == data.DatasetStatus("digits", "builtin", True)
+    assert not _listed(str(tmp_path))["digits"].prepared
+    assert not os.listdir(tmp_path)  # listing builds nothing
+
+
+def test_preparing_logs_one_honest_line_and_no_tfds_noise(tmp_path):
+    """First use of a built-in dataset and of an image folder, logging at INFO into a pipe
+    (like a sweep worker's log.txt): our own lines, none of TFDS's banners or progress bars."""
+    folder = tmp_path / "pics"
+    _write_folder(folder)  # 2 classes: 3 train and 2 test images each
+    fresh = tmp_path / "fresh"
+    script = ("import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); "
+              "from jaxaccel import data; data.prepare('digits'); data.prepare('digits'); "
+              f"data.get_source('image_folder', 'train', path={str(folder)!r})")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300,
+                          check=False, env={**os.environ, "JAXACCEL_DATA_DIR": str(fresh)})
+    out = (proc.stdout + proc.stderr).decode()  # bytes: text mode would turn \r into \n
+    assert proc.returncode == 0, out
+    digits_dir = fresh / "digits" / "1.0.0"
+    assert f"preparing dataset 'digits' (built-in, offline) in {digits_dir} ..." in out, out
+    assert re.search(r"prepared 'digits': 1,437 train / 360 test examples in \d+\.\d s", out), out
+    assert out.count("preparing dataset 'digits'") == 1, out  # the second call reuses it
+    assert f"preparing dataset 'image_folder' (your folder {folder}, offline) in {fresh}" in out
+    assert re.search(rf"prepared image folder {re.escape(str(folder))}: 6 train / 4 test "
+                     r"examples in \d+\.\d s", out), out
+    for noise in ("Downloading and preparing", "Unknown size", "downloaded and prepared",
+                  "Generating", "\x1b[", "\r"):
+        assert noise not in out, (noise, out)
+
+
+def test_quiet_tfds_restores_logging():
+    absl = logging.getLogger("absl")
+    before = absl.level
+    try:
+        absl.setLevel(logging.INFO)
+        with builders.quiet_tfds():
+            assert not absl.isEnabledFor(logging.WARNING)
+            assert absl.isEnabledFor(logging.ERROR)
+        assert absl.level == logging.INFO
+    finally:
+        absl.setLevel(before)
 
 
 # ---------------------------------------------------------------------------------------
@@ -462,7 +510,7 @@ def test_catalog_read_from_prepared_dir(data_dir, tmp_path):
     assert data.is_prepared("mnist", data_dir=str(catalog_dir))
     source = data.get_source("mnist", "train[:10%]", data_dir=str(catalog_dir))
     assert len(source) == 144 and source[0]["image"].shape == (8, 8, 1)
-    assert dict(data.list_datasets(str(catalog_dir)))["mnist"]
+    assert _listed(str(catalog_dir))["mnist"] == data.DatasetStatus("mnist", "catalog", True)
 
 
 def test_catalog_with_tfds_mock_data(tmp_path):

@@ -23,6 +23,7 @@ from jaxaccel.data.catalog import (
     BUILTIN_SPECS,
     CATALOG_SPECS,
     DatasetSpec,
+    DatasetStatus,
     catalog_builder,
     catalog_is_prepared,
     default_data_dir,
@@ -43,6 +44,7 @@ __all__ = [
     "DATASETS",
     "FOLDER_DATASET",
     "DatasetSpec",
+    "DatasetStatus",
     "ExampleSource",
     "Splits",
     "Subset",
@@ -150,9 +152,12 @@ def is_prepared(name: str, *, data_dir: str | None = None, path: str | None = No
     return builders.builtin_builder(name, data_dir).is_prepared()
 
 
-def list_datasets(data_dir: str | None = None) -> list[tuple[str, bool]]:
-    """(name, prepared?) for every built-in and known catalog dataset, for `jaxaccel datasets`."""
-    return [(name, is_prepared(name, data_dir=data_dir)) for name in DATASETS]
+def list_datasets(data_dir: str | None = None) -> list[DatasetStatus]:
+    """Name, kind and prepared? of every built-in and known catalog dataset (nothing is built),
+    for `jaxaccel datasets`; the kind says what "not prepared" means: built-ins are built on
+    first use, catalog datasets must be prepared elsewhere."""
+    return [DatasetStatus(name, spec.kind, is_prepared(name, data_dir=data_dir))
+            for name, spec in DATASETS.items()]
 
 
 def dataset_spec(name: str, *, path: str | None = None, data_dir: str | None = None) -> DatasetSpec:

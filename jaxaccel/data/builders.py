@@ -8,12 +8,15 @@ random access via `as_data_source()`. TensorFlow is not needed: images are store
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
 import importlib.util
+import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +27,8 @@ from etils import epath
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 FOLDER_SPLITS = ("train", "test")
 FOLDER_BUILDER_NAME = "image_folder"
+
+log = logging.getLogger("jaxaccel")
 
 
 def _class_label_features(image_shape: tuple[int, ...], label: Any) -> Any:
@@ -51,6 +56,20 @@ class _OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """
 
     code_path = None
+
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." and "Dataset ...
+    # downloaded and prepared ..." itself (to stdout, colored); nothing is downloaded here and
+    # `prepare_builder` logs its own line instead.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
+    def is_prepared(self) -> bool:
+        """Whether the version dir is complete, without TFDS's warning about a missing one."""
+        with quiet_tfds():
+            return super().is_prepared()
 
 
 class _ArrayBuilder(_OfflineBuilder, skip_registration=True):
@@ -270,6 +289,11 @@ class ImageFolder(_OfflineBuilder, skip_registration=True):
         config = tfds.core.BuilderConfig(name=listing.folder_id, description=f"images from {listing.root}")
         super().__init__(config=config, **kwargs)
 
+    @property
+    def root(self) -> str:
+        """The image folder this builder reads."""
+        return self._listing.root
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
@@ -316,27 +340,78 @@ def folder_version_dir(data_dir: str, listing: FolderListing) -> epath.Path:
 # Preparing and opening
 
 
+@contextlib.contextmanager
+def quiet_tfds() -> Iterator[None]:
+    """Silence TFDS while it works for us: no tqdm progress bars (their carriage returns and
+    escape codes garble plain logs such as a sweep worker's log.txt) and no absl INFO/WARNING
+    lines. Errors still show; the previous settings are restored afterwards."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    bars = getattr(tqdm_utils, "_active", True)
+    loggers = [logging.getLogger(n) for n in ("absl", "tensorflow_datasets")]
+    levels = [lg.level for lg in loggers]
+    tfds.display_progress_bar(False)
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.ERROR))
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(bars)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _describe(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
+    """(what is being prepared, its short name) for the log lines."""
+    if isinstance(builder, ImageFolder):
+        return (f"dataset {FOLDER_BUILDER_NAME!r} (your folder {builder.root}, offline)",
+                f"image folder {builder.root}")
+    return f"dataset {builder.name!r} (built-in, offline)", repr(builder.name)
+
+
+def _split_counts(builder: tfds.core.DatasetBuilder) -> str:
+    """E.g. `4,000 train / 1,000 test examples`, train first."""
+    splits = builder.info.splits
+    names = sorted(splits.keys(), key=lambda n: (n != "train", n != "test", n))
+    return " / ".join(f"{splits[n].num_examples:,} {n}" for n in names) + " examples"
+
+
 def prepare_builder(builder: tfds.core.DatasetBuilder) -> None:
-    """Write `builder`'s array_record files unless a prepared version dir already exists."""
+    """Write `builder`'s array_record files unless a prepared version dir already exists.
+
+    Logs one line before and one after (INFO, `jaxaccel` logger) instead of TFDS's
+    download messages and progress bars: nothing is downloaded.
+    """
     if builder.is_prepared():
         return
+    what, short = _describe(builder)
+    log.info("preparing %s in %s ...", what, builder.data_dir)
+    start = time.perf_counter()
     try:
-        builder.download_and_prepare(file_format="array_record")
+        with quiet_tfds():
+            builder.download_and_prepare(file_format="array_record")
     except Exception:
         # Another process may have finished the same dataset first (TFDS renames a tmp dir
         # into place); that is success, anything else is re-raised.
         if not builder.is_prepared():
             raise
+        log.info("%s was prepared by another process meanwhile; using it", what)
+        return
+    log.info("prepared %s: %s in %.1f s", short, _split_counts(builder),
+             time.perf_counter() - start)
 
 
 def builtin_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     """The TFDS builder of built-in dataset `name` rooted at `data_dir`."""
-    return BUILTIN_BUILDERS[name](data_dir=data_dir)
+    with quiet_tfds():  # no "Load dataset info from ..." line on every open
+        return BUILTIN_BUILDERS[name](data_dir=data_dir)
 
 
 def folder_builder(listing: FolderListing, data_dir: str) -> tfds.core.DatasetBuilder:
     """A builder for the folder: the prepared read-only one if present, else one that builds it."""
     version_dir = folder_version_dir(data_dir, listing)
-    if (version_dir / "dataset_info.json").exists():
-        return tfds.builder_from_directory(str(version_dir))
-    return ImageFolder(listing=listing, image_shape=probe_image_shape(listing), data_dir=data_dir)
+    with quiet_tfds():  # no "Load dataset info" / "Using custom data configuration" lines
+        if (version_dir / "dataset_info.json").exists():
+            return tfds.builder_from_directory(str(version_dir))
+        return ImageFolder(listing=listing, image_shape=probe_image_shape(listing),
+                           data_dir=data_dir)

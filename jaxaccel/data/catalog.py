@@ -45,6 +45,16 @@ class DatasetSpec:
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetStatus:
+    """One row of `list_datasets`: a dataset's name, kind (see KINDS) and whether its
+    prepared files are already in the data dir (built-ins are built on first use if not)."""
+
+    name: str
+    kind: str
+    prepared: bool
+
+
 def default_data_dir(override: str | None = None) -> str:
     """The prepared-data directory: `override` > $JAXACCEL_DATA_DIR > ~/.cache/jaxaccel/tfds.
 
