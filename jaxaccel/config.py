@@ -422,6 +422,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"optimizer.lr={config.optimizer.lr} must be positive")
     if config.model.width <= 0:
         raise ConfigError(f"model.width={config.model.width} must be positive")
+    size = tuple(config.dataset.image_size)
+    if (len(size) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                  for d in size) or (0 in size and any(size))):
+        raise ConfigError(f"dataset.image_size={size!r} must be (height, width), both > 0, "
+                          f"or (0, 0) to keep the images' size")
+    if any(size) and config.dataset.name != data.FOLDER_DATASET:
+        raise ConfigError(f"dataset.image_size={size!r} resizes {data.FOLDER_DATASET!r} images "
+                          f"only; dataset {config.dataset.name!r} has a fixed shape")
     if not 0.0 <= config.dataset.validation_split < 1.0:
         raise ConfigError(f"dataset.validation_split={config.dataset.validation_split} must be "
                           f"in [0, 1): the fraction of the train split held out (0 = none)")

@@ -204,8 +204,7 @@ def build(config: ml_collections.ConfigDict,
     True until something prunes) and every stage keeps pruned weights at exactly zero.
     """
     stage = stage if stage is not None else stages_lib.expand(config)[0]
-    spec = data.dataset_spec(config.dataset.name, path=config.dataset.path or None,
-                             data_dir=config.dataset.data_dir or None)
+    spec = data.spec_for(config.dataset)
     model = models.get_model(config.model.name, spec.num_classes, width=config.model.width,
                              dtype=config.model.dtype, conv_impl=config.model.conv_impl,
                              **dict(config.model.kwargs))
@@ -406,6 +405,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
         _check_model(config, setup)
     # Only now, with the config, data and model known to work, is the workdir touched.
     _prepare_workdir(config, workdir, overwrite=overwrite, is_main=is_main)
+    if is_main:
+        io.write_json(os.path.join(workdir, DATASET_FILE), dataset_record(spec, splits))
 
     # -- Load checkpoint (resume) or initialise -----------------------------------------
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -760,6 +761,18 @@ def _check_model(config: ml_collections.ConfigDict, setup: Setup) -> None:
             f"model {config.model.name!r} (width={config.model.width}, "
             f"kwargs={dict(config.model.kwargs)}) cannot be built: "
             f"{' '.join(str(e).split())[:300]}") from e
+
+
+DATASET_FILE = "dataset.json"
+
+
+def dataset_record(spec: data.DatasetSpec, splits: data.Splits) -> dict[str, Any]:
+    """What `dataset.json` holds: what the model takes (raw uint8 images of `image_shape`,
+    normalised inside `predict` with `mean`/`std`) and what its logits mean (`class_names`,
+    label i = name i), and how many examples each split had."""
+    return {"name": spec.name, "kind": spec.kind, "image_shape": list(spec.image_shape),
+            "num_classes": spec.num_classes, "class_names": list(spec.names()),
+            "mean": list(spec.mean), "std": list(spec.std), **splits.sizes()}
 
 
 def _trained_steps(workdir: str) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import json
 import os
 import re
 import shutil
@@ -527,3 +528,59 @@ def test_catalog_with_tfds_mock_data(tmp_path):
         mnist = data.get_source("mnist", "test[:50%]", data_dir=data_dir)
         assert mnist[5]["image"].shape == (28, 28, 1)
         # (TFDS 4.9.10's mock breaks `__getitems__`, so batches are not built from it.)
+
+
+def test_image_folder_resize_to_image_size_and_class_names(tmp_path):
+    root = tmp_path / "mixed"
+    rng = np.random.default_rng(0)
+    sizes = {"train": [(6, 5), (9, 7), (6, 5)], "test": [(3, 8)]}
+    for split, shapes in sizes.items():
+        for cls in ("b_dog", "a_cat"):
+            os.makedirs(root / split / cls)
+            for i, (h, w) in enumerate(shapes):
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(
+                    root / split / cls / f"{i}.png")
+    data_dir = str(tmp_path / "tfds")
+    with pytest.raises(ValueError, match=r"same size, or set dataset.image_size=\(H, W\)"):
+        data.dataset_spec("image_folder", path=str(root), data_dir=data_dir)
+    spec = data.dataset_spec("image_folder", path=str(root), data_dir=data_dir, image_size=(4, 6))
+    assert spec.image_shape == (4, 6, 3) and spec.names() == ("a_cat", "b_dog")  # sorted
+    source = data.get_source("image_folder", "train", path=str(root), data_dir=data_dir,
+                             image_size=(4, 6))
+    images, labels = data.read_arrays(source, np.arange(len(source)))
+    assert images.shape == (6, 4, 6, 3) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    other = data.dataset_spec("image_folder", path=str(root), data_dir=data_dir, image_size=(5, 5))
+    assert other.image_shape == (5, 5, 3)  # another size is another prepared dataset
+    assert data.dataset_spec("digits").names() == tuple("0123456789")
+    with pytest.raises(ValueError, match="applies to 'image_folder' only"):
+        data.get_source("digits", "train", image_size=(4, 4))
+
+
+@pytest.mark.parametrize("name,size,needle", [
+    ("image_folder", (4, 0), "must be \\(height, width\\), both > 0"),
+    ("digits", (4, 4), "resizes 'image_folder' images only"),
+])
+def test_image_size_is_checked_with_the_config(name, size, needle, tmp_path):
+    from jaxaccel.config import ConfigError, default_config, validate
+    c = default_config()
+    c.dataset.name, c.dataset.path, c.dataset.image_size = name, str(tmp_path), size
+    with pytest.raises(ConfigError, match=needle):
+        validate(c)
+
+
+def test_a_run_records_its_dataset_and_class_names(tmp_path):
+    import jaxaccel
+    from jaxaccel.config import default_config
+    root = tmp_path / "pets"
+    _write_folder(root, classes=("cat", "dog"), per_class=(16, 4), size=(8, 8))
+    c = default_config()
+    c.dataset.name, c.dataset.path = "image_folder", str(root)
+    c.dataset.data_dir, c.dataset.image_size = str(tmp_path / "tfds"), (6, 6)
+    c.model.name, c.num_steps, c.batch_size, c.eval_batch_size = "lenet300_100", 2, 8, 8
+    c.progress, c.parallel.num_devices = False, 1
+    workdir = tmp_path / "run"
+    jaxaccel.train(c, str(workdir))
+    record = json.loads((workdir / "dataset.json").read_text())
+    assert record["class_names"] == ["cat", "dog"] and record["image_shape"] == [6, 6, 3]
+    assert record["num_train_examples"] == 32 and record["num_test_examples"] == 8
+    assert len(record["mean"]) == len(record["std"]) == 3

@@ -69,8 +69,18 @@ FOLDER_DATASET = "image_folder"
 DATASETS: dict[str, DatasetSpec] = {**BUILTIN_SPECS, **CATALOG_SPECS}
 
 
-def _check_name(name: str, path: str | None) -> str:
-    """The dataset's kind; ValueError for unknown names or a missing/extra folder path."""
+Size = tuple[int, int] | None  # image_folder: resize every image to (H, W)
+
+
+def _check_name(name: str, path: str | None, image_size: Size = None) -> str:
+    """The dataset's kind; ValueError for unknown names, a missing folder path, or a resize
+    asked of a dataset that is not an image folder."""
+    if image_size is not None:
+        if name != FOLDER_DATASET:
+            raise ValueError(f"image_size={tuple(image_size)} applies to {FOLDER_DATASET!r} only "
+                             f"(dataset {name!r} has a fixed shape)")
+        if len(image_size) != 2 or min(image_size) <= 0:
+            raise ValueError(f"image_size={tuple(image_size)} must be (height, width) > 0")
     if name == FOLDER_DATASET:
         if not path:
             raise ValueError(f"dataset {FOLDER_DATASET!r} needs path=<folder with train/ and test/>")
@@ -81,14 +91,14 @@ def _check_name(name: str, path: str | None) -> str:
     return DATASETS[name].kind
 
 
-def _builder(name: str, data_dir: str, path: str | None) -> Any:
+def _builder(name: str, data_dir: str, path: str | None, image_size: Size = None) -> Any:
     """A TFDS builder for `name`, preparing built-in datasets and folders if needed.
 
     Damaged prepared files (truncated, bytes flipped, unparsable metadata) give one
     ValueError naming the directory, never a library traceback.
     """
     try:
-        return _open_builder(name, data_dir, path)
+        return _open_builder(name, data_dir, path, image_size)
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001 - TFDS/array_record/protobuf raise many types
@@ -117,37 +127,40 @@ def _unreadable(what: str, e: BaseException, directory: str, *, rebuildable: boo
     return ValueError(f"{what} cannot be read ({reason}); {fix}")
 
 
-def _open_builder(name: str, data_dir: str, path: str | None) -> Any:
-    kind = _check_name(name, path)
+def _open_builder(name: str, data_dir: str, path: str | None, image_size: Size = None) -> Any:
+    kind = _check_name(name, path, image_size)
     if kind == "catalog":
         builder = catalog_builder(name, data_dir)
         if builder is None:
             raise not_prepared_error(name, data_dir)
         return builder
     if kind == "folder":
-        builder = builders.folder_builder(builders.scan_folder(path), data_dir)
+        builder = builders.folder_builder(builders.scan_folder(path, image_size), data_dir)
     else:
         builder = builders.builtin_builder(name, data_dir)
     builders.prepare_builder(builder)
     return builder
 
 
-def prepare(name: str, *, data_dir: str | None = None, path: str | None = None) -> None:
+def prepare(name: str, *, data_dir: str | None = None, path: str | None = None,
+            image_size: Size = None) -> None:
     """Write the dataset's array_record files unless already prepared (idempotent).
 
     Catalog datasets cannot be prepared offline: ValueError if they are not in `data_dir`.
     """
-    _builder(name, default_data_dir(data_dir), path)
+    _builder(name, default_data_dir(data_dir), path, image_size)
 
 
-def is_prepared(name: str, *, data_dir: str | None = None, path: str | None = None) -> bool:
+def is_prepared(name: str, *, data_dir: str | None = None, path: str | None = None,
+                image_size: Size = None) -> bool:
     """Whether `name` can be read from the data dir without building or downloading anything."""
-    kind = _check_name(name, path)
+    kind = _check_name(name, path, image_size)
     data_dir = default_data_dir(data_dir)
     if kind == "catalog":
         return catalog_is_prepared(name, data_dir)
     if kind == "folder":
-        version_dir = builders.folder_version_dir(data_dir, builders.scan_folder(path))
+        version_dir = builders.folder_version_dir(data_dir,
+                                                  builders.scan_folder(path, image_size))
         return (version_dir / "dataset_info.json").exists()
     return builders.builtin_builder(name, data_dir).is_prepared()
 
@@ -160,16 +173,18 @@ def list_datasets(data_dir: str | None = None) -> list[DatasetStatus]:
             for name, spec in DATASETS.items()]
 
 
-def dataset_spec(name: str, *, path: str | None = None, data_dir: str | None = None) -> DatasetSpec:
+def dataset_spec(name: str, *, path: str | None = None, data_dir: str | None = None,
+                 image_size: Size = None) -> DatasetSpec:
     """Shape, classes and normalisation of a dataset.
 
-    For `image_folder` the folder is prepared if needed: classes are its train subfolders,
-    the shape is the images' common size, mean/std are measured on its train split.
+    For `image_folder` the folder is prepared if needed: classes are its train subfolders in
+    sorted order (label i = the i-th name), the shape is the images' common size (or
+    `image_size`, to which every image is resized), mean/std are measured on its train split.
     """
-    kind = _check_name(name, path)
+    kind = _check_name(name, path, image_size)
     if kind != "folder":
         return DATASETS[name]
-    info = _builder(name, default_data_dir(data_dir), path).info
+    info = _builder(name, default_data_dir(data_dir), path, image_size).info
     metadata = info.metadata or {}
     return DatasetSpec(
         name=FOLDER_DATASET,
@@ -178,6 +193,7 @@ def dataset_spec(name: str, *, path: str | None = None, data_dir: str | None = N
         mean=tuple(metadata["mean"]),
         std=tuple(metadata["std"]),
         kind="folder",
+        class_names=tuple(info.features["label"].names),
     )
 
 
@@ -185,7 +201,8 @@ _SPLIT_NAME = re.compile(r"^\s*([\w\-]+)")
 
 
 def get_source(
-    name: str, split: str, *, data_dir: str | None = None, path: str | None = None
+    name: str, split: str, *, data_dir: str | None = None, path: str | None = None,
+    image_size: Size = None,
 ) -> ExampleSource:
     """Random-access source of `{"image": uint8 HWC, "label": int}` for one split.
 
@@ -193,7 +210,7 @@ def get_source(
     datasets: their own split names) with optional TFDS slicing, e.g. "train[:10%]".
     """
     data_dir = default_data_dir(data_dir)
-    builder = _builder(name, data_dir, path)
+    builder = _builder(name, data_dir, path, image_size)
     base = _SPLIT_NAME.match(split)
     splits = list(builder.info.splits.keys())
     if base is None or (splits and base.group(1) not in splits):
@@ -227,9 +244,16 @@ class Splits:
                 "num_test_examples": len(self.test)}
 
 
+def _location(dataset: Any) -> dict[str, Any]:
+    """`data_dir`, `path` and `image_size` arguments of a config's `dataset` section."""
+    size = tuple(dataset.get("image_size", (0, 0)))
+    return dict(data_dir=dataset.data_dir or None, path=dataset.path or None,
+                image_size=size if any(size) else None)
+
+
 def spec_for(dataset: Any) -> DatasetSpec:
     """The `DatasetSpec` of a config's `dataset` section."""
-    return dataset_spec(dataset.name, path=dataset.path or None, data_dir=dataset.data_dir or None)
+    return dataset_spec(dataset.name, **_location(dataset))
 
 
 def splits_for(dataset: Any) -> Splits:
@@ -239,7 +263,7 @@ def splits_for(dataset: Any) -> Splits:
     `validation_seed` (not the run's seed: every run of an experiment selects on the same
     examples), is held out as the validation split and never trained on.
     """
-    kwargs = dict(data_dir=dataset.data_dir or None, path=dataset.path or None)
+    kwargs = _location(dataset)
     train = get_source(dataset.name, dataset.train_split, **kwargs)
     test = get_source(dataset.name, dataset.test_split, **kwargs)
     if not dataset.validation_split:

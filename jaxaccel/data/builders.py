@@ -170,14 +170,22 @@ class FolderListing:
     classes: tuple[str, ...]
     files: dict[str, tuple[tuple[str, int], ...]]  # split -> ((path, label), ...)
     folder_id: str
+    image_size: tuple[int, int] | None = None  # resize every image to (H, W); None = as is
 
 
-def scan_folder(path: str) -> FolderListing:
-    """List and check an image folder's layout (no image is opened); ValueError naming the problem."""
+def scan_folder(path: str, image_size: tuple[int, int] | None = None) -> FolderListing:
+    """List and check an image folder's layout (no image is opened); ValueError naming the problem.
+
+    Classes are the train subfolders in sorted order (label i = the i-th name); `image_size`
+    (H, W) resizes every image when it is prepared (part of the prepared data's identity).
+    """
     root = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(root):
         raise ValueError(f"image folder {root} does not exist or is not a directory")
     digest = hashlib.sha256(root.encode())
+    if image_size is not None:
+        image_size = (int(image_size[0]), int(image_size[1]))
+        digest.update(f"\0resize={image_size[0]}x{image_size[1]}".encode())
     classes_by_split: dict[str, list[str]] = {}
     for split in FOLDER_SPLITS:
         split_dir = os.path.join(root, split)
@@ -222,7 +230,8 @@ def scan_folder(path: str) -> FolderListing:
                 raise ValueError(f"class folder {class_dir} is empty")
         files[split] = tuple(rows)
     slug = re.sub(r"[^a-z0-9]+", "_", os.path.basename(root).lower()).strip("_")[:40] or "root"
-    return FolderListing(root, tuple(classes), files, f"{slug}_{digest.hexdigest()[:16]}")
+    return FolderListing(root, tuple(classes), files, f"{slug}_{digest.hexdigest()[:16]}",
+                         image_size)
 
 
 def _open_image(file: str) -> Any:
@@ -237,7 +246,8 @@ def _open_image(file: str) -> Any:
 def probe_image_shape(listing: FolderListing) -> tuple[int, int, int]:
     """Common (H, W, C) of every image, reading headers only; ValueError naming a bad file.
 
-    C is 1 when every image is grayscale, else 3 (everything is converted to RGB).
+    C is 1 when every image is grayscale, else 3 (everything is converted to RGB). With the
+    listing's `image_size`, (H, W) is that size and images may differ in size.
     """
     first: tuple[str, tuple[int, int]] | None = None
     gray = True
@@ -247,15 +257,16 @@ def probe_image_shape(listing: FolderListing) -> tuple[int, int, int]:
                 size, mode = img.size, img.mode
             if first is None:
                 first = (file, size)
-            elif size != first[1]:
+            elif size != first[1] and listing.image_size is None:
                 (w, h), (w0, h0) = size, first[1]
                 raise ValueError(
                     f"image {file} is {h}x{w} (height x width) but {first[0]} is {h0}x{w0}; "
-                    "all images in a folder must have the same size"
+                    "all images in a folder must have the same size, or set "
+                    "dataset.image_size=(H, W) to resize them all"
                 )
             gray = gray and mode in ("1", "L", "I", "I;16", "F")
     assert first is not None  # scan_folder guarantees files
-    w, h = first[1]
+    h, w = listing.image_size or first[1][::-1]
     return (h, w, 1 if gray else 3)
 
 
@@ -264,6 +275,9 @@ def _decode(file: str, image_shape: tuple[int, int, int]) -> np.ndarray:
     try:
         with _open_image(file) as img:
             img = img.convert("L" if image_shape[2] == 1 else "RGB")
+            if img.size != (image_shape[1], image_shape[0]):  # dataset.image_size: resize
+                from PIL import Image
+                img = img.resize((image_shape[1], image_shape[0]), Image.Resampling.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)
     except (OSError, SyntaxError) as e:  # truncated/corrupt data found while decoding
         raise ValueError(f"{file} is not a decodable image ({e})") from e

@@ -33,6 +33,11 @@ class DatasetSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     kind: str
+    class_names: tuple[str, ...] = ()  # label i's name; () = the labels' numbers
+
+    def names(self) -> tuple[str, ...]:
+        """Every label's name, in label order ("0", "1", ... when the dataset names none)."""
+        return self.class_names or tuple(str(i) for i in range(self.num_classes))
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
