@@ -22,6 +22,8 @@ EXIT_PREEMPTED = 3
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("jaxaccel.commands", "train (or resume) an experiment in a workdir"),
     "datasets": ("jaxaccel.commands", "list datasets and whether each is prepared"),
+    "config": ("jaxaccel.commands", "print a resolved config: every key with its value, default, "
+                                    "type, choices and meaning"),
     "bench": ("jaxaccel.bench", "time training, scaling, input, inference; print tables, write JSON"),
     "compress": ("jaxaccel.compress.commands", "per-layer compression report; compressed checkpoint package"),
     "sweep": ("jaxaccel.sweep", "run every point of an experiment's get_sweep() in sub-workdirs"),
