@@ -454,10 +454,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"seed={config.seed} must be in [0, 2**32)")
     from jaxaccel import stages as stages_lib
     try:
-        stages_lib.expand(config)
+        expanded = stages_lib.expand(config)
     except (AttributeError, KeyError, TypeError) as e:
         raise ConfigError(f"stages={tuple(config.stages)!r}: not a tuple of stage sections "
                           f"made with jaxaccel.stages.stage(...) ({e})") from None
+    for s in expanded:
+        opt = stages_lib.stage_optimizer(config, s)
+        if s.kind == "train" and opt.schedule == "warmup_cosine" and s.steps and \
+                not 0 <= opt.warmup_steps < s.steps:
+            raise ConfigError(f"optimizer.warmup_steps={opt.warmup_steps} must be below the "
+                              f"{s.steps} steps of train stage {s.name!r} (warmup_cosine decays "
+                              f"over the steps after the warmup)")
 
 
 def validate_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:

@@ -40,9 +40,11 @@ def test_bad_overrides(item, needle):
     ("optimizer.schedule", "linear", "warmup_cosine"),
     ("batch_size", 0, "positive"),
     ("label_smoothing", 1.5, "label_smoothing"),
+    ("optimizer.warmup_steps", 1000, "warmup_steps=1000 must be below the 1000 steps"),
 ])
 def test_validate_names_bad_value_and_choices(key, value, needle):
     c = config_lib.default_config()
+    c.optimizer.schedule = "warmup_cosine"
     config_lib.set_value(c, key, value)
     with pytest.raises(config_lib.ConfigError, match=needle):
         config_lib.validate(c)
