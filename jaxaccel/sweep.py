@@ -51,7 +51,7 @@ log = logging.getLogger("jaxaccel")
 
 Point = dict[str, Any]
 
-POINT_FILE = "point.json"      # the point's overrides, written before it runs
+POINT_FILE = "point.json"      # the point's overrides (and how it ran), written before it runs
 ERROR_FILE = "error.txt"       # first line: the error in one line; then the traceback/log tail
 RESULTS_FILE = "results.json"  # written by training when a point is finished
 SWEEP_FILE = "sweep.json"      # the sweep's points and statuses (top-level workdir)
@@ -326,11 +326,18 @@ def read_error(subdir: str) -> str:
         return f.readline().strip()
 
 
-def mark_started(run: PointRun) -> None:
-    """Write point.json; clear a previous attempt's error and stale (shorter) results."""
+def write_point_file(run: PointRun, **how: Any) -> None:
+    """point.json: the point's name and overrides, and how this attempt runs (`how`, e.g.
+    `concurrent_workers`: what the report needs to judge its throughput)."""
     os.makedirs(run.workdir, exist_ok=True)
     io.write_json(os.path.join(run.workdir, POINT_FILE),  # key order kept: the table's order
-                  {"name": run.name, "overrides": run.overrides}, sort_keys=False)
+                  {"name": run.name, "overrides": run.overrides, **how}, sort_keys=False)
+
+
+def mark_started(run: PointRun, **how: Any) -> None:
+    """Write point.json (`how`: see write_point_file; a previous attempt's is dropped);
+    clear a previous attempt's error and stale (shorter) results."""
+    write_point_file(run, **how)
     for name in (ERROR_FILE, RESULTS_FILE):
         path = os.path.join(run.workdir, name)
         if os.path.exists(path):
@@ -394,10 +401,14 @@ def run_workers(experiment: str, runs: Sequence[PointRun], base_overrides: Seque
 
     Each process writes its output to `<sub-workdir>/log.txt`; a non-zero exit marks the
     point failed with the process's last error line (exit 3, preempted: left pending).
+    Each point's point.json records `concurrent_workers`: the most worker processes (itself
+    included) that ran at once while it trained, since they share the machine's cores and
+    its measured throughput is lower than alone.
     Ctrl-C or SIGTERM stops the workers with SIGTERM (they checkpoint) and re-raises as
     KeyboardInterrupt.
     """
     queue, running = list(runs), {}
+    peaks: dict[str, int] = {}  # point name -> most processes running at once during it
     stack = contextlib.ExitStack()
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -406,7 +417,8 @@ def run_workers(experiment: str, runs: Sequence[PointRun], base_overrides: Seque
         while queue or running:
             while queue and len(running) < workers:
                 run = queue.pop(0)
-                mark_started(run)
+                peaks[run.name] = len(running) + 1
+                mark_started(run, concurrent_workers=peaks[run.name])
                 logf = open(os.path.join(run.workdir, LOG_FILE), "w")
                 cmd = worker_command(experiment, run, base_overrides)
                 logf.write(" ".join(cmd) + "\n")
@@ -414,6 +426,10 @@ def run_workers(experiment: str, runs: Sequence[PointRun], base_overrides: Seque
                 proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL)
                 running[proc] = (run, logf, time.perf_counter())
+                for other, _, _ in running.values():  # recorded now: a kill loses nothing
+                    if len(running) > peaks[other.name]:
+                        peaks[other.name] = len(running)
+                        write_point_file(other, concurrent_workers=len(running))
                 log.info("sweep: started %s (pid %d)", run.name, proc.pid)
             time.sleep(poll_seconds)
             for proc in [p for p in running if p.poll() is not None]:
@@ -558,6 +574,9 @@ def run_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
             parallel.set_cpu_devices(args.cpu_devices)  # before the backend starts
     result = run(args.config, args.workdir, overrides=overrides, workers=args.workers,
                  vectorize=args.vectorize, report=not args.no_report)
+    if not args.no_report:  # the table of results.md, so the results are seen at once
+        from jaxaccel import report as report_lib
+        print("\n".join(report_lib.results_table(report_lib.collect(args.workdir))) + "\n")
     done = sum(r.status == DONE for r in result.runs)
     print(f"sweep: {done}/{len(result.runs)} points done ({len(result.skipped)} finished "
           f"before), {len(result.failed)} failed; workdir={args.workdir}")

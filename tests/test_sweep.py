@@ -2,6 +2,7 @@
 re-runs that skip finished points; worker processes; bad keys fail before anything runs."""
 import json
 import os
+import sys
 import textwrap
 
 import pytest
@@ -139,8 +140,11 @@ def test_grid_with_seeds_failure_and_rerun(tmp_path, capsys):
     assert len(rows) == 9 and rows[0].startswith("point,status,optimizer.lr,model.width,seed")
     md = (wd / "results.md").read_text()
     assert "±" in md and "## Failed points" in md and bad in md
-    for png in ("accuracy_vs_sparsity.png", "accuracy_vs_bits.png", "training_curves.png"):
-        with Image.open(wd / png) as im:
+    # Plots of what varies: lr and width (not seed); every point is dense float32.
+    assert sorted(p.name for p in wd.glob("*.png")) == [
+        "accuracy_vs_model.width.png", "accuracy_vs_optimizer.lr.png", "training_curves.png"]
+    for png in wd.glob("*.png"):
+        with Image.open(png) as im:
             assert im.format == "PNG" and im.size[0] > 100
 
     # Other overrides for the same workdir: refused before anything runs.
@@ -172,6 +176,59 @@ def test_worker_processes_and_their_failures(tmp_path):
     saved = config_lib.from_json((ok / "config.json").read_text())
     assert saved.optimizer.lr == 0.002 and saved.batch_size == 32  # CLI values round-tripped
     assert json.loads((ok / "results.json").read_text())["steps"] == 6
+
+
+def finished_sweep(tmp_path, sweep_expr, accuracy):
+    """A sweep workdir whose points all look finished (no training): experiment, workdir."""
+    exp = write_experiment(tmp_path, sweep_expr)
+    wd = tmp_path / "runs"
+    for run in sweep.plan(config_lib.load_experiment(exp, []), sweep.load_sweep(exp), str(wd)):
+        sweep.mark_started(run)
+        (wd / run.name / "config.json").write_text(config_lib.to_json(run.config))
+        (wd / run.name / "results.json").write_text(json.dumps(
+            {"test_accuracy": accuracy(run.overrides), "test_loss": 0.5, "steps": 6,
+             "train_images_per_sec": 100.0}))
+    return exp, wd
+
+
+def test_sweep_prints_the_results_table(tmp_path, capsys):
+    exp, wd = finished_sweep(tmp_path, 'sweep.product(sweep.grid("optimizer.lr", [1e-3, 1e-2]), '
+                                       'sweep.seeds(2))', lambda p: 0.9 - p["optimizer.lr"] - p["seed"] / 100)
+    assert cli.main(["sweep", "--config", exp, "--workdir", str(wd)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = out.index("| optimizer.lr | n | test_accuracy | test_loss | sparsity | bits | packed_bytes "
+                       "| train_images_per_sec |")
+    assert out[header + 2].startswith("| 0.001 | 2 | 0.8940 ± 0.0071 |")
+    assert out[header + 3].startswith("| 0.01 | 2 | 0.8850 ± 0.0071 |")
+    assert any(l.startswith("No best point is selected") for l in out[header:])
+    assert out[-1].startswith("sweep: 4/4 points done (4 finished before), 0 failed")
+    assert (wd / "results.md").read_text().count(out[header + 2]) == 1  # results.md's table
+    assert cli.main(["sweep", "--config", exp, "--workdir", str(wd), "--no-report"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("sweep: 4/4 points done")
+
+
+def test_workers_record_how_many_shared_the_machine(tmp_path, monkeypatch):
+    """point.json says how many worker processes ran at once while the point trained."""
+    def fake_train(experiment, run, base_overrides):  # a worker that finishes at once
+        path = os.path.join(os.path.abspath(run.workdir), "results.json")
+        return [sys.executable, "-c", f"open({path!r}, 'w').write('{{}}')"]
+    monkeypatch.setattr(sweep, "worker_command", fake_train)
+    base = config_lib.default_config()
+
+    def point_file(run):
+        return json.loads((tmp_path / run.name / "point.json").read_text())
+
+    runs = sweep.plan(base, sweep.grid("optimizer.lr", [0.1, 0.2]), str(tmp_path))
+    sweep.run_workers("exp.py", runs, [], workers=2, poll_seconds=0.01)
+    assert [r.status for r in runs] == ["done", "done"]
+    assert [point_file(r)["concurrent_workers"] for r in runs] == [2, 2]
+
+    alone = sweep.plan(base, sweep.grid("optimizer.lr", [0.3]), str(tmp_path))
+    sweep.run_workers("exp.py", alone, [], workers=2, poll_seconds=0.01)
+    assert point_file(alone[0])["concurrent_workers"] == 1
+    sweep.mark_started(runs[0])  # run again in this process: the old record goes
+    assert "concurrent_workers" not in point_file(runs[0])
 
 
 def test_finished_means_results_for_this_many_steps(tmp_path):
