@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("jaxaccel.commands", "print a resolved config: every key with its value, default, "
                                     "type, choices and meaning"),
     "bench": ("jaxaccel.bench", "time training, scaling, input, inference; print tables, write JSON"),
-    "compress": ("jaxaccel.compress.commands", "per-layer compression report; compressed checkpoint package"),
+    "compress": ("jaxaccel.compress.commands", "per-layer compression report; compressed checkpoint package; StableHLO export"),
     "sweep": ("jaxaccel.sweep", "run every point of an experiment's get_sweep() in sub-workdirs"),
     "report": ("jaxaccel.report", "rebuild a sweep's results.csv/md and plots from its sub-workdirs"),
 }

@@ -482,9 +482,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
                 carry = carry_of(runner, state)
                 result = evaluate(runner.run_eval, state)
             else:
+                calibration = (os.path.join(workdir, CALIBRATION_FILE)
+                               if is_main and st.kind == "quantize" else None)
                 carry, evaluated, result, extra_row = _transform(
                     st, i, carry, snapshot, config, setups, first, batches, evaluate, mesh,
-                    runner_for)
+                    runner_for, calibration, offsets[i])
                 row.update(extra_row)
             if st.kind == "train":
                 evaluated = carry
@@ -534,7 +536,7 @@ def _row_summary(row: dict) -> str:
 
 
 def _transform(st, i, carry, snapshot, config, setups, first, batches, evaluate, mesh,
-               runner_for) -> tuple[dict, dict, dict, dict]:
+               runner_for, calibration: str | None, step: int) -> tuple[dict, dict, dict, dict]:
     """Run a non-training stage on the carried weights.
 
     Returns (carry for the next stage, the weights evaluated, test result, row). They differ
@@ -573,16 +575,24 @@ def _transform(st, i, carry, snapshot, config, setups, first, batches, evaluate,
     state = runner.start(evaluated)
     result = evaluate(runner.run_eval, state)
     if evaluated.get("quant") is not None:  # report the model a quantized pipeline deploys
-        result, row = _quantized_result(runner.setup, evaluated, batches, evaluate, result)
+        result, row = _quantized_result(runner.setup, evaluated, batches, evaluate, result,
+                                        calibration=calibration,
+                                        meta={"stage": st.name, "step": step})
     return carry, evaluated, result, row
 
 
+CALIBRATION_FILE = "calibration.json"
+
+
 def _quantized_result(setup: Setup, carry: dict, batches, evaluate: "Evaluator",
-                      float_result: dict) -> tuple[dict, dict]:
+                      float_result: dict, *, calibration: str | None = None,
+                      meta: dict | None = None) -> tuple[dict, dict]:
     """Evaluate the carried weights as the quantize stage `carry["quant"]` deploys them.
 
     Folds BN, calibrates activations on the first `calibration_batches` training batches,
-    and evaluates fake-quant and (8-bit symmetric weights) real int8 inference. Returns the
+    and evaluates fake-quant and (8-bit symmetric weights) real int8 inference; with
+    `calibration`, writes the calibrated activation ranges of the BN-folded model there (what
+    `jaxaccel compress export --int8` reads; `meta` names the stage and step). Returns the
     deployed model's result (int8 when it ran, else fake-quant) and the row fields that
     name each model's numbers: `deployed`, `float32_*`, `fake_quant_*`, `int8_*` for every
     evaluated split, and `int8_runtime_bytes`.
@@ -593,6 +603,8 @@ def _quantized_result(setup: Setup, carry: dict, batches, evaluate: "Evaluator",
     ptq = stages_lib.ptq_evaluate(setup.model, variables, q, input_shape=setup.input_shape,
                                   calibration_images=calib, eval_batches=evaluate.batches,
                                   splits=evaluate.splits)
+    if calibration is not None:
+        quant.save_calibration(calibration, ptq["act_qparams"], ptq["weight_config"], meta=meta)
     deployed = "int8" if "int8" in ptq else "fake_quant"
     row = {"deployed": deployed, "int8_runtime_bytes": ptq.get("int8_runtime_bytes")}
     for name, res in (("float32", float_result), ("fake_quant", ptq["fake_quant"]),

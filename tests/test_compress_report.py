@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxaccel
-from jaxaccel import cli, config as config_lib, models, stages
+from jaxaccel import cli, config as config_lib, data, models, stages
 from jaxaccel.compress import package, prune, quant, report, shrink
 
 _masks_at = jax.jit(lambda params, s: prune.magnitude_masks(params, s))
@@ -66,11 +66,13 @@ def test_layer_macs_of_depthwise_separable_model_by_hand():
 def test_table_bytes_are_the_package_bytes(cnn3, tmp_path):
     model, variables, masks = cnn3
     table = report.layer_table(model, variables, (16, 16, 3), masks=masks, bits=4)
-    info = package.save_compressed(tmp_path / "p.npz", model, variables, masks, bits=4)
+    spec = data.dataset_spec("cifar10")
+    spec = data.DatasetSpec("toy16", 10, (16, 16, 3), spec.mean, spec.std, "builtin")
+    info = package.save_compressed(tmp_path / "p.npz", model, variables, masks, spec=spec, bits=4)
     assert table["totals"]["bytes"] == info["payload_bytes"]
     assert all(r["bits"] == 4 for r in table["layers"])
     half = report.layer_table(model, variables, (16, 16, 3), masks=masks, bits=4, float_bytes=2)
-    info16 = package.save_compressed(tmp_path / "h.npz", model, variables, masks, bits=4,
+    info16 = package.save_compressed(tmp_path / "h.npz", model, variables, masks, spec=spec, bits=4,
                                      float_dtype="float16")
     assert half["totals"]["bytes"] == info16["payload_bytes"] < info["payload_bytes"]
 
@@ -165,7 +167,8 @@ def test_package_command_then_load_and_report(run, tmp_path, capsys):
     assert info["ratio"] > 10 and info["sparsity"] == pytest.approx(0.9)
     # The package alone rebuilds the pruned int8 model: the run's final (pruned) weights,
     # fake-quantized as the PTQ stage does.
-    model, variables = package.load_compressed(out)
+    pkg = package.load_compressed(out)
+    model, variables = pkg.model, pkg.variables
     final = report.run_weights(wd)
     assert model == final.model
     want = jax.jit(lambda p: quant.quantize_weights(p, package.weight_config(8))[0])(
@@ -176,6 +179,14 @@ def test_package_command_then_load_and_report(run, tmp_path, capsys):
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     chex.assert_trees_all_close(apply(variables, x), apply({"params": want}, x),
                                 atol=1e-5, rtol=1e-5)
+    # It takes what jaxaccel.load(wd).predict takes: raw uint8 test images, normalised inside,
+    # and gives the run's predictions with the int8 weights.
+    raw, _ = data.read_arrays(data.get_source("digits", "test"), np.arange(64))
+    loaded = jaxaccel.load(wd)
+    chex.assert_trees_all_close(pkg.predict(raw),
+                                loaded.predict_fn({**loaded.variables, "params": want}, raw),
+                                atol=1e-5, rtol=1e-5)
+    assert pkg.spec == data.dataset_spec("digits") and pkg.step == 10
     assert cli.main(["compress", "report", str(out)]) == 0
     assert "| fc1 | dense | 64x300 | 19,200 | 1,920 | 90.00% | 8 |" in capsys.readouterr().out
 

@@ -1,4 +1,5 @@
 """Compressed checkpoints: sparse int codes + bit-masks + scales, rebuilt for inference."""
+import dataclasses
 import functools
 import json
 
@@ -9,10 +10,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jaxaccel import models
+from jaxaccel import data, models
 from jaxaccel.compress import package, prune, quant
 
 SHAPES = {"lenet300_100": (28, 28, 1), "cnn3": (32, 32, 3)}
+SPECS = {"lenet300_100": data.dataset_spec("mnist"), "cnn3": data.dataset_spec("cifar10")}
+TOY = data.DatasetSpec("toy", 10, (8, 8, 3), (0.25, 0.5, 0.75), (0.2, 0.3, 0.4), "folder",
+                       class_names=tuple(f"class_{i}" for i in range(10)))
 _masks_at = jax.jit(lambda params, s: prune.magnitude_masks(params, s))
 
 
@@ -43,9 +47,10 @@ def logits(model, variables, images):
 def test_round_trip_is_fake_quant_and_15x_smaller(name, sparse_models, tmp_path):
     model, variables, masks = sparse_models[name]
     path = tmp_path / "model.npz"
-    info = package.save_compressed(path, model, variables, masks, bits=8)
-    model2, loaded = package.load_compressed(path)
-    assert model2 == model
+    info = package.save_compressed(path, model, variables, masks, spec=SPECS[name], bits=8)
+    pkg = package.load_compressed(path)
+    model2, loaded = pkg.model, pkg.variables
+    assert model2 == model and pkg.spec == SPECS[name]
     expected = fake_quant_reference(variables["params"], masks, 8)
     chex.assert_trees_all_equal(loaded["params"], expected)  # bit for bit
     # Zeros stay zero and nothing pruned comes back.
@@ -86,11 +91,12 @@ def test_no_float_copy_and_sizes_match_formula(sparse_models):
 def test_low_bits_per_tensor_float16(bits, per_channel, float_dtype, sparse_models, tmp_path):
     model, variables, masks = sparse_models["lenet300_100"]
     path = tmp_path / "m.npz"
-    info8 = package.save_compressed(tmp_path / "m8.npz", model, variables, masks, bits=8)
-    info = package.save_compressed(path, model, variables, masks, bits=bits,
+    spec = SPECS["lenet300_100"]
+    info8 = package.save_compressed(tmp_path / "m8.npz", model, variables, masks, spec=spec, bits=8)
+    info = package.save_compressed(path, model, variables, masks, spec=spec, bits=bits,
                                    per_channel=per_channel, float_dtype=float_dtype)
     assert info["payload_bytes"] < info8["payload_bytes"]
-    _, loaded = package.load_compressed(path)
+    loaded = package.load_compressed(path).variables
     expected = fake_quant_reference(variables["params"], masks, bits, per_channel)
     kernels = lambda t: {p: w for p, w in prune.named_leaves(t) if p.endswith("kernel")}  # noqa: E731
     if float_dtype == "float32":
@@ -107,13 +113,15 @@ def test_batchnorm_model_keeps_stats_and_fields(tmp_path):
     variables = models.init_variables(model, jax.random.key(0), (8, 8, 3))
     variables["batch_stats"] = jax.tree.map(lambda x: x + 0.5, variables["batch_stats"])
     path = tmp_path / "bn.npz"
-    package.save_compressed(path, model, variables, bits=8, extra={"image_shape": [8, 8, 3]})
-    model2, loaded = package.load_compressed(path)
+    package.save_compressed(path, model, variables, spec=TOY, bits=8, extra={"step": 5})
+    pkg = package.load_compressed(path)
+    model2, loaded = pkg.model, pkg.variables
+    assert pkg.step == 5
     assert model2.features == model.features == (8, 16)
     chex.assert_trees_all_equal(loaded["batch_stats"], variables["batch_stats"])
     chex.assert_trees_all_equal(loaded["params"]["bn1"], variables["params"]["bn1"])
     meta, _ = package.read_package(path)
-    assert meta["extra"] == {"image_shape": [8, 8, 3]}
+    assert meta["extra"] == {"step": 5}
     assert meta["model"]["name"] == "cnn_bn"
 
 
@@ -125,8 +133,9 @@ def test_depthwise_model_round_trip(tmp_path):
     variables["batch_stats"] = jax.tree.map(lambda x: x + 0.5, variables["batch_stats"])
     masks = _masks_at(variables["params"], 0.5)
     path = tmp_path / "ds.npz"
-    package.save_compressed(path, model, variables, masks, bits=4)
-    model2, loaded = package.load_compressed(path)
+    package.save_compressed(path, model, variables, masks, spec=data.dataset_spec("digits"), bits=4)
+    pkg = package.load_compressed(path)
+    model2, loaded = pkg.model, pkg.variables
     assert model2 == model and model2.pool_after == (1,) and model2.features == (8, 16, 16)
     assert package.read_package(path)[0]["model"]["name"] == "dscnn_bn"
     expected = fake_quant_reference(variables["params"], masks, 4)
@@ -163,30 +172,32 @@ def test_pack_codes_round_trip(bits, data):
 def test_bits_outside_2_to_8(bits, sparse_models, tmp_path):
     model, variables, masks = sparse_models["lenet300_100"]
     with pytest.raises(ValueError, match=f"bits.*{bits!r}"):
-        package.save_compressed(tmp_path / "x.npz", model, variables, masks, bits=bits)
+        package.save_compressed(tmp_path / "x.npz", model, variables, masks, spec=SPECS["lenet300_100"],
+                                bits=bits)
     assert not (tmp_path / "x.npz").exists()
 
 
 def test_bad_masks_and_values_name_the_leaf(sparse_models, tmp_path):
     model, variables, masks = sparse_models["lenet300_100"]
     out = tmp_path / "x.npz"
+    save = functools.partial(package.save_compressed, spec=SPECS["lenet300_100"])
     wrong = jax.tree.map(lambda m: m, masks)
     wrong["fc2"]["kernel"] = np.ones((100, 300), bool)
     with pytest.raises(ValueError, match=r"fc2/kernel.*\(100, 300\)"):
-        package.save_compressed(out, model, variables, wrong)
+        save(out, model, variables, wrong)
     missing = {k: v for k, v in masks.items() if k != "fc3"}
     with pytest.raises(ValueError, match="fc3"):
-        package.save_compressed(out, model, variables, missing)
+        save(out, model, variables, missing)
     fuzzy = jax.tree.map(lambda m: m, masks)
     fuzzy["fc1"]["kernel"] = np.full((784, 300), 0.5, np.float32)
     with pytest.raises(ValueError, match=r"fc1/kernel.*0\.5"):
-        package.save_compressed(out, model, variables, fuzzy)
+        save(out, model, variables, fuzzy)
     params = jax.tree.map(np.array, variables["params"])
     params["fc2"]["bias"][7] = np.nan
     with pytest.raises(ValueError, match=r"fc2/bias.*nan.*\(7,\)"):
-        package.save_compressed(out, model, {"params": params}, masks)
+        save(out, model, {"params": params}, masks)
     with pytest.raises(ValueError, match="float_dtype='bfloat16'"):
-        package.save_compressed(out, model, variables, masks, float_dtype="bfloat16")
+        save(out, model, variables, masks, float_dtype="bfloat16")
     assert not out.exists()
 
 
@@ -214,4 +225,59 @@ def test_unregistered_model_is_refused(tmp_path):
     variables = {"params": {"Dense_0": {"kernel": np.ones((3, 2), np.float32),
                                         "bias": np.zeros(2, np.float32)}}}
     with pytest.raises(ValueError, match="Tiny.*registered"):
-        package.save_compressed(tmp_path / "t.npz", Tiny(), variables)
+        package.save_compressed(tmp_path / "t.npz", Tiny(), variables, spec=TOY)
+
+
+@jax.jit
+def _reference_predict(variables, images):
+    """What a package's predict must equal: the dequantized model on normalised input."""
+    return models.get_model("cnn_bn", 10, width=0.25).apply(
+        variables, data.normalize(images, TOY), train=False)
+
+
+def test_predict_takes_raw_pixels_normalisation_inside(tmp_path):
+    model = models.get_model("cnn_bn", 10, width=0.25)
+    variables = models.init_variables(model, jax.random.key(0), (8, 8, 3))
+    path = tmp_path / "m.npz"
+    package.save_compressed(path, model, variables, spec=TOY, bits=8)
+    pkg = package.load_compressed(path)
+    assert pkg.spec == TOY and package.read_package(path)[0]["version"] == 2  # every field back
+    raw = np.asarray(jax.random.randint(jax.random.key(1), (6, 8, 8, 3), 0, 256), np.uint8)
+    want = _reference_predict(pkg.variables, raw)
+    chex.assert_trees_all_close(pkg.predict(raw), want, atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(pkg.predict(raw.astype(np.float32)), want, atol=1e-6, rtol=1e-6)
+    # the bare network expects normalised input: raw pixels there give other logits
+    bare = logits(pkg.model, pkg.variables, raw.astype(np.float32))
+    assert not np.allclose(bare, want, atol=1e-2)
+
+
+def test_spec_that_does_not_fit_the_model_is_refused(tmp_path):
+    model = models.get_model("cnn_bn", 10, width=0.25)
+    variables = models.init_variables(model, jax.random.key(0), (8, 8, 3))
+    out = tmp_path / "x.npz"
+    with pytest.raises(ValueError, match="10 classes but dataset 'cifar100' has 100"):
+        package.save_compressed(out, model, variables, spec=data.dataset_spec("cifar100"))
+    lenet, lvars = models.get_model("lenet300_100", 10), None
+    lvars = models.init_variables(lenet, jax.random.key(0), (28, 28, 1))
+    with pytest.raises(ValueError, match=r"shape \(8, 8, 1\)"):
+        package.save_compressed(out, lenet, lvars, spec=data.dataset_spec("digits"))
+    bad_std = dataclasses.replace(TOY, std=(0.2, 0.0, 0.4))
+    with pytest.raises(ValueError, match="std"):
+        package.save_compressed(out, model, variables, spec=bad_std)
+    with pytest.raises(ValueError, match="DatasetSpec"):
+        package.save_compressed(out, model, variables, spec="toy")
+    assert not out.exists()
+
+
+def test_version_1_package_says_to_repackage(tmp_path):
+    model = models.get_model("cnn_bn", 10, width=0.25)
+    variables = models.init_variables(model, jax.random.key(0), (8, 8, 3))
+    path = tmp_path / "v2.npz"
+    package.save_compressed(path, model, variables, spec=TOY)
+    meta, arrays = package.read_package(path)
+    del meta["dataset"]
+    meta["version"] = 1  # what jaxaccel wrote before packages recorded their normalisation
+    old = tmp_path / "v1.npz"
+    np.savez(old, **arrays, meta=np.array(json.dumps(meta)))
+    with pytest.raises(ValueError, match=r"version-1 package.*re-run `jaxaccel compress package"):
+        package.load_compressed(old)

@@ -253,3 +253,25 @@ def test_console_lines_name_their_stage(tmp_path, capsys, caplog):
     assert "[dense] step 2: loss=" in out and "[finetune] step 4: loss=" in out
     assert "stage 3/3 'finetune': train, 2 steps" in caplog.text
     assert "[prune] test_accuracy=" in caplog.text and "sparsity=0.5" in caplog.text
+
+
+def test_quantize_stage_writes_its_calibration_and_the_int8_export_matches(pipeline_run,
+                                                                            tmp_path):
+    """The chain a deployment follows: the quantize stage writes calibration.json, `compress
+    export --int8` turns the run into a StableHLO artifact of raw uint8 images, and the
+    artifact's accuracy is the stage's int8 accuracy (up to rounding ties)."""
+    import numpy as np
+    from jaxaccel import cli, data
+    from jaxaccel.compress import export, quant
+    wd, results = pipeline_run
+    act, w_cfg, meta = quant.load_calibration(os.path.join(wd, "calibration.json"))
+    assert meta == {"stage": "quantize", "step": 90} and w_cfg.bits == 8 and act
+    out = str(tmp_path / "model.int8.stablehlo")
+    assert cli.main(["compress", "export", wd, "--out", out, "--int8"]) == 0
+    config = jaxaccel.load(wd).config
+    test = data.splits_for(config.dataset).test
+    images, labels = data.read_arrays(test, np.arange(len(test)))
+    logits = np.asarray(export.load_exported(out).call(images))  # raw uint8 in
+    accuracy = float(np.mean(logits.argmax(-1) == labels))
+    row = {r["name"]: r for r in results["stages"]}["quantize"]
+    assert abs(accuracy - row["int8_test_accuracy"]) <= 0.005

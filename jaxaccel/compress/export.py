@@ -1,12 +1,16 @@
 """Serialized StableHLO artifacts of inference functions (`jax.export`), loadable without jaxaccel.
 
-Each exported function maps a batch of NHWC images (symbolic batch dimension by default) to logits;
-the weights (float, fake-quantized, or int8 kernels + scales) are baked in as constants, gathered
-to the host first so sharded params export like any others. Load anywhere with only jax:
+Each exported function takes what ``jaxaccel.load(W).predict`` takes: a batch of RAW images,
+uint8 NHWC as the dataset gives them (symbolic batch dimension "b" by default), and returns
+float32 logits; the dataset's normalisation ``(x/255 - mean) / std`` is inside (the
+``spec: data.DatasetSpec`` argument), as are the weights (float, fake-quantized, or int8
+kernels + scales), baked in as constants, gathered to the host first so sharded params export
+like any others. Load anywhere with only jax:
 
     exp = jax.export.deserialize(bytearray(open(path, "rb").read()))
-    logits = exp.call(images)
+    logits = exp.call(images_uint8)
 
+The command line: ``jaxaccel compress export WORKDIR --out PATH [--int8 | --fake-quant]``.
 Serialization needs the `flatbuffers` package.
 """
 from __future__ import annotations
@@ -19,9 +23,12 @@ import jax
 import jax.numpy as jnp
 from jax import export as jax_export
 
+from jaxaccel import data
 from jaxaccel.compress.int8 import Int8Model, int8_apply, resolve_conv_lowering
 from jaxaccel.compress.quant import WEIGHT_CONFIG, QParams, QuantConfig, _layer_filter, apply_fake_quant, quantize_weights
 from jaxaccel.models.layers import portable_conv_impl
+
+INPUT_DTYPE = jnp.uint8
 
 
 def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -31,13 +38,22 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+def _check_spec(spec: data.DatasetSpec | str) -> data.DatasetSpec:
+    if isinstance(spec, str):
+        spec = data.dataset_spec(spec)
+    if not isinstance(spec, data.DatasetSpec):
+        raise ValueError(f"spec must be the model's jaxaccel.data.DatasetSpec (or a dataset name), "
+                         f"got {spec!r}")
+    return spec
+
+
 def export_inference(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int], path: str | os.PathLike,
                      *, dtype=jnp.float32, batch_size: int | None = None) -> jax_export.Exported:
     """Export `fn(images) -> logits` to `path`; returns the Exported.
 
     The batch dimension is symbolic ("b") unless `batch_size` fixes it (for functions whose
     Python code branches on the batch size). `fn` must close over its weights (they become
-    constants of the artifact).
+    constants of the artifact). Written to a temporary name and renamed into place.
     """
     shape = _check_input_shape(input_shape)
     if batch_size is None:
@@ -47,8 +63,15 @@ def export_inference(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence
     else:
         b = batch_size
     exported = jax_export.export(jax.jit(fn))(jax.ShapeDtypeStruct((b,) + shape, dtype))
-    with open(path, "wb") as f:
-        f.write(exported.serialize())
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(exported.serialize())
+        os.replace(tmp, path)  # never half an artifact under `path`
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return exported
 
 
@@ -63,47 +86,68 @@ def _host(tree):
     return jax.device_get(tree)
 
 
-def _portable(model: nn.Module) -> nn.Module:
+def _portable(model: nn.Module, symbolic_batch: bool = False) -> nn.Module:
     """`model` with a `conv_impl` an exported program can carry: never the process-local
-    "cpu_kernel" custom calls (`layers.portable_conv_impl`)."""
+    "cpu_kernel" custom calls (`layers.portable_conv_impl`). With a symbolic batch, a model
+    that would run its conv stack in micro-batches (whose count depends on the batch size,
+    `layers.microbatch_count`) gets the plain "xla" convs instead: same function, one batch."""
     if not hasattr(model, "conv_impl"):
         return model
-    return model.clone(conv_impl=portable_conv_impl(model.conv_impl, getattr(model, "AUTO_CPU_CONV_IMPL", "cpu")))
+    impl = portable_conv_impl(model.conv_impl, getattr(model, "AUTO_CPU_CONV_IMPL", "cpu"))
+    if symbolic_batch and "microbatch" in getattr(model, "__dataclass_fields__", {}) and \
+            (impl in ("cpu", "winograd") or model.microbatch is not None):
+        return model.clone(conv_impl="xla", microbatch=None)
+    return model.clone(conv_impl=impl)
 
 
-def export_float(model: nn.Module, variables: Mapping, input_shape: Sequence[int],
+def _raw_pixels(fn: Callable[[jax.Array], jax.Array],
+                spec: data.DatasetSpec) -> Callable[[jax.Array], jax.Array]:
+    """`fn` of normalised images as a function of raw pixels (`data.normalize`, as training)."""
+    return lambda x: fn(data.normalize(x, spec))
+
+
+def export_float(model: nn.Module, variables: Mapping, spec: data.DatasetSpec | str,
                  path: str | os.PathLike, *, batch_size: int | None = None) -> jax_export.Exported:
-    """Export the eval-mode float model."""
-    variables, model = _host(variables), _portable(model)
-    return export_inference(lambda x: model.apply(variables, x, train=False), input_shape, path,
-                            batch_size=batch_size)
+    """Export the eval-mode float model as a function of raw uint8 images of `spec.image_shape`."""
+    spec = _check_spec(spec)
+    variables, model = _host(variables), _portable(model, batch_size is None)
+    return export_inference(
+        _raw_pixels(lambda x: model.apply(variables, x, train=False), spec),
+        spec.image_shape, path, dtype=INPUT_DTYPE, batch_size=batch_size)
 
 
 def export_fake_quant(model: nn.Module, variables: Mapping, act_qparams: Mapping[str, QParams],
-                      input_shape: Sequence[int], path: str | os.PathLike, *,
+                      spec: data.DatasetSpec | str, path: str | os.PathLike, *,
                       weight_config: QuantConfig | None = WEIGHT_CONFIG, skip: Iterable[str] = (),
                       batch_size: int | None = None) -> jax_export.Exported:
-    """Export the fake-quant simulation (`quant.apply_fake_quant`); weights are quantized once, here."""
-    skip, model = tuple(skip), _portable(model)
+    """Export the fake-quant simulation (`quant.apply_fake_quant`) of raw uint8 images; weights
+    are quantized once, here. `model`/`variables` are the ones `act_qparams` were calibrated on
+    (the BN-folded model when they come from the pipeline's quantize stage)."""
+    spec = _check_spec(spec)
+    skip, model = tuple(skip), _portable(model, batch_size is None)
     variables = dict(_host(variables))
     if weight_config is not None:
         variables["params"], _ = quantize_weights(variables["params"], weight_config, _layer_filter(skip))
     act_qparams = _host(act_qparams)
     return export_inference(
-        lambda x: apply_fake_quant(model, variables, x, act_qparams, weight_config=None, skip=skip),
-        input_shape, path, batch_size=batch_size)
+        _raw_pixels(lambda x: apply_fake_quant(model, variables, x, act_qparams, weight_config=None,
+                                               skip=skip), spec),
+        spec.image_shape, path, dtype=INPUT_DTYPE, batch_size=batch_size)
 
 
-def export_int8(model: nn.Module, int8_model: Int8Model, input_shape: Sequence[int],
+def export_int8(model: nn.Module, int8_model: Int8Model, spec: data.DatasetSpec | str,
                 path: str | os.PathLike, *, batch_size: int | None = None,
                 conv_lowering: str = "auto") -> jax_export.Exported:
-    """Export real int8 inference (`int8.int8_apply`): int8 kernels stored as int8 constants.
+    """Export real int8 inference (`int8.int8_apply`) of raw uint8 images: int8 kernels stored
+    as int8 constants.
 
     `conv_lowering` as in `int8_apply`, but portable: "auto" resolves on the exporting machine's
     backend to "im2col" (CPU) or "native", never to the process-local "cpu_kernel" custom call;
     pass "native" for an artifact meant for GPU/TPU when exporting on a CPU host.
     """
-    int8_model, model = _host(int8_model), _portable(model)
+    spec = _check_spec(spec)
+    int8_model, model = _host(int8_model), _portable(model, batch_size is None)
     lowering = resolve_conv_lowering(conv_lowering, portable=True)  # a bad name fails here, before tracing
-    return export_inference(lambda x: int8_apply(model, int8_model, x, conv_lowering=lowering),
-                            input_shape, path, batch_size=batch_size)
+    return export_inference(
+        _raw_pixels(lambda x: int8_apply(model, int8_model, x, conv_lowering=lowering), spec),
+        spec.image_shape, path, dtype=INPUT_DTYPE, batch_size=batch_size)

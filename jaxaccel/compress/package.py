@@ -12,21 +12,24 @@ so no float copy of the weights exists. Codes follow ``quant.quantize`` with the
 weight config as the project's PTQ stage (symmetric, narrow range, e.g. [-127, 127]), so the
 dequantized kernel ``codes * scale`` equals ``quant.quantize_weights`` of the (masked)
 float kernel bit for bit. Biases, BatchNorm parameters and statistics are stored as float32
-(or float16). A JSON record inside the file names the registered model and its fields, so
-`load_compressed` rebuilds ``(model, variables)`` without the original workdir.
+(or float16). A JSON record inside the file names the registered model and its fields and holds
+the dataset's `DatasetSpec` (image shape, per-channel mean/std), so `load_compressed` rebuilds
+the model without the original workdir, and its ``.predict(images)`` takes raw images (uint8
+NHWC, as the dataset gives them) with the normalisation inside, as ``jaxaccel.load(W).predict``.
 
 `kernel_bytes` is the size formula of one stored kernel; the report (``compress.report``)
 uses it, and the tests check it against the arrays actually written.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
 import zipfile
 from io import BytesIO
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -34,13 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel import io, models
+from jaxaccel import data, io, models
 from jaxaccel.compress import prune, quant
 
 PyTree = Any
 
 FORMAT = "jaxaccel-compressed"
-VERSION = 1
+VERSION = 2  # 2: the dataset's normalisation and image shape are stored ("dataset")
 FLOAT_DTYPES = ("float32", "float16")
 _META_KEY = "meta"
 
@@ -189,6 +192,61 @@ def model_from_spec(spec: Mapping[str, Any]) -> nn.Module:
                             conv_impl=spec["conv_impl"], **fields)
 
 
+# --------------------------------------------------------------------------- input spec
+
+
+def _spec_record(spec: data.DatasetSpec) -> dict[str, Any]:
+    """Every field of ``spec`` as JSON (image shape, mean/std, class names, ...)."""
+    record = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    record.update(num_classes=int(spec.num_classes),
+                  image_shape=[int(d) for d in spec.image_shape],
+                  mean=[float(m) for m in spec.mean], std=[float(v) for v in spec.std])
+    return io.to_jsonable(record)
+
+
+def _spec_from_record(record: Mapping[str, Any]) -> data.DatasetSpec:
+    known = {f.name for f in dataclasses.fields(data.DatasetSpec)}
+    spec = data.DatasetSpec(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in record.items() if k in known})
+    _check_spec_values(spec)
+    return spec
+
+
+def _check_spec_values(spec: data.DatasetSpec) -> None:
+    shape = tuple(spec.image_shape)
+    if len(shape) != 3 or any(isinstance(d, bool) or not isinstance(d, (int, np.integer))
+                              or d <= 0 for d in shape):
+        raise ValueError(f"dataset spec {spec.name!r}: image_shape must be three positive ints "
+                         f"(H, W, C), got {spec.image_shape!r}")
+    values = np.asarray(tuple(spec.mean) + tuple(spec.std), np.float64)
+    if not np.all(np.isfinite(values)) or not np.all(np.asarray(spec.std, np.float64) > 0):
+        raise ValueError(f"dataset spec {spec.name!r}: mean/std must be finite and std > 0, "
+                         f"got mean={spec.mean} std={spec.std}")
+
+
+def check_spec(model: nn.Module, variables: Mapping[str, PyTree], spec: data.DatasetSpec) -> None:
+    """ValueError unless ``model`` with ``variables`` maps images of ``spec.image_shape`` to
+    ``spec.num_classes`` logits: a package must not record another dataset's normalisation.
+    Traced abstractly with plain-XLA convs (``conv_impl`` never changes the parameters)."""
+    if not isinstance(spec, data.DatasetSpec):
+        raise ValueError(f"spec must be a jaxaccel.data.DatasetSpec (the dataset's normalisation "
+                         f"and image shape), got {spec!r}")
+    _check_spec_values(spec)
+    if int(model.num_classes) != int(spec.num_classes):
+        raise ValueError(f"the model has {model.num_classes} classes but dataset "
+                         f"{spec.name!r} has {spec.num_classes}")
+    plain = model.clone(conv_impl="xla") if hasattr(model, "conv_impl") else model
+    x = jax.ShapeDtypeStruct((1,) + tuple(int(d) for d in spec.image_shape), jnp.float32)
+    try:
+        out = jax.eval_shape(lambda v, x: plain.apply(v, x, train=False), dict(variables), x)
+    except Exception as e:  # noqa: BLE001 - flax/jax raise many types for a shape mismatch
+        raise ValueError(f"the model does not take images of shape {tuple(spec.image_shape)} "
+                         f"(dataset {spec.name!r}): {' '.join(str(e).split())[:200]}") from None
+    if tuple(out.shape) != (1, int(spec.num_classes)):
+        raise ValueError(f"the model maps images of shape {tuple(spec.image_shape)} to "
+                         f"{tuple(out.shape)[1:]}, not {spec.num_classes} logits")
+
+
 # --------------------------------------------------------------------------- encoding
 
 
@@ -302,31 +360,39 @@ def decode(arrays: Mapping[str, np.ndarray], records: list[dict],
 
 
 def save_compressed(path: str | os.PathLike, model: nn.Module, variables: Mapping[str, PyTree],
-                    masks: PyTree | None = None, *, bits: int = 8, per_channel: bool = True,
-                    float_dtype: str = "float32",
+                    masks: PyTree | None = None, *, spec: data.DatasetSpec, bits: int = 8,
+                    per_channel: bool = True, float_dtype: str = "float32",
                     extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write a compressed checkpoint of ``model``/``variables`` to ``path`` (one .npz file).
 
-    See the module docstring for the layout. ``extra`` (JSON) is stored alongside, e.g. the
-    dataset and input shape. Returns ``{"path", "file_bytes", "payload_bytes",
-    "dense_float32_bytes", "ratio", "bits", "kernel_params", "kernel_nonzeros", "sparsity"}``:
-    ``file_bytes`` is the size on disk, ``dense_float32_bytes`` 4 bytes per stored variable,
-    ``ratio`` the second over the first.
+    See the module docstring for the layout. ``spec`` is the dataset the model was trained on
+    (``data.dataset_spec(...)``): its image shape and per-channel mean/std are stored so the
+    package's ``predict`` takes raw images (`check_spec` refuses a spec the model does not
+    fit). ``extra`` (JSON) is stored alongside, e.g. the source run and step. Returns
+    ``{"path", "file_bytes", "payload_bytes", "dense_float32_bytes", "ratio", "bits",
+    "kernel_params", "kernel_nonzeros", "sparsity"}``: ``file_bytes`` is the size on disk,
+    ``dense_float32_bytes`` 4 bytes per stored variable, ``ratio`` the second over the first.
     """
-    spec = model_spec(model)
+    model_record = model_spec(model)
+    check_spec(model, variables, spec)
     arrays, records = encode(variables, masks, bits=bits, per_channel=per_channel,
                              float_dtype=float_dtype)
-    meta = {"format": FORMAT, "version": VERSION, "model": spec, "bits": bits,
+    meta = {"format": FORMAT, "version": VERSION, "model": model_record,
+            "dataset": _spec_record(spec), "bits": bits,
             "per_channel": per_channel, "float_dtype": float_dtype,
             "collections": sorted(variables), "leaves": records, "extra": dict(extra or {})}
     buffer = BytesIO()
     np.savez_compressed(buffer, **arrays, **{_META_KEY: np.array(io.dumps(meta))})
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, path)  # a reader never sees half a package
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getvalue())
+        os.replace(tmp, path)  # a reader never sees half a package
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     file_bytes = os.path.getsize(path)
     dense = 4 * sum(int(np.prod(r["shape"])) for r in records)
     kernels = [r for r in records if r["encoding"] == "sparse_int"]
@@ -354,20 +420,61 @@ def read_package(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a jaxaccel compressed package (format="
                          f"{meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"{path!r}: package version {meta.get('version')!r} is not supported "
+    version = meta.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version < VERSION:
+        raise ValueError(f"{path!r} is a version-{version} package, which does not record the "
+                         f"input normalisation; re-run `jaxaccel compress package WORKDIR --out "
+                         f"{path}` to rebuild it (this jaxaccel reads version {VERSION})")
+    if version != VERSION:
+        raise ValueError(f"{path!r}: package version {version!r} is not supported "
                          f"(this jaxaccel reads version {VERSION})")
     return meta, arrays
 
 
-def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, dict[str, PyTree]]:
-    """Rebuild ``(model, variables)`` from a package: float32 variables with the kernels
-    dequantized (``codes * scale``) and every pruned entry exactly zero; ready for
-    ``model.apply(variables, images, train=False)``."""
+@dataclasses.dataclass
+class CompressedModel:
+    """A compressed package read back for inference; the same API as ``jaxaccel.load(W)``.
+
+    ``model.apply(variables, x, train=False)`` is the network on NORMALISED input
+    ``x = data.normalize(raw, spec)``; ``predict(raw)`` is what takes raw images.
+    ``meta`` is the package's JSON record (``meta["extra"]``: what the packager added).
+    """
+    model: nn.Module
+    variables: dict
+    spec: data.DatasetSpec
+    meta: dict
+    predict_fn: Callable
+
+    @property
+    def step(self) -> int | None:
+        """The train step of the packaged weights, if the packager recorded it."""
+        return self.meta.get("extra", {}).get("step")
+
+    def predict(self, images: Any) -> jax.Array:
+        """Logits for raw images (uint8 or 0..255 floats, NHWC); normalisation included."""
+        return self.predict_fn(self.variables, images)
+
+
+def predict_function(model: nn.Module, spec: data.DatasetSpec) -> Callable:
+    """Jitted ``(variables, raw images) -> logits``, normalising as training did
+    (``train.build``'s ``predict_fn``)."""
+    @jax.jit
+    def predict_fn(variables, images):
+        return model.apply(variables, data.normalize(jnp.asarray(images), spec), train=False)
+    return predict_fn
+
+
+def load_compressed(path: str | os.PathLike) -> CompressedModel:
+    """Rebuild a package for inference: float32 variables with the kernels dequantized
+    (``codes * scale``, every pruned entry exactly zero), the model, and its dataset's
+    normalisation. ``.predict(raw_uint8_nhwc)`` gives logits; ``.model.apply(.variables, x,
+    train=False)`` expects normalised ``x`` (see `CompressedModel`)."""
     meta, arrays = read_package(path)
     try:
         model = model_from_spec(meta["model"])
+        spec = _spec_from_record(meta["dataset"])
         variables = decode(arrays, meta["leaves"], meta["collections"])
-    except (KeyError, TypeError, IndexError) as e:
+    except (KeyError, TypeError, IndexError, ValueError) as e:
         raise ValueError(f"{os.fspath(path)!r}: damaged package ({type(e).__name__}: {e})") from None
-    return model, jax.tree.map(jnp.asarray, variables)
+    return CompressedModel(model=model, variables=jax.tree.map(jnp.asarray, variables),
+                           spec=spec, meta=meta, predict_fn=predict_function(model, spec))

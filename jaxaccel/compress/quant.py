@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, Iterable, Mapping
 
 import flax.linen as nn
@@ -30,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from jaxaccel import io
 
 # torch.finfo(torch.float32).eps: the floor PyTorch's observers put on the scale.
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -561,3 +564,97 @@ def qat_apply(model: nn.Module, variables: Mapping, qat_state: Mapping[str, Rang
     with nn.intercept_methods(interceptor):
         out = model.apply({**variables, "params": params}, images, train=train, mutable=mutable)
     return out, {**qat_state, **new_state}
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration files
+# --------------------------------------------------------------------------------------------
+CALIBRATION_FORMAT = "jaxaccel-calibration"
+CALIBRATION_VERSION = 1
+
+
+def _qparams_record(key: str, qp: QParams) -> dict[str, Any]:
+    scale = np.asarray(jax.device_get(qp.scale), np.float32)
+    zero_point = np.asarray(jax.device_get(qp.zero_point))
+    if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
+        raise ValueError(f"activation qparams of layer {key!r}: scales must be finite and > 0, "
+                         f"got {scale.tolist()!r}")
+    if scale.ndim > 1 or zero_point.shape != scale.shape:
+        raise ValueError(f"activation qparams of layer {key!r}: scale {scale.shape} and zero "
+                         f"point {zero_point.shape} must be scalars or equal 1-D arrays")
+    # float32 -> Python float is exact, and JSON writes the shortest repr that parses back to it
+    return {"scale": scale.tolist(), "zero_point": zero_point.astype(np.int64).tolist(),
+            "qmin": int(qp.qmin), "qmax": int(qp.qmax),
+            "axis": None if qp.axis is None else int(qp.axis)}
+
+
+def save_calibration(path: Any, act_qparams: Mapping[str, QParams], weight_config: QuantConfig, *,
+                     meta: Mapping[str, Any] | None = None) -> None:
+    """Write a PTQ calibration (strict JSON, atomically) for exports made later from the run.
+
+    `act_qparams` are those of the model the calibration ran on (the pipeline's quantize stage
+    calibrates the BN-folded model, `fold.fold_bn`), `weight_config` how its weights are
+    quantized. Scales round-trip exactly (float32 values stored as JSON numbers). `meta`
+    (JSON) is kept as is; `jaxaccel compress export` reads its "step" (the train step of the
+    calibrated weights) and refuses weights of another step.
+    """
+    if not isinstance(weight_config, QuantConfig):
+        raise ValueError(f"weight_config must be a QuantConfig, got {weight_config!r}")
+    record = {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION,
+              "weight_config": dataclasses.asdict(weight_config),
+              "activations": {str(k): _qparams_record(k, qp) for k, qp in act_qparams.items()},
+              "meta": dict(meta or {})}
+    io.write_json(path, record)
+
+
+def _qparams_from_record(key: str, r: Any) -> QParams:
+    if not isinstance(r, dict) or set(r) != {"scale", "zero_point", "qmin", "qmax", "axis"}:
+        raise ValueError(f"layer {key!r}: needs exactly scale, zero_point, qmin, qmax, axis")
+    scale = np.asarray(r["scale"], np.float32)
+    zero_point = np.asarray(r["zero_point"])
+    ints = (r["qmin"], r["qmax"]) + (() if r["axis"] is None else (r["axis"],))
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in ints) \
+            or not np.issubdtype(zero_point.dtype, np.integer) \
+            or zero_point.shape != scale.shape or scale.ndim > 1 \
+            or not np.all(np.isfinite(scale)) or not np.all(scale > 0) \
+            or not r["qmin"] < r["qmax"]:
+        raise ValueError(f"layer {key!r}: invalid qparams {r!r}")
+    return QParams(scale=jnp.asarray(scale), zero_point=jnp.asarray(zero_point, jnp.int32),
+                   qmin=r["qmin"], qmax=r["qmax"], axis=r["axis"])
+
+
+def load_calibration(path: Any) -> tuple[dict[str, QParams], QuantConfig, dict]:
+    """`(act_qparams, weight_config, meta)` of a file written by `save_calibration`.
+
+    FileNotFoundError if there is none; ValueError (naming the file) if it is not one.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no calibration file at {path!r}")
+    try:
+        with open(path) as f:
+            record = io.loads(f.read())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path!r} is not a jaxaccel calibration file ({' '.join(str(e).split())})") from None
+    if not isinstance(record, dict) or record.get("format") != CALIBRATION_FORMAT:
+        raise ValueError(f"{path!r} is not a jaxaccel calibration file (format="
+                         f"{record.get('format') if isinstance(record, dict) else None!r})")
+    if record.get("version") != CALIBRATION_VERSION:
+        raise ValueError(f"{path!r}: calibration version {record.get('version')!r} is not supported "
+                         f"(this jaxaccel reads version {CALIBRATION_VERSION}); calibrate the run again")
+    try:
+        fields = record["weight_config"]
+        if not isinstance(fields, dict):
+            raise ValueError(f"weight_config must be an object, got {fields!r}")
+        weight_config = QuantConfig(**fields)
+        acts = record["activations"]
+        if not isinstance(acts, dict):
+            raise ValueError(f"activations must be an object, got {type(acts).__name__}")
+        act_qparams = {k: _qparams_from_record(k, r) for k, r in acts.items()}
+        meta = record.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"meta must be an object, got {meta!r}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path!r}: damaged calibration file ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())})") from None
+    return act_qparams, weight_config, meta

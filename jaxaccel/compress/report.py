@@ -222,8 +222,7 @@ def run_weights(workdir: str, step: int | None = None) -> RunWeights:
     elif trailing:
         notes.append(f"stages after {stages[at].name!r} not included: "
                      f"{', '.join(s.name for s in trailing)}")
-    spec = data.dataset_spec(config.dataset.name, path=config.dataset.path or None,
-                             data_dir=config.dataset.data_dir or None)
+    spec = data.spec_for(config.dataset)
     return RunWeights(workdir=workdir, model=loaded.model, variables=variables, config=config,
                       step=int(loaded.step), stage=ran[-1].name, bits=weight_bits(ran),
                       input_shape=tuple(int(d) for d in spec.image_shape),
@@ -247,12 +246,9 @@ def workdir_report(workdir: str, *, bits: int | None = None, step: int | None = 
 
 def package_report(path: str, *, input_shape: Sequence[int] | None = None) -> dict[str, Any]:
     """`layer_table` of a compressed package, at its bits and with its layout options."""
-    meta, _ = package.read_package(path)
-    model, variables = package.load_compressed(path)
-    shape = input_shape if input_shape is not None else meta.get("extra", {}).get("image_shape")
-    if shape is None:
-        raise ValueError(f"package {path!r} records no image_shape; pass input_shape (H,W,C)")
-    shape = _check_input_shape(shape)
+    pkg = package.load_compressed(path)
+    meta, model, variables = pkg.meta, pkg.model, pkg.variables
+    shape = _check_input_shape(input_shape if input_shape is not None else pkg.spec.image_shape)
     table = layer_table(model, variables, shape, bits=meta["bits"],
                         per_channel=meta["per_channel"],
                         float_bytes=np.dtype(meta["float_dtype"]).itemsize)
