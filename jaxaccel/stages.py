@@ -343,30 +343,29 @@ def ptq_configs(q: ml_collections.ConfigDict):
     return weights, acts
 
 
-def weight_stats(params, masks, bits: int = 32) -> dict[str, Any]:
-    """Sparsity of the prunable kernels and an honest size estimate of the weights.
+def weight_stats(params, masks, bits: int = 32, *, batch_stats: Any = None,
+                 per_channel: bool = True) -> dict[str, Any]:
+    """Sparsity of the prunable kernels and the sizes of the weights, by their one definition.
 
-    `model_bytes` counts kernels as nonzeros × bits/8 plus a 1-bit-per-weight mask when
-    sparse, everything else (biases, BN) as float32; `dense_bytes` is all params in float32.
+    `packed_bytes`: what a compressed package of these weights stores before zlib
+    (`compress.package.packed_bytes`: kernels' codes at `bits` + bit-masks + scales, the rest
+    float32; also the compression report's total); `dense_float32_bytes`: every variable as
+    float32. Counted on the devices (masks may span processes).
     """
-    from jaxaccel.compress import prune
-    flat_p = dict(prune.named_leaves(params))
+    from jaxaccel.compress import package, prune
     flat_m = dict(prune.named_leaves(masks))
-    kernel_size = kernel_nnz = 0
-    model_bytes = dense_bytes = 0.0
-    for path, w in flat_p.items():
-        size = int(np.size(w))
-        dense_bytes += 4 * size
+    kernel_size = kernel_kept = 0
+    for path, w in prune.named_leaves(params):
         if prune.is_kernel(path, w):
-            nnz = int(jnp.count_nonzero(flat_m[path]))  # on device: masks may span processes
-            kernel_size += size
-            kernel_nnz += nnz
-            model_bytes += nnz * bits / 8 + (size / 8 if nnz < size else 0)
-        else:
-            model_bytes += 4 * size
-    return {"sparsity": 1.0 - kernel_nnz / max(kernel_size, 1), "bits": bits,
-            "nonzero_weights": kernel_nnz, "model_bytes": int(np.ceil(model_bytes)),
-            "dense_bytes": int(dense_bytes)}
+            kernel_size += int(np.size(w))
+            kernel_kept += int(jnp.count_nonzero(flat_m[path]))
+    variables = {"params": params, "batch_stats": batch_stats or {}}
+    count = sum(int(np.size(x)) for x in jax.tree.leaves(variables))
+    return {"sparsity": 1.0 - kernel_kept / max(kernel_size, 1), "bits": bits,
+            "nonzero_weights": kernel_kept,
+            "packed_bytes": package.packed_bytes(variables, masks, bits=bits,
+                                                 per_channel=per_channel),
+            "dense_float32_bytes": 4 * count}
 
 
 def ptq_evaluate(model, variables: dict, q: ml_collections.ConfigDict, *, input_shape,

@@ -490,14 +490,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
                 row.update(extra_row)
             if st.kind == "train":
                 evaluated = carry
-                bits = st.quant.weight_bits if st.quant.mode == "qat" else 32
+                quantized = st.quant if st.quant.mode == "qat" else None
             else:
                 quantized = evaluated.get("quant")
-                bits = quantized.weight_bits if quantized is not None else 32
             # The row describes the weights it evaluated (for an evaluate stage with a
             # one-shot prune section: the pruned ones, not the unchanged carry).
-            row.update(**evaluate.row(result),
-                       **stages_lib.weight_stats(evaluated["params"], evaluated["masks"], bits))
+            row.update(**evaluate.row(result), **stages_lib.weight_stats(
+                evaluated["params"], evaluated["masks"],
+                quantized.weight_bits if quantized is not None else 32,
+                batch_stats=evaluated["batch_stats"],
+                per_channel=quantized.per_channel if quantized is not None else True))
             evaluate.write(writer, offsets[i + 1], result, st.name)
             if is_main and config.progress:
                 log.info("[%s] %s", st.name, _row_summary(row))
@@ -519,7 +521,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
         "compile_seconds": stats.get("compile_seconds"),
         "nonfinite_steps": stats.get("nonfinite_steps", 0),
         "num_params": int(sum(np.size(x) for x in jax.tree.leaves(carry["params"]))),
-        "sparsity": final["sparsity"], "model_bytes": final["model_bytes"],
+        "sparsity": final["sparsity"], "packed_bytes": final["packed_bytes"],
         "stages": rows,
     }
     results = io.to_jsonable(results)  # what results.json holds: non-finite values are None

@@ -643,7 +643,7 @@ def _train(runs: list[sweep.PointRun], *, mode: str, on_change: Callable[[], Non
             row = {"name": stage.name, "kind": stage.kind, "steps": stage.steps,
                    **evaluator.row(finals[i]),
                    **stages_lib.weight_stats(state.params, prune.get_masks(state.opt_state),
-                                             32)}
+                                             32, batch_stats=state.batch_stats)}
             results = {
                 **evaluator.row(finals[i]),
                 "steps": num_steps, "num_devices": num_devices, "num_processes": 1,
@@ -651,7 +651,7 @@ def _train(runs: list[sweep.PointRun], *, mode: str, on_change: Callable[[], Non
                 "dataset": config.dataset.name, **splits.sizes(), "train_images_per_sec": rate,
                 "compile_seconds": compile_seconds, "nonfinite_steps": int(nonfinite[i]),
                 "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params))),
-                "sparsity": row["sparsity"], "model_bytes": row["model_bytes"],
+                "sparsity": row["sparsity"], "packed_bytes": row["packed_bytes"],
                 "stages": [row],
                 "vectorized": {"points": k_points, "mode": mode, "layout": layout,
                                "steps_per_dispatch": block,

@@ -138,11 +138,11 @@ def han(workdirs: Sequence[str]) -> str:
         runs = finished_runs(wd)
         model = runs[0].results.get("model", "")
         pub = HAN_PUBLISHED.get(model, {"title": model, "dense": None, "pruned": None, "kept": "—"})
-        dense_kb = runs[0].rows["dense"]["model_bytes"] / 1024
+        dense_kb = runs[0].rows["dense"]["packed_bytes"] / 1024
 
         def kept(stage):  # each row's own sparsity / size (no_retrain: the pruned evaluation)
             return (f"{fmt([100.0 * (1.0 - r.rows[stage]['sparsity']) for r in runs], 1)}%",
-                    fmt([r.rows[stage]["model_bytes"] / 1024 for r in runs], 0))
+                    fmt([r.rows[stage]["packed_bytes"] / 1024 for r in runs], 0))
 
         # Iterative pruning: rounds 1..R-1 end in `round{r}/retrain`, round R in `retrain`.
         rounds = [n for n in runs[0].rows if re.fullmatch(r"round\d+/retrain", n)]
@@ -171,7 +171,7 @@ def han(workdirs: Sequence[str]) -> str:
                 f"- no retraining − dense = {fmt(noretrain_gap, sign=True)} "
                 f"(claim: drops by more than 10 points) → "
                 f"{verdict(statistics.fmean(noretrain_gap) < -10.0)}", ""]
-    out.append("Size: float32 nonzeros + a 1-bit mask per weight (`model_bytes` of results.json); "
+    out.append("Size: float32 nonzeros + a 1-bit mask per weight (`packed_bytes` of results.json); "
                "published sizes in Han et al. 2016: LeNet-300-100 1070 KB → 27 KB, "
                "LeNet-5 1720 KB → 44 KB (with quantization and Huffman coding).")
     return "\n".join(out) + "\n"

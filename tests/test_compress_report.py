@@ -42,7 +42,7 @@ def test_layer_table_counts(cnn3):
     # Unquantized and sparse: float32 nonzeros + bit-mask + float32 bias.
     assert conv1["bits"] == 32 and conv1["bytes"] == 54 * 4 + 216 // 8 + 8 * 4
     dense = report.layer_table(model, variables, (16, 16, 3))
-    assert dense["totals"]["bytes"] == dense["totals"]["dense_float32_bytes"]
+    assert dense["totals"]["packed_bytes"] == dense["totals"]["dense_float32_bytes"]
     assert dense["totals"]["sparsity"] == 0.0
 
 
@@ -69,12 +69,12 @@ def test_table_bytes_are_the_package_bytes(cnn3, tmp_path):
     spec = data.dataset_spec("cifar10")
     spec = data.DatasetSpec("toy16", 10, (16, 16, 3), spec.mean, spec.std, "builtin")
     info = package.save_compressed(tmp_path / "p.npz", model, variables, masks, spec=spec, bits=4)
-    assert table["totals"]["bytes"] == info["payload_bytes"]
+    assert table["totals"]["packed_bytes"] == info["packed_bytes"]
     assert all(r["bits"] == 4 for r in table["layers"])
     half = report.layer_table(model, variables, (16, 16, 3), masks=masks, bits=4, float_bytes=2)
     info16 = package.save_compressed(tmp_path / "h.npz", model, variables, masks, spec=spec, bits=4,
                                      float_dtype="float16")
-    assert half["totals"]["bytes"] == info16["payload_bytes"] < info["payload_bytes"]
+    assert half["totals"]["packed_bytes"] == info16["packed_bytes"] < info["packed_bytes"]
 
 
 def test_markdown_has_rows_and_totals(cnn3):
@@ -146,7 +146,7 @@ def test_report_command(run, tmp_path, capsys):
     prune_row = results["stages"][-1]
     assert t["sparsity"] == pytest.approx(prune_row["sparsity"])
     assert t["nonzeros"] == prune_row["nonzero_weights"]
-    assert t["bytes"] == prune_row["model_bytes"]
+    assert t["packed_bytes"] == prune_row["packed_bytes"]
     assert t["macs_effective"] * 10 == t["macs_dense"] == 64 * 300 + 300 * 100 + 100 * 10
 
     assert cli.main(["compress", "report", wd, "--bits", "8"]) == 0
@@ -160,10 +160,10 @@ def test_package_command_then_load_and_report(run, tmp_path, capsys):
     assert cli.main(["compress", "package", wd, "--out", str(out), "--json", str(sizes)]) == 0
     text = capsys.readouterr().out
     info = json.loads(sizes.read_text())
-    assert info["file_bytes"] == out.stat().st_size
-    assert f"{info['file_bytes']:,} bytes on disk" in text
+    assert info["package_file_bytes"] == out.stat().st_size
+    assert f"{info['package_file_bytes']:,} bytes on disk" in text
     assert "float32 dense parameters" in text and "orbax checkpoint" in text
-    assert info["checkpoint_bytes"] > 10 * info["file_bytes"]
+    assert info["checkpoint_bytes"] > 10 * info["package_file_bytes"]
     assert info["ratio"] > 10 and info["sparsity"] == pytest.approx(0.9)
     # The package alone rebuilds the pruned int8 model: the run's final (pruned) weights,
     # fake-quantized as the PTQ stage does.

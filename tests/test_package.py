@@ -63,7 +63,7 @@ def test_round_trip_is_fake_quant_and_15x_smaller(name, sparse_models, tmp_path)
     # The target: a 90%-sparse int8 model >= 15x smaller than float32 dense.
     dense = 4 * sum(np.size(x) for x in jax.tree.leaves(variables))
     assert info["dense_float32_bytes"] == dense
-    assert info["file_bytes"] == path.stat().st_size
+    assert info["package_file_bytes"] == path.stat().st_size
     assert info["ratio"] >= 15, info
     assert info["sparsity"] == pytest.approx(0.9, abs=1e-4)
 
@@ -95,7 +95,7 @@ def test_low_bits_per_tensor_float16(bits, per_channel, float_dtype, sparse_mode
     info8 = package.save_compressed(tmp_path / "m8.npz", model, variables, masks, spec=spec, bits=8)
     info = package.save_compressed(path, model, variables, masks, spec=spec, bits=bits,
                                    per_channel=per_channel, float_dtype=float_dtype)
-    assert info["payload_bytes"] < info8["payload_bytes"]
+    assert info["packed_bytes"] < info8["packed_bytes"]
     loaded = package.load_compressed(path).variables
     expected = fake_quant_reference(variables["params"], masks, bits, per_channel)
     kernels = lambda t: {p: w for p, w in prune.named_leaves(t) if p.endswith("kernel")}  # noqa: E731

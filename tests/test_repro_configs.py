@@ -190,7 +190,7 @@ def _fake_point(root, name, seed, results):
 
 def _row(name, acc, sparsity=0.0, kind="train", steps=0, **extra):
     return {"name": name, "kind": kind, "steps": steps, "test_accuracy": acc,
-            "sparsity": sparsity, "model_bytes": 1000, **extra}
+            "sparsity": sparsity, "packed_bytes": 1000, **extra}
 
 
 @pytest.mark.parametrize("retrained,holds", [(0.948, True), (0.930, False)])

@@ -52,7 +52,7 @@ def test_five_stage_pipeline_rows(pipeline_run):
     for name in ("prune", "finetune", "quantize", "evaluate"):
         assert rows[name]["sparsity"] == pytest.approx(0.8, abs=1e-3)
     assert rows["quantize"]["bits"] == 8 and rows["train"]["bits"] == 32
-    assert rows["quantize"]["model_bytes"] < rows["finetune"]["model_bytes"] < rows["train"]["model_bytes"]
+    assert rows["quantize"]["packed_bytes"] < rows["finetune"]["packed_bytes"] < rows["train"]["packed_bytes"]
     # Fine-tuning recovers what one-shot pruning lost; int8 tracks fake-quant.
     assert rows["finetune"]["test_accuracy"] >= rows["prune"]["test_accuracy"]
     assert rows["train"]["test_accuracy"] > 0.8
@@ -161,12 +161,12 @@ def test_evaluate_with_prune_section_leaves_the_state_unchanged(tmp_path):
     )
     rows = {r["name"]: r for r in jaxaccel.train(c, str(tmp_path))["stages"]}
     assert rows["no_retrain"]["sparsity"] == pytest.approx(0.8, abs=1e-3)
-    assert rows["no_retrain"]["model_bytes"] < rows["train"]["model_bytes"]
+    assert rows["no_retrain"]["packed_bytes"] < rows["train"]["packed_bytes"]
     assert rows["no_retrain"]["test_accuracy"] != rows["train"]["test_accuracy"]
     # The carried state was not pruned: the same weights, the same accuracy, dense.
     assert rows["again"]["sparsity"] == 0.0
     assert rows["again"]["test_accuracy"] == rows["train"]["test_accuracy"]
-    assert rows["again"]["model_bytes"] == rows["train"]["model_bytes"]
+    assert rows["again"]["packed_bytes"] == rows["train"]["packed_bytes"]
     # On top of carried masks: fc1 at 90%, the other kernels keep the prune stage's 50%.
     assert rows["prune"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
     fc1, rest = 64 * 300, 300 * 100 + 100 * 10
@@ -275,3 +275,24 @@ def test_quantize_stage_writes_its_calibration_and_the_int8_export_matches(pipel
     accuracy = float(np.mean(logits.argmax(-1) == labels))
     row = {r["name"]: r for r in results["stages"]}["quantize"]
     assert abs(accuracy - row["int8_test_accuracy"]) <= 0.005
+
+
+def test_one_size_definition_across_rows_report_and_package(pipeline_run, tmp_path):
+    """`packed_bytes` means one thing: what a package of the weights stores before zlib. The
+    pipeline's final row, `compress report` and `compress package` agree on it; the package
+    file on disk (zlib) and the int8 runtime's arrays are other quantities, named so."""
+    from jaxaccel import cli
+    wd, results = pipeline_run
+    final = results["stages"][-1]
+    assert final["bits"] == 8 and results["packed_bytes"] == final["packed_bytes"]
+    assert cli.main(["compress", "report", wd, "--json", str(tmp_path / "r.json")]) == 0
+    report = json.load(open(tmp_path / "r.json"))
+    assert report["bits"] == 8 and report["totals"]["packed_bytes"] == final["packed_bytes"]
+    assert cli.main(["compress", "package", wd, "--out", str(tmp_path / "m.npz"),
+                     "--json", str(tmp_path / "p.json")]) == 0
+    info = json.load(open(tmp_path / "p.json"))
+    assert info["packed_bytes"] == final["packed_bytes"]
+    assert info["package_file_bytes"] == os.path.getsize(tmp_path / "m.npz")
+    assert final["int8_runtime_bytes"] > final["packed_bytes"]  # dense int8 kernels in memory
+    assert final["dense_float32_bytes"] == 4 * sum(
+        np.size(x) for x in jax.tree.leaves(jaxaccel.load(wd).variables))

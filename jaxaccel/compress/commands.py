@@ -131,9 +131,9 @@ def _package(args: argparse.Namespace) -> int:
     ckpt_bytes = package.directory_bytes(run.checkpoint_dir) \
         if os.path.isdir(run.checkpoint_dir) else None
     info.update(checkpoint_dir=run.checkpoint_dir, checkpoint_bytes=ckpt_bytes,
-                checkpoint_ratio=ckpt_bytes / info["file_bytes"] if ckpt_bytes else None,
+                checkpoint_ratio=ckpt_bytes / info["package_file_bytes"] if ckpt_bytes else None,
                 step=run.step, stage=run.stage, notes=run.notes)
-    print(f"wrote {info['path']}: {info['file_bytes']:,} bytes on disk "
+    print(f"wrote {info['path']}: {info['package_file_bytes']:,} bytes on disk "
           f"({info['bits']}-bit codes of {info['kernel_nonzeros']:,} nonzero kernel weights, "
           f"{100 * info['sparsity']:.1f}% sparse; step {run.step}, stage {run.stage})")
     print(f"  vs float32 dense parameters: {info['dense_float32_bytes']:,} bytes "

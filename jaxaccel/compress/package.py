@@ -65,6 +65,31 @@ def kernel_bytes(size: int, nonzeros: int, channels: int, bits: int, *,
     return math.ceil(nonzeros * bits / 8) + mask + scales
 
 
+def packed_bytes(variables: Mapping[str, PyTree], masks: PyTree | None = None, *,
+                 bits: int = 32, per_channel: bool = True, float_bytes: int = 4) -> int:
+    """Bytes of `variables` stored as a package stores them (before zlib): each conv/dense
+    kernel sparse (`kernel_bytes` of its nonzeros after `masks`: codes, bit-mask, scales),
+    every other variable (biases, BatchNorm) as floats of `float_bytes`.
+
+    The one definition of a model's compressed size: results rows (`packed_bytes`), the
+    compression report's total and `compress package`'s payload are this number. Counts on
+    the devices holding the arrays (in a multi-process run every process must call it).
+    """
+    flat_masks = dict(prune.named_leaves(masks)) if masks is not None else {}
+    total = 0
+    for collection, tree in variables.items():
+        for path, leaf in prune.named_leaves(tree):
+            size = int(np.size(leaf))
+            if collection == "params" and prune.is_kernel(path, leaf):
+                kept = leaf if path not in flat_masks else jnp.where(flat_masks[path], leaf, 0)
+                nnz = int(jnp.count_nonzero(kept))
+                total += kernel_bytes(size, nnz, int(np.shape(leaf)[-1]), bits,
+                                      per_channel=per_channel, scale_bytes=float_bytes)
+            else:
+                total += float_bytes * size
+    return total
+
+
 def directory_bytes(path: str | os.PathLike) -> int:
     """Total size of the files under ``path`` (a file: its size)."""
     if os.path.isfile(path):
@@ -369,8 +394,9 @@ def save_compressed(path: str | os.PathLike, model: nn.Module, variables: Mappin
     (``data.dataset_spec(...)``): its image shape and per-channel mean/std are stored so the
     package's ``predict`` takes raw images (`check_spec` refuses a spec the model does not
     fit). ``extra`` (JSON) is stored alongside, e.g. the source run and step. Returns
-    ``{"path", "file_bytes", "payload_bytes", "dense_float32_bytes", "ratio", "bits",
-    "kernel_params", "kernel_nonzeros", "sparsity"}``: ``file_bytes`` is the size on disk,
+    ``{"path", "package_file_bytes", "packed_bytes", "dense_float32_bytes", "ratio", "bits",
+    "kernel_params", "kernel_nonzeros", "sparsity"}``: ``package_file_bytes`` is the size on
+    disk (zlib-compressed), ``packed_bytes`` the arrays before zlib (= `packed_bytes(...)`),
     ``dense_float32_bytes`` 4 bytes per stored variable, ``ratio`` the second over the first.
     """
     model_record = model_spec(model)
@@ -393,13 +419,13 @@ def save_compressed(path: str | os.PathLike, model: nn.Module, variables: Mappin
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    file_bytes = os.path.getsize(path)
+    file_bytes = os.path.getsize(path)  # after zlib
     dense = 4 * sum(int(np.prod(r["shape"])) for r in records)
     kernels = [r for r in records if r["encoding"] == "sparse_int"]
     size = sum(int(np.prod(r["shape"])) for r in kernels)
     nnz = sum(r["nonzeros"] for r in kernels)
-    return {"path": path, "file_bytes": file_bytes,
-            "payload_bytes": int(sum(a.nbytes for a in arrays.values())),
+    return {"path": path, "package_file_bytes": file_bytes,
+            "packed_bytes": int(sum(a.nbytes for a in arrays.values())),
             "dense_float32_bytes": dense, "ratio": dense / file_bytes, "bits": bits,
             "kernel_params": size, "kernel_nonzeros": nnz,
             "sparsity": 1.0 - nnz / size if size else 0.0}

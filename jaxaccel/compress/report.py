@@ -74,7 +74,8 @@ def layer_table(model: nn.Module, variables: Mapping[str, PyTree], input_shape: 
 
     Each row: ``layer, kind ("conv" | "dense" | "other"), shape, params, nonzeros, sparsity,
     bits, bytes, macs_dense, macs_effective``; params/nonzeros/sparsity are the kernel's.
-    Totals: kernel ``params``, ``nonzeros``, ``sparsity``; ``bytes`` of everything stored;
+    Totals: kernel ``params``, ``nonzeros``, ``sparsity``; ``packed_bytes`` of everything
+    stored (the rows' bytes summed; equal to `package.packed_bytes`);
     ``variables`` (all elements) and ``dense_float32_bytes`` (4 bytes each); their ratio
     ``compression``; summed MACs and ``mac_reduction`` (dense / effective).
     ``masks`` (over params) zero entries first, as ``prune.apply_masks``. ``per_channel``
@@ -130,7 +131,7 @@ def layer_table(model: nn.Module, variables: Mapping[str, PyTree], input_shape: 
     dense_macs = sum(r["macs_dense"] for r in rows)
     eff_macs = sum(r["macs_effective"] for r in rows)
     totals = {"params": size, "nonzeros": nnz, "sparsity": 1.0 - nnz / size if size else 0.0,
-              "bits": bits, "bytes": stored, "variables": total_vars,
+              "bits": bits, "packed_bytes": stored, "variables": total_vars,
               "dense_float32_bytes": 4 * total_vars,
               "compression": 4 * total_vars / stored if stored else None,
               "macs_dense": dense_macs, "macs_effective": eff_macs,
@@ -291,10 +292,11 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     t = report["totals"]
     lines.append("| " + " | ".join([
         "**total**", "", "", _int(t["params"]), _int(t["nonzeros"]), _pct(t["sparsity"]),
-        str(t["bits"]), _int(t["bytes"]), _int(t["macs_dense"]), _int(t["macs_effective"])]) + " |")
+        str(t["bits"]), _int(t["packed_bytes"]), _int(t["macs_dense"]),
+        _int(t["macs_effective"])]) + " |")
     ratio = "-" if t["compression"] is None else f"{t['compression']:.1f}x"
     macs = "-" if t["mac_reduction"] is None else f"{t['mac_reduction']:.1f}x"
-    summary = (f"\nstored {_int(t['bytes'])} bytes vs {_int(t['dense_float32_bytes'])} float32 "
+    summary = (f"\nstored {_int(t['packed_bytes'])} bytes vs {_int(t['dense_float32_bytes'])} float32 "
                f"dense ({ratio} smaller); effective MACs {macs} fewer. Bytes: kernel codes + "
                f"bit-mask + scales + the layer's bias (as `jaxaccel compress package` "
                f"stores them, before zlib).\n")
