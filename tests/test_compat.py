@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 import jaxaccel
-from jaxaccel.config import default_config
-from jaxaccel.stages import stage
+from fixtures.make_old_workdir import config as fixture_config
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 OLD = os.path.join(HERE, "old_workdir")
@@ -22,19 +21,6 @@ OLD = os.path.join(HERE, "old_workdir")
 @pytest.fixture(scope="module")
 def expected():
     return dict(np.load(os.path.join(HERE, "old_workdir_expected.npz")))
-
-
-def _fixture_config():
-    """The config the fixture was made with (tests/fixtures/make_old_workdir.py)."""
-    c = default_config()
-    c.dataset.name, c.model.name, c.model.width = "digits", "cnn3", 0.25
-    c.batch_size, c.eval_batch_size = 32, 128
-    c.log_every, c.checkpoint_every, c.progress = 3, 3, False
-    c.optimizer.name, c.optimizer.lr = "sgd", 0.05  # SGD: no Adam-amplified rounding noise
-    c.stages = (stage("train", "train", steps=6),
-                stage("prune", "prune", prune={"method": "one_shot", "sparsity": 0.5}),
-                stage("finetune", "train", steps=6, optimizer={"lr": 0.02}))
-    return c
 
 
 def test_old_workdir_loads_and_predicts_the_same_logits(expected):
@@ -47,7 +33,7 @@ def test_old_workdir_loads_and_predicts_the_same_logits(expected):
 def test_old_workdir_resumes_to_the_uninterrupted_result(tmp_path, expected):
     workdir = str(tmp_path / "old")
     shutil.copytree(OLD, workdir)
-    config = _fixture_config()
+    config = fixture_config()
     config.parallel.num_devices = 1  # as the fixture was made (the rounding of a sum differs)
     results = jaxaccel.train(config, workdir)
     assert results["steps"] == 12

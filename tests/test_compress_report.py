@@ -1,6 +1,5 @@
 """Per-layer compression report and the `jaxaccel compress report|package` command."""
 import json
-import os
 
 import chex
 import jax

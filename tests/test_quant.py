@@ -1,6 +1,5 @@
 """Tests for jaxaccel.compress.quant: fake_quant, observers, PTQ calibration, QAT."""
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

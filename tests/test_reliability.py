@@ -6,7 +6,6 @@ kills, resource limits) run the real `python -m jaxaccel train` command.
 """
 import contextlib
 import glob
-import json
 import logging
 import os
 import random

@@ -14,7 +14,7 @@ from jaxaccel.config import default_config
 
 def _config(steps, schedule):
     c = default_config()
-    c.dataset.name, c.model.name, c.model.kwargs.padding = "digits", "lenet5", "SAME"
+    c.dataset.name, c.model.name = "digits", "lenet300_100"
     c.num_steps, c.log_every, c.checkpoint_every, c.progress = steps, 4, 4, False
     c.batch_size, c.eval_batch_size = 32, 120
     c.optimizer.schedule, c.optimizer.lr = schedule, 3e-3

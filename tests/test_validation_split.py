@@ -111,7 +111,7 @@ def test_validation_split_must_be_a_fraction(value):
 def test_run_reports_validation_beside_test(tmp_path):
     c = default_config()
     c.dataset.name, c.dataset.validation_split = "digits", 0.2
-    c.model.name, c.model.kwargs.padding = "lenet5", "SAME"
+    c.model.name = "lenet300_100"
     c.num_steps, c.eval_every, c.log_every, c.checkpoint_every = 6, 3, 3, 6
     c.batch_size, c.eval_batch_size, c.progress = 64, 128, False
     workdir = str(tmp_path / "run")
