@@ -1,9 +1,11 @@
-"""Orbax checkpoints of the full train state, verified on restore, and `jaxaccel.load`.
+"""Checkpoint storage: orbax checkpoints of any pytree, verified on restore.
 
-A checkpoint at step s holds the train state (params, batch_stats, opt_state incl. masks,
-step, rng) and a small JSON record (`meta`: the data position and anything the stage
-runner adds). Restores always go against an abstract target carrying the current
-shardings, so a run saved on one layout restores onto another.
+A checkpoint at step s holds a payload (for a run: the train state — params, batch_stats,
+opt_state incl. masks, step, rng) and a small JSON record (`meta`: the data position and
+anything the loop adds). Restores always go against an abstract target carrying the current
+shardings, so a run saved on one layout restores onto another. Storage only: what a payload
+means is the state's and the pipeline's business (`jaxaccel.state`, `jaxaccel.loading`).
+Imports nothing of jaxaccel but `io`.
 
 Reliability (see RELIABILITY.md):
   * Orbax writes each step into a temporary directory and renames it into place, so a
@@ -20,7 +22,6 @@ Reliability (see RELIABILITY.md):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -31,11 +32,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxaccel import config as config_lib
 from jaxaccel import io
 
 log = logging.getLogger("jaxaccel")
@@ -439,63 +438,3 @@ def abstract_like(tree: Any, shardings: Any | None = None) -> Any:
                             tree)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{workdir!r} is not a jaxaccel workdir (no config.json)")
-    with open(path) as f:
-        return config_lib.from_json(f.read())
-
-
-@dataclasses.dataclass
-class Loaded:
-    """A trained model read back from its workdir, ready for inference."""
-    model: Any
-    variables: dict
-    config: ml_collections.ConfigDict
-    step: int
-    predict_fn: Callable
-
-    def predict(self, images) -> jax.Array:
-        """Logits for raw images (uint8 or 0..255 floats, NHWC); normalisation included."""
-        return self.predict_fn(self.variables, images)
-
-
-def load(workdir: str, step: int | None = None) -> Loaded:
-    """Load a run's model and variables (newest usable checkpoint unless `step` is given).
-
-    Reads only: a corrupt newest checkpoint is reported and skipped, never moved.
-    """
-    from jaxaccel import train as train_lib  # the train module builds the state structure
-
-    config = read_config(workdir)
-    ckpt = Checkpointer(workdir, read_only=True)
-    steps = ckpt.all_steps()
-    if not steps:
-        raise ValueError(f"{workdir!r} has no checkpoints")
-    setups = {}
-
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def target_for(meta: dict) -> Any:
-        setup, target = train_lib.checkpoint_target(config, meta.get("stage", 0))
-        setups["setup"] = setup
-        # On this process's first device, whatever topology (processes, mesh) saved it.
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            target)
-
-    if step is None:
-        step, payload, _ = ckpt.restore_latest(target_for, quarantine=False)
-    elif step not in steps:
-        raise ValueError(f"step={step} has no checkpoint in {workdir!r}; "
-                         f"available: {', '.join(map(str, sorted(steps)))}")
-    else:
-        payload, _ = ckpt.restore(step, target_for(ckpt.read_meta(step)))
-    ckpt.close()
-    setup = setups["setup"]
-    state = payload["state"]
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return Loaded(model=setup.model, variables=variables, config=config, step=step,
-                  predict_fn=setup.predict_fn)

@@ -12,7 +12,6 @@ import ast
 import difflib
 import importlib.util
 import json
-import math
 import os
 import re
 import traceback
@@ -151,7 +150,7 @@ def describe(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
                **{f"stages.*.{k}": v for k, v in stages_lib.choices().items()}}
     schema, stage_schema = default_config(), stages_lib.stage("name", "train")
     rows = []
-    for key, text in _flat_items(from_json(to_json(config))):
+    for key, text in flat_items(from_json(to_json(config))):
         generic = re.sub(r"^stages\.\d+\.", "stages.*.", key)
         value = json.loads(text)
         if generic.startswith("stages.*."):
@@ -310,15 +309,9 @@ def _unknown_key(config: ml_collections.ConfigDict, key: str) -> str:
     return f"unknown config key {key!r}{hint}"
 
 
-def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    """All dotted leaf keys of a config."""
-    out = []
-    for k, v in config.items():
-        if isinstance(v, ml_collections.ConfigDict):
-            out.extend(flat_keys(v, prefix + k + "."))
-        else:
-            out.append(prefix + k)
-    return out
+def flat_keys(config: ml_collections.ConfigDict) -> list[str]:
+    """All dotted leaf keys of a config (stage sections as `stages.<i>.<key>`)."""
+    return [key for key, _ in flat_items(config)]
 
 
 # Sections whose keys are free (per-layer maps, model fields); their values are checked by
@@ -440,10 +433,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         if _get(config, key) <= 0:
             raise ConfigError(f"{key}={_get(config, key)} must be positive")
-    for key in flat_keys(config):
-        value = _get(config, key)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{key}={value} must be a finite number")
+    for key, text in flat_items(config):
+        if text in ("NaN", "Infinity", "-Infinity"):
+            raise ConfigError(f"{key}={text.lower().replace('infinity', 'inf')} must be a "
+                              f"finite number")
     if config.init_from and not os.path.isfile(os.path.join(config.init_from, "config.json")):
         raise ConfigError(f"init_from={config.init_from!r} is not a jaxaccel workdir "
                           f"(no config.json there)")
@@ -510,9 +503,9 @@ def differences(saved: ml_collections.ConfigDict, requested: ml_collections.Conf
     A key that a workdir's older config.json lacks (added to the schema since) counts as
     its default: old workdirs resume as long as the new key keeps its default.
     """
-    a = dict(_flat_items(from_json(to_json(saved))))
-    b = dict(_flat_items(from_json(to_json(requested))))
-    defaults = dict(_flat_items(from_json(to_json(default_config()))))
+    a = dict(flat_items(from_json(to_json(saved))))
+    b = dict(flat_items(from_json(to_json(requested))))
+    defaults = dict(flat_items(from_json(to_json(default_config()))))
     sections = {k.rsplit(".", i)[0] for k in (*a, *b) for i in range(1, k.count(".") + 1)}
     for k, v in defaults.items():
         if k not in a and k not in sections:  # e.g. `stages` written out as stages.0.name
@@ -526,14 +519,14 @@ def differences(saved: ml_collections.ConfigDict, requested: ml_collections.Conf
     return out
 
 
-def _flat_items(node: Any, prefix: str = ""):
+def flat_items(node: Any, prefix: str = ""):
     """(dotted key, JSON value) pairs; lists of sections are indexed: `stages.1.prune.sparsity`."""
     if isinstance(node, (dict, ml_collections.ConfigDict)) and (len(node) or not prefix):
         for k, v in node.items():
-            yield from _flat_items(v, f"{prefix}{k}.")
+            yield from flat_items(v, f"{prefix}{k}.")
     elif isinstance(node, (list, tuple)) and any(isinstance(v, (dict, ml_collections.ConfigDict))
                                                 for v in node):
         for i, v in enumerate(node):
-            yield from _flat_items(v, f"{prefix}{i}.")
+            yield from flat_items(v, f"{prefix}{i}.")
     else:
         yield prefix[:-1], json.dumps(node, sort_keys=True, default=_plain)

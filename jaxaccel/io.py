@@ -64,7 +64,9 @@ def write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = True) -> 
     write_text(path, dumps(obj, sort_keys=sort_keys))
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """The strict JSON content of `path`."""
+def read_json(path: str | os.PathLike, *, lenient: bool = False) -> Any:
+    """The strict JSON content of `path`. `lenient`: also read files written before this
+    policy (a `NaN` or `Infinity` there comes back as None, as the writer would put it)."""
     with open(path) as f:
-        return loads(f.read())
+        text = f.read()
+    return to_jsonable(json.loads(text)) if lenient else loads(text)

@@ -1,4 +1,9 @@
-"""Multi-stage pipelines: train → prune → finetune → quantize → evaluate, declared in a config.
+"""The stage schema: what a multi-stage pipeline (train → prune → finetune → quantize →
+evaluate) declares in a config. Schema only — which kinds exist, which fields each stage
+section has, their defaults and valid values; what each kind *does* is the pipeline's
+`STAGE_KINDS` registry (`jaxaccel.pipeline`), what a prune / quant section means for the
+weights is `jaxaccel.compress.sections`. Imports nothing of jaxaccel but compress's choice
+constants.
 
 A config's `stages` is an ordered tuple of stage ConfigDicts made with `stage(...)`. Kinds:
   * `train`    — `steps` optimizer steps (its own `optimizer` overrides); optional gradual
@@ -16,7 +21,7 @@ A config's `stages` is an ordered tuple of stage ConfigDicts made with `stage(..
                  (`prune.method="one_shot"`, any of its fields) it evaluates the current
                  weights with those magnitude masks applied (on top of the current masks)
                  and leaves the state unchanged: "pruned, without retraining" as its own
-                 row (its sparsity / model bytes describe the pruned evaluation) while the
+                 row (its sparsity / packed_bytes describe the pruned evaluation) while the
                  next stage starts from the weights and masks this one was given.
 Masks carry from stage to stage (a pruned weight stays exactly zero afterwards). A config
 without stages is one `train` stage of `num_steps`. `config.imp.rounds > 0` expands into
@@ -25,12 +30,9 @@ IMP rounds (train → prune → rewind) without writing them out.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 KINDS = ("train", "prune", "rewind", "quantize", "evaluate")
 PRUNE_METHODS = ("none", "one_shot", "gradual", "imp")
@@ -275,136 +277,3 @@ def stage_optimizer(config: ml_collections.ConfigDict,
 def summary(stages: list[ml_collections.ConfigDict]) -> list[dict[str, Any]]:
     """A short, JSON-able description of each stage (for logs and results)."""
     return [{"name": s.name, "kind": s.kind, "steps": s.steps} for s in stages]
-
-
-# ----------------------------------------------------------------------------------------
-# What stages do to the weights (pure functions on pytrees; train.py calls them)
-# ----------------------------------------------------------------------------------------
-def _mask_kwargs(p: ml_collections.ConfigDict) -> dict[str, Any]:
-    from jaxaccel.compress import prune
-    return dict(scope=p.scope, granularity=p.granularity, n=p.n, m=p.m, norm=p.norm,
-                distribution=p.distribution, per_layer=dict(p.per_layer) or None,
-                filter_fn=prune.default_filter(skip_first=p.skip_first, skip_last=p.skip_last))
-
-
-def gradual_mask_update(p: ml_collections.ConfigDict, steps: int) -> Callable:
-    """`(params, masks, step) -> masks` for Zhu & Gupta's cubic schedule inside a train step."""
-    from jaxaccel.compress import prune, schedules
-    end = p.end_step or max(p.begin_step + p.frequency, (3 * steps) // 4)
-    kwargs = _mask_kwargs(p)
-    if p.granularity == "n:m":
-        raise ValueError("prune.granularity='n:m' has a fixed sparsity; use a one_shot prune stage")
-
-    def update(params, masks, step):
-        # Masks are recomputed on the weights after the update at steps t0, t0+Δt, …, end.
-        target = schedules.polynomial(step, initial=p.initial, final=p.sparsity,
-                                      begin_step=p.begin_step, end_step=end,
-                                      frequency=p.frequency)
-        return jax.lax.cond(
-            schedules.should_update(step, p.begin_step, end, p.frequency),
-            lambda: prune.magnitude_masks(params, target, prior_masks=masks, **kwargs),
-            lambda: masks)
-
-    return update
-
-
-def prune_once(params, masks, p: ml_collections.ConfigDict):
-    """One-shot or IMP-round masks (subsets of `masks`), and the params they zero."""
-    from jaxaccel.compress import prune, schedules
-    kwargs = _mask_kwargs(p)
-    if p.method == "imp":
-        kwargs.pop("per_layer")
-        new = schedules.imp_masks(params, masks, p.round, rate=p.rate,
-                                  per_layer_rates=dict(p.per_layer_rates) or None, **kwargs)
-    else:
-        sparsity = None if p.granularity == "n:m" else p.sparsity
-        new = prune.magnitude_masks(params, sparsity, prior_masks=masks, **kwargs)
-    return prune.apply_masks(params, new), new
-
-
-def qat_config(q: ml_collections.ConfigDict):
-    """The `quant.QATConfig` of a stage's `quant` section."""
-    from jaxaccel.compress import quant
-    return quant.QATConfig(
-        weights=quant.QuantConfig(bits=q.weight_bits, symmetric=q.symmetric,
-                                  per_channel=q.per_channel, narrow_range=q.symmetric),
-        activations=quant.QuantConfig(bits=q.act_bits, symmetric=False, per_channel=False,
-                                      observer="ema"),
-        delay=q.delay)
-
-
-def ptq_configs(q: ml_collections.ConfigDict):
-    """(weight, activation) QuantConfigs for post-training quantization."""
-    from jaxaccel.compress import quant
-    weights = quant.QuantConfig(bits=q.weight_bits, symmetric=q.symmetric,
-                                per_channel=q.per_channel, narrow_range=q.symmetric)
-    acts = quant.QuantConfig(bits=q.act_bits, symmetric=False, per_channel=False,
-                             observer=q.observer)
-    return weights, acts
-
-
-def weight_stats(params, masks, bits: int = 32, *, batch_stats: Any = None,
-                 per_channel: bool = True) -> dict[str, Any]:
-    """Sparsity of the prunable kernels and the sizes of the weights, by their one definition.
-
-    `packed_bytes`: what a compressed package of these weights stores before zlib
-    (`compress.package.packed_bytes`: kernels' codes at `bits` + bit-masks + scales, the rest
-    float32; also the compression report's total); `dense_float32_bytes`: every variable as
-    float32. Counted on the devices (masks may span processes).
-    """
-    from jaxaccel.compress import package, prune
-    flat_m = dict(prune.named_leaves(masks))
-    kernel_size = kernel_kept = 0
-    for path, w in prune.named_leaves(params):
-        if prune.is_kernel(path, w):
-            kernel_size += int(np.size(w))
-            kernel_kept += int(jnp.count_nonzero(flat_m[path]))
-    variables = {"params": params, "batch_stats": batch_stats or {}}
-    count = sum(int(np.size(x)) for x in jax.tree.leaves(variables))
-    return {"sparsity": 1.0 - kernel_kept / max(kernel_size, 1), "bits": bits,
-            "nonzero_weights": kernel_kept,
-            "packed_bytes": package.packed_bytes(variables, masks, bits=bits,
-                                                 per_channel=per_channel),
-            "dense_float32_bytes": 4 * count}
-
-
-def ptq_evaluate(model, variables: dict, q: ml_collections.ConfigDict, *, input_shape,
-                 calibration_images: list, eval_batches: Callable[[str], Iterable[dict]],
-                 splits: Sequence[str] = ("test",)) -> dict[str, Any]:
-    """Fold BN, calibrate activations, then evaluate fake-quant and real int8 inference.
-
-    `eval_batches(split)` yields dicts with normalised `image`, `label`, `mask`. Returns
-    `{"fake_quant": {split: {"accuracy", "loss", "count"}}, "int8": {...} (8-bit symmetric
-    weights only), "int8_runtime_bytes", "act_qparams", "weight_config"}`; the qparams are
-    those of the BN-folded model.
-    """
-    from jaxaccel.compress import fold, int8, quant
-    folded_model, folded = fold.fold_bn(model, variables, input_shape=input_shape)
-    w_cfg, a_cfg = ptq_configs(q)
-    act_qparams = quant.calibrate(folded_model, folded, calibration_images, a_cfg)
-    fake = jax.jit(lambda v, x: quant.apply_fake_quant(folded_model, v, x, act_qparams,
-                                                       weight_config=w_cfg))
-    out: dict[str, Any] = {"act_qparams": act_qparams, "weight_config": w_cfg}
-    out["fake_quant"] = {s: _accuracy(lambda x: fake(folded, x), eval_batches(s)) for s in splits}
-    if q.int8 and q.weight_bits == 8 and q.act_bits == 8 and q.symmetric:
-        int8_model = int8.convert_int8(folded, act_qparams, weight_config=w_cfg)
-        run = jax.jit(lambda m, x: int8.int8_apply(folded_model, m, x))
-        out["int8"] = {s: _accuracy(lambda x: run(int8_model, x), eval_batches(s))
-                       for s in splits}
-        out["int8_runtime_bytes"] = int8.int8_size_bytes(int8_model)
-    return out
-
-
-def _accuracy(logits_fn: Callable, batches: Iterable[dict]) -> dict[str, float]:
-    correct = count = loss = 0.0
-    for b in batches:
-        logits = np.asarray(logits_fn(jnp.asarray(b["image"])), np.float64)
-        mask = np.asarray(b["mask"], np.float64)
-        labels = np.asarray(b["label"])
-        logp = logits - logits.max(-1, keepdims=True)
-        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-        loss += float(np.sum(-logp[np.arange(len(labels)), labels] * mask))
-        correct += float(np.sum((logits.argmax(-1) == labels) * mask))
-        count += float(mask.sum())
-    return {"accuracy": correct / max(count, 1.0), "loss": loss / max(count, 1.0),
-            "count": int(count)}

@@ -21,7 +21,8 @@ import statistics
 import sys
 from typing import Callable, Sequence
 
-from jaxaccel import metrics, report
+from jaxaccel import metrics
+from jaxaccel.sweep import report
 
 # ---------------------------------------------------------------------------------------------
 # Reading runs

@@ -6,10 +6,10 @@ import math
 import pytest
 
 from jaxaccel import cli
-from jaxaccel.bench import compilation_cache, report, sweep, timing, torch_cnn3, workload
+from jaxaccel.bench import compilation_cache, sweep, tables, timing, torch_cnn3, workload
 from jaxaccel.bench.inference import bench_infer, resolve_skip
 from jaxaccel.compress import int8 as i8
-from jaxaccel.compress import int8_kernel
+from jaxaccel.kernels import int8 as int8_cpu
 from jaxaccel.bench.input_pipeline import bench_input
 from jaxaccel.bench.scaling import bench_scaling
 
@@ -115,7 +115,7 @@ def test_infer_bench_variants_and_speedups():
         assert ceiling["shapes_mkn"] == [[16, 64, 300], [16, 300, 100], [16, 100, 10]]
         assert ceiling["macs"] == 16 * 64 * 300 + 16 * 300 * 100 + 16 * 100 * 10
         assert ceiling["float32_ms_median"] > 0 and ceiling["int8_ms_median"] > 0
-        if int8_kernel.available():  # the AVX2 kernel's time for the same matmuls, beside XLA's int8 dot
+        if int8_cpu.available():  # the AVX2 kernel's time for the same matmuls, beside XLA's int8 dot
             assert ceiling["kernel_ms_median"] > 0 and ceiling["kernel_speedup"] > 0
             assert min(1.0, ceiling["kernel_speedup"]) <= ceiling["kernel_bound_speedup"] <= max(1.0, ceiling["kernel_speedup"])
         else:
@@ -199,7 +199,7 @@ def test_compile_bench_cold_then_warm():
 
 def test_report_markdown():
     table = {"title": "t", "columns": ["a", "b"], "rows": [["x|y", "1"]]}
-    text = report.markdown_result({"table": table, "notes": ["n1"]})
+    text = tables.markdown_result({"table": table, "notes": ["n1"]})
     assert text.splitlines()[:4] == ["### t", "", "| a | b |", "|---|---|"]
     assert "x\\|y" in text and text.endswith("- n1")
 
@@ -221,9 +221,9 @@ def test_resolved_conv_impl_is_the_models_own_auto_choice():
     import jax
 
     on_cpu = jax.default_backend() == "cpu"
-    from jaxaccel.models import winograd_kernel
+    from jaxaccel.kernels import winograd
 
-    cnn3_cpu = "cpu_kernel" if winograd_kernel.available() else "winograd"
+    cnn3_cpu = "cpu_kernel" if winograd.available() else "winograd"
     assert workload.resolved_conv_impl("auto", "cnn3") == (cnn3_cpu if on_cpu else "xla")
     assert workload.resolved_conv_impl("auto", "resnet20") == ("cpu" if on_cpu else "xla")
     assert workload.resolved_conv_impl("cpu", "cnn3") == "cpu"

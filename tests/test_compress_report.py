@@ -8,7 +8,9 @@ import pytest
 
 import jaxaccel
 from jaxaccel import cli, config as config_lib, data, models, stages
-from jaxaccel.compress import package, prune, quant, report, shrink
+from jaxaccel import loading
+from jaxaccel.compress import layer_table as report
+from jaxaccel.compress import package, prune, quant, shrink
 
 _masks_at = jax.jit(lambda params, s: prune.magnitude_masks(params, s))
 
@@ -91,12 +93,12 @@ def test_markdown_has_rows_and_totals(cnn3):
 def test_weight_bits_follow_the_last_quantizing_stage():
     q = lambda b: {"mode": "ptq", "weight_bits": b}  # noqa: E731
     s = stages.stage
-    assert report.weight_bits([s("t", "train", steps=1)]) == 32
-    assert report.weight_bits([s("t", "train", steps=1), s("q", "quantize", quant=q(4)),
+    assert loading.weight_bits([s("t", "train", steps=1)]) == 32
+    assert loading.weight_bits([s("t", "train", steps=1), s("q", "quantize", quant=q(4)),
                                s("e", "evaluate")]) == 4
-    assert report.weight_bits([s("t", "train", steps=1, quant={"mode": "qat", "weight_bits": 6}),
+    assert loading.weight_bits([s("t", "train", steps=1, quant={"mode": "qat", "weight_bits": 6}),
                                s("p", "prune", prune={"method": "one_shot", "sparsity": .5})]) == 6
-    assert report.weight_bits([s("q", "quantize", quant=q(8)), s("t", "train", steps=1)]) == 32
+    assert loading.weight_bits([s("q", "quantize", quant=q(8)), s("t", "train", steps=1)]) == 32
 
 
 @pytest.mark.parametrize("kwargs,needle", [({"bits": 9}, "bits.*9"), ({"bits": 1}, "bits.*1"),
@@ -168,7 +170,7 @@ def test_package_command_then_load_and_report(run, tmp_path, capsys):
     # fake-quantized as the PTQ stage does.
     pkg = package.load_compressed(out)
     model, variables = pkg.model, pkg.variables
-    final = report.run_weights(wd)
+    final = loading.final_weights(wd)
     assert model == final.model
     want = jax.jit(lambda p: quant.quantize_weights(p, package.weight_config(8))[0])(
         final.variables["params"])

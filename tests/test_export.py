@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxaccel
+from jaxaccel.compress import sections
 from jaxaccel import cli, config as config_lib, data, stages
 from jaxaccel.compress import export as ex
 from jaxaccel.compress import fold
@@ -225,7 +226,7 @@ def run(tmp_path_factory):
     train_images, _ = data.read_arrays(data.get_source("digits", "train"), np.arange(256))
     raw, labels = data.read_arrays(data.get_source("digits", "test"), np.arange(360))
     model, variables = fold.fold_bn(loaded.model, loaded.variables, input_shape=(1, 8, 8, 1))
-    w_cfg, a_cfg = stages.ptq_configs(stages.stage("q", "quantize", quant={"mode": "ptq"}).quant)
+    w_cfg, a_cfg = sections.ptq_configs(stages.stage("q", "quantize", quant={"mode": "ptq"}).quant)
     act = q.calibrate(model, variables, [data.normalize(train_images, DIGITS)], a_cfg)
     q.save_calibration(os.path.join(wd, "calibration.json"), act, w_cfg,
                        meta={"step": int(loaded.step), "stage": "quantize"})

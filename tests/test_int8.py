@@ -8,11 +8,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxaccel.compress import int8 as i8
-from jaxaccel.compress import int8_kernel
 from jaxaccel.compress import quant as q
 from jaxaccel.compress.fold import fold_bn
+from jaxaccel.kernels import int8 as int8_cpu
 from jaxaccel.models import get_model, init_variables
-from jaxaccel.models.layers import conv
+from jaxaccel.models.conv_impls import conv
 from ties import assert_equal_up_to_ties
 
 
@@ -241,7 +241,7 @@ def test_int8_conv_lowerings_agree_exactly(strides, padding, kernel, act_config)
     act = q.calibrate(model, variables, [x], act_config)
     qm = i8.convert_int8(variables, act)
     assert (qm.layers["layer"].zero_point != 0) == (act_config is q.ACT_CONFIG)
-    lowerings = ("im2col", "native") + (("cpu_kernel",) if int8_kernel.available() else ())
+    lowerings = ("im2col", "native") + (("cpu_kernel",) if int8_cpu.available() else ())
     outs = {low: np.asarray(jax.jit(lambda m, x: i8.int8_apply(model, m, x, conv_lowering=low))(qm, x))
             for low in lowerings}
     for low in lowerings:  # same int32 accumulators; the float epilogue may round a last bit differently
@@ -256,5 +256,5 @@ def test_unknown_conv_lowering_names_the_choices(trained):
         i8.int8_apply(model, i8.convert_int8(variables, act), x, conv_lowering="winograd")
     # The tests run on CPU: "auto" is the AVX2 kernel where it builds, else im2col; never the
     # kernel for an exported (portable) program.
-    assert i8.resolve_conv_lowering("auto") == ("cpu_kernel" if int8_kernel.available() else "im2col")
+    assert i8.resolve_conv_lowering("auto") == ("cpu_kernel" if int8_cpu.available() else "im2col")
     assert i8.resolve_conv_lowering("auto", portable=True) == "im2col"

@@ -1,4 +1,5 @@
-"""Tests for jaxaccel.compress.int8_kernel: the AVX2 int8 conv kernel equals XLA's integer conv."""
+"""Tests for jaxaccel.kernels.int8: the AVX2 int8 conv kernel equals XLA's integer conv."""
+import dataclasses
 import os
 import platform
 from pathlib import Path
@@ -11,14 +12,15 @@ from hypothesis import given, settings, strategies as st
 from jax import lax
 
 from jaxaccel.compress import int8 as i8
-from jaxaccel.compress import int8_kernel as K
 from jaxaccel.compress import quant as q
+from jaxaccel.kernels import int8 as K
+from jaxaccel.kernels.build import compiler
 from jaxaccel.models import get_model, init_variables
-from jaxaccel.models.layers import microbatch_count, resolve_conv_impl
+from jaxaccel.models.conv_impls import microbatch_count, resolve_conv_impl
 from ties import assert_equal_up_to_ties
 
 AVX2_HOST = platform.machine().lower() in ("x86_64", "amd64") and " avx2" in Path("/proc/cpuinfo").read_text()
-needs_kernel = pytest.mark.skipif(not AVX2_HOST or K._compiler() is None,
+needs_kernel = pytest.mark.skipif(not AVX2_HOST or compiler() is None,
                                   reason="needs an x86 CPU with AVX2 and a C++ compiler")
 
 
@@ -110,18 +112,18 @@ def test_winograd_convs_are_exact(n, h, w, c16, k16, unsigned, pool, extreme, se
 
 @needs_kernel
 def test_build_is_cached_by_source_and_flags(monkeypatch):
-    path = K._build()
+    path = K.KERNEL.build()
     mtime = path.stat().st_mtime_ns
-    assert K._build() == path and path.stat().st_mtime_ns == mtime  # loaded, not rebuilt
-    monkeypatch.setattr(K, "CXX_FLAGS", K.CXX_FLAGS + ("-DJAXACCEL_TEST",))
+    assert K.KERNEL.build() == path and path.stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    monkeypatch.setattr(K, "KERNEL", dataclasses.replace(K.KERNEL, extra_flags=("-DJAXACCEL_TEST",)))
     assert K.kernel_path() != path  # other flags (or source, compiler, jaxlib): another library
 
 
 def test_a_failing_compiler_is_reported_and_leaves_no_library(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXACCEL_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
-    with pytest.raises(RuntimeError, match="^false .*int8_kernel.cc.* failed"):
-        K._build()
+    with pytest.raises(RuntimeError, match="^false .*kernels/int8.cc.* failed"):
+        K.KERNEL.build()
     assert not list(tmp_path.glob("*.so"))  # nothing half-written is left to load later
 
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jaxaccel.models import layers
-from jaxaccel.models.layers import CONV_IMPLS, conv, max_pool, max_pool_2d, resolve_conv_impl
+from jaxaccel.kernels import winograd
+from jaxaccel.models import conv_impls
+from jaxaccel.models.conv_impls import CONV_IMPLS, conv, max_pool, max_pool_2d, resolve_conv_impl
 
 FAST_IMPLS = [i for i in CONV_IMPLS if i not in ("auto", "xla")]
 RTOL = 1e-4
@@ -82,7 +83,7 @@ def test_conv_strided_falls_back_and_matches(strides, kernel):
 def test_im2col_patches_layout_matches_kernel_order():
     x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
     k = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
-    p = layers.im2col_patches(x, (3, 3), ((1, 1), (1, 1)))
+    p = conv_impls.im2col_patches(x, (3, 3), ((1, 1), (1, 1)))
     assert p.shape == (2 * 5 * 6, 27)
     y = (p @ k.reshape(27, 4)).reshape(2, 5, 6, 4)
     ref = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -192,7 +193,7 @@ def test_grouped_conv_module_matches_nn_conv_params_and_rejects_bad_groups():
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
     ref = nn.Conv(4, (3, 3), padding="SAME", feature_group_count=4)
     mine = conv(4, 3, padding="SAME", feature_group_count=4, conv_impl="cpu")
-    assert isinstance(mine, layers.Conv) and isinstance(conv(4, 3, feature_group_count=4, conv_impl="xla"), nn.Conv)
+    assert isinstance(mine, conv_impls.Conv) and isinstance(conv(4, 3, feature_group_count=4, conv_impl="xla"), nn.Conv)
     p_ref = ref.init(jax.random.key(7), x)
     p = mine.init(jax.random.key(7), x)
     assert p["params"]["kernel"].shape == (3, 3, 1, 4)
@@ -215,7 +216,7 @@ def test_conv_module_matches_nn_conv_params_and_values():
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
     ref = nn.Conv(5, (3, 3), padding="SAME")
     mine = conv(5, 3, padding="SAME", conv_impl="cpu")
-    assert all(isinstance(conv(5, 3, conv_impl=impl), layers.Conv) for impl in FAST_IMPLS)
+    assert all(isinstance(conv(5, 3, conv_impl=impl), conv_impls.Conv) for impl in FAST_IMPLS)
     p_ref = ref.init(jax.random.key(7), x)
     p = mine.init(jax.random.key(7), x)
     jax.tree.map(np.testing.assert_array_equal, p, p_ref)
@@ -237,7 +238,7 @@ def test_conv_act_pool_matches_pool_of_activation(act):
     def run(p, x):
         out = {}
         for impl, lyr in layer.items():
-            f = lambda p, x, lyr=lyr, impl=impl: jnp.sum(layers.conv_act_pool(lyr.bind(p), x, act, 2, impl) * cot)
+            f = lambda p, x, lyr=lyr, impl=impl: jnp.sum(conv_impls.conv_act_pool(lyr.bind(p), x, act, 2, impl) * cot)
             out[impl] = jax.grad(f, argnums=(0, 1))(p, x)
         return out
 
@@ -254,20 +255,20 @@ def test_microbatched_reassembles_in_order_and_counts():
         seen.append(v.shape[0])
         return v * 2.0
 
-    np.testing.assert_array_equal(layers.microbatched(f, x, 3), x * 2.0)
+    np.testing.assert_array_equal(conv_impls.microbatched(f, x, 3), x * 2.0)
     assert seen == [4, 4, 4]
-    np.testing.assert_array_equal(layers.microbatched(lambda v: v + 1.0, x, 1), x + 1.0)
-    assert layers.microbatch_count(128, "cpu") == 128 // layers.CPU_MICROBATCH
-    assert layers.microbatch_count(128, "xla") == 1
-    assert layers.microbatch_count(100, "cpu", 32) == 2  # largest divisor of 100 not above 100 // 32
-    assert layers.microbatch_count(7, "xla", 2) == 1  # prime batch: no even split
-    assert layers.microbatch_count(1, "cpu") == 1
-    if layers.winograd_kernel.available():  # whole batches to train, micro-batches at inference
-        assert layers.microbatch_count(128, "cpu_kernel", train=True) == 1
-        assert layers.microbatch_count(128, "cpu_kernel") == 128 // layers.CPU_MICROBATCH
-        assert layers.microbatch_count(128, "cpu_kernel", 64, train=True) == 2  # an explicit size is honoured
+    np.testing.assert_array_equal(conv_impls.microbatched(lambda v: v + 1.0, x, 1), x + 1.0)
+    assert conv_impls.microbatch_count(128, "cpu") == 128 // conv_impls.CPU_MICROBATCH
+    assert conv_impls.microbatch_count(128, "xla") == 1
+    assert conv_impls.microbatch_count(100, "cpu", 32) == 2  # largest divisor of 100 not above 100 // 32
+    assert conv_impls.microbatch_count(7, "xla", 2) == 1  # prime batch: no even split
+    assert conv_impls.microbatch_count(1, "cpu") == 1
+    if winograd.available():  # whole batches to train, micro-batches at inference
+        assert conv_impls.microbatch_count(128, "cpu_kernel", train=True) == 1
+        assert conv_impls.microbatch_count(128, "cpu_kernel") == 128 // conv_impls.CPU_MICROBATCH
+        assert conv_impls.microbatch_count(128, "cpu_kernel", 64, train=True) == 2  # an explicit size is honoured
     with pytest.raises(ValueError, match="microbatch"):
-        layers.microbatch_count(8, "cpu", 0)
+        conv_impls.microbatch_count(8, "cpu", 0)
 
 
 def test_native_convs_of_cpu_path_read_a_materialised_input():
@@ -295,7 +296,7 @@ def test_winograd_conv_matches_lax_conv_values_and_both_grads(n, h, w, cin, cout
     kx, kk, kc = jax.random.split(jax.random.key(h * 100 + w * 10 + cin), 3)
     x = jax.random.normal(kx, (n, h, w, cin))
     k = jax.random.normal(kk, (3, 3, cin, cout))
-    y, vjp = jax.vjp(lambda x, k: layers.winograd_conv(x, k, pads), x, k)
+    y, vjp = jax.vjp(lambda x, k: conv_impls.winograd_conv(x, k, pads), x, k)
     y_ref, vjp_ref = jax.vjp(lambda x, k: _lax_conv(x, k, pads), x, k)
     cot = jax.random.normal(kc, y_ref.shape)
     assert_rel_close((y, vjp(cot)), (y_ref, vjp_ref(cot)), rtol=2e-6)
@@ -303,7 +304,7 @@ def test_winograd_conv_matches_lax_conv_values_and_both_grads(n, h, w, cin, cout
 
 def test_winograd_conv_rejects_other_kernel_sizes():
     with pytest.raises(ValueError, match=r"3x3 kernel, got \(5, 5\)"):
-        layers.winograd_conv(jnp.ones((1, 8, 8, 2)), jnp.ones((5, 5, 2, 3)), ((2, 2), (2, 2)))
+        conv_impls.winograd_conv(jnp.ones((1, 8, 8, 2)), jnp.ones((5, 5, 2, 3)), ((2, 2), (2, 2)))
 
 
 def _has_winograd_matmuls(fn, *args) -> bool:
@@ -327,12 +328,12 @@ def test_winograd_impl_runs_wide_3x3_convs_as_winograd_and_is_cnn3s_auto_on_cpu(
     on_cpu = jax.default_backend() == "cpu"
     assert resolve_conv_impl("auto", "winograd") == ("winograd" if on_cpu else "xla")
     assert resolve_conv_impl("cpu", "winograd") == "cpu"  # explicit names are honoured
-    assert layers.portable_conv_impl("cpu_kernel") == "winograd"  # exports never carry the kernel
-    assert layers.portable_conv_impl("auto", "cpu_kernel") == ("winograd" if on_cpu else "xla")
+    assert conv_impls.portable_conv_impl("cpu_kernel") == "winograd"  # exports never carry the kernel
+    assert conv_impls.portable_conv_impl("auto", "cpu_kernel") == ("winograd" if on_cpu else "xla")
     with pytest.raises(ValueError, match="'fft'"):
         resolve_conv_impl("auto", "fft")
     # cnn3's "auto" on CPU is "cpu_kernel" (its Winograd runs inside the kernel), else "winograd"
-    auto_xla_winograd = on_cpu and not layers.winograd_kernel.available()
+    auto_xla_winograd = on_cpu and not winograd.available()
     for impl, expected in (("auto", auto_xla_winograd), ("winograd", True), ("cpu", False), ("xla", False)):
         model = get_model("cnn3", 10, conv_impl=impl)
         v = init_variables(model, jax.random.key(0), (16, 16, 3))

@@ -217,7 +217,7 @@ def test_bn_axis_name_syncs_statistics_across_devices():
 @pytest.mark.parametrize("name,shape", [("cnn3", (32, 32, 3)), ("lenet5", (28, 28, 1)), ("cnn_bn", (16, 16, 1)),
                                         ("dscnn_bn", (12, 12, 1))])
 def test_every_conv_impl_same_params_and_same_forward_and_grads(name, shape):
-    from jaxaccel.models.layers import CONV_IMPLS
+    from jaxaccel.models.conv_impls import CONV_IMPLS
 
     models = {impl: get_model(name, 10, conv_impl=impl) for impl in CONV_IMPLS}
     trees = {impl: abstract(m, shape) for impl, m in models.items()}

@@ -171,13 +171,13 @@ def test_silently_corrupt_latest_checkpoint_is_skipped_and_run_ends_identical(
     ("garble_record", "step 20: its JSON record fails its checksum"),
 ])
 def test_damaged_latest_checkpoint_is_detected(how, reason, reference, tmp_path, caplog):
-    from jaxaccel import train as train_lib
+    from jaxaccel.state import checkpoint_target
     wd = copy_run(reference, tmp_path)
     corrupt(os.path.join(wd, "checkpoints", "20"), how)
     ck = checkpoint.Checkpointer(wd)
     with caplog.at_level(logging.WARNING, logger="jaxaccel"):
         step, payload, meta = ck.restore_latest(
-            lambda meta: train_lib.checkpoint_target(tiny_config(), meta.get("stage", 0))[1])
+            lambda meta: checkpoint_target(tiny_config(), meta.get("stage", 0))[1])
     ck.close()
     assert step == 10 and meta["step"] == 10
     (line,) = [r.getMessage() for r in caplog.records if "warning" in r.getMessage()]

@@ -9,7 +9,8 @@ import statistics
 import pytest
 from PIL import Image
 
-from jaxaccel import cli, report, sweep
+from jaxaccel import cli, sweep
+from jaxaccel.sweep import report
 
 
 def make_point(root, overrides, results=None, error=None, curve=None):

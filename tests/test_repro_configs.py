@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxaccel.compress import sections
+from jaxaccel.loop import weight_stats
 from jaxaccel import config as config_lib
 from jaxaccel import metrics
 from jaxaccel import models, stages, sweep
@@ -103,9 +105,9 @@ def test_prune_stages_run_on_the_models_params(path):
         return
     masks = jax.tree.map(lambda x: np.ones(x.shape, bool), params)
     for s in prune_stages:
-        _, masks = stages.prune_once(params, masks, s.prune)
+        _, masks = sections.prune_once(params, masks, s.prune)
     lo, hi = EXPECTED_SPARSITY[os.path.basename(path)]
-    assert lo < stages.weight_stats(params, masks)["sparsity"] < hi
+    assert lo < weight_stats(params, masks)["sparsity"] < hi
 
 
 @pytest.mark.parametrize("name", ["repro_han_lenet300.py", "repro_han_lenet5.py"])
@@ -140,11 +142,11 @@ def test_han_no_retrain_then_iterated_prune_retrain_at_a_tenth_of_the_lr(name):
     # On the model's params: no_retrain's one-shot masks = where the iterations end.
     params = _random_params(config)
     dense = jax.tree.map(lambda x: np.ones(x.shape, bool), params)
-    _, once = stages.prune_once(params, dense, no_retrain.prune)
+    _, once = sections.prune_once(params, dense, no_retrain.prune)
     masks, p, sparsities = dense, params, []
     for s in prunes:
-        p, masks = stages.prune_once(p, masks, s.prune)
-        sparsities.append(stages.weight_stats(params, masks)["sparsity"])
+        p, masks = sections.prune_once(p, masks, s.prune)
+        sparsities.append(weight_stats(params, masks)["sparsity"])
     assert sparsities == sorted(sparsities) and 0.91 < sparsities[-1] < 0.925
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(once)))
 

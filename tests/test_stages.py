@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import jaxaccel
+from jaxaccel.compress import sections
 from jaxaccel import config as config_lib, metrics, stages
 from jaxaccel.compress import prune
 
@@ -189,7 +190,7 @@ def test_iterated_prune_stages_shrink_masks_to_the_one_shot_masks():
     for r in (1, 2, 3):
         per_layer = {k: 1 - (1 - s) ** (r / 3) for k, s in final.items()}
         s = stages.stage("p", "prune", prune={"method": "one_shot", "per_layer": per_layer})
-        p, masks = stages.prune_once(p, masks, s.prune)
+        p, masks = sections.prune_once(p, masks, s.prune)
         for path, m in prune.named_leaves(masks):
             if path in final:
                 keep = (1 - final[path]) ** (r / 3)
@@ -199,7 +200,7 @@ def test_iterated_prune_stages_shrink_masks_to_the_one_shot_masks():
                        zip(jax.tree.leaves(masks), jax.tree.leaves(previous)))
         previous = masks
     s = stages.stage("e", "evaluate", prune={"method": "one_shot", "per_layer": final})
-    _, once = stages.prune_once(params, dense, s.prune)
+    _, once = sections.prune_once(params, dense, s.prune)
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, masks), jax.tree.map(np.asarray, once))
 
 

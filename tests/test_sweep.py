@@ -213,7 +213,8 @@ def test_workers_record_how_many_shared_the_machine(tmp_path, monkeypatch):
     def fake_train(experiment, run, base_overrides):  # a worker that finishes at once
         path = os.path.join(os.path.abspath(run.workdir), "results.json")
         return [sys.executable, "-c", f"open({path!r}, 'w').write('{{}}')"]
-    monkeypatch.setattr(sweep, "worker_command", fake_train)
+    from jaxaccel.sweep import runners as sweep_run
+    monkeypatch.setattr(sweep_run, "worker_command", fake_train)
     base = config_lib.default_config()
 
     def point_file(run):

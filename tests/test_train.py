@@ -52,8 +52,9 @@ def test_strategies_on_8_devices_match_one_device(strategy, reference, tmp_path)
 
 
 def test_fsdp_shards_params(tmp_path):
-    from jaxaccel import parallel, train as train_lib
-    setup = train_lib.build(tiny_config())
+    from jaxaccel import parallel
+    from jaxaccel.state import build
+    setup = build(tiny_config())
     abstract = jax.eval_shape(setup.init_state, jax.random.PRNGKey(0))
     sh = parallel.state_shardings(abstract, parallel.make_mesh(), "fsdp")
     kernel = sh.params["fc1"]["kernel"]
@@ -133,12 +134,12 @@ def test_different_config_refused_then_overwritten(reference, tmp_path):
 
 
 def test_transfer_learning_reinitialises_mismatched_head(reference, tmp_path):
-    from jaxaccel import train as train_lib
+    from jaxaccel import pipeline, state as state_lib
     src = reference[0]
     cfg = tiny_config(**{"model.kwargs.hidden": (300, 50), "num_steps": 0, "init_from": src})
-    setup = train_lib.build(cfg)
+    setup = state_lib.build(cfg)
     state = setup.init_state(jax.random.PRNGKey(1))
-    new_state, reinit = train_lib.transfer(state, src)
+    new_state, reinit = pipeline.transfer(state, src)
     assert "params/fc2/kernel" in reinit and "params/fc3/kernel" in reinit
     np.testing.assert_array_equal(new_state.params["fc1"]["kernel"],
                                   final_params(src)["fc1"]["kernel"])
@@ -149,11 +150,11 @@ def test_transfer_learning_reinitialises_mismatched_head(reference, tmp_path):
 def test_optimizers_and_schedules(name, schedule):
     import jax.numpy as jnp
     import optax
-    from jaxaccel import train as train_lib
+    from jaxaccel import state as state_lib
     opt = config_lib.default_config().optimizer
     opt.name, opt.schedule, opt.lr = name, schedule, 0.1
     opt.boundaries, opt.warmup_steps, opt.weight_decay, opt.grad_clip_norm = (10, 20), 5, 1e-4, 1.0
-    tx, sched = train_lib.make_optimizer(opt, 40)
+    tx, sched = state_lib.make_optimizer(opt, 40)
     if schedule == "piecewise":
         assert [float(sched(s)) for s in (0, 10, 20)] == pytest.approx([0.1, 0.01, 0.001])
     if schedule == "warmup_cosine":
@@ -168,8 +169,8 @@ def test_optimizers_and_schedules(name, schedule):
 
 def test_label_smoothing_changes_loss():
     import jax.numpy as jnp
-    from jaxaccel import train as train_lib
+    from jaxaccel import state as state_lib
     logits = jnp.array([[10.0, 0.0, 0.0]])
-    plain = train_lib.cross_entropy(logits, jnp.array([0]), 3)
-    smooth = train_lib.cross_entropy(logits, jnp.array([0]), 3, label_smoothing=0.1)
+    plain = state_lib.cross_entropy(logits, jnp.array([0]), 3)
+    smooth = state_lib.cross_entropy(logits, jnp.array([0]), 3, label_smoothing=0.1)
     assert float(smooth[0]) > float(plain[0])

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import jaxaccel
-from jaxaccel import cli, config as config_lib, metrics, sweep, vsweep
+from jaxaccel import cli, config as config_lib, metrics, stacked, sweep
+from jaxaccel.state import make_optimizer
+from jaxaccel.sweep import vectorized as vsweep
 from jaxaccel.preemption import Preempted
 
 EXPERIMENT = '''
@@ -172,7 +174,8 @@ def _error_of(argv, capsys):
 
 
 def test_hyperparameters_enter_the_step_as_arrays():
-    """The vectorized optimizer reproduces train.make_optimizer's updates for each point."""
+    """The shared optimizer fed each point's hyperparameters reproduces the updates of the
+    point's own `state.make_optimizer`."""
     base = config_lib.default_config()
     configs = []
     for name, wd, mom in (("sgd", 0.0, 0.9), ("sgd", 1e-2, 0.5)):
@@ -180,13 +183,13 @@ def test_hyperparameters_enter_the_step_as_arrays():
         c.optimizer.name, c.optimizer.weight_decay, c.optimizer.momentum = name, wd, mom
         c.optimizer.schedule, c.optimizer.lr = "cosine", 0.1
         configs.append(c)
-    structure = vsweep.Structure(configs)
+    shared = vsweep.shared_optimizer(configs)
     hp = vsweep.hyper_values(configs)
     params = {"w": np.linspace(-1, 1, 6, dtype=np.float32)}
     grads = {"w": np.linspace(0.5, -0.3, 6, dtype=np.float32)}
     for i, c in enumerate(configs):
-        ref_tx, _ = jaxaccel.train.make_optimizer(c.optimizer, base.num_steps)
-        tx, _ = vsweep.hyper_optimizer(structure, {k: v[i] for k, v in hp.items()})
+        ref_tx, _ = make_optimizer(c.optimizer, base.num_steps)
+        tx, _ = make_optimizer(shared, base.num_steps, {k: v[i] for k, v in hp.items()})
         ref_state, state = ref_tx.init(params), tx.init(params)
         for _ in range(3):
             ref_u, ref_state = ref_tx.update(grads, ref_state, params)
@@ -210,7 +213,9 @@ def test_blocks_are_train_batches(augment):
         c.dataset.crop_padding, c.dataset.flip = (2, True) if augment else (0, False)
         configs.append(c)
     source, spec = data.get_source("digits", "train"), data.dataset_spec("digits")
-    batches = vsweep.StackedBatches(source, spec, configs)
+    batches = stacked.StackedBatches(source, spec, [c.seed for c in configs], batch_size=16,
+                                     crop_padding=configs[0].dataset.crop_padding,
+                                     flip=configs[0].dataset.flip)
     assert batches.on_device == (not augment)
     arrays = jax.device_put(batches.arrays())
     ref = {s: data.TrainBatches(source, spec, global_batch_size=16, seed=s,
@@ -222,24 +227,22 @@ def test_blocks_are_train_batches(augment):
     for k, c in enumerate(configs):
         for t in range(3):
             want = ref[c.seed].batch(start + t)
-            for got in (vsweep.materialize(arrays, jax.tree.map(lambda x: x[k, t], by_point)),
-                        vsweep.materialize(arrays, jax.tree.map(lambda x: x[t, k], by_step))):
+            for got in (stacked.materialize(arrays, jax.tree.map(lambda x: x[k, t], by_point)),
+                        stacked.materialize(arrays, jax.tree.map(lambda x: x[t, k], by_step))):
                 for key in ("image", "label"):
                     np.testing.assert_array_equal(np.asarray(got[key]), want[key])
 
 
 def test_block_steps_divide_every_stop():
-    c = config_lib.default_config()
-    c.batch_size, c.num_steps, c.log_every, c.checkpoint_every, c.eval_every = 60, 2000, 100, 1000, 0
-    assert vsweep.block_steps(c, 8, 4 * 784) == 25  # 64 MB of input at most: 8*60*25*3136 B
-    assert vsweep.block_steps(c, 8, 4) == 100  # indices only
-    assert vsweep.block_steps(c, 1, 4 * 64) == 100
-    assert vsweep.block_steps(c, 1, 4 * 64, start=730) == 10  # resumed at step 730
-    c.eval_every = 30
-    assert vsweep.block_steps(c, 1, 4 * 64) == 10
-    assert vsweep.choose_plan(8, 1, "auto", backend="cpu") == ("loop", "batch", True)
-    assert vsweep.choose_plan(8, 1, "auto", backend="cpu", convolutional=True) == ("vmap", "batch", False)
-    assert vsweep.choose_plan(8, 4, "auto", backend="gpu", convolutional=True) == ("vmap", "points", True)
-    assert vsweep.choose_plan(6, 4, "vmap", backend="cpu") == ("vmap", "batch", True)
+    stops = (100, 1000, 0, 2000)  # log_every, checkpoint_every, eval_every, num_steps
+    assert stacked.block_steps(stops, 8, 60, 4 * 784) == 25  # 64 MB of input at most
+    assert stacked.block_steps(stops, 8, 60, 4) == 100  # indices only
+    assert stacked.block_steps(stops, 1, 60, 4 * 64) == 100
+    assert stacked.block_steps(stops, 1, 60, 4 * 64, start=730) == 10  # resumed at step 730
+    assert stacked.block_steps((100, 1000, 30, 2000), 1, 60, 4 * 64) == 10
+    assert stacked.choose_plan(8, 1, "auto", backend="cpu") == ("loop", "batch", True)
+    assert stacked.choose_plan(8, 1, "auto", backend="cpu", convolutional=True) == ("vmap", "batch", False)
+    assert stacked.choose_plan(8, 4, "auto", backend="gpu", convolutional=True) == ("vmap", "points", True)
+    assert stacked.choose_plan(6, 4, "vmap", backend="cpu") == ("vmap", "batch", True)
     with pytest.raises(ValueError, match="mode='fast'"):
-        vsweep.choose_plan(2, 1, "fast")
+        stacked.choose_plan(2, 1, "fast")

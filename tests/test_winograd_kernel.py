@@ -1,4 +1,4 @@
-"""Tests for jaxaccel.models.winograd_kernel and conv_impl "cpu_kernel": the float32 Winograd CPU
+"""Tests for jaxaccel.kernels.winograd and conv_impl "cpu_kernel": the float32 Winograd CPU
 kernel equals XLA's conv (values and both gradients) on every shape it takes."""
 import os
 
@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax import lax
 
-from jaxaccel import cpu_kernels
-from jaxaccel.models import get_model, init_variables, layers
-from jaxaccel.models import winograd_kernel as W
+from jaxaccel.kernels import winograd as W
+from jaxaccel.kernels.build import compiler, cpu_has
+from jaxaccel.models import conv_impls, get_model, init_variables
 
-needs_kernel = pytest.mark.skipif(not cpu_kernels.cpu_has(("avx2", "fma")) or cpu_kernels.compiler() is None,
+needs_kernel = pytest.mark.skipif(not cpu_has(("avx2", "fma")) or compiler() is None,
                                   reason="needs an x86 CPU with AVX2 and FMA and a C++ compiler")
 SAME = ((1, 1), (1, 1))
 
@@ -56,7 +56,7 @@ def test_conv_and_filter_grad_equal_xla_on_any_shape(n, h, w, c8, k16, seed):
        k16=st.integers(1, 2), seed=st.integers(0, 2**16))
 def test_fused_max_pool_equals_pooling_the_conv_and_routes_gradients_alike(n, h2, w2, c8, k16, seed):
     """Pooled values, first-maximum positions (ties: the earlier one, as select-and-scatter) and
-    both gradients of layers' fused conv + pool equal max_pool_2d of XLA's conv."""
+    both gradients of conv_impls' fused conv + pool equal max_pool_2d of XLA's conv."""
     h, w, c, k = 2 * h2, 2 * w2, 8 * c8, 16 * k16
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, h, w, c)).astype(np.float32)
@@ -70,8 +70,8 @@ def test_fused_max_pool_equals_pooling_the_conv_and_routes_gradients_alike(n, h2
     near = np.sort(y, -1)[..., -1] - np.sort(y, -1)[..., -2] < 1e-4 * np.abs(y).max()  # rounding could swap
     np.testing.assert_array_equal(np.asarray(first)[~near], y.argmax(-1)[~near])
     g = jnp.asarray(rng.standard_normal(pooled.shape), jnp.float32)
-    fused = jax.grad(lambda x, k: jnp.sum(layers._winograd_conv_max_pool(x, k) * g), (0, 1))(x, kernel)
-    plain = jax.grad(lambda x, k: jnp.sum(layers.max_pool_2d(_conv(x, k), 2) * g), (0, 1))(x, kernel)
+    fused = jax.grad(lambda x, k: jnp.sum(conv_impls._winograd_conv_max_pool(x, k) * g), (0, 1))(x, kernel)
+    plain = jax.grad(lambda x, k: jnp.sum(conv_impls.max_pool_2d(_conv(x, k), 2) * g), (0, 1))(x, kernel)
     for a, e in zip(fused, plain):
         _close(a, e, 1e-4)
 
@@ -140,7 +140,7 @@ def test_batch_sharded_step_runs_per_device_and_sums_the_filter_gradient():
     k = rng.standard_normal((3, 3, 16, 32)).astype(np.float32)
 
     def loss(k, x):
-        return jnp.sum(layers.winograd_conv(x, k, SAME, use_kernel=True) ** 2)
+        return jnp.sum(conv_impls.winograd_conv(x, k, SAME, use_kernel=True) ** 2)
 
     xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
     f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -160,9 +160,9 @@ def test_auto_falls_back_to_winograd_and_explicit_kernel_explains_why(monkeypatc
     monkeypatch.setattr(W, "available", lambda: False)
     monkeypatch.setattr(W, "unavailable_reason", lambda: "no C++ compiler (c++, g++ or clang++; or set CXX)")
     on_cpu = jax.default_backend() == "cpu"
-    assert layers.resolve_conv_impl("auto", "cpu_kernel") == ("winograd" if on_cpu else "xla")
+    assert conv_impls.resolve_conv_impl("auto", "cpu_kernel") == ("winograd" if on_cpu else "xla")
     with pytest.raises(ValueError, match=r"'cpu_kernel' cannot run here \(no C\+\+ compiler.*xla, im2col, cpu, winograd$"):
-        layers.resolve_conv_impl("cpu_kernel")
+        conv_impls.resolve_conv_impl("cpu_kernel")
 
 
 @needs_kernel

@@ -1,6 +1,6 @@
 """Benchmarks: the project's own train/infer functions, timed (never imported by training).
 
-`jaxaccel bench train|scaling|input|infer|sweep|compile|all` (see `command.py`); the
+`jaxaccel bench train|scaling|input|infer|sweep|compile|all` (`jaxaccel.cli.bench`); the
 functions behind them, each returning a JSON-ready dict with a markdown `table`:
 
     training.bench_train(model, batch_size, input_shape, ...)
@@ -12,6 +12,3 @@ functions behind them, each returning a JSON-ready dict with a markdown `table`:
 
 This package imports nothing heavy at import time, so `jaxaccel --help` stays fast.
 """
-from jaxaccel.bench.command import add_bench_arguments, run_bench
-
-__all__ = ["add_bench_arguments", "run_bench"]

@@ -8,7 +8,6 @@ Each measures its time to the first finished train step (trace + lower + compile
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -47,9 +46,9 @@ def probe(model: str, batch_size: int, input_shape: Sequence[int], conv_impl: st
 
 def _run_probe(directory: str, model: str, batch_size: int, input_shape: Sequence[int],
                conv_impl: str, timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "jaxaccel.bench.compilation_cache", "--model", model,
-           "--batch-size", str(batch_size), "--input-shape", ",".join(map(str, input_shape)),
-           "--conv-impl", conv_impl]
+    request = {"model": model, "batch_size": batch_size, "input_shape": list(input_shape),
+               "conv_impl": conv_impl}
+    cmd = [sys.executable, "-m", "jaxaccel.bench.compilation_cache", json.dumps(request)]
     env = {**os.environ, ENV: directory}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -91,16 +90,10 @@ def bench_compile(model: str = "cnn3", batch_size: int = 128, input_shape: Seque
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="one cold/warm compile measurement (used by bench compile)")
-    p.add_argument("--model", default="cnn3")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--input-shape", default="32,32,3")
-    p.add_argument("--conv-impl", default="auto")
-    args = p.parse_args(argv)
-    from jaxaccel.bench import workload
-
-    print(json.dumps(probe(args.model, args.batch_size, workload.parse_input_shape(args.input_shape),
-                           args.conv_impl)))
+    """The probe's own process (`_run_probe`): one JSON request in argv, one JSON line out."""
+    request = json.loads((sys.argv[1:] if argv is None else argv)[0])
+    print(json.dumps(probe(request["model"], request["batch_size"],
+                           tuple(request["input_shape"]), request["conv_impl"])))
     return 0
 
 

@@ -6,7 +6,7 @@ Variants, all jitted forward passes on one device-resident batch, timed interlea
     batch (the PTQ reference: simulated int8 in float arithmetic);
   * int8: `compress.int8.int8_apply` on `convert_int8` of the same scales (integer
     convs/matmuls, every layer by default: `int8_skip="none"`; lowered by "auto", on an AVX2
-    CPU `compress.int8_kernel`), goal ≥ 1.4× faster than float32 for cnn3 at batch 256 on CPU;
+    CPU `kernels.int8`), goal ≥ 1.4× faster than float32 for cnn3 at batch 256 on CPU;
   * pruned-and-shrunk: channel masks at each sparsity (`prune.magnitude_masks(...,
     granularity="channel", filter_fn=shrink.shrinkable_filter(model))`), then
     `shrink.shrink` to a physically smaller model; goal at 50%: ≥ 1.8× faster.
@@ -15,7 +15,7 @@ Weights are the model's random initialisation: speed does not depend on their va
 Alongside, the int8 arithmetic of this machine (`int8_matmul_ceiling`): each int8 layer's
 MACs as one plain (M x K) @ (K x N) matmul (M = output positions, K = kernel size, N = output
 channels), run in float32, as XLA's int8 x int8 -> int32 dot and (where it runs) as
-`int8_kernel.matmul_acc`, timed interleaved. `bound_speedup` is an Amdahl estimate for the whole
+`kernels.int8.matmul_acc`, timed interleaved. `bound_speedup` is an Amdahl estimate for the whole
 model: the float model's share of those MACs taken at the plain float32 matmuls' time,
 everything else unchanged. On the AVX2 dev machine without VNNI, XLA's int8 dot is only
 ~1.2-1.5x its float32 matmul (a bound of ~1.2x for cnn3), the kernel ~2x.
@@ -144,7 +144,7 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
         c = out["int8_ceiling"] = int8_matmul_ceiling(shapes, base, warmup=warmup, repeats=repeats)
         kernel = ""
         if c.get("kernel_speedup") is not None:
-            kernel = (f"; jaxaccel's AVX2 int8 kernel (`compress.int8_kernel`, the `cpu_kernel` lowering) "
+            kernel = (f"; jaxaccel's AVX2 int8 kernel (`kernels.int8`, the `cpu_kernel` lowering) "
                       f"runs them in {c['kernel_ms_median']:.2f} ms ({c['kernel_speedup']:.2f}×; Amdahl bound "
                       f"{c['kernel_bound_speedup']:.2f}×)")
         notes.append(f"int8 ceiling on this machine: the int8 layers' {c['macs'] / 1e9:.2f} G MACs as plain "
@@ -186,9 +186,9 @@ def int8_matmul_ceiling(shapes: Sequence[tuple[int, int, int]], float_model_ms: 
         jax.block_until_ready([dot(*operands[s]) for s, n in counts.items() for _ in range(n)])
 
     works = {"float32": lambda: run(f32_dot, f32), "int8": lambda: run(i8_dot, i8)}
-    from jaxaccel.compress import int8_kernel
-    if int8_kernel.available():
-        kernel_dot = jax.jit(int8_kernel.matmul_acc)
+    from jaxaccel.kernels import int8 as int8_cpu
+    if int8_cpu.available():
+        kernel_dot = jax.jit(int8_cpu.matmul_acc)
         works["kernel"] = lambda: run(kernel_dot, i8)
     for work in works.values():
         work()  # compile

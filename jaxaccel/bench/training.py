@@ -1,6 +1,6 @@
 """`jaxaccel bench train`: training-step throughput of the project's own train step.
 
-The timed function is `jaxaccel.train.Runner(...).run_step`, the call `train_loop` makes
+The timed function is `jaxaccel.loop.Runner(...).run_step`, the call `loop.train_loop` makes
 every step, fed a host batch as `TrainBatches` yields it. Reported alongside: time to the
 first step (compilation), XLA's `cost_analysis()` FLOPs per step, model FLOPs utilisation
 against a float32 matmul measured in the same run, the selected `conv_impl` against "xla",
@@ -22,12 +22,11 @@ class StepBench:
     """
 
     def __init__(self, setup: Any, mesh: Any, strategy: str, batch: dict, *, seed: int = 0):
-
-        from jaxaccel import train
+        from jaxaccel.loop import Runner
 
         self.setup, self.strategy, self.batch = setup, strategy, batch
         self.num_devices = int(mesh.devices.size)
-        self.runner = train.Runner(setup, mesh, strategy)
+        self.runner = Runner(setup, mesh, strategy)
         self.state = self.runner.to_device(_initial_state(setup, seed))
         self.metrics: Any = None
 
@@ -72,7 +71,7 @@ def step_flops(setup: Any, batch_size: int, conv_impl: str | None = None) -> flo
     import jax
     import jax.numpy as jnp
 
-    from jaxaccel import train
+    from jaxaccel.state import make_train_step
 
     kwargs: dict[str, Any] = {"num_classes": setup.spec.num_classes,
                               "label_smoothing": setup.config.label_smoothing}
@@ -82,7 +81,7 @@ def step_flops(setup: Any, batch_size: int, conv_impl: str | None = None) -> flo
     model = setup.model
     if conv_impl is not None and hasattr(model, "conv_impl"):
         model = model.clone(conv_impl=conv_impl)
-    step_fn = train.make_train_step(model, setup.tx, setup.schedule, **kwargs)
+    step_fn = make_train_step(model, setup.tx, setup.schedule, **kwargs)
     state = jax.eval_shape(setup.init_state, jax.random.PRNGKey(0))
     batch = {"image": jax.ShapeDtypeStruct((batch_size, *setup.input_shape[1:]), jnp.float32),
              "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}

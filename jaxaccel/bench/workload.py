@@ -1,6 +1,6 @@
 """What a benchmark runs: the project's own training set-up for a model, batch and input shape.
 
-`bench_setup` goes through `jaxaccel.train.build` (the function `jaxaccel train` uses), so
+`bench_setup` goes through `jaxaccel.state.build` (the function `jaxaccel train` uses), so
 the model, optimizer and train state are exactly what users train. A dataset whose image
 shape matches `input_shape` supplies the spec (32,32,3 -> cifar10, 28,28,1 -> mnist5k,
 8,8,1 -> digits; only its static metadata is read, no data); for any other shape the spec
@@ -65,9 +65,9 @@ def check_model(name: str) -> str:
 
 def check_conv_impl(conv_impl: str) -> str:
     """`conv_impl` if the models know it; ValueError listing the valid choices otherwise."""
-    from jaxaccel.models import layers
+    from jaxaccel.models import conv_impls
 
-    return layers.check_conv_impl(conv_impl)
+    return conv_impls.check_conv_impl(conv_impl)
 
 
 def resolved_conv_impl(conv_impl: str, model: str) -> str:
@@ -111,13 +111,14 @@ def bench_config(model: str = "cnn3", batch_size: int = 128,
 
 
 def bench_setup(config: Any, input_shape: Sequence[int]) -> Any:
-    """`jaxaccel.train.build(config)`, adapted to `input_shape` if its dataset has another."""
+    """`jaxaccel.state.build(config)`, adapted to `input_shape` if its dataset has another."""
     import jax
     import jax.numpy as jnp
 
-    from jaxaccel import data, train
+    from jaxaccel import data
+    from jaxaccel.state import TrainState, build
 
-    setup = train.build(config)
+    setup = build(config)
     shape = tuple(int(v) for v in input_shape)
     if tuple(setup.spec.image_shape) == shape:
         return setup
@@ -130,7 +131,7 @@ def bench_setup(config: Any, input_shape: Sequence[int]) -> Any:
         init_rng, state_rng = jax.random.split(rng)
         variables = setup.model.init(init_rng, jnp.zeros(full_shape, jnp.float32), train=False)
         params = variables["params"]
-        return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                 batch_stats=variables.get("batch_stats", {}),
                                 opt_state=setup.tx.init(params), rng=state_rng)
 

@@ -26,7 +26,7 @@ from jax import export as jax_export
 from jaxaccel import data
 from jaxaccel.compress.int8 import Int8Model, int8_apply, resolve_conv_lowering
 from jaxaccel.compress.quant import WEIGHT_CONFIG, QParams, QuantConfig, _layer_filter, apply_fake_quant, quantize_weights
-from jaxaccel.models.layers import portable_conv_impl
+from jaxaccel.models.conv_impls import portable_conv_impl
 
 INPUT_DTYPE = jnp.uint8
 
@@ -88,9 +88,9 @@ def _host(tree):
 
 def _portable(model: nn.Module, symbolic_batch: bool = False) -> nn.Module:
     """`model` with a `conv_impl` an exported program can carry: never the process-local
-    "cpu_kernel" custom calls (`layers.portable_conv_impl`). With a symbolic batch, a model
+    "cpu_kernel" custom calls (`conv_impls.portable_conv_impl`). With a symbolic batch, a model
     that would run its conv stack in micro-batches (whose count depends on the batch size,
-    `layers.microbatch_count`) gets the plain "xla" convs instead: same function, one batch."""
+    `conv_impls.microbatch_count`) gets the plain "xla" convs instead: same function, one batch."""
     if not hasattr(model, "conv_impl"):
         return model
     impl = portable_conv_impl(model.conv_impl, getattr(model, "AUTO_CPU_CONV_IMPL", "cpu"))

@@ -19,8 +19,8 @@ Speed on CPU (measured on the 2-core AVX2 dev machine, cnn3, batch 256): XLA:CPU
 is only ~1.2-1.5x its float32 matmul there (no VNNI), and XLA fuses a float conv + bias + ReLU +
 max-pool into one YNNPACK kernel that an int8 conv's int32 output cannot join; with XLA's int8
 ops the whole model ran at 0.66-0.8x float32. `conv_lowering="auto"` therefore runs int8 convs
-and dense layers on CPU in `int8_kernel` (an AVX2 implicit-GEMM kernel, exact, ~2x float32's
-multiply-adds; the models' conv + 2x2 max-pool, `layers.Conv.max_pooled`, as one call that writes
+and dense layers on CPU in `kernels.int8` (an AVX2 implicit-GEMM kernel, exact, ~2x float32's
+multiply-adds; the models' conv + 2x2 max-pool, `conv_impls.Conv.max_pooled`, as one call that writes
 only the pooled int32 values): every layer int8, cnn3 runs ~1.5-1.65x faster than float32
 (`jaxaccel bench infer`). Where the kernel cannot run, "auto" falls back to "im2col" (one int8
 dot of patches: ~3x faster than XLA's int8 conv for ResNet-20's narrow layers) on CPU, and to
@@ -39,10 +39,11 @@ from flax import struct
 from jax import lax
 from jax.extend.core import Literal, Primitive
 
-from jaxaccel.compress.quant import (WEIGHT_CONFIG, QParams, QuantConfig, _check_skip, is_kernel, layer_kind,
-                                     path_str, quantize, tensor_qparams)
-from jaxaccel.compress import int8_kernel
-from jaxaccel.models.layers import im2col_patches, max_pool_2d
+from jaxaccel.compress.quant import (WEIGHT_CONFIG, QParams, QuantConfig, _check_skip, layer_kind,
+                                     quantize, tensor_qparams)
+from jaxaccel.trees import is_kernel, path_str
+from jaxaccel.kernels import int8 as int8_cpu
+from jaxaccel.models.conv_impls import im2col_patches, max_pool_2d
 
 
 @struct.dataclass
@@ -218,7 +219,7 @@ CONV_LOWERINGS: tuple[str, ...] = ("auto", "cpu_kernel", "im2col", "native")
 
 
 def resolve_conv_lowering(lowering: str, *, portable: bool = False) -> str:
-    """'auto' -> 'cpu_kernel' on CPU when `int8_kernel.available()` (else 'im2col'), 'native' on
+    """'auto' -> 'cpu_kernel' on CPU when `kernels.int8.available()` (else 'im2col'), 'native' on
     other backends. `portable` (exported artifacts) rules out 'cpu_kernel', a custom call of this
     process: 'auto' then means 'im2col' on CPU. Unknown names, and 'cpu_kernel' where it cannot
     run, raise ValueError naming the choices."""
@@ -227,14 +228,14 @@ def resolve_conv_lowering(lowering: str, *, portable: bool = False) -> str:
     if lowering == "auto":
         if jax.default_backend() != "cpu":
             return "native"
-        return "cpu_kernel" if not portable and int8_kernel.available() else "im2col"
+        return "cpu_kernel" if not portable and int8_cpu.available() else "im2col"
     if lowering == "cpu_kernel":
         choices = ", ".join(c for c in CONV_LOWERINGS if c != "cpu_kernel")
         if portable:
             raise ValueError("int8 conv lowering 'cpu_kernel' is a custom call of this process and cannot be "
                              f"exported; valid choices here: {choices}")
-        if not int8_kernel.available():
-            raise ValueError(f"int8 conv lowering 'cpu_kernel' cannot run here ({int8_kernel.unavailable_reason()}); "
+        if not int8_cpu.available():
+            raise ValueError(f"int8 conv lowering 'cpu_kernel' cannot run here ({int8_cpu.unavailable_reason()}); "
                              f"valid choices here: {choices}")
     return lowering
 
@@ -247,7 +248,7 @@ _IM2COL_K_MULTIPLE = 16
 def _im2col_int8_acc(q: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
                      padding: Any) -> jax.Array:
     """int32 accumulator of a 2-D conv as one int8 x int8 -> int32 dot of im2col patches
-    (`layers.im2col_patches`, zero padding); exact like the native int8 conv."""
+    (`conv_impls.im2col_patches`, zero padding); exact like the native int8 conv."""
     kh, kw, cin, cout = kernel.shape
     pads = lax.padtype_to_pads(q.shape[1:3], (kh, kw), strides, padding) if isinstance(padding, str) else padding
     n, h, w, _ = q.shape
@@ -269,7 +270,7 @@ def _conv_acc(module: nn.Conv, layer: Int8Layer, q: jax.Array, lowering: str = "
     `max_pool` x `max_pool` (exact: the rescale that follows is increasing, s_x * s_w > 0).
 
     `lowering` "cpu_kernel" runs ungrouped, undilated 2-D convs (and a 2x2 pool) in
-    `int8_kernel`; "im2col" as one int8 dot of patches (on XLA:CPU ~3x faster than its int8
+    `kernels.int8`; "im2col" as one int8 dot of patches (on XLA:CPU ~3x faster than its int8
     conv for ResNet-20's narrow layers); "native" (and every other conv) runs
     `lax.conv_general_dilated` with int8 operands. All are exact.
     """
@@ -307,7 +308,7 @@ def _conv_acc(module: nn.Conv, layer: Int8Layer, q: jax.Array, lowering: str = "
             pads = lax.padtype_to_pads(q.shape[1:3], layer.kernel.shape[:2], strides, padding) \
                 if isinstance(padding, str) else padding
             q = jnp.pad(q, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
-        acc = int8_kernel.conv_acc(q, layer.kernel, strides, max_pool if max_pool == 2 else 1)
+        acc = int8_cpu.conv_acc(q, layer.kernel, strides, max_pool if max_pool == 2 else 1)
         if max_pool == 2:
             max_pool = 1  # done in the kernel
     elif lowering == "im2col" and plain_2d:
@@ -327,7 +328,7 @@ def _conv_acc(module: nn.Conv, layer: Int8Layer, q: jax.Array, lowering: str = "
 
 def _dense_acc(layer: Int8Layer, q: jax.Array, lowering: str = "native") -> jax.Array:
     if lowering == "cpu_kernel":
-        acc = int8_kernel.matmul_acc(q, layer.kernel)
+        acc = int8_cpu.matmul_acc(q, layer.kernel)
     else:
         acc = lax.dot_general(q, layer.kernel, (((q.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
     if not layer.zero_point_is_zero:
@@ -345,7 +346,7 @@ def _add_bias_arg(key: str, args: tuple, kwargs: Mapping) -> bool:
 
 
 def _pool_window_arg(key: str, args: tuple, kwargs: Mapping) -> int:
-    """The call must be layer.max_pooled(x, window) (`layers.Conv.max_pooled`)."""
+    """The call must be layer.max_pooled(x, window) (`conv_impls.Conv.max_pooled`)."""
     if len(args) + len(kwargs) != 2 or set(kwargs) - {"window"}:
         raise ValueError(f"int8 layer {key!r}: max_pooled called with unsupported arguments "
                          f"({len(args)} positional, keywords {sorted(kwargs)}); expected max_pooled(x, window)")
@@ -466,7 +467,7 @@ def _run(model: nn.Module, int8_model: Int8Model, images: jax.Array, plan: Mappi
         if layer is None:  # a float conv/dense layer (skipped)
             y = next_fun(*args, **kwargs)
         else:
-            if pooled:  # the models' conv + max-pool (`layers.Conv.max_pooled`): pool the int32 accumulator
+            if pooled:  # the models' conv + max-pool (`conv_impls.Conv.max_pooled`): pool the int32 accumulator
                 window = _pool_window_arg(key, args, kwargs)
                 add_bias = False
             else:
@@ -520,7 +521,7 @@ def int8_apply(model: nn.Module, int8_model: Int8Model, images: jax.Array, *, fu
     int8 layer's codes and the model's ReLU / max-pool run on bytes. Both give the same results
     (up to fused-multiply-add rounding at ties); on XLA:CPU with YNNPACK fusions they also run
     equally fast, hence off by default. `conv_lowering` picks how int8 convs and dense layers run
-    (`CONV_LOWERINGS`; "auto": `int8_kernel` on an AVX2 CPU, else im2col patches @ kernel as one
+    (`CONV_LOWERINGS`; "auto": `kernels.int8` on an AVX2 CPU, else im2col patches @ kernel as one
     int8 dot on CPU, the native int8 conv on GPU/TPU; see `resolve_conv_lowering`).
     """
     lowering = resolve_conv_lowering(conv_lowering)

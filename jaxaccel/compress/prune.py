@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxaccel.models.layers import max_pool_2d
+from jaxaccel.models.conv_impls import max_pool_2d
+from jaxaccel.trees import is_kernel, named_leaves, path_str  # noqa: F401 - public here too
 
 PyTree = Any
 Params = PyTree
@@ -46,23 +47,6 @@ NORMS = (1, 2)
 
 
 # --------------------------------------------------------------------------- paths
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def path_str(keypath: Sequence[Any]) -> str:
-    """'conv1/kernel' for the key path of ``params['conv1']['kernel']``."""
-    return "/".join(_key_name(k) for k in keypath)
-
-
-def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
-    """``[(path, leaf), ...]`` in JAX flattening order (dict keys sorted)."""
-    return [(path_str(kp), leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -106,12 +90,6 @@ def check_masks(params: Params, masks: Masks, name: str = "masks") -> None:
 
 
 # --------------------------------------------------------------------------- filters
-
-
-def is_kernel(path: str, leaf: Any) -> bool:
-    """Conv and dense kernels: leaf named ``kernel`` with ndim >= 2 (never biases or BN)."""
-    ndim = leaf.ndim if hasattr(leaf, "ndim") else np.ndim(leaf)  # also ShapeDtypeStruct
-    return path.rsplit("/", 1)[-1] == "kernel" and ndim >= 2
 
 
 def _numbered(names: Sequence[str], prefix: str) -> list[tuple[int, str]]:
@@ -195,7 +173,7 @@ def layer_calls(model: nn.Module, variables: PyTree, *args: Any,
         path = "/".join(context.module.path)
         window = call_kwargs.get("pool_window") if context.method_name == "__call__" else None
         if window is not None:
-            # The models' conv + pool (`layers.Conv.max_pooled`) returns the pooled output: record
+            # The models' conv + pool (`conv_impls.Conv.max_pooled`) returns the pooled output: record
             # the conv's own output shape (only shapes are traced here, so pool it separately).
             y, bias = next_fun(*call_args, **{**call_kwargs, "pool_window": None})
             out = (max_pool_2d(y, window), bias)

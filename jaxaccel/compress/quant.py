@@ -33,6 +33,7 @@ import numpy as np
 from flax import struct
 
 from jaxaccel import io
+from jaxaccel.trees import is_kernel, path_str
 
 # torch.finfo(torch.float32).eps: the floor PyTorch's observers put on the scale.
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -334,24 +335,6 @@ def tensor_qparams(x: jax.Array, config: QuantConfig) -> QParams:
 # --------------------------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------------------------
-def path_str(path: tuple) -> str:
-    """'a/b/kernel' for a jax tree key path (DictKey / GetAttrKey / SequenceKey entries)."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
-def is_kernel(path: str, leaf: jax.Array) -> bool:
-    """Default weight filter: leaves named `kernel` with rank >= 2 (conv HWIO and dense (in, out))."""
-    return path.split("/")[-1] == "kernel" and jnp.ndim(leaf) >= 2
-
-
 def weight_qparams(params: Any, config: QuantConfig = WEIGHT_CONFIG,
                    filter_fn: Callable[[str, jax.Array], bool] | None = None) -> dict[str, QParams]:
     """QParams of every selected weight leaf, keyed by its path ('conv1/kernel')."""

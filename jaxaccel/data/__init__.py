@@ -30,6 +30,7 @@ from jaxaccel.data.catalog import (
     not_prepared_error,
 )
 from jaxaccel.data.pipeline import (
+    ArraySource,
     ExampleSource,
     Subset,
     TrainBatches,
@@ -41,6 +42,7 @@ from jaxaccel.data.pipeline import (
 )
 
 __all__ = [
+    "ArraySource",
     "DATASETS",
     "FOLDER_DATASET",
     "DatasetSpec",

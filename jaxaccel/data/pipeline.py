@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from jaxaccel.data.catalog import DatasetSpec
+from jaxaccel.data.catalog import BUILTIN_SPECS, CATALOG_SPECS, DatasetSpec
 
 # Distinguishes the augmentation stream (seed, step) from the permutation stream (seed, epoch).
 _AUGMENT_STREAM = 0x61756700
@@ -63,6 +63,22 @@ class ExampleSource:
 
     def __repr__(self) -> str:
         return f"ExampleSource({self.name!r}, split={self.split!r}, len={len(self)})"
+
+
+class ArraySource:
+    """A split held in memory as arrays, with the random-access protocol the pipeline reads."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[int(index)], "label": int(self.labels[int(index)])}
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        return [self[i] for i in indices]
 
 
 class Subset:
@@ -145,11 +161,14 @@ def read_arrays(source: Any, indices: Sequence[int] | np.ndarray) -> tuple[np.nd
 
 
 def _resolve_spec(spec: DatasetSpec | str) -> DatasetSpec:
+    """A spec, or the name of a built-in / catalog dataset (image folders need their spec)."""
     if isinstance(spec, DatasetSpec):
         return spec
-    from jaxaccel.data import dataset_spec  # registry lives in the package's public API
-
-    return dataset_spec(spec)
+    known = {**BUILTIN_SPECS, **CATALOG_SPECS}
+    if spec not in known:
+        raise ValueError(f"dataset {spec!r} has no fixed spec; pass its DatasetSpec "
+                         f"(data.dataset_spec(...)); known names: {', '.join(known)}")
+    return known[spec]
 
 
 def normalize(images: Any, spec: DatasetSpec | str) -> np.ndarray | jax.Array:

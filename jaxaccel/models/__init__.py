@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxaccel.models.cnn import CNN3, CNNBN
-from jaxaccel.models.layers import CONV_IMPLS, check_conv_impl, resolve_conv_impl
+from jaxaccel.models.conv_impls import CONV_IMPLS, check_conv_impl, resolve_conv_impl
 from jaxaccel.models.lenet import LeNet5, LeNet300100
 from jaxaccel.models.mobilenet import DSCNNBN
 from jaxaccel.models.resnet import ResNet20

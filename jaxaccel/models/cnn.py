@@ -7,8 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxaccel.models.layers import (conv, conv_act_pool, max_pool, microbatch_count, microbatched,
-                                    resolve_conv_impl)
+from jaxaccel.models.conv_impls import (conv, conv_act_pool, max_pool, microbatch_count, microbatched,
+                                        resolve_conv_impl)
 
 # BatchNorm settings shared by every BN model: PyTorch's momentum 0.1 (flax's 0.9) and eps.
 BN_MOMENTUM = 0.9
@@ -32,7 +32,7 @@ class CNN3(nn.Module):
     """conv1-conv2-conv3 (3x3 SAME + ReLU + 2x2 max-pool each), fc1 + ReLU, fc2.
 
     `microbatch`: examples per micro-batch for the conv stack (None: the conv_impl's choice,
-    see `layers.microbatch_count`); results do not depend on it beyond float rounding.
+    see `conv_impls.microbatch_count`); results do not depend on it beyond float rounding.
     On CPU, conv_impl "auto" is "cpu_kernel" (`AUTO_CPU_CONV_IMPL`, measured fastest for cnn3;
     "winograd" where the kernel cannot run).
     """

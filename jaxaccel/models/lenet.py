@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxaccel.models.layers import conv, conv_act_pool, microbatch_count, microbatched
+from jaxaccel.models.conv_impls import conv, conv_act_pool, microbatch_count, microbatched
 
 
 class LeNet300100(nn.Module):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxaccel.models.cnn import batch_norm
-from jaxaccel.models.layers import conv, max_pool
+from jaxaccel.models.conv_impls import conv, max_pool
 
 
 class DSCNNBN(nn.Module):

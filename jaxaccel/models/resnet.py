@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxaccel.models.cnn import batch_norm
-from jaxaccel.models.layers import conv
+from jaxaccel.models.conv_impls import conv
 
 BLOCKS_PER_STAGE = 3
 

@@ -1,4 +1,4 @@
-// int8 convolution / matmul for XLA:CPU on AVX2: an XLA FFI custom call (see int8_kernel.py).
+// int8 convolution / matmul for XLA:CPU on AVX2: an XLA FFI custom call (see int8.py).
 //
 // out[m, n] (int32) = sum_k A[m, k] * W[k, n], A = im2col rows of an 8-bit NHWC input (uint8 or
 // int8 codes) gathered on the fly (implicit GEMM: no patch matrix in memory), W = an int8
@@ -25,7 +25,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_kernels.h"
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

@@ -19,7 +19,7 @@ _REPEATS = {"train": 15, "scaling": 6, "input": 20, "infer": 15}
 _WARMUP = {"train": 2, "scaling": 1, "input": 2, "infer": 2}
 
 
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = ("Timed outside the test suite with warm-up, repeats and medians; comparisons are "
                 "interleaved and reported as ratios. Example: jaxaccel bench train --model cnn3 "
                 "--batch-size 128 --input-shape 32,32,3 --json out.json")
@@ -70,7 +70,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 def _defaults() -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    add_bench_arguments(p)
+    add_arguments(p)
     return p.parse_args(["all"])
 
 
@@ -203,7 +203,7 @@ def _scaling_subprocess(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def run_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
     """Run the chosen benchmark(s); print markdown; write --json / --markdown; exit status."""
     if overrides:
         raise ValueError(f"jaxaccel bench takes no --config.* overrides, got {overrides[0]!r}")
@@ -213,11 +213,11 @@ def run_bench(args: argparse.Namespace, overrides: list[str]) -> int:
     needed = max(workload.parse_int_list(args.device_counts, "--device-counts"))
     _configure_devices(args, needed if args.suite == "scaling" else args.devices)
 
-    from jaxaccel.bench import report, timing
+    from jaxaccel.bench import tables, timing
 
     command = command_line(args)
     machine = timing.machine_info()
-    print(report.markdown_header(machine, command), flush=True)
+    print(tables.markdown_header(machine, command), flush=True)
     names = ALL_ORDER if args.suite == "all" else (args.suite,)
     runners = {name: _runner(name, args) for name in names}
     results: dict[str, dict[str, Any]] = {}
@@ -237,7 +237,7 @@ def run_bench(args: argparse.Namespace, overrides: list[str]) -> int:
             result = run()
         result["elapsed_s"] = time.perf_counter() - start
         results[name] = result
-        print("\n" + report.markdown_result(result), flush=True)
+        print("\n" + tables.markdown_result(result), flush=True)
     elapsed = time.perf_counter() - t0
     machine["load_average_end"] = timing.load_average()
     if args.suite == "all":
@@ -250,7 +250,7 @@ def run_bench(args: argparse.Namespace, overrides: list[str]) -> int:
         io.write_json(args.json, payload)
         print(f"wrote {args.json}")
     if args.markdown:
-        io.write_text(args.markdown, report.markdown_report(results.values(), machine, command))
+        io.write_text(args.markdown, tables.markdown_report(results.values(), machine, command))
         print(f"wrote {args.markdown}")
     if failed:
         print(f"jaxaccel: bench: failed: {', '.join(failed)}", file=sys.stderr)

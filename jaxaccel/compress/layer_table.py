@@ -9,15 +9,12 @@ unquantized kernel in the same sparse layout (dense: plain float32). MACs are pe
 output positions × kernel size (``shrink.flops`` counts the same), and the effective MACs of
 a sparse layer are output positions × nonzeros, i.e. dense × density.
 
-`run_weights(workdir)` reads what a run ended with: the newest checkpoint (via
-``jaxaccel.load``), with any prune stages that ran after it re-applied (checkpoints are
-written only by train stages), and the weight bits of the run's last quantizing stage.
-`workdir_report` / `package_report` put the two together; `to_markdown` renders a report.
+`weights_report` tables what a run ended with (`jaxaccel.loading.final_weights`),
+`package_report` a compressed package; `to_markdown` renders either. Pure functions of
+models and weights: nothing here reads a workdir.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,7 +22,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from jaxaccel.compress import package, prune
@@ -139,110 +135,18 @@ def layer_table(model: nn.Module, variables: Mapping[str, PyTree], input_shape: 
     return {"layers": rows, "totals": totals}
 
 
-# --------------------------------------------------------------------------- a run's weights
-
-
-def weight_bits(stages: Sequence[ml_collections.ConfigDict]) -> int:
-    """Weight bits after running ``stages``: those of the last stage that quantized (PTQ or
-    QAT), unless a later float train stage or a rewind replaced the weights (then 32)."""
-    bits = FLOAT_BITS
-    for st in stages:
-        if st.quant.mode != "none":
-            bits = int(st.quant.weight_bits)
-        elif st.kind in ("train", "rewind"):
-            bits = FLOAT_BITS
-    return bits
-
-
-@dataclasses.dataclass
-class RunWeights:
-    """What a run ended with: model, float variables, and how they were obtained."""
-    workdir: str
-    model: nn.Module
-    variables: dict
-    config: ml_collections.ConfigDict
-    step: int
-    stage: str
-    bits: int
-    input_shape: tuple[int, ...]
-    checkpoint_dir: str
-    notes: list[str]
-
-
-def _read_results(workdir: str) -> dict | None:
-    path = os.path.join(workdir, "results.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def run_weights(workdir: str, step: int | None = None) -> RunWeights:
-    """The weights a run ended with (or those of checkpoint ``step``).
-
-    Only train stages write checkpoints, so for a finished run whose last stages do not
-    train (e.g. train → prune, or … → prune → quantize → evaluate) the prune stages after
-    the newest checkpoint are applied again to its weights (magnitude pruning is
-    deterministic). ``bits`` follows `weight_bits` over the stages the weights went through.
-    """
-    import jaxaccel
-    from jaxaccel import checkpoint as ckpt_lib
-    from jaxaccel import data
-    from jaxaccel import stages as stages_lib
-
-    loaded = jaxaccel.load(workdir, step)
-    config = loaded.config
-    stages = stages_lib.expand(config)
-    ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
-    try:
-        meta = ckpt.read_meta(loaded.step)
-    finally:
-        ckpt.close()
-    at = int(meta.get("stage", 0))
-    ran = list(stages[:at + 1])
-    variables = {"params": loaded.variables["params"],
-                 "batch_stats": loaded.variables["batch_stats"]}
-    notes = [f"weights of checkpoint step {loaded.step} (stage {stages[at].name!r})"]
-    results = _read_results(workdir)
-    finished = (step is None and results is not None
-                and len(results.get("stages", [])) == len(stages))
-    trailing = stages[at + 1:]
-    if finished and trailing and not any(s.kind == "train" for s in trailing):
-        for st in trailing:
-            if st.kind == "prune":
-                params = variables["params"]
-                prior = jax.tree.map(lambda p: p != 0, params)
-                params, _ = jax.jit(lambda p, m, st=st: stages_lib.prune_once(p, m, st.prune))(
-                    params, prior)
-                variables = {**variables, "params": params}
-                notes.append(f"stage {st.name!r} (prune) applied again")
-            elif st.kind == "rewind":
-                notes.append(f"stage {st.name!r} (rewind) not reproduced")
-                continue
-            ran.append(st)
-    elif trailing:
-        notes.append(f"stages after {stages[at].name!r} not included: "
-                     f"{', '.join(s.name for s in trailing)}")
-    spec = data.spec_for(config.dataset)
-    return RunWeights(workdir=workdir, model=loaded.model, variables=variables, config=config,
-                      step=int(loaded.step), stage=ran[-1].name, bits=weight_bits(ran),
-                      input_shape=tuple(int(d) for d in spec.image_shape),
-                      checkpoint_dir=os.path.join(workdir, "checkpoints", str(loaded.step)),
-                      notes=notes)
-
-
-def workdir_report(workdir: str, *, bits: int | None = None, step: int | None = None,
+def weights_report(weights: Any, *, bits: int | None = None,
                    input_shape: Sequence[int] | None = None) -> dict[str, Any]:
-    """`layer_table` of a run's final weights (`run_weights`); ``bits`` overrides the run's."""
+    """`layer_table` of a run's final weights (`jaxaccel.loading.final_weights(W)`: `.model`,
+    `.variables`, `.bits`, `.input_shape`, …); ``bits`` overrides the run's."""
     if bits is not None:
         _check_bits(bits)
-    run = run_weights(workdir, step)
-    shape = tuple(input_shape) if input_shape is not None else run.input_shape
-    bits = run.bits if bits is None else bits
-    table = layer_table(run.model, run.variables, shape, bits=bits)
-    return {"source": workdir, "kind": "workdir", "model": run.config.model.name,
-            "step": run.step, "stage": run.stage, "bits": bits, "input_shape": list(shape),
-            "notes": run.notes, **table}
+    shape = tuple(input_shape) if input_shape is not None else weights.input_shape
+    bits = weights.bits if bits is None else bits
+    table = layer_table(weights.model, weights.variables, shape, bits=bits)
+    return {"source": weights.workdir, "kind": "workdir", "model": weights.config.model.name,
+            "step": weights.step, "stage": weights.stage, "bits": bits,
+            "input_shape": list(shape), "notes": weights.notes, **table}
 
 
 def package_report(path: str, *, input_shape: Sequence[int] | None = None) -> dict[str, Any]:

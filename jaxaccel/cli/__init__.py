@@ -1,4 +1,6 @@
-"""The `jaxaccel` command. Each subcommand lives in the module named for it.
+"""The `jaxaccel` command: `main` parses the command line and runs the subcommand's module
+(`jaxaccel.cli.<name>`: `add_arguments(parser)` declares its flags, `run(args, overrides)`
+makes one library call and prints). Only this package holds argparse.
 
 Bad input ends with one line `jaxaccel: error: ...` and exit status 2, never a traceback
 (set JAXACCEL_DEBUG=1 to see one). A preempted run (SIGTERM/SIGINT) saves a checkpoint
@@ -17,17 +19,21 @@ import warnings
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 3
 
-# name -> module with `add_arguments(parser)` and `run(args, overrides) -> int`.
+# name -> (module with `add_arguments(parser)` and `run(args, overrides) -> int`, help).
 # Modules import lazily so `jaxaccel --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("jaxaccel.commands", "train (or resume) an experiment in a workdir"),
-    "datasets": ("jaxaccel.commands", "list datasets and whether each is prepared"),
-    "config": ("jaxaccel.commands", "print a resolved config: every key with its value, default, "
-                                    "type, choices and meaning"),
-    "bench": ("jaxaccel.bench", "time training, scaling, input, inference; print tables, write JSON"),
-    "compress": ("jaxaccel.compress.commands", "per-layer compression report; compressed checkpoint package; StableHLO export"),
-    "sweep": ("jaxaccel.sweep", "run every point of an experiment's get_sweep() in sub-workdirs"),
-    "report": ("jaxaccel.report", "rebuild a sweep's results.csv/md and plots from its sub-workdirs"),
+    "train": ("jaxaccel.cli.train", "train (or resume) an experiment in a workdir"),
+    "datasets": ("jaxaccel.cli.datasets", "list datasets and whether each is prepared"),
+    "config": ("jaxaccel.cli.config", "print a resolved config: every key with its value, "
+                                      "default, type, choices and meaning"),
+    "bench": ("jaxaccel.cli.bench", "time training, scaling, input, inference; print tables, "
+                                    "write JSON"),
+    "compress": ("jaxaccel.cli.compress", "per-layer compression report; compressed checkpoint "
+                                          "package; StableHLO export"),
+    "sweep": ("jaxaccel.cli.sweep", "run every point of an experiment's get_sweep() in "
+                                    "sub-workdirs"),
+    "report": ("jaxaccel.cli.report", "rebuild a sweep's results.csv/md and plots from its "
+                                      "sub-workdirs"),
 }
 
 
@@ -38,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, (module, help_) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
-        getattr(importlib.import_module(module), f"add_{name}_arguments")(sp)
+        importlib.import_module(module).add_arguments(sp)
     return p
 
 
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     enable_compilation_cache()  # before anything compiles; $JAXACCEL_COMPILATION_CACHE=off disables
     module = importlib.import_module(COMMANDS[known.command][0])
     try:
-        return getattr(module, f"run_{known.command}")(known, overrides)
+        return module.run(known, overrides)
     except Preempted as e:
         _last_words(f"jaxaccel: {e}", program)
         return EXIT_PREEMPTED

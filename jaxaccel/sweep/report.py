@@ -20,7 +20,6 @@ that trained the points: the workdirs are the whole truth.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -31,7 +30,8 @@ import statistics
 from io import StringIO
 from typing import Any, Callable, Sequence
 
-from jaxaccel import io, metrics, sweep
+from jaxaccel import io, metrics
+from jaxaccel.sweep import points
 
 SEED_KEYS = ("seed",)
 # Final-result columns, in this order; stage-aware values come from the last stage.
@@ -127,19 +127,19 @@ def collect(workdir: str) -> list[RunRecord]:
     """Every point sub-workdir of a sweep, in the sweep's order (then by name)."""
     if not os.path.isdir(workdir):
         raise NotADirectoryError(f"sweep workdir {workdir!r} does not exist")
-    sweep_file = _read_json(os.path.join(workdir, sweep.SWEEP_FILE)) or {}
+    sweep_file = _read_json(os.path.join(workdir, points.SWEEP_FILE)) or {}
     order = [p["name"] for p in sweep_file.get("points", []) if isinstance(p, dict)]
     found = sorted(d for d in os.listdir(workdir) if _is_point_dir(os.path.join(workdir, d)))
     names = [n for n in order if n in found] + [n for n in found if n not in order]
     records = []
     for name in names:
         sub = os.path.join(workdir, name)
-        point = _read_json(os.path.join(sub, sweep.POINT_FILE)) or {}
-        results = _read_json(os.path.join(sub, sweep.RESULTS_FILE)) or {}
-        status = sweep.status_of(sub)
+        point = _read_json(os.path.join(sub, points.POINT_FILE)) or {}
+        results = _read_json(os.path.join(sub, points.RESULTS_FILE)) or {}
+        status = points.status_of(sub)
         records.append(RunRecord(name=name, workdir=sub, overrides=point.get("overrides", {}),
                                  status=status, results=results,
-                                 error=sweep.read_error(sub) if status == sweep.FAILED else "",
+                                 error=points.read_error(sub) if status == points.FAILED else "",
                                  point=point))
     return records
 
@@ -147,21 +147,15 @@ def collect(workdir: str) -> list[RunRecord]:
 def _is_point_dir(path: str) -> bool:
     return os.path.isdir(path) and any(
         os.path.isfile(os.path.join(path, f))
-        for f in (sweep.POINT_FILE, sweep.RESULTS_FILE, "config.json"))
+        for f in (points.POINT_FILE, points.RESULTS_FILE, "config.json"))
 
 
 def _read_json(path: str) -> dict | None:
-    """A JSON object file; files from before the strict writer (NaN) read with NaN -> None."""
+    """A JSON object file (files from before the strict writer: NaN -> None), or None."""
     try:
-        obj = io.read_json(path)
-    except OSError:
+        obj = io.read_json(path, lenient=True)
+    except (OSError, ValueError):
         return None
-    except ValueError:
-        try:
-            with open(path) as f:
-                obj = io.to_jsonable(json.load(f))
-        except (OSError, ValueError):
-            return None
     return obj if isinstance(obj, dict) else None
 
 
@@ -247,7 +241,7 @@ def summarize(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
     program; None if none)."""
     groups: dict[tuple, list[RunRecord]] = {}
     for r in records:
-        if r.status == sweep.DONE:
+        if r.status == points.DONE:
             groups.setdefault(r.group(), []).append(r)
     out = []
     for key, runs in groups.items():
@@ -293,7 +287,7 @@ def best_point(summary: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _group_label(overrides: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={sweep.name_value(v)}" for k, v in overrides.items()) or "all points"
+    return ", ".join(f"{k}={points.name_value(v)}" for k, v in overrides.items()) or "all points"
 
 
 def results_table(records: Sequence[RunRecord]) -> list[str]:
@@ -351,19 +345,19 @@ def write_markdown(path: str, records: Sequence[RunRecord], title: str,
     """results.md: grouped table (mean ± std over seeds), best point, failures, plots."""
     summary = summarize(records)
     counts = {s: sum(r.status == s for r in records)
-              for s in (sweep.DONE, sweep.FAILED, sweep.PENDING)}
+              for s in (points.DONE, points.FAILED, points.PENDING)}
     repeats = max((row["n"] for row in summary), default=0)
     lines = [f"# Sweep results: {title}", "",
-             f"{len(records)} points: {counts[sweep.DONE]} done, {counts[sweep.FAILED]} "
-             f"failed, {counts[sweep.PENDING]} pending."]
+             f"{len(records)} points: {counts[points.DONE]} done, {counts[points.FAILED]} "
+             f"failed, {counts[points.PENDING]} pending."]
     if repeats > 1:
         lines.append("Values are mean ± sample std over the seeds of each row (n).")
     lines += [""] + results_table(records)
-    failed = [r for r in records if r.status == sweep.FAILED]
+    failed = [r for r in records if r.status == points.FAILED]
     if failed:
         lines += ["", "## Failed points", ""]
         lines += [f"- `{r.name}`: {r.error}" for r in failed]
-    pending = [r for r in records if r.status == sweep.PENDING]
+    pending = [r for r in records if r.status == points.PENDING]
     if pending:
         lines += ["", "## Not finished", ""] + [f"- `{r.name}`" for r in pending]
     if plots:
@@ -394,7 +388,7 @@ def tradeoff_points(records: Sequence[RunRecord], x: str,
     """
     acc: dict[tuple[str, float], list[float]] = {}
     for r in records:
-        if r.status != sweep.DONE:
+        if r.status != points.DONE:
             continue
         label = _label({k: v for k, v in r.overrides.items()
                         if k not in SEED_KEYS and x not in k.split(".")[-1]})
@@ -423,7 +417,7 @@ def varies(records: Sequence[RunRecord], x: str) -> bool:
 
 def plotted_keys(records: Sequence[RunRecord]) -> list[str]:
     """Swept keys (seeds excluded) that take more than one value among finished points."""
-    done = [r for r in records if r.status == sweep.DONE]
+    done = [r for r in records if r.status == points.DONE]
     keys = []
     for k in swept_keys(done):
         values = {_hashable(r.overrides[k]) for r in done if k in r.overrides}
@@ -446,7 +440,7 @@ def key_values(records: Sequence[RunRecord], key: str) -> list[Any]:
     numbers, else in first-seen (sweep) order."""
     seen: dict[Any, Any] = {}
     for r in records:
-        if r.status == sweep.DONE and key in r.overrides:
+        if r.status == points.DONE and key in r.overrides:
             seen.setdefault(_hashable(r.overrides[key]), r.overrides[key])
     values = list(seen.values())
     return sorted(values) if values and all(_number(v) for v in values) else values
@@ -466,7 +460,7 @@ def key_points(records: Sequence[RunRecord], key: str,
     raw: dict[Any, Any] = {}
     for r in records:
         v = r.value(metric)
-        if r.status != sweep.DONE or key not in r.overrides or not _number(v):
+        if r.status != points.DONE or key not in r.overrides or not _number(v):
             continue
         label = _label({k: x for k, x in r.overrides.items() if k in others})
         hv = _hashable(r.overrides[key])
@@ -480,7 +474,7 @@ def key_points(records: Sequence[RunRecord], key: str,
 
 
 def _label(overrides: dict) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={sweep.name_value(v)}"
+    return ", ".join(f"{k.split('.')[-1]}={points.name_value(v)}"
                      for k, v in sorted(overrides.items())) or "all"
 
 
@@ -570,7 +564,7 @@ def plot_key(path: str, records: Sequence[RunRecord], key: str) -> None:
                 ax.set_xticks([float(v) for v in values], [f"{v:g}" for v in values])
                 ax.xaxis.set_minor_formatter(NullFormatter())
         else:
-            ax.set_xticks(range(len(values)), [sweep.name_value(v) for v in values])
+            ax.set_xticks(range(len(values)), [points.name_value(v) for v in values])
             ax.set_xlim(-0.5, len(values) - 0.5)
     _finish(fig, axes, [t for _, t in panels], f"accuracy vs {key}", key,
             legend=bool(labels) and labels != {"all"}, empty=not labels)
@@ -688,22 +682,3 @@ def build(workdir: str, *, plots: bool = True) -> dict[str, str]:
             paths[name[:-4]] = os.path.join(workdir, name)
     write_markdown(paths["md"], records, os.path.basename(os.path.abspath(workdir)), written)
     return paths
-
-
-def add_report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("workdir", help="a sweep's workdir (holding one sub-workdir per point)")
-    p.add_argument("--no-plots", action="store_true", help="tables only")
-
-
-def run_report(args: argparse.Namespace, overrides: list[str]) -> int:
-    if overrides:
-        raise ValueError(f"report takes no --config overrides (got --config.{overrides[0]})")
-    records = collect(args.workdir)
-    if not records:
-        raise ValueError(f"{args.workdir!r} holds no sweep points (no sub-workdirs with "
-                         f"point.json, results.json or config.json)")
-    paths = build(args.workdir, plots=not args.no_plots)
-    done = sum(r.status == sweep.DONE for r in records)
-    print(f"report: {done}/{len(records)} points done; wrote "
-          + ", ".join(os.path.basename(p) for p in paths.values()))
-    return 0

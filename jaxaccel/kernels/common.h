@@ -1,4 +1,4 @@
-// Shared by jaxaccel's XLA FFI CPU kernels (see cpu_kernels.py): running work on XLA's intra-op pool.
+// Shared by jaxaccel's XLA FFI CPU kernels (built by build.py): running work on XLA's intra-op pool.
 #pragma once
 
 #include <condition_variable>

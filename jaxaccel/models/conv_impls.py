@@ -1,4 +1,4 @@
-"""Convolution and pooling building blocks with selectable implementations.
+"""The conv and pooling implementations that `conv_impl` selects.
 
 Every model builds its convs with `conv(...)`, its conv->activation->pool stages with
 `conv_act_pool(...)` and its other pools with `max_pool(...)`; the `conv_impl` string picks
@@ -28,7 +28,7 @@ Implementations (`CONV_IMPLS`):
               5-15% slower, so the other models' "auto" stays "cpu".
   * "cpu_kernel": "winograd", but its 3x3 convs run all three passes (forward, input gradient,
               filter gradient) as Winograd F(2x2, 3x3) in jaxaccel's own AVX2+FMA kernel
-              (`winograd_kernel`, an XLA FFI custom call compiled on first use), which fuses
+              (`kernels.winograd`, an XLA FFI custom call compiled on first use), which fuses
               the tile transforms into its matmuls and, in `Conv.max_pooled`, the 2x2 max-pool
               into the forward (only the pooled values and each window's int8 first-maximum
               position are written). Where the kernel does not cover a conv (float32 only,
@@ -55,6 +55,9 @@ round differently from the native conv (~1e-7 relative), which can flip the maxi
 pool window whose entries are that close; the "cpu" path uses im2col only in first layers.
 The Winograd filter gradient rounds differently too (~2e-7 relative in float32, tested), and so
 do the kernel's Winograd forward and input gradient (~1e-6 relative, tested against XLA's conv).
+
+Of jaxaccel it imports only `kernels.winograd` (the kernels and the Winograd transforms); the
+models import it, it imports no model.
 """
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import default_kernel_init
 from jax import lax
 
-from jaxaccel.models import winograd_kernel
+from jaxaccel.kernels import winograd
 
 CONV_IMPLS: tuple[str, ...] = ("auto", "xla", "im2col", "cpu", "winograd", "cpu_kernel")
 
@@ -99,14 +102,14 @@ def resolve_conv_impl(conv_impl: str, cpu_choice: str = "cpu") -> str:
     """
     check_conv_impl(conv_impl)
     check_conv_impl(cpu_choice)
-    if conv_impl == "cpu_kernel" and not winograd_kernel.available():
-        raise ValueError(f"conv_impl 'cpu_kernel' cannot run here ({winograd_kernel.unavailable_reason()}); "
+    if conv_impl == "cpu_kernel" and not winograd.available():
+        raise ValueError(f"conv_impl 'cpu_kernel' cannot run here ({winograd.unavailable_reason()}); "
                          f"valid choices here: {', '.join(i for i in CONV_IMPLS if i != 'cpu_kernel')}")
     if conv_impl != "auto":
         return conv_impl
     if jax.default_backend() != "cpu":
         return "xla"
-    return "winograd" if cpu_choice == "cpu_kernel" and not winograd_kernel.available() else cpu_choice
+    return "winograd" if cpu_choice == "cpu_kernel" and not winograd.available() else cpu_choice
 
 
 def portable_conv_impl(conv_impl: str, cpu_choice: str = "cpu") -> str:
@@ -185,18 +188,16 @@ def _make_im2col_conv(padding: tuple[tuple[int, int], ...]) -> Callable[[jax.Arr
 
 
 # ----------------------------------------------------------------------------- Winograd F(2x2, 3x3)
-# Lavin & Gray (2016): a 2x2 output tile of a 3x3 conv from a 4x4 input tile as
-# Y = A^T [(G k G^T) * (B^T d B)] A. Over all tiles and channels the elementwise product becomes
-# 16 independent matmuls (one per tile position) of (tiles, Cin) @ (Cin, Cout). Y is linear in
-# k, so the filter gradient is its transpose: G^T [sum over tiles (B^T d B)^T (A dY A^T)] G,
-# 16 matmuls of (Cin, tiles) @ (tiles, Cout): 2.25x fewer multiplies than the direct one.
-_WINO_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
-_WINO_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
-_WINO_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
-# The 2-D transforms as matrices on flattened tiles (row-major): kron(M, M).
-_WINO_BB = np.kron(_WINO_BT, _WINO_BT)  # (16, 16) input tile -> transformed tile
-_WINO_GG = np.kron(_WINO_G, _WINO_G)    # (16, 9)  3x3 kernel -> transformed kernel
-_WINO_AA = np.kron(_WINO_AT, _WINO_AT)  # (4, 16)  transformed product -> 2x2 output tile
+# Lavin & Gray (2016), with the transforms `BT`, `G`, `AT` of `kernels.winograd`: a 2x2 output
+# tile of a 3x3 conv from a 4x4 input tile as Y = A^T [(G k G^T) * (B^T d B)] A. Over all tiles and
+# channels the elementwise product becomes 16 independent matmuls (one per tile position) of
+# (tiles, Cin) @ (Cin, Cout). Y is linear in k, so the filter gradient is its transpose:
+# G^T [sum over tiles (B^T d B)^T (A dY A^T)] G, 16 matmuls of (Cin, tiles) @ (tiles, Cout):
+# 2.25x fewer multiplies than the direct one. The 2-D transforms as matrices on flattened tiles
+# (row-major): kron(M, M).
+_WINO_BB = np.kron(winograd.BT, winograd.BT)  # (16, 16) input tile -> transformed tile
+_WINO_GG = np.kron(winograd.G, winograd.G)    # (16, 9)  3x3 kernel -> transformed kernel
+_WINO_AA = np.kron(winograd.AT, winograd.AT)  # (4, 16)  transformed product -> 2x2 output tile
 
 
 def _along0(m: np.ndarray, t: jax.Array) -> jax.Array:
@@ -247,7 +248,7 @@ def winograd_conv(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, 
     padded to whole tiles.
 
     `use_kernel` (conv_impl "cpu_kernel"): all three (forward, input gradient, filter gradient)
-    run as Winograd F(2x2, 3x3) in jaxaccel's CPU kernel (`winograd_kernel`) where it supports
+    run as Winograd F(2x2, 3x3) in jaxaccel's CPU kernel (`kernels.winograd`) where it supports
     the shapes (float32, "SAME", channels multiples of 8 and 16), with every transform fused
     into the kernel's matmuls; elsewhere as above.
     """
@@ -279,18 +280,18 @@ def _winograd_fn(padding: tuple[tuple[int, int], ...], use_kernel: bool) -> Call
         return _WINOGRAD_FNS[padding, use_kernel]
 
     def kernel_ok(x, kernel):
-        return (use_kernel and winograd_kernel.supports(x.shape, kernel.shape, padding, x.dtype)
+        return (use_kernel and winograd.supports(x.shape, kernel.shape, padding, x.dtype)
                 and kernel.dtype == jnp.float32)
 
     def forward(x, kernel):
         if kernel_ok(x, kernel):
-            return winograd_kernel.conv(x, kernel)
+            return winograd.conv(x, kernel)
         return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
 
     def backward(x, kernel, dy):
         dx = _winograd_input_grad(dy, kernel, padding, use_kernel).astype(x.dtype)
         if kernel_ok(x, kernel) and dy.dtype == jnp.float32:
-            dk = winograd_kernel.filter_grad(x, dy)
+            dk = winograd.filter_grad(x, dy)
         else:
             dk = _winograd_filter_grad(x, dy, padding).astype(kernel.dtype)
         return dx, dk
@@ -304,9 +305,9 @@ def _winograd_input_grad(dy: jax.Array, kernel: jax.Array, padding: tuple[tuple[
     """Input gradient of a stride-1 3x3 conv: in the Winograd kernel (a "SAME" conv of `dy` with
     the flipped kernel) if `use_kernel` and it takes the shapes, else XLA's (`_input_grad`)."""
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    if use_kernel and winograd_kernel.supports(dy.shape, flipped.shape, padding, dy.dtype) \
+    if use_kernel and winograd.supports(dy.shape, flipped.shape, padding, dy.dtype) \
             and flipped.dtype == jnp.float32:
-        return winograd_kernel.conv(dy, flipped)
+        return winograd.conv(dy, flipped)
     return _input_grad(dy, kernel, padding)
 
 
@@ -469,7 +470,7 @@ class Conv(nn.Module):
         that transforms which intercept module methods (int8 inference) can run conv + pool as
         one kernel. It calls `self(x, add_bias=False, pool_window=window)`, so interceptors of
         `__call__` (calibration, fake-quant) see the conv's input as usual; under "cpu_kernel"
-        the Winograd kernel pools inside the conv (`winograd_kernel.conv_max_pool`).
+        the Winograd kernel pools inside the conv (`kernels.winograd.conv_max_pool`).
         """
         return self(x, add_bias=False, pool_window=window)
 
@@ -481,8 +482,8 @@ def _conv_max_pool(conv_impl: str, x: jax.Array, kernel: jax.Array, strides: tup
     # never a first layer that "cpu_kernel" would run as im2col: 9 * 8 > CPU_IM2COL_MAX_PATCH).
     if (window == 2 and resolve_conv_impl(conv_impl) == "cpu_kernel" and groups == 1 and strides == (1, 1)
             and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0 and kernel.ndim == 4
-            and winograd_kernel.supports(x.shape, kernel.shape, _explicit_padding(padding, x.shape[1:3],
-                                                                                  kernel.shape[:2]), x.dtype)):
+            and winograd.supports(x.shape, kernel.shape, _explicit_padding(padding, x.shape[1:3],
+                                                                           kernel.shape[:2]), x.dtype)):
         return _winograd_conv_max_pool(x, kernel)
     y = conv_general_dilated_fn(conv_impl)(x, kernel, strides, padding, dimension_numbers=_NHWC,
                                            feature_group_count=groups)
@@ -493,18 +494,18 @@ def _conv_max_pool(conv_impl: str, x: jax.Array, kernel: jax.Array, strides: tup
 def _winograd_conv_max_pool(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """2x2 max-pool of the "SAME" 3x3 conv, in the Winograd kernel; the gradient routes each window's
     gradient to its first maximum (as `max_pool_2d`) and runs both conv gradients in the kernel."""
-    return winograd_kernel.conv_max_pool(x, kernel)[0]
+    return winograd.conv_max_pool(x, kernel)[0]
 
 
 def _winograd_conv_max_pool_fwd(x, kernel):
-    pooled, first = winograd_kernel.conv_max_pool(x, kernel)
+    pooled, first = winograd.conv_max_pool(x, kernel)
     return pooled, (x, kernel, first)
 
 
 def _winograd_conv_max_pool_bwd(res, g):
     x, kernel, first = res
     dy = _route_to_first(first, g, 2, x.shape[:3] + kernel.shape[-1:])  # the conv output's gradient
-    return _winograd_input_grad(dy, kernel, winograd_kernel.PADDING, True), winograd_kernel.filter_grad(x, dy)
+    return _winograd_input_grad(dy, kernel, winograd.PADDING, True), winograd.filter_grad(x, dy)
 
 
 _winograd_conv_max_pool.defvjp(_winograd_conv_max_pool_fwd, _winograd_conv_max_pool_bwd)

@@ -1,8 +1,9 @@
 """An AVX2 int8 conv/matmul kernel for XLA:CPU, as an XLA FFI custom call compiled on first use.
+Imports only `kernels.build` and `kernels.winograd` (its G) of jaxaccel.
 
-XLA:CPU's own int8 dot runs only ~1.2x its float32 matmul on AVX2 CPUs without VNNI, while the
+XLA:CPU's own int8 dot gains little over its float32 matmul on AVX2 CPUs without VNNI, while the
 hardware does twice float32's multiply-adds with `vpmaddwd` (int16 pairs -> exact int32). The
-kernel (`int8_kernel.cc`) is an implicit-GEMM conv: it gathers each output row's receptive field
+kernel (`int8.cc`) is an implicit-GEMM conv: it gathers each output row's receptive field
 from the 8-bit NHWC input, widens it to int16 and multiplies it with the int8 kernel packed in
 16-channel panels, on XLA's intra-op thread pool. A dense layer is its 1x1 case. 3x3 stride-1
 convs with channels multiples of 16 (`winograd_ok`) run as exact integer Winograd F(2x2, 3x3)
@@ -10,12 +11,11 @@ instead: the input tiles' transforms fit int16, the kernel's transform times 4 i
 and the same vpmaddwd matmuls do 16 multiplies per 2x2 outputs instead of 36.
 
 `available()` says whether it can run here (CPU backend, an x86 CPU with AVX2, a C++ compiler);
-the first call compiles `int8_kernel.cc` (see `jaxaccel.cpu_kernels`: cached in
+the first call compiles `int8.cc` (`KERNEL`, see `kernels.build`: cached in
 `$JAXACCEL_KERNEL_CACHE`, default `~/.cache/jaxaccel/kernels`), so later processes only load it.
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -23,21 +23,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel import cpu_kernels
-from jaxaccel.models.winograd_kernel import g_along
+from jaxaccel.kernels.build import CpuKernel, batch_partitioned
+from jaxaccel.kernels.winograd import G, apply_along
 
-SOURCE = Path(__file__).with_name("int8_kernel.cc")
 TARGET = "jaxaccel_int8_conv"
 WINOGRAD_TARGET = "jaxaccel_int8_winograd"
-CXX_FLAGS = ("-O3", "-mavx2", "-std=c++17", "-shared", "-fPIC", "-w")  # -w: jaxlib header warnings
-cache_dir = cpu_kernels.cache_dir
-_compiler = cpu_kernels.compiler
+KERNEL = CpuKernel(Path(__file__).with_name("int8.cc"), ("avx2",),
+                   {"JaxaccelInt8Conv": TARGET, "JaxaccelInt8Winograd": WINOGRAD_TARGET},
+                   fallback="int8 layers use XLA's int8 dot")
 
 
-@functools.cache
 def unavailable_reason() -> str | None:
     """None if the kernel can run in this process, else why not (one line)."""
-    return cpu_kernels.unavailable_reason(("avx2",), _register, "int8 layers use XLA's int8 dot")
+    return KERNEL.unavailable_reason()
 
 
 def available() -> bool:
@@ -46,20 +44,8 @@ def available() -> bool:
 
 
 def kernel_path() -> Path:
-    """The compiled library's path: the cache dir plus a hash of source, compiler, flags, jaxlib."""
-    return cpu_kernels.library_path(SOURCE, CXX_FLAGS)
-
-
-def _build() -> Path:
-    """Compile `int8_kernel.cc` unless the cache has it (one builder at a time: a file lock)."""
-    return cpu_kernels.build(SOURCE, CXX_FLAGS)
-
-
-@functools.cache
-def _register() -> None:
-    library = _build()
-    cpu_kernels.register(library, "JaxaccelInt8Conv", TARGET)
-    cpu_kernels.register(library, "JaxaccelInt8Winograd", WINOGRAD_TARGET)
+    """The compiled library's path (see `CpuKernel.path`)."""
+    return KERNEL.path()
 
 
 def conv_acc(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), max_pool: int = 1) -> jax.Array:
@@ -74,7 +60,7 @@ def conv_acc(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), m
         raise ValueError(f"int8 kernel needs uint8/int8 x and an int8 kernel, got {x.dtype} and {kernel.dtype}")
     if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[3]:
         raise ValueError(f"int8 kernel needs NHWC x and HWIO kernel with matching channels, got {x.shape}, {kernel.shape}")
-    _register()
+    KERNEL.register()
     kh, kw, cin, cout = kernel.shape
     sh, sw = (int(s) for s in strides)
     n, h, w, _ = x.shape
@@ -97,7 +83,7 @@ def winograd_ok(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Se
 def _winograd_u4(kernel: jax.Array) -> jax.Array:
     """U4 = (2G) k (2G)^T of an int8 HWIO 3x3 kernel as int16 [16, C, K] (4x the Winograd transform,
     an integer; |U4| <= 9 * 128)."""
-    u = g_along(g_along(kernel.astype(jnp.int32), 0, doubled=True), 1, doubled=True)
+    u = apply_along(2 * G, apply_along(2 * G, kernel.astype(jnp.int32), 0), 1)
     return u.reshape(16, *kernel.shape[2:]).astype(jnp.int16)
 
 
@@ -119,12 +105,12 @@ def _ffi_conv(x: jax.Array, w2d: jax.Array, kh: int, kw: int, sh: int, sw: int, 
 
 
 # Under a sharded jit each device runs the kernel on its own examples (no gather of the batch).
-_conv_call = cpu_kernels.batch_partitioned(_ffi_conv, "b h w c, k n -> b i j n",
-                                           ("h", "w", "c", "k", "n", "i", "j"), num_static=5)
+_conv_call = batch_partitioned(_ffi_conv, "b h w c, k n -> b i j n",
+                               ("h", "w", "c", "k", "n", "i", "j"), num_static=5)
 
 
-_winograd_call = cpu_kernels.batch_partitioned(_ffi_winograd, "b h w c, p q r n -> b i j n",
-                                               ("h", "w", "c", "p", "q", "r", "n", "i", "j"), num_static=1)
+_winograd_call = batch_partitioned(_ffi_winograd, "b h w c, p q r n -> b i j n",
+                                   ("h", "w", "c", "p", "q", "r", "n", "i", "j"), num_static=1)
 
 
 def matmul_acc(x: jax.Array, kernel: jax.Array) -> jax.Array:

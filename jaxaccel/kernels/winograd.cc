@@ -1,5 +1,5 @@
 // Winograd F(2x2, 3x3) float32 convolution for XLA:CPU on AVX2 + FMA: XLA FFI custom calls
-// (see winograd_kernel.py). Three handlers: JaxaccelWinogradConv (y), JaxaccelWinogradConvPool
+// (see winograd.py). Three handlers: JaxaccelWinogradConv (y), JaxaccelWinogradConvPool
 // (y's 2x2 max-pool and each window's first-maximum position) and JaxaccelWinogradFilterGrad
 // (the transformed kernel's gradient; see the "filter gradient" section).
 //
@@ -20,7 +20,7 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu_kernels.h"
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

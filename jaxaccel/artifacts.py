@@ -1,0 +1,124 @@
+"""What a finished run turns into: its per-layer compression report, its compressed package
+and its StableHLO export (`jaxaccel compress report|package|export`).
+
+Each function reads the weights a run ended with (`loading.final_weights`), applies the
+compress functions, writes one file and returns a JSON-able summary. Exports and packages
+take raw uint8 NHWC images, the dataset's normalisation inside, exactly like
+`jaxaccel.load(W).predict`; `--int8` / `--fake-quant` use the activation calibration the
+run's quantize stage wrote (`calibration.json`).
+
+Imports loading and compress; never the pipeline, the loop, sweeps or the CLI.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from jaxaccel import loading
+from jaxaccel.compress import export, fold, int8, layer_table, package, quant
+
+CALIBRATION_FILE = "calibration.json"  # written by the pipeline's quantize stage
+EXPORT_KINDS = ("float", "fake-quant", "int8")
+
+
+def compression_report(source: str, *, bits: int | None = None, step: int | None = None,
+                       input_shape: Sequence[int] | None = None) -> dict[str, Any]:
+    """The per-layer table of a run's final weights (a workdir) or of a package file."""
+    if os.path.isfile(source):
+        if bits is not None or step is not None:
+            raise ValueError("--bits and --step apply to workdirs; a package has its own bits")
+        return layer_table.package_report(source, input_shape=input_shape)
+    if os.path.isdir(source):
+        return layer_table.weights_report(loading.final_weights(source, step), bits=bits,
+                                          input_shape=input_shape)
+    raise FileNotFoundError(f"{source!r} is neither a workdir nor a package file")
+
+
+def package_run(workdir: str, out: str, *, bits: int = 8, per_channel: bool = True,
+                float16: bool = False, step: int | None = None) -> dict[str, Any]:
+    """Write a run's final weights as a compressed package; its sizes and where they came
+    from (see `compress.package.save_compressed`)."""
+    check_out_file(out)
+    package.weight_config(bits)  # bad bits fail before loading anything
+    run = loading.final_weights(workdir, step)
+    extra = {"dataset": run.config.dataset.name, "image_shape": list(run.input_shape),
+             "source_workdir": os.path.abspath(workdir), "step": run.step, "stage": run.stage}
+    info = package.save_compressed(out, run.model, run.variables, spec=run.spec, bits=bits,
+                                   per_channel=per_channel,
+                                   float_dtype="float16" if float16 else "float32", extra=extra)
+    ckpt_bytes = (package.directory_bytes(run.checkpoint_dir)
+                  if os.path.isdir(run.checkpoint_dir) else None)
+    info.update(checkpoint_dir=run.checkpoint_dir, checkpoint_bytes=ckpt_bytes,
+                checkpoint_ratio=ckpt_bytes / info["package_file_bytes"] if ckpt_bytes else None,
+                step=run.step, stage=run.stage, notes=run.notes)
+    return info
+
+
+def check_out_file(out: str) -> None:
+    """`out` must name a file in an existing directory (nothing is created but the file)."""
+    if os.path.isdir(out):
+        raise ValueError(f"--out={out!r} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"--out={out!r}: directory {parent!r} does not exist")
+
+
+def read_calibration(workdir: str, kind: str) -> tuple[dict, quant.QuantConfig, dict]:
+    """`(act_qparams, weight_config, meta)` of the run's quantize stage, or one clear error
+    saying how to get one; `kind` "int8" also needs 8-bit symmetric weights and 8-bit
+    per-tensor activations."""
+    path = os.path.join(workdir, CALIBRATION_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--{kind} needs the run's activation calibration, but {path!r} does not exist; "
+            f"add a quantize stage to the run's stages, e.g. "
+            f"stage(\"quantize\", \"quantize\", quant={{\"mode\": \"ptq\"}}), and run it "
+            f"(it calibrates and writes {CALIBRATION_FILE})")
+    act_qparams, weight_config, meta = quant.load_calibration(path)
+    if kind == "int8":
+        if weight_config.bits != 8 or not weight_config.symmetric:
+            what = "symmetric" if weight_config.symmetric else "affine"
+            raise ValueError(f"--int8 needs 8-bit symmetric weights; {path!r} has "
+                             f"{weight_config.bits}-bit {what} weights: use --fake-quant")
+        for key, qp in act_qparams.items():
+            if qp.qmax - qp.qmin != 255 or qp.axis is not None:
+                raise ValueError(f"--int8 needs 8-bit per-tensor activations; layer {key!r} in "
+                                 f"{path!r} has codes {qp.qmin}..{qp.qmax}, axis {qp.axis}: "
+                                 f"use --fake-quant")
+    return act_qparams, weight_config, meta
+
+
+def export_run(workdir: str, out: str, *, kind: str = "float",
+               step: int | None = None) -> dict[str, Any]:
+    """Export a run's final weights as a StableHLO inference function of raw uint8 NHWC
+    images (symbolic batch; `kind` float, fake-quant or int8); what was written."""
+    if kind not in EXPORT_KINDS:
+        raise ValueError(f"export kind {kind!r} is not valid; choose one of: "
+                         f"{', '.join(EXPORT_KINDS)}")
+    check_out_file(out)
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"{workdir!r} is not a directory (a run's workdir)")
+    calibration = None if kind == "float" else read_calibration(workdir, kind)
+    run = loading.final_weights(workdir, step)
+    spec = run.spec
+    if calibration is None:
+        exported = export.export_float(run.model, run.variables, spec, out)
+    else:
+        act_qparams, weight_config, meta = calibration
+        calibrated_step = meta.get("step")
+        if calibrated_step is not None and calibrated_step != run.step:
+            raise ValueError(f"{CALIBRATION_FILE} was calibrated on the weights of step "
+                             f"{calibrated_step}, not those of step {run.step}; export step "
+                             f"{calibrated_step} (--step) or calibrate again")
+        # The quantize stage calibrates the BN-folded model: fold the same way first.
+        model, variables = fold.fold_bn(run.model, run.variables,
+                                        input_shape=(1,) + tuple(spec.image_shape))
+        if kind == "int8":
+            int8_model = int8.convert_int8(variables, act_qparams, weight_config=weight_config)
+            exported = export.export_int8(model, int8_model, spec, out)
+        else:
+            exported = export.export_fake_quant(model, variables, act_qparams, spec, out,
+                                                weight_config=weight_config)
+    return {"path": out, "kind": kind, "workdir": workdir, "step": run.step, "stage": run.stage,
+            "bytes": os.path.getsize(out), "image_shape": list(spec.image_shape),
+            "num_classes": int(exported.out_avals[0].shape[-1])}

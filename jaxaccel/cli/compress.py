@@ -1,0 +1,112 @@
+"""`jaxaccel compress report|package|export`: per-layer compression table, compressed
+package, StableHLO export of a run (the work is `jaxaccel.artifacts`).
+
+    jaxaccel compress report WORKDIR [--json PATH] [--bits N] [--step S] [--input-shape H,W,C]
+    jaxaccel compress report PACKAGE.npz [--json PATH]
+    jaxaccel compress package WORKDIR --out FILE [--bits 8] [--per-tensor] [--float16] [--json PATH]
+    jaxaccel compress export WORKDIR --out FILE [--int8 | --fake-quant] [--step S]
+"""
+from __future__ import annotations
+
+import argparse
+
+from jaxaccel import io
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="compress_command", required=True,
+                           metavar="{report,package,export}")
+    r = sub.add_parser("report", help="per-layer table: shape, params, nonzeros, sparsity, bits, "
+                                      "bytes, MACs dense vs effective; totals",
+                       description="Per-layer compression table of a run's final weights (or "
+                                   "of a compressed package) as markdown; --json also as JSON.")
+    r.add_argument("source", metavar="WORKDIR", help="a run's workdir, or a package file")
+    r.add_argument("--json", dest="json_path", default=None, help="also write the report here")
+    r.add_argument("--bits", type=int, default=None,
+                   help="weight bits to count (2..8 or 32; default: the run's)")
+    r.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    r.add_argument("--input-shape", default=None, help="H,W,C for MACs (default: the dataset's)")
+    k = sub.add_parser("package", help="write a compressed checkpoint (sparse int codes + "
+                                       "bit-masks + scales) and print its size",
+                       description="Write a run's final weights as a compressed checkpoint and "
+                                   "compare its size with float32 dense and the orbax checkpoint.")
+    k.add_argument("workdir", metavar="WORKDIR", help="a run's workdir")
+    k.add_argument("--out", required=True, help="package file to write (.npz)")
+    k.add_argument("--bits", type=int, default=8, help="weight bits, 2..8 (default 8)")
+    k.add_argument("--per-tensor", action="store_true", help="one scale per kernel")
+    k.add_argument("--float16", action="store_true",
+                   help="store scales, biases and BN as float16 (default float32)")
+    k.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    k.add_argument("--json", dest="json_path", default=None, help="also write the sizes here")
+    e = sub.add_parser("export", help="write the run's inference function as serialized "
+                                      "StableHLO (jax.export, symbolic batch): float, "
+                                      "fake-quant or int8; raw uint8 images in",
+                       description="Export a run's final weights as a StableHLO inference "
+                                   "function of raw uint8 NHWC images (normalisation inside, "
+                                   "batch size free) that plain jax loads and runs: "
+                                   "jax.export.deserialize(bytearray(open(PATH, 'rb').read()))"
+                                   ".call(x). "
+                                   "--int8 and --fake-quant use the activation calibration the "
+                                   "run's quantize stage wrote (WORKDIR/calibration.json).")
+    e.add_argument("workdir", metavar="WORKDIR",
+                   help="a run's workdir (--int8/--fake-quant: with the calibration.json its "
+                        "quantize stage wrote)")
+    e.add_argument("--out", required=True, help="artifact file to write (its directory must exist)")
+    e.add_argument("--int8", action="store_true", help="real int8 inference (int8 kernels)")
+    e.add_argument("--fake-quant", action="store_true",
+                   help="the fake-quant simulation of the run's PTQ (any bit width)")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+
+
+def _input_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise ValueError(f"--input-shape={text!r} must be H,W,C (three ints)") from None
+    if len(shape) != 3 or min(shape) <= 0:
+        raise ValueError(f"--input-shape={text!r} must be H,W,C (three positive ints)")
+    return shape
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from jaxaccel import artifacts
+    from jaxaccel.compress import layer_table
+
+    if overrides:
+        raise ValueError(f"compress takes no --config overrides, got --config.{overrides[0]}")
+    if args.compress_command == "report":
+        rep = artifacts.compression_report(args.source, bits=args.bits, step=args.step,
+                                           input_shape=_input_shape(args.input_shape))
+        print(layer_table.to_markdown(rep), end="")
+        if args.json_path:
+            io.write_json(args.json_path, rep)
+        return 0
+    if args.compress_command == "package":
+        info = artifacts.package_run(args.workdir, args.out, bits=args.bits,
+                                     per_channel=not args.per_tensor, float16=args.float16,
+                                     step=args.step)
+        print(f"wrote {info['path']}: {info['package_file_bytes']:,} bytes on disk "
+              f"({info['bits']}-bit codes of {info['kernel_nonzeros']:,} nonzero kernel "
+              f"weights, {100 * info['sparsity']:.1f}% sparse; step {info['step']}, stage "
+              f"{info['stage']})")
+        print(f"  vs float32 dense parameters: {info['dense_float32_bytes']:,} bytes "
+              f"-> {info['ratio']:.1f}x smaller")
+        if info["checkpoint_bytes"]:
+            print(f"  vs float32 orbax checkpoint {info['checkpoint_dir']}: "
+                  f"{info['checkpoint_bytes']:,} bytes -> {info['checkpoint_ratio']:.1f}x "
+                  f"smaller (it also holds optimizer state)")
+        if args.json_path:
+            io.write_json(args.json_path, info)
+        return 0
+    if args.int8 and args.fake_quant:
+        raise ValueError("choose one of --int8 and --fake-quant (neither: float)")
+    kind = "int8" if args.int8 else "fake-quant" if args.fake_quant else "float"
+    info = artifacts.export_run(args.workdir, args.out, kind=kind, step=args.step)
+    h, w, c = info["image_shape"]
+    print(f"wrote {info['path']}: {kind} inference of {info['workdir']} (step {info['step']}, "
+          f"stage {info['stage']}) as StableHLO, {info['bytes']:,} bytes; input uint8 "
+          f"(b, {h}, {w}, {c}) NHWC raw pixels (normalisation inside), output float32 "
+          f"(b, {info['num_classes']}) logits, any batch size b")
+    return 0

@@ -1,0 +1,12 @@
+"""jaxaccel's C++ CPU kernels (XLA FFI custom calls, compiled on first use).
+
+  build.py           `CpuKernel`: build, cache and register one kernel; batch sharding and vmap
+                     of custom calls
+  common.h           C++ shared by the kernels (XLA's thread pool, Winograd tile origins)
+  winograd.{py,cc}   the Winograd F(2x2, 3x3) transforms (`G`, ...) and float32 conv kernels
+                     (conv_impl "cpu_kernel")
+  int8.{py,cc}       int8 conv / matmul kernel (int8 inference's "cpu_kernel" lowering)
+
+The package imports nothing else of jaxaccel: models, compress and bench import it, never the
+reverse. Importing it builds nothing; a kernel is compiled when first checked or called.
+"""

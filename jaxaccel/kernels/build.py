@@ -1,0 +1,216 @@
+"""Building, caching and registering jaxaccel's C++ XLA FFI kernels for the CPU.
+
+Owns `CpuKernel`, the one build-and-register helper every kernel wrapper (`winograd`, `int8`)
+declares an instance of, and the helpers that make a custom call shard over a batch
+(`batch_partitioned`) and vmap (`vmap_sequentially`). Imports nothing else of jaxaccel:
+models, compress and bench import the kernels, never the reverse.
+
+A kernel is one C++ source file beside the Python module that calls it (`winograd.cc`,
+`int8.cc`), plus the shared `common.h`, all in this package (shipped as package data). Its
+first use in a process compiles it with the system C++ compiler (`$CXX`, else `c++`, `g++` or
+`clang++`) against jaxlib's FFI headers into `$JAXACCEL_KERNEL_CACHE` (default
+`~/.cache/jaxaccel/kernels`), under a name hashed from the sources, the compiler, its flags and
+the jaxlib version, so later processes only load it. Builds hold a file lock (parallel test
+workers wait for one build) and land by atomic rename (nobody loads half a file).
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jaxlib
+
+HEADER = Path(__file__).with_name("common.h")
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: `$JAXACCEL_KERNEL_CACHE`, else ~/.cache/jaxaccel/kernels."""
+    return Path(os.environ.get("JAXACCEL_KERNEL_CACHE") or Path.home() / ".cache" / "jaxaccel" / "kernels")
+
+
+def compiler() -> str | None:
+    """The C++ compiler kernels are built with: `$CXX`, else the first of c++, g++, clang++ on PATH."""
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def cpu_has(features: Sequence[str]) -> bool:
+    """Whether this is an x86-64 CPU whose /proc/cpuinfo flags include all `features` (e.g. "avx2")."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return all(f in flags for f in features)
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuKernel:
+    """One C++ kernel: `source` (beside its wrapper), needing the x86 CPU `features` (each also
+    a `-m<feature>` compiler flag), whose FFI handlers `symbols` (symbol -> custom-call target)
+    are registered for the CPU; `fallback` says what runs where it cannot (in the warning of a
+    failed build). `extra_flags` are appended to the compiler's flags.
+
+    Registration and the availability check run once per process (a lock makes concurrent
+    first calls wait for one build); a failed registration is retried by the next call.
+    """
+
+    source: Path
+    features: tuple[str, ...]
+    symbols: Mapping[str, str]
+    fallback: str
+    extra_flags: tuple[str, ...] = ()
+    _once: dict[str, Any] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    _lock: Any = dataclasses.field(default_factory=threading.RLock, init=False, repr=False, compare=False)
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """The compiler flags: -O3, one -m<feature> per feature, C++17, a shared library."""
+        return ("-O3", *(f"-m{f}" for f in self.features), "-std=c++17", "-shared", "-fPIC",
+                "-w", *self.extra_flags)  # -w: jaxlib header warnings
+
+    def path(self) -> Path:
+        """The compiled library's path: the cache dir plus a hash of sources, compiler, flags, jaxlib."""
+        key = hashlib.sha256(self.source.read_bytes() + HEADER.read_bytes()
+                             + " ".join((compiler() or "", *self.flags)).encode()
+                             + jaxlib.__version__.encode()).hexdigest()[:16]
+        return cache_dir() / f"{self.source.stem}-{key}.so"
+
+    def build(self) -> Path:
+        """Compile `source` unless the cache has it; returns the library. Raises RuntimeError on failure."""
+        out = self.path()
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test workers: the others wait, then load it
+            if out.exists():
+                return out
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+            os.close(fd)
+            try:
+                cmd = [compiler() or "c++", *self.flags, f"-I{jax.ffi.include_dir()}", f"-I{HEADER.parent}",
+                       str(self.source), "-o", tmp]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")
+                os.replace(tmp, out)  # atomic: a reader never sees half a file
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return out
+
+    def register(self) -> None:
+        """Build (or load) the library and register each FFI handler as its CPU custom-call target."""
+        with self._lock:
+            if self._once.get("registered"):
+                return
+            lib = ctypes.cdll.LoadLibrary(str(self.build()))
+            for symbol, target in self.symbols.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+            self._once["registered"] = True
+
+    def unavailable_reason(self) -> str | None:
+        """None if the kernel can run in this process (it is then built and registered), else why
+        not, in one line; a failed build also warns once, saying what runs instead (`fallback`)."""
+        with self._lock:
+            if "reason" not in self._once:
+                self._once["reason"] = self._find_unavailable_reason()
+            return self._once["reason"]
+
+    def available(self) -> bool:
+        """Whether the kernel can run here (builds and registers it once)."""
+        return self.unavailable_reason() is None
+
+    def _find_unavailable_reason(self) -> str | None:
+        if jax.default_backend() != "cpu":
+            return f"the default backend is {jax.default_backend()!r}, not cpu"
+        if not cpu_has(self.features):
+            return f"the CPU ({platform.machine()}) lacks {' or '.join(f.upper() for f in self.features)}"
+        if compiler() is None:
+            return "no C++ compiler (c++, g++ or clang++; or set CXX)"
+        try:
+            self.register()
+        except (OSError, AttributeError, RuntimeError) as e:
+            reason = f"the kernel did not build or load: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            warnings.warn(f"jaxaccel CPU kernel unavailable ({reason}); {self.fallback}")
+            return reason
+        return None
+
+
+def batch_partitioned(fn: Callable, sharding_rule: str, need_replication_factors: Sequence[str],
+                      num_static: int = 0, summed: bool = False) -> Callable:
+    """`fn(x, *others, *static)` (a custom call; the last `num_static` arguments are static) as a
+    `custom_partitioning` along the leading (batch) axis of `x`: under a sharded jit each device
+    runs the kernel on its own examples, instead of XLA gathering the whole batch onto every
+    device. The other array arguments are batch-sharded like `x` if their leading axis is the
+    batch (same length; `summed` kernels), else replicated. The result is batch-sharded, or, if
+    `summed` (the result is a sum over the batch, e.g. a weight gradient), replicated: the
+    per-device results are added with a `psum` over the batch's mesh axes. A tuple of results
+    is sharded alike."""
+    from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def batch_axes(arg_shapes):
+        spec = arg_shapes[0].sharding.spec
+        return spec[0] if len(spec) else None
+
+    def sharded(mesh, axes, rank):
+        return NamedSharding(mesh, PartitionSpec(axes, *([None] * (rank - 1))))
+
+    def result_sharding(mesh, arg_shapes, result_shape):
+        axes = None if summed else batch_axes(arg_shapes)
+        if isinstance(result_shape, (tuple, list)):  # several results
+            return tuple(sharded(mesh, axes, len(r.shape)) for r in result_shape)
+        return sharded(mesh, axes, len(result_shape.shape))
+
+    def partition(*args):
+        static, (mesh, arg_shapes, result_shape) = args[:-3], args[-3:]
+        axes = batch_axes(arg_shapes)
+        ins = (sharded(mesh, axes, len(arg_shapes[0].shape)),
+               *(sharded(mesh, axes if summed else None, len(a.shape)) for a in arg_shapes[1:]))
+
+        def lower(*arrays):
+            out = fn(*arrays, *static)
+            return jax.lax.psum(out, axes) if summed and axes is not None else out
+
+        return mesh, lower, result_sharding(mesh, arg_shapes, result_shape), ins
+
+    def infer_sharding(*args):
+        return result_sharding(*args[-3:])
+
+    n_arrays = fn.__code__.co_argcount - num_static
+    call = custom_partitioning(fn, static_argnums=tuple(range(n_arrays, n_arrays + num_static)))
+    call.def_partition(partition=partition, infer_sharding_from_operands=infer_sharding,
+                       sharding_rule=sharding_rule, need_replication_factors=tuple(need_replication_factors))
+    return call
+
+
+def vmap_sequentially(fn: Callable) -> Callable:
+    """`fn` (array arguments only, e.g. a `batch_partitioned` custom call, which has no batching
+    rule of its own) under `jax.vmap`: one call per vmapped index (`lax.map`), the unbatched
+    arguments shared. Vectorized sweeps vmap whole models over their hyperparameters."""
+    wrapped = jax.custom_batching.custom_vmap(fn)
+
+    @wrapped.def_vmap
+    def rule(axis_size, in_batched, *args):
+        def one(mapped):
+            it = iter(mapped)
+            return wrapped(*(next(it) if b else a for a, b in zip(args, in_batched)))
+
+        out = jax.lax.map(one, [a for a, b in zip(args, in_batched) if b])
+        return out, jax.tree.map(lambda _: True, out)
+
+    return wrapped

@@ -1,0 +1,182 @@
+"""Reading a run back from its workdir: `jaxaccel.load(W)` and the weights a run ended with.
+
+`load(workdir)` restores the newest usable checkpoint (or a given step) into the model the
+run's own config builds, on this process's first device, and returns a `Loaded` whose
+`predict` takes raw images as the dataset gives them. `final_weights(workdir)` is what a
+finished pipeline ended with, including the non-training stages after its last checkpoint
+(what `jaxaccel compress report|package|export` read).
+
+Imports state (the model and state structure of a config), checkpoint storage, data and
+compress; never the loop, the pipeline, sweeps or the CLI.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from jaxaccel import config as config_lib
+from jaxaccel import data, io
+from jaxaccel import stages as stages_lib
+from jaxaccel.checkpoint import Checkpointer
+from jaxaccel.compress import sections
+from jaxaccel.state import checkpoint_target
+
+FLOAT_BITS = 32
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was made with (`workdir/config.json`)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{workdir!r} is not a jaxaccel workdir (no config.json)")
+    with open(path) as f:
+        return config_lib.from_json(f.read())
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A trained model read back from its workdir, ready for inference.
+
+    `predict(images)` takes raw images (uint8 or 0..255 floats, NHWC) and normalises them;
+    `model.apply(variables, x, train=False)` is the bare network on normalised `x`.
+    `class_names[i]` names logit i (from the run's dataset.json; the labels' numbers for runs
+    written before it existed).
+    """
+    model: Any
+    variables: dict
+    config: ml_collections.ConfigDict
+    step: int
+    predict_fn: Callable
+    class_names: tuple[str, ...] = ()
+
+    def predict(self, images) -> jax.Array:
+        """Logits for raw images (uint8 or 0..255 floats, NHWC); normalisation included."""
+        return self.predict_fn(self.variables, images)
+
+
+def load(workdir: str, step: int | None = None) -> Loaded:
+    """Load a run's model and variables (newest usable checkpoint unless `step` is given).
+
+    Reads only: a corrupt newest checkpoint is reported and skipped, never moved.
+    """
+    config = read_config(workdir)
+    ckpt = Checkpointer(workdir, read_only=True)
+    steps = ckpt.all_steps()
+    if not steps:
+        ckpt.close()
+        raise ValueError(f"{workdir!r} has no checkpoints")
+    setups = {}
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target_for(meta: dict) -> Any:
+        setup, target = checkpoint_target(config, int(meta.get("stage", 0)))
+        setups["setup"] = setup
+        # On this process's first device, whatever topology (processes, mesh) saved it.
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            target)
+
+    try:
+        if step is None:
+            step, payload, _ = ckpt.restore_latest(target_for, quarantine=False)
+        elif step not in steps:
+            raise ValueError(f"step={step} has no checkpoint in {workdir!r}; "
+                             f"available: {', '.join(map(str, sorted(steps)))}")
+        else:
+            payload, _ = ckpt.restore(step, target_for(ckpt.read_meta(step)))
+    finally:
+        ckpt.close()
+    setup = setups["setup"]
+    state = payload["state"]
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    record = os.path.join(workdir, "dataset.json")
+    names = (tuple(io.read_json(record)["class_names"]) if os.path.isfile(record)
+             else setup.spec.names())
+    return Loaded(model=setup.model, variables=variables, config=config, step=step,
+                  predict_fn=setup.predict_fn, class_names=names)
+
+
+# ----------------------------------------------------------------------------------------
+# The weights a run ended with
+# ----------------------------------------------------------------------------------------
+def weight_bits(stages: Sequence[ml_collections.ConfigDict]) -> int:
+    """Weight bits after running ``stages``: those of the last stage that quantized (PTQ or
+    QAT), unless a later float train stage or a rewind replaced the weights (then 32)."""
+    bits = FLOAT_BITS
+    for st in stages:
+        if st.quant.mode != "none":
+            bits = int(st.quant.weight_bits)
+        elif st.kind in ("train", "rewind"):
+            bits = FLOAT_BITS
+    return bits
+
+
+@dataclasses.dataclass
+class FinalWeights:
+    """What a run ended with: model, float variables, and how they were obtained."""
+    workdir: str
+    model: nn.Module
+    variables: dict
+    config: ml_collections.ConfigDict
+    spec: data.DatasetSpec
+    step: int
+    stage: str
+    bits: int
+    input_shape: tuple[int, ...]
+    checkpoint_dir: str
+    notes: list[str]
+
+
+def final_weights(workdir: str, step: int | None = None) -> FinalWeights:
+    """The weights a run ended with (or those of checkpoint ``step``).
+
+    Only train stages write checkpoints, so for a finished run whose last stages do not
+    train (e.g. train → prune, or … → prune → quantize → evaluate) the prune stages after
+    the newest checkpoint are applied again to its weights (magnitude pruning is
+    deterministic). ``bits`` follows `weight_bits` over the stages the weights went through.
+    """
+    loaded = load(workdir, step)
+    config = loaded.config
+    stages = stages_lib.expand(config)
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        meta = ckpt.read_meta(loaded.step)
+    finally:
+        ckpt.close()
+    at = int(meta.get("stage", 0))
+    ran = list(stages[:at + 1])
+    variables = {"params": loaded.variables["params"],
+                 "batch_stats": loaded.variables["batch_stats"]}
+    notes = [f"weights of checkpoint step {loaded.step} (stage {stages[at].name!r})"]
+    results_path = os.path.join(workdir, "results.json")
+    results = io.read_json(results_path, lenient=True) if os.path.isfile(results_path) else None
+    finished = (step is None and results is not None
+                and len(results.get("stages", [])) == len(stages))
+    trailing = stages[at + 1:]
+    if finished and trailing and not any(s.kind == "train" for s in trailing):
+        for st in trailing:
+            if st.kind == "prune":
+                params = variables["params"]
+                prior = jax.tree.map(lambda p: p != 0, params)
+                params, _ = jax.jit(lambda p, m, st=st: sections.prune_once(p, m, st.prune))(
+                    params, prior)
+                variables = {**variables, "params": params}
+                notes.append(f"stage {st.name!r} (prune) applied again")
+            elif st.kind == "rewind":
+                notes.append(f"stage {st.name!r} (rewind) not reproduced")
+                continue
+            ran.append(st)
+    elif trailing:
+        notes.append(f"stages after {stages[at].name!r} not included: "
+                     f"{', '.join(s.name for s in trailing)}")
+    spec = data.spec_for(config.dataset)
+    return FinalWeights(workdir=workdir, model=loaded.model, variables=variables, config=config,
+                        spec=spec, step=int(loaded.step), stage=ran[-1].name,
+                        bits=weight_bits(ran),
+                        input_shape=tuple(int(d) for d in spec.image_shape),
+                        checkpoint_dir=os.path.join(workdir, "checkpoints", str(loaded.step)),
+                        notes=notes)

@@ -1,0 +1,489 @@
+"""`train(config, workdir)`: a run of an experiment's stages, in its workdir, resumable.
+
+What `jaxaccel train` runs. Sections follow big_vision's train loop: set-up, workdir, load
+checkpoint (resume) or initialise, stages, results. What each stage kind does is one entry of
+`STAGE_KINDS` (kind -> function of (context, index, stage, carry) returning an `Outcome`), so a
+new kind is one function and one line; the schema of stage sections is `jaxaccel.stages`, the
+training steps `jaxaccel.loop`.
+
+Between stages the *carry* passes on: params, batch_stats, masks, rng, and `quant` (the quant
+section of a quantize stage whose model the pipeline now deploys; None once weights change).
+
+Imports loop, state, loading (for `init_from`), checkpoint, data, compress; never sweeps or
+the CLI.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import os
+import shutil
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxaccel import checkpoint as ckpt_lib
+from jaxaccel import config as config_lib
+from jaxaccel import data, io, loading, metrics, parallel
+from jaxaccel import stages as stages_lib
+from jaxaccel.compress import prune, quant, sections
+from jaxaccel.loop import Evaluator, Runner, results_record, stage_row, train_loop
+from jaxaccel.preemption import PreemptionGuard
+from jaxaccel.state import Setup, TrainState, build, checkpoint_target, make_schedule
+
+log = logging.getLogger("jaxaccel")
+
+DATASET_FILE = "dataset.json"
+CALIBRATION_FILE = "calibration.json"
+RESULTS_FILE = "results.json"
+
+
+# ----------------------------------------------------------------------------------------
+# Stage kinds
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Outcome:
+    """What a stage hands back: the carry for the next stage, the weights its row describes
+    (they differ only for an evaluate stage with a one-shot prune section), their evaluation
+    (`{split: {"loss", "accuracy", "count"}}`) and extra row fields."""
+    carry: dict
+    evaluated: dict
+    result: dict[str, dict]
+    row: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Context:
+    """Everything the stages of one run share (built once by `train`)."""
+    config: ml_collections.ConfigDict
+    stages: list[ml_collections.ConfigDict]
+    offsets: list[int]                 # global step at which each stage starts
+    workdir: str
+    is_main: bool
+    setups: dict[int, Setup]           # per train stage
+    first: Setup
+    mesh: jax.sharding.Mesh
+    batches: data.TrainBatches
+    evaluator: Evaluator
+    writer: metrics.MetricWriter
+    guard: PreemptionGuard
+    checkpointer: ckpt_lib.Checkpointer
+    rows: list[dict]
+    uses_snapshot: bool
+    snapshot: Any = None               # params to rewind to (host copy)
+    restored: Any = None               # the state a resumed train stage continues
+    stats: dict = dataclasses.field(default_factory=dict)
+    _runners: dict[int, Runner] = dataclasses.field(default_factory=dict)
+
+    def runner_for(self, i: int) -> Runner:
+        """Train stage i's compiled steps (one stage's at a time)."""
+        if i not in self._runners:
+            self._runners.clear()
+            setup = self.setups[i] if i in self.setups else self.first
+            self._runners[i] = Runner(setup, self.mesh, self.config.parallel.strategy,
+                                      self.batches)
+        return self._runners[i]
+
+    def eval_runner(self, i: int) -> Runner:
+        """The steps of the most recent train stage before stage i (the same model)."""
+        previous = [j for j in self.setups if j <= i]
+        return self.runner_for(max(previous) if previous else min(self.setups, default=-1))
+
+    def add_stats(self, stats: dict) -> None:
+        """Fold a train stage's loop stats into the run's (latest measurements win; non-finite
+        steps add up)."""
+        nonfinite = self.stats.get("nonfinite_steps", 0) + sum(stats["nonfinite_steps"])
+        self.stats.update({k: v for k, v in stats.items() if v is not None})
+        self.stats["nonfinite_steps"] = nonfinite
+
+
+STAGE_KINDS: dict[str, Callable[[Context, int, ml_collections.ConfigDict, dict], Outcome]] = {}
+
+
+def stage_kind(name: str) -> Callable:
+    """Register the function that runs stages of kind `name` (its schema: `jaxaccel.stages`)."""
+    def register(fn: Callable) -> Callable:
+        STAGE_KINDS[name] = fn
+        return fn
+    return register
+
+
+@stage_kind("train")
+def run_train(ctx: Context, i: int, st: ml_collections.ConfigDict, carry: dict) -> Outcome:
+    """`st.steps` optimizer steps (gradual pruning / QAT inside the step when configured)."""
+    runner = ctx.runner_for(i)
+    if ctx.restored is not None:
+        state, ctx.restored = ctx.restored, None
+    else:
+        state = runner.start(carry)
+    extras = {"snapshot": ctx.snapshot} if ctx.uses_snapshot else {}
+    snapshot_at = ctx.config.rewind_step if ctx.uses_snapshot and ctx.snapshot is None else None
+    state, stats, extras, _ = train_loop(
+        runner, state, ctx.config, num_steps=st.steps, writers=[ctx.writer],
+        checkpointer=ctx.checkpointer, guard=ctx.guard, evaluator=ctx.evaluator,
+        step_offset=ctx.offsets[i],
+        meta=lambda: {"stage": i, "stage_name": st.name, "rows": ctx.rows},
+        extras=extras, snapshot_at=snapshot_at, stage_name=st.name,
+        show_progress=ctx.is_main and ctx.config.progress)
+    ctx.snapshot = extras.get("snapshot", ctx.snapshot)
+    ctx.add_stats(stats)
+    carry = carry_of(runner, state)
+    result = ctx.evaluator(runner.run_eval, state)
+    return Outcome(carry, {**carry, "quant": st.quant if st.quant.mode == "qat" else None}, result)
+
+
+@stage_kind("prune")
+def run_prune(ctx: Context, i: int, st: ml_collections.ConfigDict, carry: dict) -> Outcome:
+    """One-shot magnitude masks or an IMP round (subsets of the carried masks)."""
+    params, masks = sections.prune_once(carry["params"], carry["masks"], st.prune)
+    carry = {**carry, "params": params, "masks": masks}
+    return Outcome(carry, carry, *_evaluate(ctx, i, st, carry))
+
+
+@stage_kind("rewind")
+def run_rewind(ctx: Context, i: int, st: ml_collections.ConfigDict, carry: dict) -> Outcome:
+    """Weights back to the snapshot (or fresh random ones, the lottery control), masked."""
+    if st.rewind == "snapshot":
+        if ctx.snapshot is None:
+            raise ValueError(f"stage {st.name!r}: no snapshot (rewind_step="
+                             f"{ctx.config.rewind_step} was never reached)")
+        params = prune.apply_masks(ctx.snapshot, carry["masks"])
+    else:
+        rng = jax.random.fold_in(jax.random.PRNGKey(ctx.config.seed), 1000 + i)
+        fresh = jax.jit(ctx.eval_runner(i).setup.init_state)(rng).params
+        params = prune.apply_masks(fresh, carry["masks"])
+    carry = {**carry, "params": params, "quant": None}  # float weights again
+    return Outcome(carry, carry, *_evaluate(ctx, i, st, carry))
+
+
+@stage_kind("quantize")
+def run_quantize(ctx: Context, i: int, st: ml_collections.ConfigDict, carry: dict) -> Outcome:
+    """Post-training quantization: the pipeline deploys the quantized model from here on."""
+    carry = {**carry, "quant": st.quant}
+    return Outcome(carry, carry, *_evaluate(ctx, i, st, carry))
+
+
+@stage_kind("evaluate")
+def run_evaluate(ctx: Context, i: int, st: ml_collections.ConfigDict, carry: dict) -> Outcome:
+    """The carried model evaluated; with a one-shot prune section, the carried weights under
+    those masks (the carry itself passes on unchanged)."""
+    evaluated = carry
+    if st.prune.method != "none":
+        params, masks = sections.prune_once(carry["params"], carry["masks"], st.prune)
+        evaluated = {**carry, "params": params, "masks": masks}
+    return Outcome(carry, evaluated, *_evaluate(ctx, i, st, evaluated))
+
+
+def _evaluate(ctx: Context, i: int, st: ml_collections.ConfigDict,
+              weights: dict) -> tuple[dict, dict]:
+    """(result, row fields) of `weights` as the pipeline would deploy them: float, or — when
+    a quantize stage came before — the quantized model (see `_quantized_result`)."""
+    runner = ctx.eval_runner(i)
+    result = ctx.evaluator(runner.run_eval, runner.start(weights))
+    if weights.get("quant") is None:
+        return result, {}
+    calibration = (os.path.join(ctx.workdir, CALIBRATION_FILE)
+                   if ctx.is_main and st.kind == "quantize" else None)
+    return _quantized_result(runner.setup, weights, ctx.batches, ctx.evaluator, result,
+                             calibration=calibration,
+                             meta={"stage": st.name, "step": ctx.offsets[i]})
+
+
+def _quantized_result(setup: Setup, carry: dict, batches: data.TrainBatches,
+                      evaluator: Evaluator, float_result: dict, *,
+                      calibration: str | None = None,
+                      meta: dict | None = None) -> tuple[dict, dict]:
+    """Evaluate the carried weights as the quantize stage `carry["quant"]` deploys them.
+
+    Folds BN, calibrates activations on the first `calibration_batches` training batches,
+    and evaluates fake-quant and (8-bit symmetric weights) real int8 inference; with
+    `calibration`, writes the calibrated activation ranges of the BN-folded model there (what
+    `jaxaccel compress export --int8` reads; `meta` names the stage and step). Returns the
+    deployed model's result (int8 when it ran, else fake-quant) and the row fields that
+    name each model's numbers: `deployed`, `float32_*`, `fake_quant_*`, `int8_*` for every
+    evaluated split, and `int8_runtime_bytes`.
+    """
+    q = carry["quant"]
+    variables = {"params": carry["params"], "batch_stats": carry["batch_stats"]}
+    calib = [batches.batch(k)["image"] for k in range(q.calibration_batches)]
+    ptq = sections.ptq_evaluate(setup.model, variables, q, input_shape=setup.input_shape,
+                                calibration_images=calib, eval_batches=evaluator.batches,
+                                splits=evaluator.splits)
+    if calibration is not None:
+        quant.save_calibration(calibration, ptq["act_qparams"], ptq["weight_config"], meta=meta)
+    deployed = "int8" if "int8" in ptq else "fake_quant"
+    row = {"deployed": deployed, "int8_runtime_bytes": ptq.get("int8_runtime_bytes")}
+    for name, res in (("float32", float_result), ("fake_quant", ptq["fake_quant"]),
+                      ("int8", ptq.get("int8"))):
+        if res is not None:
+            row.update({f"{name}_{k}": v for k, v in Evaluator.row(res).items()})
+    return ptq[deployed], row
+
+
+def carry_of(runner: Runner, state: TrainState) -> dict:
+    """What passes from one stage to the next: weights, BN stats, masks, rng."""
+    host = runner.to_host(state)
+    return {"params": host.params, "batch_stats": host.batch_stats,
+            "masks": prune.get_masks(host.opt_state), "rng": host.rng}
+
+
+# ----------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------
+def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict:
+    """Train (or resume) the experiment `config` in `workdir`; returns what results.json holds.
+
+    Runs the config's stages in order (one `train` stage if it declares none). Checkpoints
+    carry the stage and step, so a run killed in any stage resumes there.
+    """
+    # -- Set-up ------------------------------------------------------------------------
+    config = copy.deepcopy(config)  # private copy (stages hold nested sections)
+    config_lib.validate(config)
+    stages = stages_lib.expand(config)
+    parallel.set_cpu_devices(config.parallel.cpu_devices)
+    parallel.initialize_distributed(config.distributed.coordinator_address,
+                                    config.distributed.num_processes,
+                                    config.distributed.process_id)
+    num_devices = config.parallel.num_devices or jax.device_count()
+    if config.parallel.num_devices and jax.process_count() > 1:
+        raise config_lib.ConfigError("parallel.num_devices must be 0 in a multi-process run")
+    config_lib.validate_devices(config, num_devices)
+    pid, pcount = jax.process_index(), jax.process_count()
+    is_main = pid == 0
+
+    setups = {i: build(config, s) for i, s in enumerate(stages) if s.kind == "train"}
+    first = setups[min(setups)] if setups else build(config, stages[0])
+    splits = data.splits_for(config.dataset)
+    batches = data.TrainBatches(splits.train, first.spec, global_batch_size=config.batch_size,
+                                seed=config.seed, crop_padding=config.dataset.crop_padding,
+                                flip=config.dataset.flip, process_index=pid,
+                                process_count=pcount,
+                                cache=pcount == 1)  # several processes: each reads its rows only
+    evaluator = Evaluator(splits, first.spec, batch_size=config.eval_batch_size,
+                          process_index=pid, process_count=pcount)
+    for setup in setups.values():
+        check_model(config, setup)
+
+    # -- Workdir: only now, with the config, data and model known to work ----------------
+    prepare_workdir(config, workdir, overwrite=overwrite, is_main=is_main)
+    if is_main:
+        io.write_json(os.path.join(workdir, DATASET_FILE), dataset_record(first.spec, splits))
+
+    with contextlib.ExitStack() as stack:  # closes writers, restores signal handlers
+        checkpointer = stack.enter_context(  # pending saves finish even if the run fails
+            ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints))
+        ctx = Context(config=config, stages=stages,
+                      offsets=np.cumsum([0] + [s.steps for s in stages]).tolist(),
+                      workdir=workdir, is_main=is_main, setups=setups, first=first,
+                      mesh=parallel.make_mesh(num_devices), batches=batches,
+                      evaluator=evaluator, writer=None, guard=None, checkpointer=checkpointer,
+                      rows=[], uses_snapshot=any(s.kind == "rewind" and s.rewind == "snapshot"
+                                                 for s in stages))
+
+        # -- Load checkpoint (resume) or initialise -------------------------------------
+        resume_stage, start_step, carry = _resume_or_init(ctx)
+        ctx.writer = stack.enter_context(metrics.MetricWriter(workdir, enabled=is_main))
+        ctx.writer.mark_start(start_step)  # supersedes rows a crashed run wrote past it
+        ctx.guard = stack.enter_context(PreemptionGuard())
+
+        # -- Stages -----------------------------------------------------------------------
+        for i, st in enumerate(stages):
+            if i < resume_stage:
+                continue
+            if is_main and config.progress:
+                log.info("stage %d/%d %r: %s%s", i + 1, len(stages), st.name, st.kind,
+                         f", {st.steps} steps" if st.kind == "train" else "")
+            outcome = STAGE_KINDS[st.kind](ctx, i, st, carry)
+            carry = outcome.carry
+            row = {**stage_row(st, outcome.result, outcome.evaluated,
+                               quant_section=outcome.evaluated.get("quant")), **outcome.row}
+            evaluator.write(ctx.writer, ctx.offsets[i + 1], outcome.result, st.name)
+            if is_main and config.progress:
+                log.info("[%s] %s", st.name, _row_summary(row))
+            ctx.rows.append(row)
+
+    # -- Results --------------------------------------------------------------------------
+    results = results_record(config, ctx.rows, steps=int(ctx.offsets[-1]), stats=ctx.stats,
+                             sizes=splits.sizes(), num_devices=num_devices,
+                             num_processes=pcount,
+                             num_params=int(sum(np.size(x)
+                                                for x in jax.tree.leaves(carry["params"]))))
+    if is_main:
+        io.write_json(os.path.join(workdir, RESULTS_FILE), results)
+    return results
+
+
+def _resume_or_init(ctx: Context) -> tuple[int, int, dict | None]:
+    """(stage to start at, its global step, the carry — None when a checkpoint's state is
+    resumed, `ctx.restored`). The newest checkpoint that restores and passes its checksums
+    is used (corrupt ones are skipped); without one, the first stage's initial state."""
+    config = ctx.config
+
+    def restore_target(meta: dict) -> dict:
+        stage = int(meta.get("stage", 0))
+        _, target = checkpoint_target(config, stage)
+        target["state"] = ctx.runner_for(stage).restore_target()
+        return target
+
+    found = ctx.checkpointer.restore_latest(restore_target)
+    if found is not None:
+        latest, payload, meta = found
+        stage = int(meta.get("stage", 0))
+        ctx.rows[:] = list(meta.get("rows", []))  # results of the stages before it
+        runner = ctx.runner_for(stage)
+        ctx.restored = payload["state"]
+        if runner.strategy == "pmap":
+            ctx.restored = runner.to_device(ctx.restored)
+        ctx.snapshot = payload.get("snapshot")
+        log.info("resumed from step %d (stage %s) in %s", latest, ctx.stages[stage].name,
+                 ctx.checkpointer.directory)
+        return stage, latest, None
+    state0 = jax.jit(ctx.first.init_state)(jax.random.PRNGKey(config.seed))
+    if config.init_from:
+        state0, reinit = transfer(state0, config.init_from)
+        log.info("initialised from %s; re-initialised (shape mismatch): %s",
+                 config.init_from, ", ".join(reinit) or "none")
+    carry = {"params": state0.params, "batch_stats": state0.batch_stats,
+             "masks": prune.get_masks(state0.opt_state), "rng": state0.rng}
+    if ctx.uses_snapshot and config.rewind_step == 0:
+        ctx.snapshot = jax.device_get(carry["params"])  # a host copy: steps donate the state
+    return 0, 0, carry
+
+
+def _row_summary(row: dict) -> str:
+    """A stage row in one log line: its accuracies, sparsity, bits and deployed model."""
+    keys = ("validation_accuracy", "test_accuracy", "sparsity", "bits", "deployed")
+    return " ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+                    for k in keys if row.get(k) is not None)
+
+
+def transfer(state: TrainState, source_workdir: str) -> tuple[TrainState, list[str]]:
+    """Take every param/batch_stat from another run whose path and shape match."""
+    if not os.path.isfile(os.path.join(source_workdir, "config.json")):
+        raise ValueError(f"init_from={source_workdir!r} is not a jaxaccel workdir")
+    loaded = loading.load(source_workdir)
+    reinit = []
+
+    def merge(target: dict, source: dict, prefix: str) -> dict:
+        flat_t = flax.traverse_util.flatten_dict(target, sep="/")
+        flat_s = flax.traverse_util.flatten_dict(source, sep="/")
+        out = {}
+        for k, v in flat_t.items():
+            s = flat_s.get(k)
+            if s is not None and tuple(s.shape) == tuple(v.shape):
+                out[k] = jnp.asarray(s, v.dtype)
+            else:
+                out[k] = v
+                reinit.append(f"{prefix}/{k}")
+        return flax.traverse_util.unflatten_dict(out, sep="/")
+
+    params = merge(state.params, loaded.variables["params"], "params")
+    stats = merge(state.batch_stats, loaded.variables["batch_stats"], "batch_stats")
+    return state.replace(params=params, batch_stats=stats), reinit
+
+
+def check_model(config: ml_collections.ConfigDict, setup: Setup) -> None:
+    """Trace the state initialiser (shapes only, no compute): a model that cannot be built
+    from the config (e.g. a bad `model.kwargs` value) fails as one ConfigError line."""
+    try:
+        jax.eval_shape(setup.init_state, jax.random.PRNGKey(0))
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError, KeyError,
+            IndexError) as e:
+        raise config_lib.ConfigError(
+            f"model {config.model.name!r} (width={config.model.width}, "
+            f"kwargs={dict(config.model.kwargs)}) cannot be built: "
+            f"{' '.join(str(e).split())[:300]}") from e
+
+
+# ----------------------------------------------------------------------------------------
+# The workdir
+# ----------------------------------------------------------------------------------------
+def dataset_record(spec: data.DatasetSpec, splits: data.Splits) -> dict[str, Any]:
+    """What `dataset.json` holds: what the model takes (raw uint8 images of `image_shape`,
+    normalised inside `predict` with `mean`/`std`) and what its logits mean (`class_names`,
+    label i = name i), and how many examples each split had."""
+    return {"name": spec.name, "kind": spec.kind, "image_shape": list(spec.image_shape),
+            "num_classes": spec.num_classes, "class_names": list(spec.names()),
+            "mean": list(spec.mean), "std": list(spec.std), **splits.sizes()}
+
+
+def trained_steps(workdir: str) -> int | None:
+    """The newest checkpoint step in `workdir` (None: nothing trained yet)."""
+    directory = os.path.join(workdir, "checkpoints")
+    steps = [int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else [])
+             if n.isdigit()]
+    return max(steps) if steps else None
+
+
+def extension_problem(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                      trained: int) -> str | None:
+    """Why resuming a run that trained `trained` steps under `saved` with `config`'s different
+    `num_steps` would silently change it (None if it would not).
+
+    `num_steps` is the one run-time key that can change what a resumed run computes: a
+    schedule that spans the run (cosine, warmup_cosine) would decay over a different length
+    (the learning rate of the steps still to come jumps), IMP rounds of `num_steps` would
+    change length, and fewer steps than already trained cannot be honoured. A constant or
+    piecewise (absolute boundaries) schedule extends exactly: the first `trained` steps are
+    those of a run planned with the new length, so such a run continues (and says so).
+    """
+    old, new = saved.num_steps, config.num_steps
+    if tuple(config.stages):
+        return None  # explicit stages: each has its own `steps`; num_steps is unused
+    if new < trained:
+        return (f"num_steps={new} is fewer than the {trained} steps this run already trained")
+    if config.imp.rounds and not config.imp.steps:
+        return (f"num_steps {old} -> {new} would change the length of every IMP round "
+                f"(imp.steps=0 means rounds of num_steps)")
+    schedule = config.optimizer.schedule
+    if schedule in ("cosine", "warmup_cosine"):
+        before = float(make_schedule(saved.optimizer, old)(trained))
+        after = float(make_schedule(config.optimizer, new)(trained))
+        return (f"num_steps {old} -> {new}: optimizer.schedule={schedule!r} decays over "
+                f"num_steps, so the learning rate at step {trained} would jump from "
+                f"{before:.2g} to {after:.2g}")
+    return None
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
+                    is_main: bool = True) -> None:
+    """Refuse to mix experiments in one workdir (or to change a run silently on resume);
+    write config.json for a new run. With `overwrite`, a different experiment's files go."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.isfile(path):
+        saved = loading.read_config(workdir)
+        diff = config_lib.differences(saved, config)
+        trained = trained_steps(workdir)
+        if saved.num_steps != config.num_steps and trained is not None:
+            problem = extension_problem(saved, config, trained)
+            if problem is not None and not overwrite:
+                raise config_lib.ConfigError(
+                    f"workdir {workdir!r}: {problem}; use a new --workdir, or --overwrite to "
+                    f"start again")
+            if problem is not None:
+                diff.append(problem)
+            elif not tuple(config.stages):
+                log.info("extending the run in %s: num_steps %d -> %d (schedule %r does not "
+                         "depend on num_steps; continuing from step %d)", workdir,
+                         saved.num_steps, config.num_steps, config.optimizer.schedule, trained)
+        if diff and not overwrite:
+            raise config_lib.ConfigError(
+                f"workdir {workdir!r} holds a different experiment ({'; '.join(diff[:3])}"
+                f"{' …' if len(diff) > 3 else ''}); use another --workdir or --overwrite")
+        if diff and overwrite and is_main:
+            for name in ("checkpoints", "metrics.jsonl", RESULTS_FILE, "events",
+                         CALIBRATION_FILE):
+                p = os.path.join(workdir, name)
+                if os.path.isdir(p):
+                    shutil.rmtree(p)
+                elif os.path.exists(p):
+                    os.remove(p)
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        io.write_text(path, config_lib.to_json(config))
