@@ -18,7 +18,11 @@ models / compress / data -> kernels; `tests/test_imports.py` keeps it so):
   stages      the stage schema
   checkpoint  orbax storage, checksums, recovery from damaged checkpoints
   io          strict JSON, atomic files
-  data/ models/ compress/ kernels/ parallel metrics preemption bench/
+  artifacts   what a finished run turns into: compression report, package, export
+  data/ models/ compress/ kernels/ trees parallel metrics preemption compilation_cache bench/
+
+Imports pipeline and loading only inside `train` / `load` (other submodules on first
+attribute access), so `import jaxaccel` stays cheap; never the CLI or bench.
 """
 __version__ = "0.1.0"
 

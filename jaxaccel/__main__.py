@@ -1,4 +1,4 @@
-"""`python -m jaxaccel ...` is the `jaxaccel` command."""
+"""`python -m jaxaccel ...` is the `jaxaccel` command. Imports only `jaxaccel.cli`."""
 import sys
 
 from jaxaccel.cli import main

@@ -1,11 +1,11 @@
 """What a finished run turns into: its per-layer compression report, its compressed package
 and its StableHLO export (`jaxaccel compress report|package|export`).
 
-Each function reads the weights a run ended with (`loading.final_weights`), applies the
-compress functions, writes one file and returns a JSON-able summary. Exports and packages
-take raw uint8 NHWC images, the dataset's normalisation inside, exactly like
-`jaxaccel.load(W).predict`; `--int8` / `--fake-quant` use the activation calibration the
-run's quantize stage wrote (`calibration.json`).
+`compression_report`, `package_run` and `export_run` each read the weights a run ended with
+(`loading.final_weights`), apply the compress functions, write one file and return a JSON-able
+summary. Exports and packages take raw uint8 NHWC images, the dataset's normalisation inside,
+exactly like `jaxaccel.load(W).predict`; `--int8` / `--fake-quant` use the activation
+calibration the run's quantize stage wrote (`calibration.json`).
 
 Imports loading and compress; never the pipeline, the loop, sweeps or the CLI.
 """

@@ -5,7 +5,8 @@ opt_state incl. masks, step, rng) and a small JSON record (`meta`: the data posi
 anything the loop adds). Restores always go against an abstract target carrying the current
 shardings, so a run saved on one layout restores onto another. Storage only: what a payload
 means is the state's and the pipeline's business (`jaxaccel.state`, `jaxaccel.loading`).
-Imports nothing of jaxaccel but `io`.
+Owns `Checkpointer` (`save`, `restore_latest`), `tree_checksums` / `verify_checksums`,
+`CorruptCheckpointError` and `CheckpointSaveError`.
 
 Reliability (see RELIABILITY.md):
   * Orbax writes each step into a temporary directory and renames it into place, so a
@@ -19,6 +20,8 @@ Reliability (see RELIABILITY.md):
     refuses to start over silently if none is usable.
   * A failed save (disk full, read-only directory) raises `CheckpointSaveError`, one line
     naming the step; the previous checkpoint is left as it was.
+
+Imports nothing of jaxaccel but `io`; never config, state, the loop or anything above.
 """
 from __future__ import annotations
 

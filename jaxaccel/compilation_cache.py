@@ -6,6 +6,9 @@ disable). It uses the documented config options (`jax_compilation_cache_dir`, an
 every entry: `jax_persistent_cache_min_compile_time_secs=0`,
 `jax_persistent_cache_min_entry_size_bytes=-1`). The `jaxaccel` command calls it before
 anything compiles; sweeps of many short runs gain the most.
+
+Owns `enable_compilation_cache`, `cache_dir`, `ENV` and `DEFAULT_DIR`. Imports nothing of
+jaxaccel; only the CLI and `bench.compilation_cache` import it, never the training path.
 """
 from __future__ import annotations
 

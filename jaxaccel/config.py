@@ -5,6 +5,11 @@ An experiment is a Python file exposing `get_config()` that returns an ml_collec
 is the one place that knows the schema: every choice the framework accepts is listed in
 `CHOICES`, and `validate` turns any bad value into a `ConfigError` naming it and the valid
 choices.
+
+Owns `default_config`, `KEY_HELP`, `CHOICES`, `load_experiment`, `apply_overrides`,
+`validate`, `ConfigError` and a config's JSON form (`to_json` / `from_json`). Imports io, and
+stages, models and data inside functions (so `import jaxaccel.config` stays light); never
+state, checkpoints, the loop, the pipeline, sweeps or the CLI.
 """
 from __future__ import annotations
 

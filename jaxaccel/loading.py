@@ -6,8 +6,9 @@ run's own config builds, on this process's first device, and returns a `Loaded` 
 finished pipeline ended with, including the non-training stages after its last checkpoint
 (what `jaxaccel compress report|package|export` read).
 
-Imports state (the model and state structure of a config), checkpoint storage, data and
-compress; never the loop, the pipeline, sweeps or the CLI.
+Imports state (the model and state structure of a config), checkpoint storage, config and
+stages (a run's own config), data, io and `compress.sections`; never the loop, the pipeline,
+sweeps or the CLI.
 """
 from __future__ import annotations
 

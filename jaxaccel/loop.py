@@ -11,8 +11,8 @@ states and checkpoint them; everything else lives here once. `Evaluator` evaluat
 validation (when held out) and test splits; `stage_row` and `results_record` build what
 `results.json` holds, for the pipeline and for every point of a stacked run alike.
 
-Imports state, data, parallel, metrics, preemption and compress; never the pipeline, sweeps
-or the CLI.
+Imports state, data, parallel, metrics, preemption, io and compress (prune, quant, package);
+never stacked, the pipeline, sweeps or the CLI.
 """
 from __future__ import annotations
 

@@ -6,6 +6,9 @@ the next writer starts on a fresh line. Each run (fresh or resumed) first append
 row naming the step it starts from; rows an earlier, crashed run wrote past that step
 describe lost work, and `read_metrics` drops them (and keeps only the last copy of a row
 written twice), so the history reads as one uninterrupted run. `raw=True` gives every line.
+
+Owns `MetricWriter`, `read_metrics` and `Progress`. Imports only `io` of jaxaccel; never state,
+the loop or anything above.
 """
 from __future__ import annotations
 

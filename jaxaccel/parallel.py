@@ -9,6 +9,10 @@ Strategies:
   * `pmap`: classic `jax.pmap` with `lax.pmean` over the `data` axis name; state carries a
     leading device axis (see `replicate` / `unreplicate`).
 All meshes use `AxisType.Auto` so the same jitted step works for every strategy.
+
+Owns `make_mesh`, `state_shardings`, `shard_batch`, `replicate` / `unreplicate`,
+`set_cpu_devices` and `initialize_distributed`. Imports nothing of jaxaccel; every layer above
+may use it.
 """
 from __future__ import annotations
 

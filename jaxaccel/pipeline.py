@@ -9,8 +9,8 @@ training steps `jaxaccel.loop`.
 Between stages the *carry* passes on: params, batch_stats, masks, rng, and `quant` (the quant
 section of a quantize stage whose model the pipeline now deploys; None once weights change).
 
-Imports loop, state, loading (for `init_from`), checkpoint, data, compress; never sweeps or
-the CLI.
+Imports loop, state, loading (for `init_from`), checkpoint, config, stages, compress, data,
+parallel, metrics, preemption and io; never sweeps, benchmarks or the CLI.
 """
 from __future__ import annotations
 

@@ -4,6 +4,9 @@ A preempted TPU VM or a scheduler sends SIGTERM; the loop finishes its current s
 a checkpoint and the metrics so far, and raises `Preempted` (the CLI exits with status 3).
 In a multi-process job every process must stop at the same step, so the flag is agreed on
 with an all-gather.
+
+Owns `PreemptionGuard` and `Preempted`. Imports nothing of jaxaccel; the loop, the pipeline,
+sweeps and the CLI use it.
 """
 from __future__ import annotations
 

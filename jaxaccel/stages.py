@@ -2,8 +2,7 @@
 evaluate) declares in a config. Schema only — which kinds exist, which fields each stage
 section has, their defaults and valid values; what each kind *does* is the pipeline's
 `STAGE_KINDS` registry (`jaxaccel.pipeline`), what a prune / quant section means for the
-weights is `jaxaccel.compress.sections`. Imports nothing of jaxaccel but compress's choice
-constants.
+weights is `jaxaccel.compress.sections`.
 
 A config's `stages` is an ordered tuple of stage ConfigDicts made with `stage(...)`. Kinds:
   * `train`    — `steps` optimizer steps (its own `optimizer` overrides); optional gradual
@@ -26,6 +25,10 @@ A config's `stages` is an ordered tuple of stage ConfigDicts made with `stage(..
 Masks carry from stage to stage (a pruned weight stays exactly zero afterwards). A config
 without stages is one `train` stage of `num_steps`. `config.imp.rounds > 0` expands into
 IMP rounds (train → prune → rewind) without writing them out.
+
+Owns `stage`, `KINDS`, `choices`, `KEY_HELP`, the section defaults and `expand`. Imports
+nothing of jaxaccel but compress's choice constants (`compress.prune`, `compress.quant`,
+inside a function); never config, state or anything above.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ turns a config's stage into the model, optimizer and state initialiser every dri
 
 Owns: `TrainState`, `make_schedule`, `make_optimizer`, `cross_entropy`, `make_train_step`,
 `make_eval_step`, `Setup`, `build`, `checkpoint_target`. Imports models, compress, data and
-the config schema; never the loop, the pipeline, checkpoints on disk or the CLI.
+the stage schema (`stages`); never the loop, the pipeline, loading, checkpoint storage, sweeps
+or the CLI.
 """
 from __future__ import annotations
 

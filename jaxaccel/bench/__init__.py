@@ -10,5 +10,8 @@ functions behind them, each returning a JSON-ready dict with a markdown `table`:
     sweep.bench_sweep(points, ...)
     compilation_cache.bench_compile(model, batch_size, input_shape, ...)
 
-This package imports nothing heavy at import time, so `jaxaccel --help` stays fast.
+This package imports nothing heavy at import time, so `jaxaccel --help` stays fast. Its
+modules import what they time (state, loop, models, compress, kernels, data, parallel, config,
+`compilation_cache`; `jaxaccel.sweep` at run time); never the CLI, and nothing outside bench/
+but `jaxaccel.cli.bench` imports them.
 """

@@ -4,7 +4,10 @@ The cache itself is switched on by `jaxaccel.compilation_cache.enable_compilatio
 
 The benchmark starts `python -m jaxaccel.bench.compilation_cache` twice on one fresh dir:
 the first process compiles cold and fills the cache, the second compiles warm from it.
-Each measures its time to the first finished train step (trace + lower + compile + step).
+Each measures its time to the first finished train step (trace + lower + compile + step):
+`bench_compile` runs the two, `probe` is what each one measures (`main`: its entry point).
+
+Imports `jaxaccel.compilation_cache` and bench's timing, training and workload; never the CLI.
 """
 from __future__ import annotations
 

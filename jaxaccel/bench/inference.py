@@ -19,6 +19,9 @@ channels), run in float32, as XLA's int8 x int8 -> int32 dot and (where it runs)
 model: the float model's share of those MACs taken at the plain float32 matmuls' time,
 everything else unchanged. On the AVX2 dev machine without VNNI, XLA's int8 dot is only
 ~1.2-1.5x its float32 matmul (a bound of ~1.2x for cnn3), the kernel ~2x.
+
+Owns `bench_infer` and `int8_matmul_ceiling`. Imports models, compress (prune, quant, shrink),
+`kernels.int8` and bench's timing and workload; never the CLI.
 """
 from __future__ import annotations
 

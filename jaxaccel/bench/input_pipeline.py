@@ -6,6 +6,8 @@ one-off load), with augmentation (random crop + flip), and reading every batch f
 array_record files (`cache=False`). The training step of the same model, batch and image
 shape is timed too, so the pipeline's throughput is reported as a multiple of training
 throughput (goal: ≥ 5×, so training never waits on data).
+
+Owns `bench_input`. Imports data and bench's timing, training and workload; never the CLI.
 """
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ first n devices (`jaxaccel.parallel.make_mesh(n)`) in this one process. On one C
 devices are simulated and share the cores, so the ratio to the 1-device step time measures
 sharding overhead (goal: `data` on 8 devices ≤ 1.15× its 1-device time); on a GPU/TPU host
 it measures scaling efficiency. The device counts of a strategy are timed interleaved.
+
+Owns `bench_scaling`. Imports parallel and bench's timing, training and workload; never the
+CLI.
 """
 from __future__ import annotations
 

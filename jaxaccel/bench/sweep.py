@@ -6,6 +6,9 @@ with overrides), each in a fresh temporary workdir: one point after another in t
 then all K as one vmapped program. Wall times include everything a user waits for
 (compiles, data, evaluation, checkpoints). Skipped with a clear message when the sweep
 module or the experiment file is not there.
+
+Owns `bench_sweep`. Imports `bench.timing`, and `jaxaccel.sweep` only at run time (by
+importlib); never the CLI.
 """
 from __future__ import annotations
 

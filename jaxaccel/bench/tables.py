@@ -1,4 +1,7 @@
-"""Benchmark results as markdown tables and JSON files."""
+"""Benchmark results as markdown: one table (`markdown_table`), a result with its notes, the
+machine header and a whole report (JSON goes through `jaxaccel.io`, in `cli.bench`).
+Imports nothing of jaxaccel.
+"""
 from __future__ import annotations
 
 from typing import Any, Iterable

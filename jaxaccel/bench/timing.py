@@ -4,6 +4,9 @@ Machines are noisy (this one is shared), so every comparison that ends in a rati
 *interleaved*: the candidates take turns in short rounds, and each sees the same slow and
 fast moments. Every timed call must block until its results are ready (`work()` returns
 only when the device is done), so one sample is one finished unit of work.
+
+Owns `Timing`, `time_calls`, `time_once`, `time_interleaved`, `ratio`, `matmul_peak` and
+`machine_info`. Imports nothing of jaxaccel.
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ Same layers as `jaxaccel.models.CNN3` (3×3 SAME conv + ReLU + 2×2 max-pool, ×
 channels, fc 128 + ReLU, fc 10), same loss (softmax cross-entropy, mean) and optimizer (Adam,
 lr 1e-3), channels-last memory format, as many intra-op threads as cores. Only the timing is
 compared; the weights are PyTorch's own initialisation.
+
+Owns `make_step` / `try_make_step`. Imports nothing of jaxaccel (torch only, inside functions).
 """
 from __future__ import annotations
 

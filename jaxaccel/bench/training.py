@@ -5,6 +5,10 @@ every step, fed a host batch as `TrainBatches` yields it. Reported alongside: ti
 first step (compilation), XLA's `cost_analysis()` FLOPs per step, model FLOPs utilisation
 against a float32 matmul measured in the same run, the selected `conv_impl` against "xla",
 and optionally the same cnn3 step in PyTorch eager.
+
+Owns `bench_train`, `StepBench` / `make_step_bench` (the step the other benchmarks time too)
+and `step_flops`. Imports loop (`Runner`), state (`make_train_step`), parallel and bench's
+timing, workload and torch_cnn3; never the pipeline, sweeps or the CLI.
 """
 from __future__ import annotations
 

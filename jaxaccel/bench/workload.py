@@ -4,7 +4,11 @@
 the model, optimizer and train state are exactly what users train. A dataset whose image
 shape matches `input_shape` supplies the spec (32,32,3 -> cifar10, 28,28,1 -> mnist5k,
 8,8,1 -> digits; only its static metadata is read, no data); for any other shape the spec
-and the state initialiser are re-derived for that shape.
+and the state initialiser are re-derived for that shape. Also the benchmarks' flag parsers
+(`parse_input_shape`, ...), `bench_config` and `synthetic_batch`.
+
+Imports config, state, models and data (inside functions); never the loop, the pipeline,
+sweeps or the CLI.
 """
 from __future__ import annotations
 

@@ -5,6 +5,10 @@ makes one library call and prints). Only this package holds argparse.
 Bad input ends with one line `jaxaccel: error: ...` and exit status 2, never a traceback
 (set JAXACCEL_DEBUG=1 to see one). A preempted run (SIGTERM/SIGINT) saves a checkpoint
 and exits with status 3; running the same command again resumes it.
+
+Owns `main`, `build_parser`, `COMMANDS` (name -> module, help) and the exit statuses. Imports
+`compilation_cache`, `preemption` and its subcommand modules (by name, lazily); nothing but
+`__main__` imports it.
 """
 from __future__ import annotations
 

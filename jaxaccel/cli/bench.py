@@ -1,4 +1,7 @@
-"""The `jaxaccel bench` subcommand: run one benchmark (or `all`), print tables, write JSON."""
+"""The `jaxaccel bench` subcommand: run one benchmark (or `all`), print tables, write JSON.
+
+Imports the bench package, parallel and io; never another subcommand's module.
+"""
 from __future__ import annotations
 
 import argparse

@@ -5,6 +5,8 @@ package, StableHLO export of a run (the work is `jaxaccel.artifacts`).
     jaxaccel compress report PACKAGE.npz [--json PATH]
     jaxaccel compress package WORKDIR --out FILE [--bits 8] [--per-tensor] [--float16] [--json PATH]
     jaxaccel compress export WORKDIR --out FILE [--int8 | --fake-quant] [--step S]
+
+Imports artifacts, `compress.layer_table` (to render) and io; never another subcommand's module.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""`jaxaccel config`: a resolved config, every key with its value, default, type, choices and meaning."""
+"""`jaxaccel config`: a resolved config, every key with its value, default, type, choices and meaning.
+
+Imports config and io; never another subcommand's module.
+"""
 from __future__ import annotations
 
 import argparse

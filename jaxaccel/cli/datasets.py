@@ -1,4 +1,7 @@
-"""`jaxaccel datasets`: every dataset, its kind and whether it is prepared."""
+"""`jaxaccel datasets`: every dataset, its kind and whether it is prepared.
+
+Imports data; never another subcommand's module.
+"""
 from __future__ import annotations
 
 import argparse

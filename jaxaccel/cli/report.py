@@ -1,4 +1,7 @@
-"""`jaxaccel report W`: rebuild a sweep's results.csv / results.md / plots from its point directories."""
+"""`jaxaccel report W`: rebuild a sweep's results.csv / results.md / plots from its point directories.
+
+Imports `sweep.points` and `sweep.report`; never another subcommand's module.
+"""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,7 @@
-"""`jaxaccel sweep --config X.py --workdir W`: every point of an experiment's get_sweep()."""
+"""`jaxaccel sweep --config X.py --workdir W`: every point of an experiment's get_sweep().
+
+Imports sweep (and `sweep.report`) and parallel; never another subcommand's module.
+"""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,7 @@
-"""`jaxaccel train --config X.py --workdir W`: train (or resume) an experiment in a workdir."""
+"""`jaxaccel train --config X.py --workdir W`: train (or resume) an experiment in a workdir.
+
+Imports pipeline, config and parallel; never another subcommand's module.
+"""
 from __future__ import annotations
 
 import argparse

@@ -1,0 +1,16 @@
+"""Compression of trained models, as pure functions of models and weights.
+
+  prune        magnitude masks (unstructured, channel), `execution_order`, `masked` optimizers
+  schedules    sparsity schedules (one-shot, gradual, IMP) and rewinding
+  quant        fake quantization, observers, calibration, QAT
+  fold         BatchNorm folded into the conv before it
+  int8         real int8 inference (`convert_int8`, `int8_apply`)
+  shrink       channel-pruned models made physically smaller
+  package      the compressed-package file format (`save_compressed`, `load_compressed`)
+  export       StableHLO exports of inference functions
+  layer_table  the per-layer compression report
+  sections     what a stage's `prune` / `quant` section means, as calls to the above
+
+Importing the package imports none of them. Its modules import models, kernels, trees, io and
+data (`DatasetSpec`); never config, stages, state, the loop or anything above.
+"""

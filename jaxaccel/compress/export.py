@@ -12,6 +12,10 @@ like any others. Load anywhere with only jax:
 
 The command line: ``jaxaccel compress export WORKDIR --out PATH [--int8 | --fake-quant]``.
 Serialization needs the `flatbuffers` package.
+
+Owns `export_inference`, `export_float` / `export_fake_quant` / `export_int8` and
+`load_exported`. Imports compress's quant and int8, `models.conv_impls` and data
+(`DatasetSpec`); never config, stages, state, the loop or anything above.
 """
 from __future__ import annotations
 

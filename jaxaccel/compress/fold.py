@@ -8,6 +8,9 @@ by BN then carry biases, the BN layers are gone), the project's contract for BN 
 
 Which BN belongs to which conv is found by tracing the model once (abstractly, no FLOPs) with
 `flax.linen.intercept_methods`: a BN is paired with the conv whose output it receives directly.
+
+Owns `fold_bn`, `fold_conv_bn` and `find_conv_bn_pairs`. Imports only `compress.quant`
+(`layer_kind`) of jaxaccel; never config, stages, state, the loop or anything above.
 """
 from __future__ import annotations
 

@@ -25,6 +25,9 @@ only the pooled int32 values): every layer int8, cnn3 runs ~1.5-1.65x faster tha
 (`jaxaccel bench infer`). Where the kernel cannot run, "auto" falls back to "im2col" (one int8
 dot of patches: ~3x faster than XLA's int8 conv for ResNet-20's narrow layers) on CPU, and to
 the native int8 conv on GPU/TPU. Exported programs never use the kernel (`portable=True`).
+
+Imports `compress.quant`, `kernels.int8`, `models.conv_impls` and trees; never config, stages,
+state, the loop or anything above.
 """
 from __future__ import annotations
 

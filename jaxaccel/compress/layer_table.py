@@ -12,6 +12,9 @@ a sparse layer are output positions × nonzeros, i.e. dense × density.
 `weights_report` tables what a run ended with (`jaxaccel.loading.final_weights`),
 `package_report` a compressed package; `to_markdown` renders either. Pure functions of
 models and weights: nothing here reads a workdir.
+
+Imports `compress.package` and `compress.prune`; never loading, config, stages, state, the
+loop or anything above.
 """
 from __future__ import annotations
 

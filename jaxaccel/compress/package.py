@@ -17,8 +17,11 @@ the dataset's `DatasetSpec` (image shape, per-channel mean/std), so `load_compre
 the model without the original workdir, and its ``.predict(images)`` takes raw images (uint8
 NHWC, as the dataset gives them) with the normalisation inside, as ``jaxaccel.load(W).predict``.
 
-`kernel_bytes` is the size formula of one stored kernel; the report (``compress.report``)
+`kernel_bytes` is the size formula of one stored kernel; the report (``compress.layer_table``)
 uses it, and the tests check it against the arrays actually written.
+
+Imports prune, quant, models (to rebuild the model), data (`DatasetSpec`) and io; never config,
+stages, state, the loop or anything above.
 """
 from __future__ import annotations
 

@@ -19,6 +19,11 @@ in sorted key order, which is not the order of the layers. So "first" and "last"
 either given explicitly (``layer_order``, e.g. from ``execution_order(model, ...)``, which
 records the real call order) or found by a fixed name rule documented in
 ``default_filter``.
+
+Owns `magnitude_masks`, `apply_masks`, `execution_order`, `sparsity_summary` and the masked
+optimizer (`masked`, `get_masks`, `set_masks`). Imports trees and `models.conv_impls`
+(`max_pool_2d`, to trace the models' fused conv + pool); never config, stages, state, the
+loop or anything above.
 """
 from __future__ import annotations
 

@@ -18,6 +18,9 @@ conv/dense layer (`nn.Conv`, `nn.Dense`, or a custom layer that owns a `kernel` 
 such layer of ANY linen model, without changing the model. Layers are keyed by their module path
 joined with "/" (e.g. "stage1_block1/conv1"). A layer applied several times in one pass (e.g. on
 micro-batches) gets one range covering all its calls.
+
+Also the calibration file (`save_calibration` / `load_calibration`). Imports trees and io;
+never config, stages, state, the loop or anything above.
 """
 from __future__ import annotations
 

@@ -2,6 +2,9 @@
 
 The step-indexed schedules are jnp expressions, so they can be evaluated inside a jitted
 train step on a traced step counter and fed straight into ``prune.magnitude_masks``.
+
+Owns `one_shot`, `polynomial`, `imp_sparsity` / `imp_masks`, `rewind` and `random_reinit`.
+Imports only `compress.prune`; never config, stages, state, the loop or anything above.
 """
 from __future__ import annotations
 

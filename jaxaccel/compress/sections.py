@@ -2,8 +2,11 @@
 
 The stage schema (`jaxaccel.stages`) says which fields a section has; this module turns a
 section into masks, a gradual-pruning mask update, QAT / PTQ configs and the post-training
-quantization evaluation. Sections are read by attribute (ml_collections ConfigDicts);
-nothing here imports the config schema, the state, the loop or the pipeline.
+quantization evaluation. Sections are read by attribute (ml_collections ConfigDicts).
+
+Owns `prune_once`, `gradual_mask_update`, `qat_config`, `ptq_configs` and `ptq_evaluate`.
+Imports the other compress modules (prune, schedules, quant, fold, int8); never the config
+schema (config, stages), state, the loop or the pipeline.
 """
 from __future__ import annotations
 

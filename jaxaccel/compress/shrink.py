@@ -16,6 +16,10 @@ and in DSCNNBN the output width of the stem and of every pointwise conv, togethe
 depthwise conv after it (a depthwise conv's channel c only reads input channel c, so its
 channels are removed with its input's: ``ChannelGroup.through``); never widths that feed a
 residual sum and never the classifier's outputs.
+
+Owns `shrink`, `channel_groups`, `shrinkable_filter`, `couple_channel_masks` and `flops`.
+Imports `compress.prune` and models (the model classes); never config, stages, state, the
+loop or anything above.
 """
 from __future__ import annotations
 

@@ -7,6 +7,12 @@ read from a data dir where they were prepared beforehand (nothing is ever downlo
     source = get_source("mnist5k", "train")
     batches = TrainBatches(source, dataset_spec("mnist5k"), global_batch_size=128, seed=0)
     batch = batches.batch(step)   # {"image": float32 (B,H,W,C), "label": int32 (B,)}
+
+Owns the dataset names (`DATASETS`, `list_datasets`, `dataset_spec`), preparing them
+(`prepare`, `is_prepared`), sources (`get_source`) and a config's splits (`spec_for`,
+`splits_for`: train, the validation held out, test); the parts live in `catalog`, `builders`
+and `pipeline`. Imports nothing of jaxaccel outside data/; never models, compress, state or
+anything above.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Each is written once as array_record files under the data dir (`<data_dir>/<name
 image folders under `<data_dir>/image_folder/<folder-id>/<version>`) and read back with
 random access via `as_data_source()`. TensorFlow is not needed: images are stored as
 `tfds.features.Tensor(uint8)` so neither encoding nor decoding goes through TF.
+
+Owns `Digits`, `Mnist5k`, `ImageFolder` and `prepare_builder`. Imports nothing of jaxaccel;
+never models, compress, state or anything above.
 """
 
 from __future__ import annotations

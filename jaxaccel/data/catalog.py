@@ -1,9 +1,14 @@
 """Which datasets jaxaccel knows, where prepared data lives, and TFDS catalog datasets.
 
-`DATASETS` maps every name the framework accepts without a path to its `DatasetSpec`
-(shapes and normalisation statistics). Catalog datasets (mnist, cifar10, ...) are never
-downloaded here: they are read from a data dir that was prepared on a machine with
-internet access (`tfds build <name> --file_format=array_record --data_dir=<dir>`).
+`BUILTIN_SPECS` and `CATALOG_SPECS` (together `data.DATASETS`) map every name the framework
+accepts without a path to its `DatasetSpec` (shapes and normalisation statistics). Catalog
+datasets (mnist, cifar10, ...) are never downloaded here: they are read from a data dir that
+was prepared on a machine with internet access
+(`tfds build <name> --file_format=array_record --data_dir=<dir>`).
+
+Owns `DatasetSpec`, `DatasetStatus`, the specs and the data dir (`default_data_dir`,
+`$JAXACCEL_DATA_DIR`). Imports nothing of jaxaccel; never models, compress, state or anything
+above.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@ training batches with augmentation, padded evaluation batches, and per-process s
 
 Everything here is vectorised numpy over whole batches: the input pipeline has to stay far
 ahead of a CPU training step (≈ 700–2,500 img/s).
+
+Owns `TrainBatches`, `eval_batches`, `normalize`, the sources (`ArraySource`, `Subset`) and
+`validation_indices`. Imports only `data.catalog` (`DatasetSpec`); never models, compress,
+state or anything above.
 """
 
 from __future__ import annotations

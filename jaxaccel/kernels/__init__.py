@@ -7,6 +7,6 @@
                      (conv_impl "cpu_kernel")
   int8.{py,cc}       int8 conv / matmul kernel (int8 inference's "cpu_kernel" lowering)
 
-The package imports nothing else of jaxaccel: models, compress and bench import it, never the
-reverse. Importing it builds nothing; a kernel is compiled when first checked or called.
+Importing it builds nothing; a kernel is compiled when first checked or called. The package
+imports nothing else of jaxaccel: models, compress and bench import it, never the reverse.
 """

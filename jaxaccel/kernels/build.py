@@ -2,8 +2,7 @@
 
 Owns `CpuKernel`, the one build-and-register helper every kernel wrapper (`winograd`, `int8`)
 declares an instance of, and the helpers that make a custom call shard over a batch
-(`batch_partitioned`) and vmap (`vmap_sequentially`). Imports nothing else of jaxaccel:
-models, compress and bench import the kernels, never the reverse.
+(`batch_partitioned`) and vmap (`vmap_sequentially`).
 
 A kernel is one C++ source file beside the Python module that calls it (`winograd.cc`,
 `int8.cc`), plus the shared `common.h`, all in this package (shipped as package data). Its
@@ -12,6 +11,8 @@ first use in a process compiles it with the system C++ compiler (`$CXX`, else `c
 `~/.cache/jaxaccel/kernels`), under a name hashed from the sources, the compiler, its flags and
 the jaxlib version, so later processes only load it. Builds hold a file lock (parallel test
 workers wait for one build) and land by atomic rename (nobody loads half a file).
+
+Imports nothing of jaxaccel: models, compress and bench import the kernels, never the reverse.
 """
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
 """An AVX2 int8 conv/matmul kernel for XLA:CPU, as an XLA FFI custom call compiled on first use.
-Imports only `kernels.build` and `kernels.winograd` (its G) of jaxaccel.
 
 XLA:CPU's own int8 dot gains little over its float32 matmul on AVX2 CPUs without VNNI, while the
 hardware does twice float32's multiply-adds with `vpmaddwd` (int16 pairs -> exact int32). The
@@ -13,6 +12,10 @@ and the same vpmaddwd matmuls do 16 multiplies per 2x2 outputs instead of 36.
 `available()` says whether it can run here (CPU backend, an x86 CPU with AVX2, a C++ compiler);
 the first call compiles `int8.cc` (`KERNEL`, see `kernels.build`: cached in
 `$JAXACCEL_KERNEL_CACHE`, default `~/.cache/jaxaccel/kernels`), so later processes only load it.
+
+Owns `available`, `conv_acc` (int32 conv, optionally 2x2-max-pooled), `matmul_acc` and
+`winograd_ok`. Imports only `kernels.build` and `kernels.winograd` (its `G`) of jaxaccel;
+never models, compress or anything above.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Winograd F(2x2, 3x3): its transform matrices, and float32 conv kernels for XLA:CPU (AVX2 +
-FMA) as XLA FFI custom calls. Imports only `kernels.build` of jaxaccel.
+FMA) as XLA FFI custom calls.
 
 `BT`, `G`, `AT` are the one home of the F(2x2, 3x3) transforms (Lavin & Gray 2016): a 2x2 output
 tile of a 3x3 conv from a 4x4 input tile d is Y = A^T [(G k G^T) * (B^T d B)] A. The portable
@@ -20,6 +20,8 @@ JAX.
 `available()` says whether they can run here (CPU backend, an x86 CPU with AVX2 and FMA, a C++
 compiler); the first call compiles `winograd.cc` (`KERNEL`, see `kernels.build`: cached in
 `$JAXACCEL_KERNEL_CACHE`), so later processes only load it.
+
+Imports only `kernels.build` of jaxaccel; never models, compress or anything above.
 """
 from __future__ import annotations
 

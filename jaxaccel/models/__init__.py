@@ -2,6 +2,10 @@
 
 `get_model(name, num_classes, width=..., dtype=..., conv_impl=..., **fields)` builds a module;
 `init_variables(model, rng, input_shape)` returns `{"params", "batch_stats"}`.
+
+Owns `MODELS` (the registry), `get_model`, `init_variables` and `scale_width`. Imports its model
+modules and `conv_impls` (and through it `kernels.winograd`); never compress, data, state,
+config or anything above.
 """
 from __future__ import annotations
 

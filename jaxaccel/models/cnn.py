@@ -1,4 +1,8 @@
-"""Small plain CNNs: `CNN3` (three conv/pool stages, no BN) and `CNNBN` (two stages with BN)."""
+"""Small plain CNNs: `CNN3` (three conv/pool stages, no BN) and `CNNBN` (two stages with BN).
+
+Also `batch_norm`, the BatchNorm every BN model uses (`BN_MOMENTUM`, `BN_EPSILON`). Imports
+only `models.conv_impls`; never compress, data, state, config or anything above.
+"""
 from __future__ import annotations
 
 from typing import Any, Sequence

@@ -57,7 +57,7 @@ The Winograd filter gradient rounds differently too (~2e-7 relative in float32, 
 do the kernel's Winograd forward and input gradient (~1e-6 relative, tested against XLA's conv).
 
 Of jaxaccel it imports only `kernels.winograd` (the kernels and the Winograd transforms); the
-models import it, it imports no model.
+models import it, it imports no model, and never compress, data, state or config.
 """
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""LeNet-300-100 (fully connected) and Caffe's LeNet-5 (20-50-500), as used in pruning papers."""
+"""LeNet-300-100 (fully connected) and Caffe's LeNet-5 (20-50-500), as used in pruning papers.
+
+Owns `LeNet300100` and `LeNet5`. Imports only `models.conv_impls`; never compress, data,
+state, config or anything above.
+"""
 from __future__ import annotations
 
 from typing import Any, Sequence

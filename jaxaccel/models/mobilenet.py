@@ -10,6 +10,9 @@ It exists for the quantization reproductions: folding BN into a depthwise conv s
 of its 9-tap channels by its own gamma / sqrt(var), which spreads the per-channel weight
 ranges far apart (Krishnamoorthi 2018: MobileNet's per-tensor PTQ collapses). With
 `use_bn=False` (the folded form) the convs carry biases and there is no BN.
+
+Imports `models.cnn` (`batch_norm`) and `models.conv_impls`; never compress, data, state,
+config or anything above.
 """
 from __future__ import annotations
 

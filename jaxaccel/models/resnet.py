@@ -6,6 +6,9 @@ zero-padding ("option A"). Projections are ordinary conv/BN leaves, so pruning, 
 and shrinking treat them like every other layer. They add 2,752 parameters: 272,474 in
 total with 10 classes (269,722 with option A; the paper's "0.27M"). Identity shortcuts
 elsewhere. Convs use flax's default (LeCun normal) init; BN uses PyTorch's momentum/eps.
+
+Owns `ResNet20` and `BasicBlock`. Imports `models.cnn` (`batch_norm`) and `models.conv_impls`;
+never compress, data, state, config or anything above.
 """
 from __future__ import annotations
 

@@ -19,6 +19,9 @@ processes, or all at once as one compiled program. The package:
   runners     running the points (in process, workers, vectorized) and the report after
   vectorized  K points as one compiled program on `jaxaccel.stacked`
   report      results.csv / results.md / plots, rebuilt from the point directories
+
+Imports space, points and runners (the API above); the package as a whole imports pipeline,
+stacked, loop, state, checkpoint, config and what they stand on; never the CLI or benchmarks.
 """
 from jaxaccel.sweep.points import (DONE, ERROR_FILE, FAILED, LOG_FILE, PENDING, POINT_FILE,
                                    RESULTS_FILE, SWEEP_FILE, PointRun, cli_overrides,

@@ -6,7 +6,7 @@ before it runs, and how it ran), then what `jaxaccel train` writes (`config.json
 `results.json` when finished, checkpoints, metrics) or `error.txt` if it failed;
 `WORKDIR/sweep.json` lists the points and their statuses. State lives only in these files:
 any process (the sweep, a worker, `jaxaccel report`) reads a point's status from them.
-Imports config and io only.
+Imports config, io and `sweep.space`; never the pipeline, the loop, state or the CLI.
 """
 from __future__ import annotations
 

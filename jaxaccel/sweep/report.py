@@ -17,6 +17,9 @@ and writes:
     that no longer applies is removed when the report is rebuilt.
 Runs without compression count as sparsity 0 and 32-bit. Nothing here needs the processes
 that trained the points: the workdirs are the whole truth.
+
+Owns `collect` and `build`. Imports `sweep.points`, metrics and io; never the pipeline, the
+loop, state or the CLI.
 """
 from __future__ import annotations
 

@@ -3,8 +3,10 @@ vectorized program (`sweep.vectorized`), then the report (`sweep.report`).
 
 `run(experiment, workdir)` plans every point (`points.plan`: bad keys fail before anything
 runs), skips finished ones, runs the others and rebuilds the report; a failing point gets
-`error.txt` and the others go on. Imports pipeline (to train a point here), config and the
-sweep package's other modules; never the CLI.
+`error.txt` and the others go on.
+
+Imports pipeline (to train a point here), config, preemption and the sweep package's other
+modules; never the CLI or benchmarks.
 """
 from __future__ import annotations
 

@@ -21,6 +21,11 @@ Resume: the stacked state is checkpointed in `<sweep workdir>/_vectorized/<group
 there (the group is named by the points' names and configs, so a changed config starts
 afresh rather than continuing silently differently). Points' own checkpoints from
 sequential attempts are not used (a stacked state needs one step).
+
+Owns `run_points` (what `sweep.runners` calls), `run_vectorized`, `VECTORIZABLE` and
+`check_vectorizable`. Imports stacked, loop, state, checkpoint, config, `sweep.points`, the
+pipeline's workdir rules (`prepare_workdir`, `dataset_record`) and the layers below; never the
+CLI or benchmarks.
 """
 from __future__ import annotations
 
