@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 from jaxaccel import loading
 from jaxaccel.compress import export, fold, int8, layer_table, package, quant
+from jaxaccel.workdir import CALIBRATION_FILE
 
-CALIBRATION_FILE = "calibration.json"  # written by the pipeline's quantize stage
 EXPORT_KINDS = ("float", "fake-quant", "int8")
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxaccel import io
+from jaxaccel.workdir import CHECKPOINTS_DIR
 
 log = logging.getLogger("jaxaccel")
 
@@ -190,7 +191,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, keep: int = 2, *, read_only: bool = False):
         self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.directory = os.path.join(self.workdir, CHECKPOINTS_DIR)
         self._pending: int | None = None  # step of an asynchronous save not yet known good
         self._closed = False
         if not read_only:

@@ -25,6 +25,8 @@ from typing import Any, Callable
 import ml_collections
 
 from jaxaccel import io
+from jaxaccel import stages as stages_lib
+from jaxaccel.workdir import CONFIG_FILE
 
 # Keys that only change how a run is executed, not what it computes. A resumed run may
 # change them without being refused as a different experiment.
@@ -47,8 +49,6 @@ class ConfigError(ValueError):
 def default_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with its default (what each means: `KEY_HELP`, or
     `jaxaccel config`). Experiments override a few."""
-    from jaxaccel import stages  # the stage schema; imports nothing of jaxaccel
-
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.dataset = ml_collections.ConfigDict(dict(
@@ -76,7 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_from = ""
     c.nonfinite = "stop"
     c.stages = ()
-    c.imp = stages.imp_defaults()
+    c.imp = stages_lib.imp_defaults()
     c.rewind_step = 0
     return c
 
@@ -148,7 +148,6 @@ def describe(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     """One row per leaf key of `config` (stage sections written out as `stages.<i>.<key>`):
     `key`, `value`, `default` (the schema's), `type`, `choices` (tuple or None), `help`."""
     from jaxaccel import data, models
-    from jaxaccel import stages as stages_lib
     choices = {**CHOICES, "model.name": tuple(sorted(models.MODELS)),
                "dataset.name": (*data.DATASETS, data.FOLDER_DATASET),
                "model.conv_impl": models.CONV_IMPLS, "imp.rewind": stages_lib.REWIND_TO,
@@ -368,7 +367,6 @@ def _leaf_keys(schema: ml_collections.ConfigDict) -> list[str]:
 
 
 def _check_stages(value: Any) -> None:
-    from jaxaccel import stages as stages_lib
     if not isinstance(value, (tuple, list)):
         raise ConfigError(f"stages={value!r} must be a tuple of stage sections made with "
                           f"jaxaccel.stages.stage(...)")
@@ -442,7 +440,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if text in ("NaN", "Infinity", "-Infinity"):
             raise ConfigError(f"{key}={text.lower().replace('infinity', 'inf')} must be a "
                               f"finite number")
-    if config.init_from and not os.path.isfile(os.path.join(config.init_from, "config.json")):
+    if config.init_from and not os.path.isfile(os.path.join(config.init_from, CONFIG_FILE)):
         raise ConfigError(f"init_from={config.init_from!r} is not a jaxaccel workdir "
                           f"(no config.json there)")
     bounds = config.optimizer.boundaries
@@ -450,7 +448,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"optimizer.boundaries={tuple(bounds)!r} must be step numbers >= 0")
     if not 0 <= config.seed < 2**32:
         raise ConfigError(f"seed={config.seed} must be in [0, 2**32)")
-    from jaxaccel import stages as stages_lib
     try:
         expanded = stages_lib.expand(config)
     except (AttributeError, KeyError, TypeError) as e:

@@ -26,13 +26,14 @@ from jaxaccel import stages as stages_lib
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.compress import sections
 from jaxaccel.state import checkpoint_target
+from jaxaccel.workdir import CHECKPOINTS_DIR, CONFIG_FILE, DATASET_FILE, RESULTS_FILE
 
 FLOAT_BITS = 32
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run was made with (`workdir/config.json`)."""
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"{workdir!r} is not a jaxaccel workdir (no config.json)")
     with open(path) as f:
@@ -94,7 +95,7 @@ def load(workdir: str, step: int | None = None) -> Loaded:
     setup = setups["setup"]
     state = payload["state"]
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    record = os.path.join(workdir, "dataset.json")
+    record = os.path.join(workdir, DATASET_FILE)
     names = (tuple(io.read_json(record)["class_names"]) if os.path.isfile(record)
              else setup.spec.names())
     return Loaded(model=setup.model, variables=variables, config=config, step=step,
@@ -153,7 +154,7 @@ def final_weights(workdir: str, step: int | None = None) -> FinalWeights:
     variables = {"params": loaded.variables["params"],
                  "batch_stats": loaded.variables["batch_stats"]}
     notes = [f"weights of checkpoint step {loaded.step} (stage {stages[at].name!r})"]
-    results_path = os.path.join(workdir, "results.json")
+    results_path = os.path.join(workdir, RESULTS_FILE)
     results = io.read_json(results_path, lenient=True) if os.path.isfile(results_path) else None
     finished = (step is None and results is not None
                 and len(results.get("stages", [])) == len(stages))
@@ -179,5 +180,5 @@ def final_weights(workdir: str, step: int | None = None) -> FinalWeights:
                         spec=spec, step=int(loaded.step), stage=ran[-1].name,
                         bits=weight_bits(ran),
                         input_shape=tuple(int(d) for d in spec.image_shape),
-                        checkpoint_dir=os.path.join(workdir, "checkpoints", str(loaded.step)),
+                        checkpoint_dir=os.path.join(workdir, CHECKPOINTS_DIR, str(loaded.step)),
                         notes=notes)

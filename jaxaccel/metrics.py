@@ -20,6 +20,7 @@ import time
 from typing import Any, Iterator
 
 from jaxaccel import io
+from jaxaccel.workdir import METRICS_FILE
 
 log = logging.getLogger("jaxaccel")
 
@@ -36,7 +37,7 @@ class MetricWriter:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, "metrics.jsonl")
+        path = os.path.join(workdir, METRICS_FILE)
         torn = _ends_with_torn_line(path)
         self._file = open(path, "a")
         if torn:  # a crash cut the last row short: keep it on its own (skipped) line
@@ -97,7 +98,7 @@ def read_metrics(workdir: str, *, raw: bool = False) -> Iterator[dict]:
     lost and redone), a row written again for the same (split, step, stage) replaces the
     earlier copy, and `start` rows themselves are left out. `raw=True`: every parsed line.
     """
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return
     rows = []

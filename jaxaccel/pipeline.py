@@ -36,12 +36,11 @@ from jaxaccel.compress import prune, quant, sections
 from jaxaccel.loop import Evaluator, Runner, results_record, stage_row, train_loop
 from jaxaccel.preemption import PreemptionGuard
 from jaxaccel.state import Setup, TrainState, build, checkpoint_target, make_schedule
+from jaxaccel import workdir as workdir_files
+from jaxaccel.workdir import CALIBRATION_FILE, CONFIG_FILE, DATASET_FILE, RESULTS_FILE
 
 log = logging.getLogger("jaxaccel")
 
-DATASET_FILE = "dataset.json"
-CALIBRATION_FILE = "calibration.json"
-RESULTS_FILE = "results.json"
 
 
 # ----------------------------------------------------------------------------------------
@@ -365,7 +364,7 @@ def _row_summary(row: dict) -> str:
 
 def transfer(state: TrainState, source_workdir: str) -> tuple[TrainState, list[str]]:
     """Take every param/batch_stat from another run whose path and shape match."""
-    if not os.path.isfile(os.path.join(source_workdir, "config.json")):
+    if not os.path.isfile(os.path.join(source_workdir, CONFIG_FILE)):
         raise ValueError(f"init_from={source_workdir!r} is not a jaxaccel workdir")
     loaded = loading.load(source_workdir)
     reinit = []
@@ -415,7 +414,7 @@ def dataset_record(spec: data.DatasetSpec, splits: data.Splits) -> dict[str, Any
 
 def trained_steps(workdir: str) -> int | None:
     """The newest checkpoint step in `workdir` (None: nothing trained yet)."""
-    directory = os.path.join(workdir, "checkpoints")
+    directory = os.path.join(workdir, workdir_files.CHECKPOINTS_DIR)
     steps = [int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else [])
              if n.isdigit()]
     return max(steps) if steps else None
@@ -455,7 +454,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, *, overwrit
                     is_main: bool = True) -> None:
     """Refuse to mix experiments in one workdir (or to change a run silently on resume);
     write config.json for a new run. With `overwrite`, a different experiment's files go."""
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir, CONFIG_FILE)
     if os.path.isfile(path):
         saved = loading.read_config(workdir)
         diff = config_lib.differences(saved, config)
@@ -477,8 +476,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, *, overwrit
                 f"workdir {workdir!r} holds a different experiment ({'; '.join(diff[:3])}"
                 f"{' …' if len(diff) > 3 else ''}); use another --workdir or --overwrite")
         if diff and overwrite and is_main:
-            for name in ("checkpoints", "metrics.jsonl", RESULTS_FILE, "events",
-                         CALIBRATION_FILE):
+            for name in (workdir_files.CHECKPOINTS_DIR, workdir_files.METRICS_FILE, RESULTS_FILE,
+                         workdir_files.EVENTS_DIR, CALIBRATION_FILE):
                 p = os.path.join(workdir, name)
                 if os.path.isdir(p):
                     shutil.rmtree(p)

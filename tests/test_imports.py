@@ -110,6 +110,19 @@ LAYERS = [
                            "jaxaccel.loading", "jaxaccel.config", "jaxaccel.stages"]),
     ("jaxaccel.data", ["jaxaccel.models", "jaxaccel.compress", "jaxaccel.state"]),
     ("jaxaccel.io", ["jaxaccel."]),
+    ("jaxaccel.trees", ["jaxaccel."]),
+    ("jaxaccel.workdir", ["jaxaccel."]),
+    ("jaxaccel.preemption", ["jaxaccel."]),
+    ("jaxaccel.compilation_cache", ["jaxaccel."]),
+    ("jaxaccel.parallel", ["jaxaccel.models", "jaxaccel.compress", "jaxaccel.data",
+                           "jaxaccel.state", "jaxaccel.config"]),
+    ("jaxaccel.stages", ["jaxaccel.config", "jaxaccel.state", "jaxaccel.loop"]),
+    ("jaxaccel.config", ["jaxaccel.state", "jaxaccel.checkpoint", "jaxaccel.loop",
+                         "jaxaccel.pipeline", "jaxaccel.sweep", "jaxaccel.cli"]),
+    ("jaxaccel.loading", ["jaxaccel.loop", "jaxaccel.pipeline", "jaxaccel.sweep",
+                          "jaxaccel.cli"]),
+    ("jaxaccel.artifacts", ["jaxaccel.loop", "jaxaccel.pipeline", "jaxaccel.sweep",
+                            "jaxaccel.cli"]),
     ("jaxaccel.checkpoint", ["jaxaccel.config", "jaxaccel.state", "jaxaccel.loop"]),
     ("jaxaccel.state", ["jaxaccel.loop", "jaxaccel.pipeline", "jaxaccel.loading",
                         "jaxaccel.checkpoint", "jaxaccel.sweep", "jaxaccel.cli"]),
@@ -131,6 +144,12 @@ def test_imports_run_one_way(owner, forbidden):
             r == f or r.startswith(f if f.endswith(".") else f + ".") for f in forbidden)
             and not (r == owner or r.startswith(owner + ".")))
         assert bad == [], f"{module} reaches {bad}"
+
+
+def test_subcommands_do_not_import_each_other():
+    commands = [m for m in MODULES if m.startswith("jaxaccel.cli.")]
+    for module in commands:
+        assert not (GRAPH[module] & set(commands)), module
 
 
 def test_only_the_cli_parses_arguments():

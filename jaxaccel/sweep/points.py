@@ -24,10 +24,10 @@ import ml_collections
 from jaxaccel import config as config_lib
 from jaxaccel import io
 from jaxaccel.sweep.space import Point
+from jaxaccel.workdir import CONFIG_FILE, RESULTS_FILE  # noqa: F401 - RESULTS_FILE: a point is done when it exists
 
 POINT_FILE = "point.json"      # the point's overrides (and how it ran), written before it runs
 ERROR_FILE = "error.txt"       # first line: the error in one line; then the traceback/log tail
-RESULTS_FILE = "results.json"  # written by training when a point is finished
 SWEEP_FILE = "sweep.json"      # the sweep's points and statuses (top-level workdir)
 LOG_FILE = "log.txt"           # worker processes' output
 
@@ -181,7 +181,7 @@ def status_of(subdir: str, config: ml_collections.ConfigDict | None = None) -> s
 
 
 def _saved_config(subdir: str) -> ml_collections.ConfigDict | None:
-    path = os.path.join(subdir, "config.json")
+    path = os.path.join(subdir, CONFIG_FILE)
     if not os.path.isfile(path):
         return None
     with open(path) as f:

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 from jaxaccel import io, metrics
 from jaxaccel.sweep import points
+from jaxaccel.workdir import CONFIG_FILE
 
 SEED_KEYS = ("seed",)
 # Final-result columns, in this order; stage-aware values come from the last stage.
@@ -150,7 +151,7 @@ def collect(workdir: str) -> list[RunRecord]:
 def _is_point_dir(path: str) -> bool:
     return os.path.isdir(path) and any(
         os.path.isfile(os.path.join(path, f))
-        for f in (points.POINT_FILE, points.RESULTS_FILE, "config.json"))
+        for f in (points.POINT_FILE, points.RESULTS_FILE, CONFIG_FILE))
 
 
 def _read_json(path: str) -> dict | None:

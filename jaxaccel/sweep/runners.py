@@ -160,7 +160,7 @@ def run(experiment: str, workdir: str, *, overrides: Sequence[str] = (), workers
     """Run (or finish) the sweep of `experiment` in `workdir`.
 
     `overrides` (`key=value` strings) apply to every point. `workers` > 0 runs that many
-    `jaxaccel train` processes; `vectorize` (True or a `vsweep` mode: "auto", "vmap",
+    `jaxaccel train` processes; `vectorize` (True or a `sweep.vectorized` mode: "auto", "vmap",
     "loop") trains the pending points as one compiled program. Finished points are
     skipped; failed and unfinished points run (again).
     """
