@@ -12,11 +12,10 @@ Two ways to run the K points inside the program (`mode`, chosen by `choose_plan`
     holds K/N whole points ("points" layout, no collectives).
   * "loop": `lax.map` over the points of a `lax.scan` over the S steps — each point's state
     stays in cache for S steps, and it computes what the sequential run computes bit for bit.
-"auto" follows measurements on XLA:CPU (2 cores): for LeNet-300-100 (8 points) vmapped steps
-cost 1.0–1.3x eight single steps while scanned "loop" blocks cost ~0.7x, so "loop" for dense
-models; for LeNet-5 a step inside any XLA:CPU while loop ran ~2.3x slower but one vmapped step
-of 4 points cost ~0.3x four single steps, so convolutional models get "vmap", one step per
-dispatch, on CPU. GPU/TPU: "vmap".
+"auto" follows what measured faster on XLA:CPU (BENCHMARKS.md, the sweep tables): scanned
+"loop" blocks for dense models (their states overflow the cache when vmapped), one vmapped step
+per dispatch for convolutional ones (XLA:CPU runs convs inside while loops slowly). GPU/TPU:
+"vmap".
 
 Imports data, parallel and the loop's `Evaluator` (the step functions come from its callers);
 never the pipeline, sweeps or the CLI.
@@ -83,8 +82,8 @@ class StackedBatches:
     uint8, with a 256-entry table of `data.normalize`'s float32 values per channel; a
     block is then just the K points' index sets (`TrainBatches.global_indices`) and the
     program gathers and looks up its batches (`materialize`): bit for bit
-    `TrainBatches.batch`, without shipping float images (measured: copying a 38 MB float
-    block to the CPU "device" cost ~1.5 ms per step, more than the gather it saves).
+    `TrainBatches.batch`, without shipping float images (copying float blocks to the CPU
+    "device" measured slower than the gather they would save).
     With augmentation (crop/flip, drawn by numpy) each distinct seed has its own cached
     `TrainBatches` (one copy of the split per seed) and blocks carry the float images.
     """

@@ -15,16 +15,14 @@ The result equals `quant.apply_fake_quant` with the same weight config and `skip
 summation order: integer codes are computed exactly as `fake_quant` does (multiply by the float32
 inverse scale, round half to even, clamp).
 
-Speed on CPU (measured on the 2-core AVX2 dev machine, cnn3, batch 256): XLA:CPU's own int8 dot
-is only ~1.2-1.5x its float32 matmul there (no VNNI), and XLA fuses a float conv + bias + ReLU +
-max-pool into one YNNPACK kernel that an int8 conv's int32 output cannot join; with XLA's int8
-ops the whole model ran at 0.66-0.8x float32. `conv_lowering="auto"` therefore runs int8 convs
-and dense layers on CPU in `kernels.int8` (an AVX2 implicit-GEMM kernel, exact, ~2x float32's
-multiply-adds; the models' conv + 2x2 max-pool, `conv_impls.Conv.max_pooled`, as one call that writes
-only the pooled int32 values): every layer int8, cnn3 runs ~1.5-1.65x faster than float32
-(`jaxaccel bench infer`). Where the kernel cannot run, "auto" falls back to "im2col" (one int8
-dot of patches: ~3x faster than XLA's int8 conv for ResNet-20's narrow layers) on CPU, and to
-the native int8 conv on GPU/TPU. Exported programs never use the kernel (`portable=True`).
+Speed on CPU (BENCHMARKS.md, `jaxaccel bench infer`): XLA:CPU's own int8 dot gains little over
+its float32 matmul on CPUs without VNNI, and XLA fuses a float conv + bias + ReLU + max-pool into
+one kernel that an int8 conv's int32 output cannot join, so with XLA's int8 ops the whole model
+ran slower than float32. `conv_lowering="auto"` therefore runs int8 convs and dense layers on CPU
+in `kernels.int8` (an AVX2 implicit-GEMM kernel, exact; the models' conv + 2x2 max-pool,
+`conv_impls.Conv.max_pooled`, as one call that writes only the pooled int32 values). Where the
+kernel cannot run, "auto" falls back to "im2col" (one int8 dot of patches, faster than XLA's int8
+conv for narrow layers) on CPU, and to the native int8 conv on GPU/TPU. Exported programs never use the kernel (`portable=True`).
 
 Imports `compress.quant`, `kernels.int8`, `models.conv_impls` and trees; never config, stages,
 state, the loop or anything above.

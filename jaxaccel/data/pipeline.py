@@ -2,7 +2,7 @@
 training batches with augmentation, padded evaluation batches, and per-process slices.
 
 Everything here is vectorised numpy over whole batches: the input pipeline has to stay far
-ahead of a CPU training step (≈ 700–2,500 img/s).
+ahead of a CPU training step (BENCHMARKS.md: the input table).
 
 Owns `TrainBatches`, `eval_batches`, `normalize`, the sources (`ArraySource`, `Subset`) and
 `validation_indices`. Imports only `data.catalog` (`DatasetSpec`); never models, compress,

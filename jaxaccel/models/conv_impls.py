@@ -12,8 +12,7 @@ Implementations (`CONV_IMPLS`):
               `patches.T @ dy` (patches rebuilt from the saved input), input gradient a forward
               conv of `dy` with the flipped, transposed kernel. Max-pool via `max_pool_2d`
               (no select-and-scatter), taken before bias and activation.
-  * "cpu":    the mix measured fastest on XLA:CPU (2-core machine, cnn3 batch 128 step
-              ~180 ms -> ~90-130 ms): im2col only where the patch is short (kh*kw*Cin <=
+  * "cpu":    the mix measured fastest on XLA:CPU (BENCHMARKS.md): im2col only where the patch is short (kh*kw*Cin <=
               `CPU_IM2COL_MAX_PATCH`, i.e. first layers), the native conv elsewhere but with
               its filter gradient taken from a materialised input (`_native_materialized_input`);
               `max_pool_2d` before bias and activation; and, in models without BatchNorm, the
@@ -23,9 +22,9 @@ Implementations (`CONV_IMPLS`):
               between transformed 4x4 input tiles and transformed output gradients (2.25x
               fewer multiplies); forward and input gradient stay the native conv. `CNN3`'s
               "auto" picks it on CPU (`CNN3.AUTO_CPU_CONV_IMPL`): its train step measured
-              ~1.1x faster than "cpu" (XLA:CPU's native filter-gradient conv for 32 -> 64
-              channels was its slowest op); in ResNet-20 (BatchNorm between convs) it measured
-              5-15% slower, so the other models' "auto" stays "cpu".
+              faster than "cpu" (XLA:CPU's native filter-gradient conv was its slowest op); in
+              ResNet-20 (BatchNorm between convs) slower, so the other models' "auto" stays
+              "cpu".
   * "cpu_kernel": "winograd", but its 3x3 convs run all three passes (forward, input gradient,
               filter gradient) as Winograd F(2x2, 3x3) in jaxaccel's own AVX2+FMA kernel
               (`kernels.winograd`, an XLA FFI custom call compiled on first use), which fuses
@@ -33,8 +32,8 @@ Implementations (`CONV_IMPLS`):
               into the forward (only the pooled values and each window's int8 first-maximum
               position are written). Where the kernel does not cover a conv (float32 only,
               "SAME", channels multiples of 8 / 16, even sizes for the fused pool) it is
-              "winograd". `CNN3`'s "auto" picks it on CPU when the kernel can run: its train
-              step measured ~1.4x faster than "winograd" (cnn3 batch 128: ~85-100 vs ~120-145 ms).
+              "winograd". `CNN3`'s "auto" picks it on CPU when the kernel can run (its train
+              step measured faster than "winograd": BENCHMARKS.md).
               It trains on whole batches (micro-batches only at inference, see
               `microbatch_count`). Exports (`portable_conv_impl`) use "winograd" instead.
   * "auto":   resolved when the model is traced: on the CPU backend "cpu" (or the model's
@@ -629,10 +628,10 @@ def microbatch_count(batch: int, conv_impl: str, microbatch: int | None = None, 
     batch / size, with size `microbatch` if given, else `CPU_MICROBATCH` under "cpu", "winograd"
     and (at inference only) "cpu_kernel"; 1 otherwise.
 
-    Measured on cnn3 (2-core CPU): a "cpu_kernel" train step is fastest whole (batch 128: ~100 ms
-    whole vs ~115 ms in micro-batches of 32: the kernels block for the cache themselves and lose
-    efficiency on small calls), its inference in micro-batches of 32 (batch 256: ~54 vs ~90 ms:
-    with no activations kept for a backward pass, each micro-batch's stay in cache).
+    Measured on cnn3 (BENCHMARKS.md): a "cpu_kernel" train step is fastest whole (the kernels
+    block for the cache themselves and lose efficiency on small calls), its inference in
+    micro-batches of 32 (with no activations kept for a backward pass, each micro-batch's stay
+    in cache).
     """
     if microbatch is None:
         impl = resolve_conv_impl(conv_impl)
