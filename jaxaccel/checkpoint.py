@@ -91,7 +91,7 @@ def _hash_device(x: jax.Array) -> jax.Array:
     return jnp.stack([a, b])
 
 
-_hash_leaves = jax.jit(lambda leaves: [_hash_device(x) for x in leaves])
+hash_leaves = jax.jit(lambda leaves: [_hash_device(x) for x in leaves])
 
 
 def _hash_host(x: Any) -> np.ndarray:
@@ -133,7 +133,7 @@ def tree_checksums(tree: Any) -> dict[str, str]:
         else:
             sums[i] = _hash_host(x)
     for idx in groups.values():
-        for i, out in zip(idx, _hash_leaves([flat[i][1] for i in idx])):
+        for i, out in zip(idx, hash_leaves([flat[i][1] for i in idx])):
             sums[i] = np.asarray(out.addressable_data(0))
     return {paths[i]: f"{int(sums[i][0]):08x}{int(sums[i][1]):08x}" for i in range(len(flat))}
 

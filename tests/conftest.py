@@ -13,6 +13,10 @@ with every program already in the cache), so the tests
   the generated loop code is less optimised, which costs the tests' tiny models little run time.
   Numerics are IEEE either way (XLA:CPU's fast-math is off by default). Benchmarks never run
   with this flag: speed is measured by `jaxaccel bench`, not here.
+
+It also trains the runs several test modules read (session fixtures, at most once per worker
+process): `reference` and `pruned_run` (see tests/tiny_runs.py). Helper modules beside the
+tests are imported by plain name (`tiny_runs`, `ties`, `export_helpers`, `image_folders`).
 """
 import os
 import tempfile
@@ -33,3 +37,27 @@ from jaxaccel.compilation_cache import enable_compilation_cache  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 enable_compilation_cache()  # $JAXACCEL_COMPILATION_CACHE, set above
+
+import pytest  # noqa: E402
+
+
+# Runs several test modules read (never change: copy the workdir first). Session-scoped:
+# with `make test` each worker process trains them at most once.
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """An uninterrupted `tiny_runs.tiny_config()` run (20 steps on one device, checkpoints at
+    steps 10 and 20): (workdir, results)."""
+    import jaxaccel
+    from tiny_runs import tiny_config
+    wd = str(tmp_path_factory.mktemp("reference"))
+    return wd, jaxaccel.train(tiny_config(), wd)
+
+
+@pytest.fixture(scope="session")
+def pruned_run(tmp_path_factory):
+    """A finished train → prune run (`tiny_runs.pruned_config()`: 10 steps, then a one-shot
+    90% prune, which writes no checkpoint): (workdir, results)."""
+    import jaxaccel
+    from tiny_runs import pruned_config
+    wd = str(tmp_path_factory.mktemp("pruned_run"))
+    return wd, jaxaccel.train(pruned_config(), wd)

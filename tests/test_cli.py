@@ -1,7 +1,9 @@
-"""The `jaxaccel` command: bad input gives one line and exit status 2; workdirs survive;
-every flag has help."""
+"""The `jaxaccel` command (jaxaccel.cli): every flag has help; bad input gives one line
+`jaxaccel: error: ...` and exit status 2 (a traceback only with JAXACCEL_DEBUG); a preempted
+run exits with 3. Subcommands: tests/test_cli_<name>.py, and beside the library module a
+command drives (compress: test_artifacts.py; sweep: test_sweep_runners.py,
+test_sweep_vectorized.py; report: test_sweep_report.py)."""
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import sys
 import pytest
 
 from jaxaccel import cli
+from jaxaccel.preemption import Preempted
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "digits_lenet5.py")
 
@@ -50,32 +53,6 @@ def test_missing_config_file(tmp_path):
     assert_one_line_error(proc, "nope.py")
 
 
-def test_train_then_refuse_different_config_keeps_workdir(tmp_path):
-    wd = tmp_path / "wd"
-    # One device: this test is about the workdir, not sharding (and compiles 2-3x faster).
-    ok = run_cli("train", "--config", EXPERIMENT, "--workdir", str(wd), "--cpu-devices", "1",
-                 "--config.num_steps=10", "--config.log_every=5", "--config.progress=false",
-                 "--config.eval_batch_size=120")
-    assert ok.returncode == 0, ok.stderr
-    assert "test_accuracy=" in ok.stdout
-    before = {p: os.path.getmtime(p) for p in map(str, wd.rglob("*")) if os.path.isfile(p)}
-    bad = run_cli("train", "--config", EXPERIMENT, "--workdir", str(wd), "--cpu-devices", "1",
-                  "--config.num_steps=10", "--config.optimizer.lr=0.5",
-                  "--config.eval_batch_size=120")
-    assert_one_line_error(bad, "optimizer.lr", "--overwrite")
-    after = {p: os.path.getmtime(p) for p in map(str, wd.rglob("*")) if os.path.isfile(p)}
-    assert before == after
-
-
-def test_datasets_lists_builtins():
-    proc = run_cli("datasets")
-    assert proc.returncode == 0, proc.stderr
-    for name in ("digits", "mnist5k", "image_folder"):
-        assert name in proc.stdout
-
-
-# Arguments without help that live in files outside this change; remove each entry as soon
-# as its owner adds the help (the test then fails until the entry is gone, keeping this exact).
 KNOWN_MISSING_HELP: set[str] = set()  # arguments allowed to lack help (none)
 
 
@@ -108,41 +85,42 @@ def test_every_argument_has_help():
         f"now with help, drop from KNOWN_MISSING_HELP: {sorted(KNOWN_MISSING_HELP - missing)}")
 
 
-def test_datasets_says_built_on_first_use_not_not_prepared(tmp_path, capsys):
-    from jaxaccel import data
-    empty, ready = str(tmp_path / "empty"), str(tmp_path / "ready")
-    assert cli.main(["datasets", "--data-dir", empty]) == 0
-    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
-    for name in ("digits", "mnist5k", "image_folder"):
-        assert "built on first use (offline)" in rows[name], rows[name]
-        assert "not prepared" not in rows[name]
-    assert rows["digits"].split()[1] == "built-in" and rows["image_folder"].split()[1] == "folder"
-    assert rows["cifar10"].split()[1] == "catalog"
-    assert "not prepared: needs `tfds build cifar10` on a machine with internet" in rows["cifar10"]
-    assert f"data dir: {empty}" in rows["data"]
-    assert not os.path.exists(empty)  # listing prepares nothing
-    data.prepare("digits", data_dir=ready)
-    assert cli.main(["datasets", "--data-dir", ready]) == 0
-    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
-    assert rows["digits"].split()[1:] == ["built-in", "prepared"]
-    assert "built on first use (offline)" in rows["mnist5k"]
+def test_exit_statuses_of_errors_preemption_and_interrupts(monkeypatch, tmp_path, capsys):
+    from jaxaccel.cli import report
+    monkeypatch.delenv("JAXACCEL_DEBUG", raising=False)
+    missing = str(tmp_path / "empty")  # not a sweep
+    os.mkdir(missing)
+    assert cli.main(["report", missing]) == cli.EXIT_BAD_INPUT == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"jaxaccel: error: {missing!r} holds no sweep points (no sub-workdirs with "
+                   f"point.json, results.json or config.json)"]
+    monkeypatch.setenv("JAXACCEL_DEBUG", "1")  # the traceback, for debugging
+    with pytest.raises(ValueError, match="holds no sweep points"):
+        cli.main(["report", missing])
+
+    def preempted(args, overrides):
+        raise Preempted(7, "SIGTERM")
+
+    monkeypatch.setattr(report, "run", preempted)
+    assert cli.main(["report", missing]) == cli.EXIT_PREEMPTED == 3
+    assert capsys.readouterr().err.strip().startswith("jaxaccel: preempted by SIGTERM at step 7")
+
+    def interrupted(args, overrides):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "run", interrupted)
+    assert cli.main(["report", missing]) == 130
+    assert capsys.readouterr().err.strip() == "jaxaccel: interrupted"
 
 
-def test_config_lists_every_key_with_default_type_choices_and_help(capsys):
-    from jaxaccel import cli, config as config_lib
-    assert cli.main(["config"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    keys = [line.split(" = ")[0] for line in lines]
-    assert set(keys) >= set(config_lib.flat_keys(config_lib.default_config()))
-    line = next(x for x in lines if x.startswith("optimizer.name = "))
-    assert line == ("optimizer.name = 'adam'  # str, one of sgd|adam|adamw: "
-                    + config_lib.KEY_HELP["optimizer.name"])
-    root = os.path.join(os.path.dirname(__file__), "..", "experiments", "mnist5k_cnn3.py")
-    assert cli.main(["config", "--config", root, "--changed", "--json",
-                     "--config.optimizer.lr=0.5"]) == 0
-    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    lr = next(r for r in rows if r["key"] == "optimizer.lr")
-    assert (lr["value"], lr["default"], lr["type"]) == (0.5, 0.001, "float")
-    assert all(r["value"] != r["default"] for r in rows) and "seed" not in {r["key"] for r in rows}
-    assert cli.main(["config", "--config.optimizer.nme=x"]) == 2
-    assert "did you mean optimizer.name" in capsys.readouterr().err
+def test_config_overrides_reach_the_command_and_other_arguments_are_refused(monkeypatch,
+                                                                          capsys):
+    from jaxaccel.cli import report
+    seen = []
+    monkeypatch.setattr(report, "run", lambda args, overrides: seen.append(
+        (args.workdir, args.no_plots, overrides)) or 0)
+    assert cli.main(["report", "w", "--no-plots", "--config.seed=1", "--config.a.b=x"]) == 0
+    assert seen == [("w", True, ["seed=1", "a.b=x"])]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["report", "w", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Config loading, overrides and validation."""
+"""jaxaccel.config: config loading, overrides and validation (experiment files, sweep points,
+values checked with the dataset)."""
 import os
 import re
 
@@ -178,3 +179,23 @@ def test_every_key_is_documented_and_described():
     assert rows["stages.0.prune.granularity"]["choices"] == ("unstructured", "channel", "n:m")
     assert all(r["help"] for r in rows.values()), [k for k, r in rows.items() if not r["help"]]
     assert rows["optimizer.boundaries"]["type"] == "tuple"
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_validation_split_must_be_a_fraction(value):
+    c = config_lib.default_config()
+    c.dataset.validation_split = value
+    with pytest.raises(config_lib.ConfigError, match="dataset.validation_split"):
+        config_lib.validate(c)
+
+
+@pytest.mark.parametrize("name,size,needle", [
+    ("image_folder", (4, 0), "must be \\(height, width\\), both > 0"),
+    ("digits", (4, 4), "resizes 'image_folder' images only"),
+])
+def test_image_size_is_checked_with_the_config(name, size, needle, tmp_path):
+    from jaxaccel.config import ConfigError, default_config, validate
+    c = default_config()
+    c.dataset.name, c.dataset.path, c.dataset.image_size = name, str(tmp_path), size
+    with pytest.raises(ConfigError, match=needle):
+        validate(c)

@@ -1,4 +1,5 @@
-"""Tests for jaxaccel.models: shapes, exact parameter counts, registry errors, dtypes, BN."""
+"""Tests for jaxaccel.models (the registry and the models it holds: cnn, lenet, resnet,
+mobilenet): shapes, exact parameter counts, registry errors, dtypes, BN."""
 import chex
 import jax
 import jax.numpy as jnp

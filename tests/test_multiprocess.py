@@ -17,7 +17,7 @@ import chex
 import pytest
 
 import jaxaccel
-from jaxaccel import config as config_lib, data, metrics
+from jaxaccel import config as config_lib, metrics
 
 pytestmark = pytest.mark.multiprocess
 
@@ -132,32 +132,3 @@ def test_only_process_0_writes_metrics_and_checkpoints_are_collective(job):
     assert len(starts) == 2  # one row per launch: process 1 wrote none
     state_dir = os.path.join(wd, "checkpoints", str(STEPS), "state")
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(state_dir))
-
-
-def test_each_process_reads_only_its_rows(tmp_path):
-    """What every process of the job does with the training split (uncached, as in a job)."""
-    source = data.get_source("digits", "train")
-
-    class Recording:
-        def __init__(self):
-            self.read = []
-
-        def __len__(self):
-            return len(source)
-
-        def __getitems__(self, indices):
-            self.read.extend(indices)
-            return source.__getitems__(indices)
-
-    spec = data.dataset_spec("digits")
-    seen = []
-    for pid in (0, 1):
-        rec = Recording()
-        batches = data.TrainBatches(rec, spec, global_batch_size=64, seed=0, process_index=pid,
-                                    process_count=2, cache=False)
-        batch = batches.batch(7)
-        rows = batches.global_indices(7)[pid * 32:(pid + 1) * 32]
-        assert sorted(rec.read) == sorted(int(i) for i in rows)
-        assert batch["label"].shape == (32,)
-        seen.extend(rec.read)
-    assert sorted(seen) == sorted(int(i) for i in batches.global_indices(7))

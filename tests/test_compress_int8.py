@@ -1,4 +1,5 @@
-"""Tests for jaxaccel.compress.int8: integer inference equals the fake-quant simulation."""
+"""Tests for jaxaccel.compress.int8: integer inference equals the fake-quant simulation;
+which conv lowering runs (the CPU kernel where it can, never in an exported program)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -258,3 +259,17 @@ def test_unknown_conv_lowering_names_the_choices(trained):
     # kernel for an exported (portable) program.
     assert i8.resolve_conv_lowering("auto") == ("cpu_kernel" if int8_cpu.available() else "im2col")
     assert i8.resolve_conv_lowering("auto", portable=True) == "im2col"
+
+
+def test_auto_falls_back_and_explicit_kernel_explains_why(monkeypatch):
+    monkeypatch.setattr(int8_cpu, "available", lambda: False)
+    monkeypatch.setattr(int8_cpu, "unavailable_reason", lambda: "no C++ compiler (c++, g++ or clang++; or set CXX)")
+    assert i8.resolve_conv_lowering("auto") == "im2col"
+    with pytest.raises(ValueError, match=r"'cpu_kernel' cannot run here \(no C\+\+ compiler.*im2col, native"):
+        i8.resolve_conv_lowering("cpu_kernel")
+
+
+def test_exported_programs_never_use_the_kernel():
+    assert i8.resolve_conv_lowering("auto", portable=True) in ("im2col", "native")
+    with pytest.raises(ValueError, match="cannot be exported"):
+        i8.resolve_conv_lowering("cpu_kernel", portable=True)

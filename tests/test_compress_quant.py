@@ -1,4 +1,5 @@
-"""Tests for jaxaccel.compress.quant: fake_quant, observers, PTQ calibration, QAT."""
+"""Tests for jaxaccel.compress.quant: fake_quant, observers, PTQ calibration, QAT, and the
+calibration files a quantize stage writes."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,8 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from export_helpers import raw_images
+from jaxaccel import data
 from jaxaccel.compress import quant as q
 from jaxaccel.models import get_model, init_variables
+
+DIGITS = data.dataset_spec("digits")
 
 
 # ------------------------------------------------------------------ fake_quant
@@ -362,3 +367,43 @@ def test_sharded_params(fsdp):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     fq, _ = jax.jit(q.quantize_weights)(sharded["params"])
     assert fq["conv3"]["kernel"].sharding.is_equivalent_to(sharded["params"]["conv3"]["kernel"].sharding, 4)
+
+
+# ------------------------------------------------------------------ calibration files
+def test_calibration_file_round_trips_exactly(tmp_path):
+    model = get_model("cnn3", 10, features=(8, 16, 32), hidden=32, conv_impl="xla")
+    variables = init_variables(model, jax.random.key(0), (8, 8, 1))
+    x = data.normalize(raw_images(1, 32), DIGITS)
+    w_cfg = q.QuantConfig(bits=4, symmetric=True, per_channel=True, narrow_range=True)
+    act = q.calibrate(model, variables, [x], q.QuantConfig(symmetric=False, per_channel=False,
+                                                          observer="percentile", percentile=99.5))
+    act["fc2"] = q.calibrate(model, variables, [x], q.QuantConfig(per_channel=True))["fc2"]  # 1-D
+    path = tmp_path / "calibration.json"
+    q.save_calibration(path, act, w_cfg, meta={"step": 7, "stage": "quantize"})
+    got, got_cfg, meta = q.load_calibration(path)
+    assert got_cfg == w_cfg and meta == {"step": 7, "stage": "quantize"}
+    chex.assert_trees_all_equal(got, act)  # float32 scales bit for bit, static ranges and axes
+    assert got["fc2"].axis == act["fc2"].axis == -1 and got["fc2"].scale.shape == (32,)
+    assert got["conv1"].scale.dtype == jnp.float32 and got["conv1"].zero_point.dtype == jnp.int32
+
+
+def test_bad_calibration_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        q.load_calibration(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    for text, needle in [("{not json", "not a jaxaccel calibration"),
+                         ('{"format": "other"}', "other"),
+                         ('{"format": "jaxaccel-calibration", "version": 9}', "version 9"),
+                         ('{"format": "jaxaccel-calibration", "version": 1, "weight_config": {"bits": 9},'
+                          ' "activations": {}}', "bits"),
+                         ('{"format": "jaxaccel-calibration", "version": 1, "weight_config": {},'
+                          ' "activations": {"c": {"scale": -1.0, "zero_point": 0, "qmin": -128,'
+                          ' "qmax": 127, "axis": null}}}', "'c'")]:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=needle) as e:
+            q.load_calibration(bad)
+        assert "bad.json" in str(e.value)
+    nan = {"c": q.QParams(scale=jnp.float32(np.nan), zero_point=jnp.int32(0), qmin=-128, qmax=127)}
+    with pytest.raises(ValueError, match="'c'.*finite"):
+        q.save_calibration(tmp_path / "nan.json", nan, q.WEIGHT_CONFIG)
+    assert not (tmp_path / "nan.json").exists()

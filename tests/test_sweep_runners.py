@@ -1,12 +1,12 @@
-"""Sweeps: point helpers, names and CLI values; a 2x2 grid x 2 seeds with a failing point,
-re-runs that skip finished points; worker processes; bad keys fail before anything runs."""
+"""jaxaccel.sweep.runners: running a sweep's points in this process or in `jaxaccel train`
+worker processes — bad keys fail before anything runs, a failing point records its error,
+re-runs skip finished points — and the report after (through `jaxaccel sweep`)."""
 import json
 import os
 import sys
 import textwrap
 
 import pytest
-from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 from jaxaccel import cli, config as config_lib, sweep
@@ -39,59 +39,6 @@ def write_experiment(tmp_path, sweep_expr: str, name="exp.py") -> str:
     return str(path)
 
 
-# -- building sweeps ------------------------------------------------------------------------
-def test_grid_product_zip_concat_seeds():
-    g = sweep.product(sweep.grid("optimizer.lr", [1e-3, 3e-3]), sweep.grid("model.width", [0.5, 1.0]),
-                      sweep.seeds(2))
-    assert len(g) == 8
-    assert g[0] == {"optimizer.lr": 1e-3, "model.width": 0.5, "seed": 0}
-    assert g[-1] == {"optimizer.lr": 3e-3, "model.width": 1.0, "seed": 1}
-    z = sweep.zipit(sweep.grid("optimizer.lr", [1, 2]), sweep.grid("seed", [5, 6]))
-    assert z == [{"optimizer.lr": 1, "seed": 5}, {"optimizer.lr": 2, "seed": 6}]
-    assert sweep.concat(z, [{}]) == z + [{}]
-    with pytest.raises(ValueError, match="different lengths"):
-        sweep.zipit(sweep.grid("a", [1, 2]), sweep.grid("b", [1]))
-    with pytest.raises(ValueError, match="'seed' is set twice"):
-        sweep.product(sweep.seeds(2), sweep.seeds(2))
-    with pytest.raises(ValueError, match="no values"):
-        sweep.grid("optimizer.lr", [])
-
-
-def test_sample_is_deterministic_and_in_range():
-    space = {"optimizer.lr": sweep.loguniform(1e-4, 1e-1), "label_smoothing": sweep.uniform(0, 0.2),
-             "optimizer.name": ["adam", "sgd"]}
-    a, b = sweep.sample(space, 20, seed=3), sweep.sample(space, 20, seed=3)
-    assert a == b and a != sweep.sample(space, 20, seed=4)
-    for p in a:
-        assert 1e-4 <= p["optimizer.lr"] <= 1e-1 and 0 <= p["label_smoothing"] <= 0.2
-        assert p["optimizer.name"] in ("adam", "sgd")
-    with pytest.raises(ValueError, match="0 < low < high"):
-        sweep.loguniform(0, 1)
-
-
-def test_point_names_are_stable_safe_and_unique():
-    assert sweep.point_name({"seed": 0, "optimizer.lr": 0.001}) == "optimizer.lr=0.001,seed=0"
-    assert sweep.point_name({}) == "default"
-    weird = {"dataset.path": "/data/my set", "model.kwargs.padding": "SAME",
-             "optimizer.boundaries": (100, 200), "optimizer.nesterov": True}
-    name = sweep.point_name(weird)
-    assert "/" not in name and " " not in name and "boundaries=100-200" in name
-    long = {f"model.kwargs.k{i}": 1.0 / 3 for i in range(20)}
-    assert len(sweep.point_name(long)) <= 120
-    assert sweep.point_name(long) != sweep.point_name({**long, "seed": 1})
-
-
-scalar = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False),
-                   st.booleans(), st.text(max_size=12), st.none())
-
-
-@settings(max_examples=50, deadline=None)
-@given(value=st.one_of(scalar, st.lists(st.integers(-100, 100), max_size=4).map(tuple)))
-def test_cli_values_round_trip(value):
-    """What a worker process gets on its command line parses back to the same value."""
-    assert config_lib.parse_value(sweep.format_value(value)) == value
-
-
 def test_bad_key_fails_up_front_with_one_line(tmp_path, capsys):
     exp = write_experiment(tmp_path, 'sweep.grid("optimizer.lrr", [0.1, 0.2])')
     wd = tmp_path / "wd"
@@ -105,7 +52,6 @@ def test_bad_key_fails_up_front_with_one_line(tmp_path, capsys):
     assert "same point" in capsys.readouterr().err
 
 
-# -- running --------------------------------------------------------------------------------
 def mtimes(wd, names):
     return {n: os.path.getmtime(os.path.join(wd, n, "results.json")) for n in names}
 
@@ -232,32 +178,16 @@ def test_workers_record_how_many_shared_the_machine(tmp_path, monkeypatch):
     assert "concurrent_workers" not in point_file(runs[0])
 
 
-def test_finished_means_results_for_this_many_steps(tmp_path):
-    """A finished point re-runs (and continues from its checkpoint) when num_steps grows."""
-    c = config_lib.default_config()
-    sub = tmp_path / "p"
-    sub.mkdir()
-    assert sweep.status_of(str(sub), c) == "pending"
-    (sub / "config.json").write_text(config_lib.to_json(c))
-    (sub / "results.json").write_text("{}")
-    assert sweep.status_of(str(sub), c) == "done"
-    longer = sweep.point_config(c, {"num_steps": c.num_steps * 2})
-    assert sweep.status_of(str(sub), longer) == "pending"
-    run = sweep.plan(c, [{"num_steps": c.num_steps * 2}], str(tmp_path))[0]
-    (tmp_path / run.name).mkdir()
-    sweep.mark_started(run)
-    sweep.mark_failed(run, "ValueError: boom\nsecond line", "Traceback ...")
-    assert sweep.status_of(run.workdir, run.config) == "failed"
-    assert sweep.read_error(run.workdir) == "ValueError: boom second line"
+def test_worker_command_trains_the_point_in_its_own_workdir(tmp_path):
+    run = sweep.plan(config_lib.default_config(), [{"optimizer.lr": 0.5}], str(tmp_path))[0]
+    cmd = sweep.worker_command("exp.py", run, ["batch_size=16"])
+    assert cmd[:4] == [sys.executable, "-m", "jaxaccel", "train"]
+    assert cmd[cmd.index("--config") + 1] == os.path.abspath("exp.py")
+    assert cmd[cmd.index("--workdir") + 1] == os.path.abspath(run.workdir)
+    assert cmd[-3:] == ["--config.batch_size=16", "--config.optimizer.lr=0.5",
+                        "--config.progress=false"]  # base overrides, then the point's
 
 
-def test_point_configs_are_independent_copies():
-    """Overrides inside config.stages must not leak from one point into another."""
-    from jaxaccel import stages
-    base = config_lib.default_config()
-    base.stages = (stages.stage("train", "train", steps=10),
-                   stages.stage("prune", "prune", prune={"method": "one_shot", "sparsity": 0.5}))
-    points = sweep.grid("stages.1.prune.sparsity", [0.8, 0.9])
-    configs = [sweep.point_config(base, p) for p in points]
-    assert [c.stages[1].prune.sparsity for c in configs] == [0.8, 0.9]
-    assert base.stages[1].prune.sparsity == 0.5
+def test_workers_and_vectorize_are_exclusive(tmp_path):
+    with pytest.raises(ValueError, match="either --workers or --vectorize"):
+        sweep.run("exp.py", str(tmp_path), workers=2, vectorize=True)

@@ -1,4 +1,4 @@
-"""Reports from sub-workdirs alone: csv rows, mean ± std over seeds, stage-aware results,
+"""jaxaccel.sweep.report: reports from sub-workdirs alone: csv rows, mean ± std over seeds, stage-aware results,
 failed/pending points, PNG plots of what varies (stale ones removed), validation columns and
 the best point chosen on validation only, throughput marked when measured on a shared
 machine, and the `jaxaccel report` command."""

@@ -1,6 +1,8 @@
-"""Random override sets, types and values thrown at `jaxaccel train` (in-process `cli.main`).
+"""`jaxaccel train` (jaxaccel.cli.train): random override sets, types and values thrown at it
+must run or fail in one line without touching the workdir; a finished workdir survives a
+different config or fewer steps.
 
-Every case must either run (exit 0, results written) or end with exactly one line
+Every fuzzed case must either run (exit 0, results written) or end with exactly one line
 `jaxaccel: error: ...` and exit status 2 — never a traceback, never a hang, and never a
 touched workdir (a run that fails on its input must not create or modify anything). A run
 that starts and then diverges (a huge learning rate) may stop with its one-line non-finite
@@ -10,6 +12,8 @@ batch of 1e12) and a coordinator address (it would wait for peers that never com
 """
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -17,6 +21,62 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from jaxaccel import cli, config as config_lib
 
+EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "digits_lenet5.py")
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "jaxaccel", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "JAXACCEL_DEBUG": ""})
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith("jaxaccel: error:") or "error:" in lines[-1], proc.stderr
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+
+
+def test_train_then_refuse_different_config_keeps_workdir(tmp_path):
+    wd = tmp_path / "wd"
+    # One device: this test is about the workdir, not sharding (and compiles 2-3x faster).
+    ok = run_cli("train", "--config", EXPERIMENT, "--workdir", str(wd), "--cpu-devices", "1",
+                 "--config.num_steps=10", "--config.log_every=5", "--config.progress=false",
+                 "--config.eval_batch_size=120")
+    assert ok.returncode == 0, ok.stderr
+    assert "test_accuracy=" in ok.stdout
+    before = {p: os.path.getmtime(p) for p in map(str, wd.rglob("*")) if os.path.isfile(p)}
+    bad = run_cli("train", "--config", EXPERIMENT, "--workdir", str(wd), "--cpu-devices", "1",
+                  "--config.num_steps=10", "--config.optimizer.lr=0.5",
+                  "--config.eval_batch_size=120")
+    assert_one_line_error(bad, "optimizer.lr", "--overwrite")
+    after = {p: os.path.getmtime(p) for p in map(str, wd.rglob("*")) if os.path.isfile(p)}
+    assert before == after
+
+
+def test_fewer_steps_than_trained_is_refused_on_the_command_line(tmp_path, capsys):
+    experiment = tmp_path / "exp.py"
+    experiment.write_text(
+        "from jaxaccel.config import default_config\n"
+        "def get_config():\n"
+        "    c = default_config()\n"
+        "    c.dataset.name, c.model.name = 'digits', 'lenet300_100'\n"
+        "    c.num_steps, c.checkpoint_every, c.batch_size, c.progress = 4, 4, 32, False\n"
+        "    return c\n")
+    workdir = str(tmp_path / "run")
+    args = ["train", "--config", str(experiment), "--workdir", workdir]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    assert cli.main(args + ["--config.num_steps=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"jaxaccel: error: workdir {workdir!r}: num_steps=2 is fewer than the 4 steps "
+                   f"this run already trained; use a new --workdir, or --overwrite to start again"]
+
+
+# ----------------------------------------------------------------------------------------
+# Fuzzing the overrides (in-process `cli.main`)
+# ----------------------------------------------------------------------------------------
 BASE = {"dataset.name": "digits", "model.name": "lenet300_100", "batch_size": 64,
         "eval_batch_size": 120, "num_steps": 2, "log_every": 1, "checkpoint_every": 2,
         "progress": False}
@@ -36,13 +96,17 @@ def experiment(tmp_path_factory):
 
 KNOWN_KEYS = [k for k in config_lib.flat_keys(config_lib.default_config())
               if k not in ("distributed.coordinator_address", "dataset.data_dir")]
-# Keys whose large valid values only cost memory or time: fuzzed within a small range.
+
+
 SIZE_KEYS = {"batch_size", "eval_batch_size", "num_steps", "model.width", "imp.rounds",
              "imp.steps", "optimizer.warmup_steps", "keep_checkpoints", "parallel.cpu_devices",
              "parallel.num_devices", "rewind_step", "eval_every", "dataset.crop_padding"}
 
+
 text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
                max_size=12)
+
+
 any_value = st.one_of(
     st.integers(-2**40, 2**40).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
@@ -52,9 +116,13 @@ any_value = st.one_of(
                      "cifar10", "imagenet", "resnet20", "sgd", "adamw", "fsdp", "pmap",
                      "skip", "train[:10%]", "test", "nope"]),
     text)
+
+
 small_value = st.one_of(st.integers(-2, 130).map(str),
                         st.floats(-1.0, 3.0, allow_nan=False).map(repr),
                         st.sampled_from(["true", "abc", "()", "[8]", "None", "nan", "1e400"]))
+
+
 unknown_key = st.one_of(
     st.from_regex(r"[a-z_]{1,10}(\.[a-z_]{1,8}){0,2}", fullmatch=True),
     st.sampled_from(["optimizer", "model", "dataset.nme", "optimizer.lrr", "batchsize",

@@ -70,7 +70,14 @@ def test_fused_max_pool_equals_pooling_the_conv_and_routes_gradients_alike(n, h2
     near = np.sort(y, -1)[..., -1] - np.sort(y, -1)[..., -2] < 1e-4 * np.abs(y).max()  # rounding could swap
     np.testing.assert_array_equal(np.asarray(first)[~near], y.argmax(-1)[~near])
     g = jnp.asarray(rng.standard_normal(pooled.shape), jnp.float32)
-    fused = jax.grad(lambda x, k: jnp.sum(conv_impls._winograd_conv_max_pool(x, k) * g), (0, 1))(x, kernel)
+    # the models' conv + 2x2 pool under "cpu_kernel" (Conv.max_pooled): one fused kernel call
+    layer = conv_impls.conv(k, 3, use_bias=False, conv_impl="cpu_kernel")
+
+    def fused_pool(x, kk):
+        return layer.apply({"params": {"kernel": kk}}, x, 2, method="max_pooled")[0]
+
+    assert jax.jit(fused_pool).lower(x, kernel).as_text().count(f"@{W.POOL_TARGET}(") == 1
+    fused = jax.grad(lambda x, kk: jnp.sum(fused_pool(x, kk) * g), (0, 1))(x, kernel)
     plain = jax.grad(lambda x, k: jnp.sum(conv_impls.max_pool_2d(_conv(x, k), 2) * g), (0, 1))(x, kernel)
     for a, e in zip(fused, plain):
         _close(a, e, 1e-4)

@@ -1,4 +1,5 @@
-"""Equivalence of every conv_impl's conv and max-pool with plain XLA (values and gradients)."""
+"""jaxaccel.models.conv_impls: every conv_impl's conv and max-pool equal plain XLA (values and
+gradients); resolution of the names, micro-batches, the Winograd conv."""
 import functools
 
 import flax.linen as nn

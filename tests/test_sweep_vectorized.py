@@ -1,6 +1,6 @@
-"""Vectorized sweeps: same results as sequential runs (loop and vmap modes, per-point and
-shared data orders, 1/2/8 devices), per-point failures, resume after preemption, batches
-equal to TrainBatches', sub-workdirs like `jaxaccel train`'s."""
+"""jaxaccel.sweep.vectorized: K points as one compiled program — the same results as
+sequential runs (loop and vmap modes, per-point and shared data orders, 1/2/8 devices),
+per-point failures, resume after preemption, sub-workdirs like `jaxaccel train`'s."""
 import json
 import os
 import textwrap
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxaccel
-from jaxaccel import cli, config as config_lib, metrics, stacked, sweep
+from jaxaccel import cli, config as config_lib, metrics, sweep
 from jaxaccel.state import make_optimizer
 from jaxaccel.sweep import vectorized as vsweep
 from jaxaccel.preemption import Preempted
@@ -38,6 +38,8 @@ def get_sweep():
     return sweep.zipit(sweep.grid("optimizer.lr", [1e-3, 2e-3, 4e-3, 8e-3]),
                        sweep.grid("seed", [0, 0, 1, 1]))
 '''
+
+
 POINTS = [{"optimizer.lr": lr, "seed": s} for lr, s in ((1e-3, 0), (2e-3, 0), (4e-3, 1), (8e-3, 1))]
 
 
@@ -201,48 +203,30 @@ def test_hyperparameters_enter_the_step_as_arrays():
         vsweep.check_vectorizable(configs)
 
 
-@pytest.mark.parametrize("augment", [False, True])
-def test_blocks_are_train_batches(augment):
-    """Point k's batches in a block are exactly TrainBatches(seed_k).batch(step); without
-    augmentation they are gathered and normalised on the device from indices."""
-    from jaxaccel import data
+def test_only_the_hyperparameters_that_differ_enter_the_step():
     configs = []
-    for seed in (0, 1, 0):
+    for lr, wd in ((0.1, 0.0), (0.2, 0.0), (0.2, 1e-3)):
         c = config_lib.default_config()
-        c.dataset.name, c.batch_size, c.seed = "digits", 16, seed
-        c.dataset.crop_padding, c.dataset.flip = (2, True) if augment else (0, False)
+        c.optimizer.lr, c.optimizer.weight_decay = lr, wd
         configs.append(c)
-    source, spec = data.get_source("digits", "train"), data.dataset_spec("digits")
-    batches = stacked.StackedBatches(source, spec, [c.seed for c in configs], batch_size=16,
-                                     crop_padding=configs[0].dataset.crop_padding,
-                                     flip=configs[0].dataset.flip)
-    assert batches.on_device == (not augment)
-    arrays = jax.device_put(batches.arrays())
-    ref = {s: data.TrainBatches(source, spec, global_batch_size=16, seed=s,
-                                crop_padding=configs[0].dataset.crop_padding,
-                                flip=configs[0].dataset.flip) for s in (0, 1)}
-    start = batches.steps_per_epoch - 1  # crosses an epoch boundary
-    by_point = batches.block(start, 3, points_first=True)
-    by_step = batches.block(start, 3, points_first=False)
-    for k, c in enumerate(configs):
-        for t in range(3):
-            want = ref[c.seed].batch(start + t)
-            for got in (stacked.materialize(arrays, jax.tree.map(lambda x: x[k, t], by_point)),
-                        stacked.materialize(arrays, jax.tree.map(lambda x: x[t, k], by_step))):
-                for key in ("image", "label"):
-                    np.testing.assert_array_equal(np.asarray(got[key]), want[key])
+    hp = vsweep.hyper_values(configs)
+    assert set(hp) == {"lr", "weight_decay"}  # b1, b2, momentum... are shared constants
+    np.testing.assert_array_equal(hp["lr"], np.float32([0.1, 0.2, 0.2]))
+    assert hp["lr"].dtype == np.float32
+    assert vsweep.shared_optimizer(configs).weight_decay == 1e-3  # a decay term for all
+    vsweep.check_vectorizable(configs)
+    other = config_lib.default_config()
+    other.batch_size = 64
+    with pytest.raises(ValueError, match="points differ in batch_size"):
+        vsweep.check_vectorizable(configs + [other])
+    with pytest.raises(ValueError, match="no points"):
+        vsweep.check_vectorizable([])
 
 
-def test_block_steps_divide_every_stop():
-    stops = (100, 1000, 0, 2000)  # log_every, checkpoint_every, eval_every, num_steps
-    assert stacked.block_steps(stops, 8, 60, 4 * 784) == 25  # 64 MB of input at most
-    assert stacked.block_steps(stops, 8, 60, 4) == 100  # indices only
-    assert stacked.block_steps(stops, 1, 60, 4 * 64) == 100
-    assert stacked.block_steps(stops, 1, 60, 4 * 64, start=730) == 10  # resumed at step 730
-    assert stacked.block_steps((100, 1000, 30, 2000), 1, 60, 4 * 64) == 10
-    assert stacked.choose_plan(8, 1, "auto", backend="cpu") == ("loop", "batch", True)
-    assert stacked.choose_plan(8, 1, "auto", backend="cpu", convolutional=True) == ("vmap", "batch", False)
-    assert stacked.choose_plan(8, 4, "auto", backend="gpu", convolutional=True) == ("vmap", "points", True)
-    assert stacked.choose_plan(6, 4, "vmap", backend="cpu") == ("vmap", "batch", True)
-    with pytest.raises(ValueError, match="mode='fast'"):
-        stacked.choose_plan(2, 1, "fast")
+def test_group_id_names_the_points_and_their_configs():
+    a, b = config_lib.default_config(), config_lib.default_config()
+    assert vsweep.group_id(["p", "q"], [a, b]) == vsweep.group_id(["p", "q"], [a, b])
+    assert len(vsweep.group_id(["p", "q"], [a, b])) == 12
+    assert vsweep.group_id(["p", "r"], [a, b]) != vsweep.group_id(["p", "q"], [a, b])
+    b.num_steps = 7
+    assert vsweep.group_id(["p", "q"], [a, b]) != vsweep.group_id(["p", "q"], [a, a])

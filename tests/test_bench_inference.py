@@ -1,0 +1,43 @@
+"""jaxaccel.bench.inference: float32, fake-quant, int8 and pruned variants, their speedups
+and the int8 ceiling (no timing asserts); which layers stay float."""
+import pytest
+
+from jaxaccel.bench.inference import bench_infer, resolve_skip
+from jaxaccel.compress import int8 as i8
+from jaxaccel.kernels import int8 as int8_cpu
+
+def test_infer_bench_variants_and_speedups():
+    out = bench_infer("lenet300_100", 16, (8, 8, 1), sparsities=(0.5,), warmup=0, repeats=2)
+    names = [r["variant"] for r in out["results"]]
+    assert names[:2] == ["float32", "fake-quant"] and names[-1] == "pruned 50%"
+    pruned = out["results"][-1]
+    assert 0 < pruned["mac_fraction"] < 0.6  # 50% of each hidden width: about a quarter of fc2
+    assert out["pruned_50_speedup"] > 0 and out["float32_ms_median"] > 0
+    assert out["int8_float_layers"] == []  # every layer int8 by default
+    if out["int8_speedup"] is None:
+        assert "int8 skipped" in " ".join(out["notes"])
+    else:
+        int8 = next(r for r in out["results"] if r["variant"] == "int8")
+        assert int8["top1_agreement_vs_fake_quant"] >= 0.9
+        assert out["int8_conv_lowering"] == i8.resolve_conv_lowering("auto")
+        ceiling = out["int8_ceiling"]  # the int8 layers (fc1, fc2, fc3) as plain matmuls
+        assert ceiling["shapes_mkn"] == [[16, 64, 300], [16, 300, 100], [16, 100, 10]]
+        assert ceiling["macs"] == 16 * 64 * 300 + 16 * 300 * 100 + 16 * 100 * 10
+        assert ceiling["float32_ms_median"] > 0 and ceiling["int8_ms_median"] > 0
+        if int8_cpu.available():  # the AVX2 kernel's time for the same matmuls, beside XLA's int8 dot
+            assert ceiling["kernel_ms_median"] > 0 and ceiling["kernel_speedup"] > 0
+            assert min(1.0, ceiling["kernel_speedup"]) <= ceiling["kernel_bound_speedup"] <= max(1.0, ceiling["kernel_speedup"])
+        else:
+            assert ceiling["kernel_speedup"] is None
+        # Amdahl: the whole model gains less than its matmuls (or loses less, if int8 is slower).
+        assert min(1.0, ceiling["speedup"]) <= ceiling["bound_speedup"] <= max(1.0, ceiling["speedup"])
+        assert any("int8 ceiling" in n for n in out["notes"])
+
+
+def test_resolve_skip():
+    order = ["conv1", "conv2", "fc1"]
+    assert resolve_skip("first", order) == ("conv1",)
+    assert resolve_skip("none", order) == ()
+    assert resolve_skip("conv2,fc1", order) == ("conv2", "fc1")
+    with pytest.raises(ValueError, match="conv9"):
+        resolve_skip("conv9", order)

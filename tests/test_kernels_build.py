@@ -1,0 +1,72 @@
+"""jaxaccel.kernels.build: the one build-and-register helper of the C++ CPU kernels — cached
+by source, compiler, flags and jaxlib; a failed build is one clear error and leaves nothing;
+a kernel that cannot run here says why."""
+import dataclasses
+import platform
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxaccel.kernels import build
+from jaxaccel.kernels import int8 as K
+from jaxaccel.kernels.build import compiler
+
+AVX2_HOST = platform.machine().lower() in ("x86_64", "amd64") and " avx2" in Path("/proc/cpuinfo").read_text()
+needs_kernel = pytest.mark.skipif(not AVX2_HOST or compiler() is None,
+                                  reason="needs an x86 CPU with AVX2 and a C++ compiler")
+
+
+@needs_kernel
+def test_build_is_cached_by_source_and_flags(monkeypatch):
+    path = K.KERNEL.build()
+    mtime = path.stat().st_mtime_ns
+    assert K.KERNEL.build() == path and path.stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    monkeypatch.setattr(K, "KERNEL", dataclasses.replace(K.KERNEL, extra_flags=("-DJAXACCEL_TEST",)))
+    assert K.kernel_path() != path  # other flags (or source, compiler, jaxlib): another library
+
+
+def test_a_failing_compiler_is_reported_and_leaves_no_library(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXACCEL_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.raises(RuntimeError, match="^false .*kernels/int8.cc.* failed"):
+        K.KERNEL.build()
+    assert not list(tmp_path.glob("*.so"))  # nothing half-written is left to load later
+
+
+def test_cache_dir_compiler_and_flags_follow_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXACCEL_KERNEL_CACHE", str(tmp_path))
+    assert build.cache_dir() == tmp_path
+    monkeypatch.setenv("CXX", "/opt/my-c++")
+    assert build.compiler() == "/opt/my-c++"
+    kernel = dataclasses.replace(K.KERNEL, extra_flags=("-DX",))
+    assert kernel.flags[0] == "-O3" and kernel.flags[-1] == "-DX"
+    assert all(f"-m{f}" in kernel.flags for f in kernel.features)
+    path = kernel.path()
+    assert path.parent == tmp_path and path.name.startswith("int8-") and path.suffix == ".so"
+    monkeypatch.setenv("CXX", "/opt/other-c++")
+    assert kernel.path() != path  # another compiler: another library
+
+
+def test_a_kernel_that_cannot_run_here_says_why():
+    assert not build.cpu_has(("no_such_cpu_flag",))
+    kernel = build.CpuKernel(source=K.KERNEL.source, features=("no_such_cpu_flag",),
+                             symbols={}, fallback="im2col runs instead")
+    reason = kernel.unavailable_reason()
+    assert reason.startswith("the CPU (") and "lacks NO_SUCH_CPU_FLAG" in reason
+    assert not kernel.available() and kernel.unavailable_reason() == reason  # checked once
+
+
+def test_vmap_sequentially_maps_one_call_per_index():
+    calls = []
+
+    def fn(x, y):
+        calls.append(x.shape)
+        return x * 2.0 + y
+
+    f = build.vmap_sequentially(fn)
+    xs, y = jnp.arange(6.0).reshape(3, 2), jnp.ones(2)
+    np.testing.assert_array_equal(jax.vmap(f, in_axes=(0, None))(xs, y), xs * 2.0 + 1.0)
+    assert calls and all(shape == (2,) for shape in calls)  # unbatched calls only
