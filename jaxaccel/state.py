@@ -20,6 +20,7 @@ import optax
 
 from jaxaccel import data, models
 from jaxaccel import stages as stages_lib
+from jaxaccel.compress import distill as distill_lib
 from jaxaccel.compress import prune, quant, sections
 
 
@@ -46,7 +47,11 @@ def make_schedule(opt: Any, num_steps: int, lr: Any = None) -> optax.Schedule:
     if opt.schedule == "cosine":
         return optax.cosine_decay_schedule(lr, steps)
     if opt.schedule == "warmup_cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, opt.warmup_steps, steps)
+        if isinstance(lr, (int, float)):
+            return optax.warmup_cosine_decay_schedule(0.0, lr, opt.warmup_steps, steps)
+        # optax branches on the peak value in Python: a traced lr scales the unit schedule
+        unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, opt.warmup_steps, steps)
+        return lambda step: lr * unit(step)
     if opt.schedule == "piecewise":
         return optax.piecewise_constant_schedule(
             lr, {int(b): opt.decay_factor for b in opt.boundaries if b > 0})
@@ -100,15 +105,28 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
     return optax.softmax_cross_entropy(logits, targets)
 
 
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """How a train step distils (`compress.distill.kd_loss`): the teacher's logits come from
+    `teacher_apply(teacher_variables, images)` inside the step (frozen variables, passed to
+    the step as an argument: never in the state, the optimizer or a checkpoint), or — with
+    `teacher_apply` None — from the batch's precomputed "teacher_logits"."""
+    temperature: float
+    alpha: float
+    teacher_apply: Callable | None = None
+
+
 def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                     num_classes: int, label_smoothing: Any = 0.0, axis_name: str | None = None,
                     skip_nonfinite: bool = False, mask_update: Callable | None = None,
-                    qat_config: Any = None) -> Callable:
+                    qat_config: Any = None, distill: Distillation | None = None) -> Callable:
     """`(state, batch) -> (state, metrics)`; with `axis_name`, averages over that pmap axis.
 
     `mask_update(params, masks, step) -> masks` re-prunes inside the step (gradual pruning;
     `tx` must be `prune.masked(...)`); `qat_config` runs the forward pass with fake-quant
-    (straight-through gradients) and tracks activation ranges in `state.qat`.
+    (straight-through gradients) and tracks activation ranges in `state.qat`. With `distill`
+    the loss is `kd_loss` against the teacher's logits; a teacher computed in the step makes
+    the step `(state, batch, teacher_variables) -> (state, metrics)`.
     """
 
     def forward(params, state, images, rng):
@@ -120,12 +138,19 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
         return quant.qat_apply(model, variables, state.qat, images, train=True,
                                step=state.step, config=qat_config, mutable=["batch_stats"])
 
-    def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def step_fn(state: TrainState, batch: dict, teacher: Any = None) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
+        if distill is not None:
+            teacher_logits = (batch["teacher_logits"] if distill.teacher_apply is None
+                              else distill.teacher_apply(teacher, batch["image"]))
 
         def loss_fn(params):
             (logits, mutated), qat_state = forward(params, state, batch["image"], rng)
-            loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
+            if distill is None:
+                loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
+            else:
+                loss = distill_lib.kd_loss(logits, teacher_logits, batch["label"],
+                                           temperature=distill.temperature, alpha=distill.alpha)
             return loss, (logits, mutated.get("batch_stats", {}), qat_state)
 
         (loss, (logits, batch_stats, qat_state)), grads = jax.value_and_grad(
@@ -195,6 +220,7 @@ class Setup:
     predict_fn: Callable
     mask_update: Callable | None = None
     qat_config: Any = None
+    distill: Distillation | None = None  # set by the pipeline, which loads the teacher
 
 
 def build(config: ml_collections.ConfigDict,
@@ -244,12 +270,17 @@ def check_structure(expected: Any, got: Any) -> None:
 
 def checkpoint_target(config: ml_collections.ConfigDict, stage_index: int) -> tuple[Setup, dict]:
     """(setup, abstract payload) for restoring a checkpoint written by stage `stage_index`:
-    `{"state": TrainState}` and, when the pipeline rewinds to a snapshot, `"snapshot"`."""
+    `{"state": TrainState}` and, when the pipeline rewinds to a snapshot, `"snapshot"`; for an
+    ensemble (`ensemble.members` K > 1), `{"states": TrainState}` with K stacked members."""
     stages = stages_lib.expand(config)
     if not 0 <= stage_index < len(stages) or stages[stage_index].kind != "train":
         raise ValueError(f"a checkpoint names stage {stage_index}, which is not a train stage "
                          f"of this config")
     setup = build(config, stages[stage_index])
+    members = config.ensemble.members if "ensemble" in config else 1
+    if members > 1:  # the members' states, stacked (`stacked.StackedRunner.payload`)
+        keys = jax.ShapeDtypeStruct((members, 2), jnp.uint32)
+        return setup, {"states": jax.eval_shape(jax.vmap(setup.init_state), keys)}
     abstract = jax.eval_shape(setup.init_state, jax.random.PRNGKey(0))
     target: dict[str, Any] = {"state": abstract}
     if any(s.kind == "rewind" and s.rewind == "snapshot" for s in stages):

@@ -46,10 +46,7 @@ def test_label_smoothing_changes_loss():
 
 @pytest.mark.parametrize("name,schedule,decay", [
     ("adam", "cosine", 0.0), ("adamw", "constant", 1e-2), ("sgd", "piecewise", 1e-3),
-    pytest.param("adamw", "warmup_cosine", 1e-2, marks=pytest.mark.xfail(
-        raises=jax.errors.TracerBoolConversionError, strict=True,
-        reason="optax.warmup_cosine_decay_schedule branches on its peak value in Python, so a "
-               "traced lr cannot enter it (a vectorized lr sweep under warmup_cosine fails)")),
+    ("adamw", "warmup_cosine", 1e-2),
 ])
 def test_traced_hyperparameters_give_the_plain_optimizers_updates(name, schedule, decay):
     """`make_optimizer(opt, n, values)` with the values as traced arrays (one compiled step
