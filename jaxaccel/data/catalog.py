@@ -77,7 +77,7 @@ def default_data_dir(override: str | None = None) -> str:
 
 
 # Statistics of the train splits (0..1 units). Built-in values were computed from the
-# prepared data and are checked against it by tests/test_data.py.
+# prepared data and are checked against it by tests/test_data_pipeline.py.
 BUILTIN_SPECS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec("digits", 10, (8, 8, 1), (0.305434,), (0.375957,), "builtin"),
     "mnist5k": DatasetSpec("mnist5k", 10, (28, 28, 1), (0.131141,), (0.308319,), "builtin"),
