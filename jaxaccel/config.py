@@ -39,6 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.strategy": ("data", "fsdp", "pmap"),
     "model.dtype": ("float32", "bfloat16"),
     "nonfinite": ("stop", "skip"),
+    "ensemble.combine": ("average", "stack"),
 }
 
 
@@ -78,6 +79,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.stages = ()
     c.imp = stages_lib.imp_defaults()
     c.rewind_step = 0
+    c.distill = stages_lib.distill_defaults()
+    c.ensemble = ml_collections.ConfigDict(dict(members=1, combine="average"))
     return c
 
 
@@ -141,6 +144,15 @@ KEY_HELP: dict[str, str] = {
     "imp.rewind": "IMP: rewind to the snapshot at rewind_step, or to random weights (control)",
     "imp.steps": "IMP: training steps per round (0 = num_steps)",
     "rewind_step": "rewind stages go back to the weights after this many steps",
+    "distill.teacher": "a finished run's workdir to distil from ('' = off; a config without "
+                       "stages, else set distill on the train stages)",
+    "distill.temperature": "distillation temperature T (> 0) of the soft targets",
+    "distill.alpha": "weight of the soft (distillation) term, in [0, 1]; 1 - alpha: labels",
+    "distill.precompute": "teacher logits computed once per training example (needs no "
+                          "augmentation) instead of a teacher forward pass in every step",
+    "ensemble.members": "K > 1 trains K members (seeds seed..seed+K-1) as one program",
+    "ensemble.combine": "how members combine: average (probabilities) or stack (weights fit "
+                        "on the validation split)",
 }
 
 
@@ -453,13 +465,53 @@ def validate(config: ml_collections.ConfigDict) -> None:
     except (AttributeError, KeyError, TypeError) as e:
         raise ConfigError(f"stages={tuple(config.stages)!r}: not a tuple of stage sections "
                           f"made with jaxaccel.stages.stage(...) ({e})") from None
+    _check_ensemble(config, expanded)
     for s in expanded:
+        _check_teacher(s.distill, where="distill" if not tuple(config.stages)
+                       else f"stages {s.name!r} distill",
+                       augmenting=bool(config.dataset.crop_padding or config.dataset.flip))
         opt = stages_lib.stage_optimizer(config, s)
         if s.kind == "train" and opt.schedule == "warmup_cosine" and s.steps and \
                 not 0 <= opt.warmup_steps < s.steps:
             raise ConfigError(f"optimizer.warmup_steps={opt.warmup_steps} must be below the "
                               f"{s.steps} steps of train stage {s.name!r} (warmup_cosine decays "
                               f"over the steps after the warmup)")
+
+
+def _check_ensemble(config: ml_collections.ConfigDict, stages: list) -> None:
+    members = config.ensemble.members
+    if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+        raise ConfigError(f"ensemble.members={members!r} must be an integer >= 1")
+    if members == 1:
+        return
+    if len(stages) != 1 or stages[0].kind != "train":
+        raise ConfigError(f"ensemble.members={members} trains single-stage configs (one train "
+                          f"stage); this config has stages {[s.name for s in stages]}")
+    if config.parallel.strategy != "data":
+        raise ConfigError(f"ensemble.members={members} runs with parallel.strategy='data' (the "
+                          f"members are stacked), not {config.parallel.strategy!r}")
+    if config.ensemble.combine == "stack" and not config.dataset.validation_split:
+        raise ConfigError("ensemble.combine='stack' fits the combination on the validation "
+                          "split; set dataset.validation_split > 0 (it never reads test)")
+    if config.init_from:
+        raise ConfigError("ensemble.members > 1 does not support init_from")
+
+
+def _check_teacher(d: ml_collections.ConfigDict, *, where: str, augmenting: bool) -> None:
+    """A distillation teacher must be a run that finished training here."""
+    if not d.teacher:
+        return
+    if not os.path.isfile(os.path.join(d.teacher, CONFIG_FILE)):
+        raise ConfigError(f"{where}.teacher={d.teacher!r} is not a jaxaccel workdir "
+                          f"(no {CONFIG_FILE} there)")
+    checkpoints = os.path.join(d.teacher, "checkpoints")
+    if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
+        raise ConfigError(f"{where}.teacher={d.teacher!r} has no finished checkpoint; train it "
+                          f"first")
+    if d.precompute and augmenting:
+        raise ConfigError(f"{where}.precompute=True needs fixed inputs, but dataset.crop_padding"
+                          f"/flip augment them; use a teacher forward in the step (precompute "
+                          f"false)")
 
 
 def validate_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -512,6 +564,11 @@ def differences(saved: ml_collections.ConfigDict, requested: ml_collections.Conf
     for k, v in defaults.items():
         if k not in a and k not in sections:  # e.g. `stages` written out as stages.0.name
             a[k] = v
+    stage_defaults = dict(flat_items(from_json(to_json(stages_lib.stage("name", "train")))))
+    for k in b:  # stage fields added to the schema since: their defaults
+        field = re.sub(r"^stages\.\d+\.", "", k)
+        if k not in a and field != k and stage_defaults.get(field) == b[k]:
+            a[k] = b[k]
     out = []
     for k in sorted(set(a) | set(b)):
         if k.split(".")[0] in RUNTIME_KEYS:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from jaxaccel import config as config_lib
@@ -25,8 +26,10 @@ from jaxaccel import data, io
 from jaxaccel import stages as stages_lib
 from jaxaccel.checkpoint import Checkpointer
 from jaxaccel.compress import sections
+from jaxaccel.models.ensemble import Ensemble
 from jaxaccel.state import checkpoint_target
-from jaxaccel.workdir import CHECKPOINTS_DIR, CONFIG_FILE, DATASET_FILE, RESULTS_FILE
+from jaxaccel.workdir import (CHECKPOINTS_DIR, CONFIG_FILE, DATASET_FILE, ENSEMBLE_FILE,
+                              RESULTS_FILE)
 
 FLOAT_BITS = 32
 
@@ -45,9 +48,11 @@ class Loaded:
     """A trained model read back from its workdir, ready for inference.
 
     `predict(images)` takes raw images (uint8 or 0..255 floats, NHWC) and normalises them;
-    `model.apply(variables, x, train=False)` is the bare network on normalised `x`.
-    `class_names[i]` names logit i (from the run's dataset.json; the labels' numbers for runs
-    written before it existed).
+    `model.apply(variables, x, train=False)` is the bare network on normalised `x` (for an
+    ensemble run, a `models.Ensemble` whose variables stack the members' and whose logits
+    are the log of their combined probabilities). `spec` holds the run's dataset shape and
+    normalisation; `class_names[i]` names logit i (from the run's dataset.json; the labels'
+    numbers for runs written before it existed).
     """
     model: Any
     variables: dict
@@ -55,10 +60,16 @@ class Loaded:
     step: int
     predict_fn: Callable
     class_names: tuple[str, ...] = ()
+    spec: data.DatasetSpec | None = None
 
     def predict(self, images) -> jax.Array:
         """Logits for raw images (uint8 or 0..255 floats, NHWC); normalisation included."""
         return self.predict_fn(self.variables, images)
+
+    @property
+    def members(self) -> int:
+        """1, or the number of members of an ensemble run."""
+        return self.config.ensemble.members if isinstance(self.model, Ensemble) else 1
 
 
 def load(workdir: str, step: int | None = None) -> Loaded:
@@ -93,13 +104,28 @@ def load(workdir: str, step: int | None = None) -> Loaded:
     finally:
         ckpt.close()
     setup = setups["setup"]
-    state = payload["state"]
+    state = payload["state"] if "state" in payload else payload["states"]
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     record = os.path.join(workdir, DATASET_FILE)
     names = (tuple(io.read_json(record)["class_names"]) if os.path.isfile(record)
              else setup.spec.names())
-    return Loaded(model=setup.model, variables=variables, config=config, step=step,
-                  predict_fn=setup.predict_fn, class_names=names)
+    model, predict_fn = setup.model, setup.predict_fn
+    if "states" in payload:  # an ensemble run: its members combined as the run combined them
+        combination = os.path.join(workdir, ENSEMBLE_FILE)
+        weights = (io.read_json(combination).get("weights") if os.path.isfile(combination)
+                   else None)
+        model = Ensemble(setup.model, tuple(weights) if weights else None)
+        predict_fn = predict_function(model, setup.spec)
+    return Loaded(model=model, variables=variables, config=config, step=step,
+                  predict_fn=predict_fn, class_names=names, spec=setup.spec)
+
+
+def predict_function(model: Any, spec: data.DatasetSpec) -> Callable:
+    """`predict(variables, images)`: `model` on raw images normalised with `spec` (jitted)."""
+    @jax.jit
+    def predict(variables, images):
+        return model.apply(variables, data.normalize(jnp.asarray(images), spec), train=False)
+    return predict
 
 
 # ----------------------------------------------------------------------------------------

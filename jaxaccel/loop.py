@@ -125,7 +125,8 @@ class Runner:
     block = 1
     compile_seconds = None
 
-    def __init__(self, setup: Setup, mesh: jax.sharding.Mesh, strategy: str, batches: Any = None):
+    def __init__(self, setup: Setup, mesh: jax.sharding.Mesh, strategy: str, batches: Any = None,
+                 *, teacher: Any = None):
         spec, config = setup.spec, setup.config
         self.setup, self.mesh, self.strategy, self.batches = setup, mesh, strategy, batches
         self.steps_per_epoch = batches.steps_per_epoch if batches is not None else 1
@@ -138,7 +139,12 @@ class Runner:
                                   num_classes=spec.num_classes,
                                   label_smoothing=config.label_smoothing, axis_name=axis,
                                   skip_nonfinite=config.nonfinite == "skip",
-                                  mask_update=setup.mask_update, qat_config=setup.qat_config)
+                                  mask_update=setup.mask_update, qat_config=setup.qat_config,
+                                  distill=setup.distill)
+        in_step_teacher = setup.distill is not None and setup.distill.teacher_apply is not None
+        if in_step_teacher and teacher is None:
+            raise ValueError("this stage distils from a teacher computed in the step: pass its "
+                             "variables (teacher=...)")
         eval_fn = make_eval_step(setup.model, num_classes=spec.num_classes, axis_name=axis,
                                  qat_config=setup.qat_config)
         self.abstract = jax.eval_shape(setup.init_state, jax.random.PRNGKey(0))
@@ -149,18 +155,29 @@ class Runner:
                               devices=devices)
             p_eval = jax.pmap(eval_fn, axis_name=parallel.AXIS, devices=devices)
             self.shardings = None
-            self.run_step = lambda s, b: p_step(s, split(b))
+            if in_step_teacher:  # the frozen teacher, a copy on every device
+                teacher = parallel.replicate(teacher, devices)
+                self.run_step = lambda s, b: p_step(s, split(b), teacher)
+            else:
+                self.run_step = lambda s, b: p_step(s, split(b))
             self.run_eval = lambda s, b: parallel.unreplicate(p_eval(s, split(b)))
             self.to_device = lambda s: parallel.replicate(s, devices)
             self.to_host = parallel.unreplicate
         else:
             sh = parallel.state_shardings(self.abstract, mesh, strategy)
             batch_sh, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-            j_step = jax.jit(step_fn, in_shardings=(sh, batch_sh), out_shardings=(sh, rep),
-                             donate_argnums=(0,))
             j_eval = jax.jit(eval_fn, in_shardings=(sh, batch_sh), out_shardings=rep)
             self.shardings = sh
-            self.run_step = lambda s, b: j_step(s, parallel.shard_batch(b, mesh))
+            if in_step_teacher:  # the frozen teacher, placed as the strategy places params
+                t_sh = parallel.state_shardings(teacher, mesh, strategy)
+                teacher = jax.device_put(teacher, t_sh)
+                j_step = jax.jit(step_fn, in_shardings=(sh, batch_sh, t_sh),
+                                 out_shardings=(sh, rep), donate_argnums=(0,))
+                self.run_step = lambda s, b: j_step(s, parallel.shard_batch(b, mesh), teacher)
+            else:
+                j_step = jax.jit(step_fn, in_shardings=(sh, batch_sh), out_shardings=(sh, rep),
+                                 donate_argnums=(0,))
+                self.run_step = lambda s, b: j_step(s, parallel.shard_batch(b, mesh))
             self.run_eval = lambda s, b: j_eval(s, parallel.shard_batch(b, mesh))
             self.to_device = lambda s: jax.device_put(s, sh)
             self.to_host = lambda s: s
@@ -393,4 +410,5 @@ def results_record(config: ml_collections.ConfigDict, rows: list[dict], *, steps
         "compile_seconds": stats.get("compile_seconds"),
         "nonfinite_steps": stats.get("nonfinite_steps", 0), "num_params": num_params,
         "sparsity": final["sparsity"], "packed_bytes": final["packed_bytes"],
+        **({"ensemble": final["ensemble"]} if "ensemble" in final else {}),
         "stages": rows, **extra})

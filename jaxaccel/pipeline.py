@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import logging
 import os
 import shutil
@@ -30,14 +31,18 @@ import numpy as np
 
 from jaxaccel import checkpoint as ckpt_lib
 from jaxaccel import config as config_lib
-from jaxaccel import data, io, loading, metrics, parallel
+from jaxaccel import data, io, loading, metrics, parallel, stacked
 from jaxaccel import stages as stages_lib
+from jaxaccel.compress import distill as distill_lib
 from jaxaccel.compress import prune, quant, sections
 from jaxaccel.loop import Evaluator, Runner, results_record, stage_row, train_loop
 from jaxaccel.preemption import PreemptionGuard
-from jaxaccel.state import Setup, TrainState, build, checkpoint_target, make_schedule
+from jaxaccel.models.ensemble import Ensemble, average_logits
+from jaxaccel.state import (Distillation, Setup, TrainState, build, checkpoint_target,
+                            make_eval_step, make_schedule, make_train_step)
 from jaxaccel import workdir as workdir_files
-from jaxaccel.workdir import CALIBRATION_FILE, CONFIG_FILE, DATASET_FILE, RESULTS_FILE
+from jaxaccel.workdir import (CALIBRATION_FILE, CONFIG_FILE, DATASET_FILE, ENSEMBLE_FILE,
+                              RESULTS_FILE)
 
 log = logging.getLogger("jaxaccel")
 
@@ -78,16 +83,33 @@ class Context:
     snapshot: Any = None               # params to rewind to (host copy)
     restored: Any = None               # the state a resumed train stage continues
     stats: dict = dataclasses.field(default_factory=dict)
+    restored_meta: dict = dataclasses.field(default_factory=dict)
     _runners: dict[int, Runner] = dataclasses.field(default_factory=dict)
+    _teaching: tuple[int, Any] | None = None
 
     def runner_for(self, i: int) -> Runner:
-        """Train stage i's compiled steps (one stage's at a time)."""
+        """Train stage i's compiled steps (one stage's at a time), with its teacher when the
+        stage distils."""
         if i not in self._runners:
             self._runners.clear()
             setup = self.setups[i] if i in self.setups else self.first
+            batches, teacher = self.batches, None
+            if i in self.setups and self.stages[i].distill.teacher:
+                teaching = self.teacher_for(i)
+                setup = dataclasses.replace(setup, distill=teaching.distillation)
+                teacher = teaching.variables if teaching.in_step else None
+                if teaching.logits is not None:
+                    batches = batches.with_extras({"teacher_logits": teaching.logits})
             self._runners[i] = Runner(setup, self.mesh, self.config.parallel.strategy,
-                                      self.batches)
+                                      batches, teacher=teacher)
         return self._runners[i]
+
+    def teacher_for(self, i: int) -> "Teaching":
+        """Train stage i's teacher (loaded once per stage)."""
+        if self._teaching is None or self._teaching[0] != i:
+            self._teaching = (i, load_teacher(self.stages[i].distill, self.setups[i],
+                                              self.batches))
+        return self._teaching[1]
 
     def eval_runner(self, i: int) -> Runner:
         """The steps of the most recent train stage before stage i (the same model)."""
@@ -115,9 +137,19 @@ def stage_kind(name: str) -> Callable:
 
 @stage_kind("train")
 def run_train(ctx: Context, i: int, st: ml_collections.ConfigDict, carry: dict) -> Outcome:
-    """`st.steps` optimizer steps (gradual pruning / QAT inside the step when configured)."""
+    """`st.steps` optimizer steps (gradual pruning / QAT inside the step when configured);
+    K stacked members trained as one program for an ensemble (`ensemble.members` K > 1)."""
+    if ctx.config.ensemble.members > 1:
+        return _train_ensemble(ctx, i, st)
     runner = ctx.runner_for(i)
+    teacher = ctx.teacher_for(i).record if st.distill.teacher else None
     if ctx.restored is not None:
+        saved = ctx.restored_meta.get("teacher")
+        if teacher is not None and saved is not None and saved["hash"] != teacher["hash"]:
+            raise config_lib.ConfigError(
+                f"stage {st.name!r}: the teacher {teacher['path']} changed since this run "
+                f"checkpointed (content {saved['hash']} -> {teacher['hash']}); resuming would "
+                f"distil from another model: use a new --workdir or --overwrite")
         state, ctx.restored = ctx.restored, None
     else:
         state = runner.start(carry)
@@ -127,14 +159,18 @@ def run_train(ctx: Context, i: int, st: ml_collections.ConfigDict, carry: dict) 
         runner, state, ctx.config, num_steps=st.steps, writers=[ctx.writer],
         checkpointer=ctx.checkpointer, guard=ctx.guard, evaluator=ctx.evaluator,
         step_offset=ctx.offsets[i],
-        meta=lambda: {"stage": i, "stage_name": st.name, "rows": ctx.rows},
+        meta=lambda: {"stage": i, "stage_name": st.name, "rows": ctx.rows,
+                      **({"teacher": teacher} if teacher is not None else {})},
         extras=extras, snapshot_at=snapshot_at, stage_name=st.name,
         show_progress=ctx.is_main and ctx.config.progress)
     ctx.snapshot = extras.get("snapshot", ctx.snapshot)
     ctx.add_stats(stats)
     carry = carry_of(runner, state)
     result = ctx.evaluator(runner.run_eval, state)
-    return Outcome(carry, {**carry, "quant": st.quant if st.quant.mode == "qat" else None}, result)
+    row = {"teacher": {**teacher, "temperature": st.distill.temperature,
+                       "alpha": st.distill.alpha}} if teacher is not None else {}
+    return Outcome(carry, {**carry, "quant": st.quant if st.quant.mode == "qat" else None}, result,
+                   row)
 
 
 @stage_kind("prune")
@@ -225,6 +261,203 @@ def _quantized_result(setup: Setup, carry: dict, batches: data.TrainBatches,
     return ptq[deployed], row
 
 
+# ----------------------------------------------------------------------------------------
+# Ensembles
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class EnsemblePlan:
+    """How an ensemble's K members run as one program (`stacked.choose_plan`)."""
+    members: int
+    seeds: list[int]
+    abstract: Any
+    mode: str
+    layout: str
+    scan: bool
+    target: Any  # abstract stacked states with their shardings
+
+
+def ensemble_plan(ctx: Context, i: int) -> EnsemblePlan:
+    """Stage i's members: seeds seed..seed+K-1, placed and stepped as `choose_plan` says."""
+    config, setup = ctx.config, ctx.setups[i]
+    members = config.ensemble.members
+    abstract = jax.eval_shape(jax.vmap(setup.init_state),
+                              jax.ShapeDtypeStruct((members, 2), jnp.uint32))
+    convolutional = any(len(x.shape) >= 5 for x in jax.tree.leaves(abstract.params))
+    mode, layout, scan = stacked.choose_plan(members, ctx.mesh.devices.size,
+                                             convolutional=convolutional)
+    shardings = stacked.state_shardings(abstract, ctx.mesh, layout)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, shardings)
+    return EnsemblePlan(members, [config.seed + k for k in range(members)], abstract, mode,
+                        layout, scan, target)
+
+
+def _train_ensemble(ctx: Context, i: int, st: ml_collections.ConfigDict) -> Outcome:
+    """Train the K members of an ensemble as one program (`stacked.StackedRunner` under the
+    one loop), then combine them on the evaluation splits (`combine_ensemble`)."""
+    config, setup = ctx.config, ctx.setups[i]
+    plan = ensemble_plan(ctx, i)
+    if jax.process_count() > 1:
+        raise config_lib.ConfigError("ensemble.members > 1 runs in a single process")
+    batches = stacked.StackedBatches(ctx.batches.source, setup.spec, plan.seeds,
+                                     batch_size=config.batch_size,
+                                     crop_padding=config.dataset.crop_padding,
+                                     flip=config.dataset.flip)
+    step = make_train_step(setup.model, setup.tx, setup.schedule,
+                           num_classes=setup.spec.num_classes,
+                           label_smoothing=config.label_smoothing,
+                           skip_nonfinite=config.nonfinite == "skip",
+                           mask_update=setup.mask_update, qat_config=setup.qat_config)
+    eval_fn = make_eval_step(setup.model, num_classes=setup.spec.num_classes,
+                             qat_config=setup.qat_config)
+    if ctx.restored is not None:
+        states, ctx.restored = ctx.restored, None
+    else:  # each member starts as its own run with its seed would
+        init = jax.jit(setup.init_state)
+        members = jax.device_get([init(jax.random.PRNGKey(s)) for s in plan.seeds])
+        states = jax.tree.map(lambda *xs: np.stack(xs), *members)
+    states = jax.device_put(states, jax.tree.map(lambda t: t.sharding, plan.target))
+    start = int(jax.device_get(states.step[0]))
+    block = (stacked.block_steps((config.log_every, config.checkpoint_every, config.eval_every,
+                                  st.steps), plan.members, config.batch_size,
+                                 batches.example_bytes, start) if plan.scan else 1)
+    runner = stacked.StackedRunner(lambda s, b, hp: step(s, b), eval_fn, plan.abstract, batches,
+                                   {}, ctx.mesh, mode=plan.mode, layout=plan.layout,
+                                   scan=plan.scan, block=block, start=start, num_steps=st.steps)
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(metrics.MetricWriter(
+            os.path.join(ctx.workdir, "members", f"member{k}"), enabled=ctx.is_main))
+            for k in range(plan.members)]
+        for w in writers:
+            w.mark_start(ctx.offsets[i] + start)
+        states, stats, _, failed = train_loop(
+            runner, states, config, num_steps=st.steps, writers=writers,
+            checkpointer=ctx.checkpointer, guard=ctx.guard, evaluator=ctx.evaluator,
+            step_offset=ctx.offsets[i],
+            meta=lambda: {"stage": i, "stage_name": st.name, "rows": ctx.rows},
+            stage_name=st.name, show_progress=ctx.is_main and config.progress)
+    if failed:
+        k, message = next(iter(failed.items()))
+        raise FloatingPointError(f"ensemble member {k} (seed {plan.seeds[k]}): {message}")
+    ctx.add_stats({**stats, "nonfinite_steps": stats["nonfinite_steps"]})
+    host = jax.device_get(states)
+    carry = {"params": host.params, "batch_stats": host.batch_stats,
+             "masks": prune.get_masks(host.opt_state), "rng": host.rng}
+    record, result, weights = combine_ensemble(setup, carry, ctx.evaluator, config.ensemble)
+    if ctx.is_main:
+        io.write_json(os.path.join(ctx.workdir, ENSEMBLE_FILE),
+                      {"members": plan.members, "seeds": plan.seeds,
+                       "combine": config.ensemble.combine,
+                       "weights": None if weights is None else [float(w) for w in weights]})
+    return Outcome(carry, carry, result, {"ensemble": record})
+
+
+def combine_ensemble(setup: Setup, members: dict, evaluator: Evaluator,
+                     ensemble: ml_collections.ConfigDict) -> tuple[dict, dict, np.ndarray | None]:
+    """Evaluate every member and their combinations on every evaluation split.
+
+    `average`: the mean of the members' probabilities; `stacked` (with a validation split):
+    per-member weights fit on the validation split only (`distill.stack_weights`) — never on
+    test. Each gets accuracy, loss (NLL) and expected calibration error per split. Returns
+    (the `ensemble` record of results.json, the chosen combination's evaluation, its weights
+    or None for the plain average).
+    """
+    model = Ensemble(setup.model)
+    member_logits = jax.jit(model.member_logits)
+    variables = {"params": members["params"], "batch_stats": members["batch_stats"]}
+    logits, labels = {}, {}
+    for split in evaluator.splits:
+        rows, ys = [], []
+        for b in evaluator.batches(split):
+            keep = np.asarray(b["mask"], bool)
+            rows.append(np.asarray(member_logits(variables, jnp.asarray(b["image"])))[:, keep])
+            ys.append(np.asarray(b["label"])[keep])
+        logits[split], labels[split] = np.concatenate(rows, axis=1), np.concatenate(ys)
+    weights = None
+    combos = {"average": None}
+    if "validation" in logits:
+        weights = distill_lib.stack_weights(logits["validation"], labels["validation"])
+        combos["stacked"] = weights
+    record: dict[str, Any] = {"members": [], "weights": None if weights is None
+                              else [float(w) for w in weights]}
+    for k in range(next(iter(logits.values())).shape[0]):
+        record["members"].append({split: _scores(logits[split][k], labels[split])
+                                  for split in logits})
+    for name, w in combos.items():
+        record[name] = {split: _scores(np.asarray(average_logits(jnp.asarray(logits[split]), w)),
+                                       labels[split]) for split in logits}
+    chosen = "stacked" if ensemble.combine == "stack" else "average"
+    result = {split: {"loss": s["loss"], "accuracy": s["accuracy"], "count": s["count"]}
+              for split, s in record[chosen].items()}
+    return record, result, weights if chosen == "stacked" else None
+
+
+def _scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, NLL and expected calibration error of logits against labels."""
+    logits = np.asarray(logits, np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    return {"accuracy": float(np.mean(logits.argmax(-1) == labels)),
+            "loss": float(-np.mean(logp[np.arange(len(labels)), labels])),
+            "ece": distill_lib.expected_calibration_error(logits, labels),
+            "count": int(len(labels))}
+
+
+# ----------------------------------------------------------------------------------------
+# Teachers
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Teaching:
+    """A train stage's teacher: the step's `Distillation`, the teacher's frozen variables
+    (when its forward runs in the step) or its logits for every training example
+    (precomputed), and the record a checkpoint keeps (`path`, content `hash`)."""
+    distillation: Distillation
+    variables: Any
+    logits: np.ndarray | None
+    record: dict
+    in_step: bool
+
+
+def load_teacher(d: ml_collections.ConfigDict, student: Setup,
+                 batches: data.TrainBatches) -> Teaching:
+    """Load `d.teacher` (a run's workdir: a model or an ensemble, with its own normalisation)
+    for a student built as `student`; refuses a teacher of another shape in one line."""
+    teacher = loading.load(d.teacher)
+    check_teacher(d.teacher, teacher.spec, student.spec)
+    model, spec = teacher.model, teacher.spec
+
+    def teacher_apply(variables, images):  # images normalised as the student's data
+        return model.apply(variables, distill_lib.renormalize(images, student.spec, spec),
+                           train=False)
+
+    variables = jax.device_get(teacher.variables)
+    checksums = ckpt_lib.tree_checksums(variables)
+    digest = hashlib.sha256(io.dumps(checksums).encode()).hexdigest()[:16]
+    record = {"path": os.path.abspath(d.teacher), "hash": digest, "step": int(teacher.step)}
+    if d.precompute:  # one forward per training example, in order; the step reads its rows
+        apply = jax.jit(teacher_apply)
+        images, _ = data.read_arrays(batches.source, np.arange(batches.num_examples))
+        logits = np.concatenate([
+            np.asarray(apply(variables, data.normalize(images[k:k + 512], student.spec)))
+            for k in range(0, len(images), 512)])
+        distillation = Distillation(d.temperature, d.alpha)
+        return Teaching(distillation, None, logits.astype(np.float32), record, in_step=False)
+    return Teaching(Distillation(d.temperature, d.alpha, teacher_apply), variables, None, record,
+                    in_step=True)
+
+
+def check_teacher(path: str, teacher: data.DatasetSpec, student: data.DatasetSpec) -> None:
+    """A teacher must see the student's images and predict the student's classes."""
+    if teacher.num_classes != student.num_classes:
+        raise config_lib.ConfigError(
+            f"distill.teacher={path!r} predicts {teacher.num_classes} classes, the student "
+            f"{student.num_classes}")
+    if tuple(teacher.image_shape) != tuple(student.image_shape):
+        raise config_lib.ConfigError(
+            f"distill.teacher={path!r} takes images of shape {tuple(teacher.image_shape)}, "
+            f"the student {tuple(student.image_shape)}")
+
+
 def carry_of(runner: Runner, state: TrainState) -> dict:
     """What passes from one stage to the next: weights, BN stats, masks, rng."""
     host = runner.to_host(state)
@@ -266,8 +499,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
                                 cache=pcount == 1)  # several processes: each reads its rows only
     evaluator = Evaluator(splits, first.spec, batch_size=config.eval_batch_size,
                           process_index=pid, process_count=pcount)
-    for setup in setups.values():
+    for i, setup in setups.items():
         check_model(config, setup)
+        if stages[i].distill.teacher:  # before anything is written
+            check_teacher(stages[i].distill.teacher,
+                          data.spec_for(loading.read_config(stages[i].distill.teacher).dataset),
+                          setup.spec)
 
     # -- Workdir: only now, with the config, data and model known to work ----------------
     prepare_workdir(config, workdir, overwrite=overwrite, is_main=is_main)
@@ -327,6 +564,8 @@ def _resume_or_init(ctx: Context) -> tuple[int, int, dict | None]:
     def restore_target(meta: dict) -> dict:
         stage = int(meta.get("stage", 0))
         _, target = checkpoint_target(config, stage)
+        if "states" in target:  # an ensemble's stacked members
+            return {"states": ensemble_plan(ctx, stage).target}
         target["state"] = ctx.runner_for(stage).restore_target()
         return target
 
@@ -335,10 +574,14 @@ def _resume_or_init(ctx: Context) -> tuple[int, int, dict | None]:
         latest, payload, meta = found
         stage = int(meta.get("stage", 0))
         ctx.rows[:] = list(meta.get("rows", []))  # results of the stages before it
-        runner = ctx.runner_for(stage)
-        ctx.restored = payload["state"]
-        if runner.strategy == "pmap":
-            ctx.restored = runner.to_device(ctx.restored)
+        ctx.restored_meta = meta
+        if "states" in payload:
+            ctx.restored = payload["states"]
+        else:
+            runner = ctx.runner_for(stage)
+            ctx.restored = payload["state"]
+            if runner.strategy == "pmap":
+                ctx.restored = runner.to_device(ctx.restored)
         ctx.snapshot = payload.get("snapshot")
         log.info("resumed from step %d (stage %s) in %s", latest, ctx.stages[stage].name,
                  ctx.checkpointer.directory)

@@ -86,6 +86,11 @@ KEY_HELP: dict[str, str] = {
     "quant.delay": "qat: steps before fake-quant switches on",
     "quant.int8": "ptq: also run real int8 inference (8-bit symmetric only)",
     "rewind": "rewind stages: to the snapshot at rewind_step, or to random weights",
+    "distill.teacher": "train stages: a finished run's workdir to distil from ('' = off)",
+    "distill.temperature": "distillation temperature T (> 0) of the soft targets",
+    "distill.alpha": "weight of the soft (distillation) term, in [0, 1]; 1 - alpha: labels",
+    "distill.precompute": "teacher logits computed once per training example (needs no "
+                          "augmentation) instead of a teacher forward pass in every step",
 }
 
 
@@ -128,9 +133,20 @@ def quant_defaults() -> ml_collections.ConfigDict:
     return q
 
 
+def distill_defaults() -> ml_collections.ConfigDict:
+    """Fields of a `distill` section (`config.distill`, or a train stage's): knowledge
+    distillation from a teacher run (Hinton et al. 2015); an empty teacher is off."""
+    d = ml_collections.ConfigDict()
+    d.teacher = ""               # a finished run's workdir (a single model or an ensemble)
+    d.temperature = 4.0          # T of the soft targets
+    d.alpha = 0.9                # weight of the soft (distillation) term; 1 - alpha: hard labels
+    d.precompute = False         # teacher logits once per training example (no augmentation)
+    return d
+
+
 def stage(name: str, kind: str, *, steps: int = 0, optimizer: dict | None = None,
           prune: dict | None = None, quant: dict | None = None,
-          rewind: str = "snapshot") -> ml_collections.ConfigDict:
+          distill: dict | None = None, rewind: str = "snapshot") -> ml_collections.ConfigDict:
     """One stage; `optimizer` holds overrides of the config's optimizer (e.g. a lower lr)."""
     s = ml_collections.ConfigDict()
     s.name = name
@@ -139,6 +155,7 @@ def stage(name: str, kind: str, *, steps: int = 0, optimizer: dict | None = None
     s.optimizer = ml_collections.ConfigDict(optimizer or {})
     s.prune = _filled(prune_defaults(), prune, f"stage {name!r} prune")
     s.quant = _filled(quant_defaults(), quant, f"stage {name!r} quant")
+    s.distill = _filled(distill_defaults(), distill, f"stage {name!r} distill")
     s.rewind = rewind
     return s
 
@@ -197,24 +214,34 @@ def imp_defaults() -> ml_collections.ConfigDict:
 
 
 def expand(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
-    """The stages a config runs, with IMP rounds written out and every stage validated."""
-    stages = [ml_collections.ConfigDict(s) for s in config.stages]
+    """The stages a config runs, with IMP rounds written out and every stage validated.
+
+    Stage sections saved by an older version (without a section added since, e.g.
+    `distill`) get that section's defaults. A config without stages is one train stage of
+    `num_steps` that distils as `config.distill` says; with explicit stages, each train stage
+    has its own `distill` section and `config.distill` must stay off.
+    """
+    stages = [complete(ml_collections.ConfigDict(s)) for s in config.stages]
     imp = config.imp
+    top_distill = config.distill.to_dict() if "distill" in config else None
+    if stages and top_distill and top_distill.get("teacher"):
+        raise ValueError("distill.teacher applies to a config without stages; set "
+                         "distill={...} on the train stages instead")
     if imp.rounds:
         if stages:
             raise ValueError("use either stages or imp.rounds, not both")
         steps = imp.steps or config.num_steps
-        stages = [stage("round0/train", "train", steps=steps)]
+        stages = [stage("round0/train", "train", steps=steps, distill=top_distill)]
         for r in range(1, imp.rounds + 1):
             stages += [
                 stage(f"round{r}/prune", "prune",
                       prune={"method": "imp", "rate": imp.rate, "round": r,
                              "per_layer_rates": imp.per_layer_rates.to_dict()}),
                 stage(f"round{r}/rewind", "rewind", rewind=imp.rewind),
-                stage(f"round{r}/train", "train", steps=steps),
+                stage(f"round{r}/train", "train", steps=steps, distill=top_distill),
             ]
     if not stages:
-        stages = [stage("train", "train", steps=config.num_steps)]
+        stages = [stage("train", "train", steps=config.num_steps, distill=top_distill)]
     names = set()
     for i, s in enumerate(stages):
         _validate(i, s)
@@ -222,6 +249,19 @@ def expand(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]
             raise ValueError(f"stages[{i}].name={s.name!r} is used twice")
         names.add(s.name)
     return stages
+
+
+def complete(s: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A stage section with every field the schema has (missing ones at their defaults)."""
+    schema = stage(s.get("name", "stage"), s.get("kind", "train"))
+    for key, default in schema.items():
+        if key not in s:
+            s[key] = default
+        elif isinstance(default, ml_collections.ConfigDict) and key != "optimizer":
+            for sub, value in default.items():
+                if sub not in s[key]:
+                    s[key][sub] = value
+    return s
 
 
 def _validate(i: int, s: ml_collections.ConfigDict) -> None:
@@ -257,6 +297,12 @@ def _validate(i: int, s: ml_collections.ConfigDict) -> None:
             raise ValueError(f"{where}.quant.{key}={s.quant[key]} must be in 2..8")
     if not 0.0 <= s.prune.sparsity < 1.0:
         raise ValueError(f"{where}.prune.sparsity={s.prune.sparsity} must be in [0, 1)")
+    if s.distill.teacher and s.kind != "train":
+        raise ValueError(f"{where}.distill.teacher: only train stages distil")
+    if not s.distill.temperature > 0:
+        raise ValueError(f"{where}.distill.temperature={s.distill.temperature} must be > 0")
+    if not 0.0 <= s.distill.alpha <= 1.0:
+        raise ValueError(f"{where}.distill.alpha={s.distill.alpha} must be in [0, 1]")
     for key, valid in choices().items():
         section, _, field = key.rpartition(".")
         value = s[section][field] if section else s[field]

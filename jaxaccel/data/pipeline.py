@@ -11,6 +11,7 @@ state or anything above.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -273,6 +274,20 @@ class TrainBatches:
         self.steps_per_epoch = self.num_examples // global_batch_size
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
         self._permutation: tuple[int, np.ndarray] | None = None
+        self.extras: dict[str, np.ndarray] = {}
+
+    def with_extras(self, extras: dict[str, np.ndarray]) -> "TrainBatches":
+        """These batches, each also carrying `extras[name][i]` of its examples i (arrays over
+        the split's examples, e.g. precomputed teacher logits); the data cache is shared."""
+        for name, values in extras.items():
+            if len(values) != self.num_examples:
+                raise ValueError(f"extra {name!r} has {len(values)} rows for the split's "
+                                 f"{self.num_examples} examples")
+        if self.cache and self._arrays is None:  # load once, before the copy shares it
+            self._arrays = read_arrays(self.source, np.arange(self.num_examples))
+        out = copy.copy(self)
+        out.extras = {**self.extras, **extras}
+        return out
 
     def _epoch_permutation(self, epoch: int) -> np.ndarray:
         if self._permutation is None or self._permutation[0] != epoch:
@@ -311,7 +326,10 @@ class TrainBatches:
             if self.flip:
                 flips = rng.random(n) < 0.5
                 images = horizontal_flip(images, flips[lo:hi])
-        return {"image": normalize(images, self.spec), "label": labels}
+        out = {"image": normalize(images, self.spec), "label": labels}
+        for name, values in self.extras.items():
+            out[name] = values[indices[lo:hi]]
+        return out
 
     def __iter__(self) -> Iterator[dict]:
         """Batches from step 0 on, forever (use `batch(step)` to resume at a step)."""

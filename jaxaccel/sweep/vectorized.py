@@ -84,6 +84,9 @@ def check_vectorizable(configs: Sequence[ml_collections.ConfigDict]) -> None:
                          "are not supported yet")
     if c.init_from:
         raise ValueError("--vectorize does not support init_from yet")
+    if c.distill.teacher or c.ensemble.members > 1:
+        raise ValueError("--vectorize trains plain single-model points; distill.teacher and "
+                         "ensemble.members > 1 are not supported with it")
     if jax.process_count() > 1:
         raise ValueError("--vectorize runs in a single process")
     momenta = {cfg.optimizer.momentum > 0 for cfg in configs}
