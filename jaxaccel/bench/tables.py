@@ -30,7 +30,9 @@ def markdown_header(machine: dict[str, Any], command: str) -> str:
     load = machine.get("load_average")
     load_text = " / ".join(f"{x:.2f}" for x in load) if load else "n/a"
     return "\n".join([
-        f"- machine: {machine.get('cpu')}, {machine.get('cores')} cores"
+        f"- machine: {machine.get('cpu')} "
+        f"(vector features: {machine.get('vector_features') or 'none reported'}), "
+        f"{machine.get('cores')} cores"
         + (f", {machine['memory_gib']} GiB" if "memory_gib" in machine else "")
         + f"; backend {machine.get('backend')} ({machine.get('devices')} devices, "
         f"{machine.get('device_kind')})",

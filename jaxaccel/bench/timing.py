@@ -140,6 +140,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+                "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def vector_features() -> str:
+    """The CPU's SIMD features that decide kernel speed (from /proc/cpuinfo; "" elsewhere),
+    e.g. "avx2 fma" or "avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return ""
+    return " ".join(v for v in VECTOR_FLAGS if v in flags)
+
+
 def load_average() -> list[float] | None:
     """1/5/15-minute load averages (None where the OS has none)."""
     try:
@@ -154,7 +170,7 @@ def machine_info() -> dict[str, Any]:
     import jaxlib
 
     info: dict[str, Any] = {
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "load_average": load_average(),
+        "cpu": _cpu_model(), "vector_features": vector_features(), "cores": os.cpu_count(), "load_average": load_average(),
         "python": platform.python_version(), "platform": platform.platform(),
         "jax": jax.__version__, "jaxlib": jaxlib.__version__,
         "backend": jax.default_backend(), "devices": jax.device_count(),
