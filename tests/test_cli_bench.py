@@ -33,6 +33,37 @@ def test_cli_train_writes_json_with_promised_keys(tmp_path, capsys):
     assert "| train step (median, IQR) |" in printed and "model FLOPs utilisation" in printed
 
 
+def test_cli_train_with_distill(tmp_path, capsys):
+    path = tmp_path / "out.json"
+    rc = cli.main(["bench", "train", "--model", "lenet300_100", *TINY, "--distill",
+                   "--student-width", "0.5", "--json", str(path)])
+    assert rc == 0
+    out = json.loads(path.read_text())
+    assert out["bench"] == "train" and set(out["with"]) == {"distill"}
+    modes = out["with"]["distill"]["modes"]
+    assert set(modes) == {"no teacher", "teacher in the step", "precomputed logits"}
+    assert all(m["steps_run"] == 1 + 0 + 2 and m["step_ms_median"] > 0 for m in modes.values())
+    # The same teacher on the same batch: logits in the step or precomputed train the same.
+    assert modes["teacher in the step"]["final_loss"] == pytest.approx(
+        modes["precomputed logits"]["final_loss"], rel=1e-4)
+    assert modes["no teacher"]["final_loss"] != pytest.approx(
+        modes["precomputed logits"]["final_loss"], rel=1e-3)
+    assert "| teacher in the step |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cli_train_with_ensemble(tmp_path, capsys):
+    path = tmp_path / "out.json"
+    rc = cli.main(["bench", "train", "--model", "lenet300_100", *TINY, "--ensemble", "2",
+                   "--ensemble-steps", "3", "--json", str(path)])
+    assert rc == 0
+    ens = json.loads(path.read_text())["with"]["ensemble"]
+    assert ens["members"] == 2 and ens["separate_s"] > 0 and ens["ensemble_s"] > 0
+    # The ensemble's members are the separate runs (same seeds), trained as one program.
+    assert ens["member_test_accuracy"] == pytest.approx(ens["separate_test_accuracy"], abs=0.02)
+    assert "| one ensemble run |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,needles", [
     (["--model", "resnet99"], ["resnet99", "cnn3", "lenet5"]),
     (["--input-shape", "32x32"], ["32x32", "H,W,C"]),
@@ -41,6 +72,8 @@ def test_cli_train_writes_json_with_promised_keys(tmp_path, capsys):
     (["--device-counts", "1,two"], ["1,two"]),
     (["--strategies", "data,tp"], ["tp", "fsdp"]),
     (["--repeats", "0"], ["--repeats 0"]),
+    (["--ensemble", "1"], ["--ensemble 1", ">= 2"]),
+    (["--student-width", "0"], ["--student-width 0"]),
 ])
 def test_bad_input_is_one_line_exit_2(argv, needles, capsys):
     rc = cli.main(["bench", "train", *argv])

@@ -18,19 +18,22 @@ from jaxaccel.bench import timing, torch_cnn3, workload
 
 
 class StepBench:
-    """One model + optimizer on one mesh and strategy, stepping a fixed batch.
+    """One model + optimizer on one mesh and strategy, stepping a fixed batch (`teacher`: the
+    frozen variables of a teacher that the setup's step computes, placed as the pipeline
+    places them).
 
     `first_step()` (compiles) must be called once before `step()`; `step()` runs one train
     step and blocks on its outputs (on XLA:CPU two multi-device steps in flight can deadlock
     in a collective rendezvous, and a blocked step is one finished unit of work anyway).
     """
 
-    def __init__(self, setup: Any, mesh: Any, strategy: str, batch: dict, *, seed: int = 0):
+    def __init__(self, setup: Any, mesh: Any, strategy: str, batch: dict, *, seed: int = 0,
+                 teacher: Any = None):
         from jaxaccel.loop import Runner
 
         self.setup, self.strategy, self.batch = setup, strategy, batch
         self.num_devices = int(mesh.devices.size)
-        self.runner = Runner(setup, mesh, strategy)
+        self.runner = Runner(setup, mesh, strategy, teacher=teacher)
         self.state = self.runner.to_device(_initial_state(setup, seed))
         self.metrics: Any = None
 

@@ -13,13 +13,13 @@ from typing import Any, Callable
 
 from jaxaccel import io
 
-SUITES = ("train", "scaling", "input", "infer", "sweep", "compile", "all")
-ALL_ORDER = ("train", "scaling", "input", "infer", "sweep", "compile")
+SUITES = ("train", "scaling", "input", "infer", "sweep", "compile", "distill", "ensemble", "all")
+ALL_ORDER = ("train", "distill", "ensemble", "scaling", "input", "infer", "sweep", "compile")
 
 # Defaults that depend on the benchmark: (train, scaling, input, infer).
 _BATCH = {"infer": 256}
-_REPEATS = {"train": 15, "scaling": 6, "input": 20, "infer": 15}
-_WARMUP = {"train": 2, "scaling": 1, "input": 2, "infer": 2}
+_REPEATS = {"train": 15, "distill": 15, "scaling": 6, "input": 20, "infer": 15}
+_WARMUP = {"train": 2, "distill": 2, "scaling": 1, "input": 2, "infer": 2}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,6 +55,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--matmul-size", type=int, default=2048, help="train: n of the n³ matmul peak")
     p.add_argument("--compare-torch", action="store_true",
                    help="train: time the same cnn3 step in PyTorch eager (pip install '.[bench]')")
+    p.add_argument("--distill", action="store_true",
+                   help="train: also time a distillation step (teacher in the step, precomputed "
+                        "logits, no teacher); the `distill` benchmark")
+    p.add_argument("--student-width", type=float, default=0.25,
+                   help="distill: the student's model.width; the teacher is the full --model "
+                        "(default 0.25)")
+    p.add_argument("--ensemble", type=int, default=0, metavar="K",
+                   help="train: also time one K-member ensemble run vs K separate runs end to "
+                        "end; the `ensemble` benchmark (default K: 4)")
+    p.add_argument("--ensemble-steps", type=int, default=50,
+                   help="ensemble: steps per run (default 50; experiment: --sweep-config)")
     p.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
     p.add_argument("--markdown", default=None, metavar="PATH", help="write the tables as markdown")
 
@@ -116,8 +127,12 @@ def _validate(args: argparse.Namespace) -> None:
     for s in [args.strategy] + args.strategies.split(","):
         if s not in parallel.STRATEGIES:
             raise ValueError(f"unknown strategy {s!r}; valid strategies: {', '.join(parallel.STRATEGIES)}")
+    if not args.student_width > 0:
+        raise ValueError(f"--student-width {args.student_width} must be > 0")
+    if args.ensemble and args.ensemble < 2:
+        raise ValueError(f"--ensemble {args.ensemble} must be >= 2 (members to compare)")
     for name in ("batch_size", "warmup", "repeats", "devices", "matmul_size", "sweep_points",
-                 "sweep_steps"):
+                 "sweep_steps", "ensemble_steps"):
         value = getattr(args, name)
         minimum = 0 if name == "warmup" else 1
         if value is not None and value < minimum:
@@ -159,10 +174,27 @@ def _runner(name: str, args: argparse.Namespace) -> Callable[[], dict[str, Any]]
         from jaxaccel.bench.sweep import bench_sweep
         return lambda: bench_sweep(args.sweep_points, experiment=args.sweep_config,
                                    steps=args.sweep_steps)
+    if name == "distill":
+        from jaxaccel.bench.teaching import bench_distill
+        return lambda: bench_distill(args.model, batch, shape, student_width=args.student_width,
+                                     warmup=warmup, repeats=repeats)
+    if name == "ensemble":
+        from jaxaccel.bench.teaching import bench_ensemble
+        return lambda: bench_ensemble(args.ensemble or 4, experiment=args.sweep_config,
+                                      steps=args.ensemble_steps)
     if name == "compile":
         from jaxaccel.bench.compilation_cache import bench_compile
         return lambda: bench_compile(args.model, batch, shape, conv_impl=args.conv_impl)
     raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(SUITES)}")
+
+
+def suite_names(args: argparse.Namespace) -> tuple[str, ...]:
+    """The benchmarks one suite runs: itself, and for `train` the distillation step
+    (--distill) and the ensemble comparison (--ensemble K) beside it."""
+    if args.suite != "train":
+        return (args.suite,)
+    return ("train",) + (("distill",) if args.distill else ()) + \
+        (("ensemble",) if args.ensemble else ())
 
 
 def _needs_own_process(args: argparse.Namespace) -> bool:
@@ -221,7 +253,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     command = command_line(args)
     machine = timing.machine_info()
     print(tables.markdown_header(machine, command), flush=True)
-    names = ALL_ORDER if args.suite == "all" else (args.suite,)
+    names = ALL_ORDER if args.suite == "all" else suite_names(args)
     runners = {name: _runner(name, args) for name in names}
     results: dict[str, dict[str, Any]] = {}
     failed = []
@@ -246,6 +278,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.suite == "all":
         payload: dict[str, Any] = {"bench": "all", "command": command, "machine": machine,
                                    "elapsed_s": elapsed, "failed": failed, "results": results}
+    elif len(names) > 1:  # train with --distill / --ensemble: the extra results beside
+        payload = {**results[args.suite], "command": command, "machine": machine,
+                   "with": {name: results[name] for name in names[1:]}}
     else:
         payload = {**results[args.suite], "command": command, "machine": machine}
     print(f"\n(total {elapsed:.0f} s; load average at the end: {machine['load_average_end']})")
