@@ -24,3 +24,10 @@ finish() {  # finish TABLE_FILE: print the wall time (also appended to the table
   fi
   return "$SWEEP_STATUS"
 }
+
+teacher_cnn3() {  # train the distillation teacher once ($RUNS/teacher_cnn3); later calls reuse it
+  if [[ ! -f "$RUNS/teacher_cnn3/results.json" ]]; then
+    "$PY" -m jaxaccel train --config experiments/teacher_cnn3.py --workdir "$RUNS/teacher_cnn3"
+  fi
+  TEACHER="$RUNS/teacher_cnn3"
+}

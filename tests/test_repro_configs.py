@@ -42,7 +42,10 @@ def test_all_reproductions_present():
     names = {os.path.basename(p) for p in REPRO_FILES}
     assert {"repro_han_lenet300.py", "repro_han_lenet5.py", "repro_zhu_gupta.py",
             "repro_lottery.py", "repro_int8.py", "repro_resnet20_cifar10.py"} <= names
-    for name in ("han", "zhu_gupta", "lottery", "int8", "resnet20_cifar10"):
+    assert {"repro_hinton.py", "repro_polino.py", "repro_ensemble.py",
+            "repro_distill_compressed.py"} <= names
+    for name in ("han", "zhu_gupta", "lottery", "int8", "resnet20_cifar10", "hinton", "polino",
+                 "ensemble", "distill_compressed"):
         script = os.path.join(ROOT, "scripts", f"reproduce_{name}.sh")
         assert os.access(script, os.X_OK), script
 
@@ -179,13 +182,13 @@ def test_lottery_rounds_share_masks_between_ticket_and_control():
 # ---------------------------------------------------------------------------------------------
 
 
-def _fake_point(root, name, seed, results):
+def _fake_point(root, name, seed, results, config=None):
     sub = os.path.join(root, name)
     os.makedirs(sub)
     with open(os.path.join(sub, "point.json"), "w") as f:
         json.dump({"name": name, "overrides": {"seed": seed}}, f)
     with open(os.path.join(sub, "config.json"), "w") as f:
-        json.dump({"seed": seed}, f)
+        json.dump({"seed": seed, **(config or {})}, f)
     with open(os.path.join(sub, "results.json"), "w") as f:
         json.dump(results, f)
 
@@ -325,3 +328,74 @@ def test_lottery_smoke_run_through_sweep_and_table(tmp_path):
         offset = run.stage_offsets()[stage]
         losses = {s - offset: loss for (name, s), loss in validation.items() if name == stage}
         assert it == min(losses, key=losses.get)
+
+
+def _fake_teacher(root, test=0.98, validation=0.975):
+    path = os.path.join(root, "teacher")
+    os.makedirs(path)
+    with open(os.path.join(path, "results.json"), "w") as f:
+        json.dump({"test_accuracy": test, "validation_accuracy": validation}, f)
+    return path
+
+
+def _taught_row(name, teacher, alpha, acc, val, temperature=4.0, **extra):
+    return _row(name, acc, validation_accuracy=val, **extra,
+                teacher={"path": teacher, "hash": "abc", "step": 600,
+                         "temperature": temperature, "alpha": alpha})
+
+
+@pytest.mark.parametrize("taught_acc,holds", [(0.95, True), (0.915, False)])
+def test_hinton_table_gap_closed_and_temperature_chosen_on_validation(tmp_path, taught_acc,
+                                                                     holds):
+    teacher = _fake_teacher(str(tmp_path))
+    runs = str(tmp_path / "runs")
+    for seed in range(3):
+        points = {"alone": (0.0, 20.0, 0.90, 0.90), "t4": (0.9, 4.0, taught_acc, 0.96),
+                  # T = 20 has the better test accuracy but the worse validation: not chosen
+                  "t20": (0.9, 20.0, 0.97, 0.91)}
+        for arm, (alpha, temp, acc, val) in points.items():
+            _fake_point(runs, f"{arm},seed={seed}", seed,
+                        {"model": "cnn3", "num_params": 1066, "num_test_examples": 1000,
+                         "stages": [_taught_row("train", teacher, alpha, acc, val, temp)]})
+    text = tables.hinton(runs)
+    gap = next(x for x in text.splitlines() if x.startswith("- test: "))
+    assert ("**holds**" in gap) is holds
+    assert f"{100 * (taught_acc - 0.90) / 0.08:.0f}% of the" in gap
+    assert "(T = 4, alpha = 0.9) — chosen on validation" in text
+    assert "(T = 20, alpha = 0.9) — chosen" not in text and "146" in text
+
+
+@pytest.mark.parametrize("taught_acc,holds", [(0.955, True), (0.945, False)])
+def test_polino_table_verdict_per_width(tmp_path, taught_acc, holds):
+    teacher = _fake_teacher(str(tmp_path))
+    runs = str(tmp_path / "runs")
+    for seed in range(3):
+        for width in (0.125, 0.0625):
+            for alpha, acc in ((0.0, 0.95), (0.9, taught_acc)):
+                _fake_point(runs, f"w{width},a{alpha},seed={seed}", seed,
+                            {"model": "cnn3", "num_params": 4000, "stages": [
+                                _taught_row("qat_w4a8", teacher, alpha, acc, acc)]},
+                            config={"model": {"width": width}})
+    text = tables.polino(runs)
+    verdicts = [x for x in text.splitlines() if x.startswith("- the distilled 4-bit")]
+    assert len(verdicts) == 2 and all(("**holds**" in v) is holds for v in verdicts)
+    assert "width 1/8" in text and "width 1/16" in text
+
+
+@pytest.mark.parametrize("average_acc,holds", [(0.96, True), (0.945, False)])
+def test_ensemble_table_beats_best_member_and_calibration(tmp_path, average_acc, holds):
+    def scores(acc, ece):
+        return {split: {"accuracy": acc, "loss": 0.2, "ece": ece, "count": 100}
+                for split in ("validation", "test")}
+
+    for seed in (0, 5, 10):
+        record = {"members": [scores(0.94, 0.03), scores(0.95, 0.02)], "weights": [0.4, 0.6],
+                  "average": scores(average_acc, 0.01), "stacked": scores(0.958, 0.04)}
+        _fake_point(str(tmp_path), f"seed={seed}", seed,
+                    {"model": "lenet300_100", "ensemble": record, "stages": []})
+    lines = tables.ensemble(str(tmp_path)).splitlines()
+    best = next(x for x in lines if x.startswith("- the averaged ensemble beats"))
+    assert ("**holds**" in best) is holds and "in 3 of 3" in best if holds else "in 0 of 3" in best
+    assert "**holds**" in next(x for x in lines if "ECE is below" in x)
+    stack = next(x for x in lines if x.startswith("- stacked − averaged"))
+    assert f"{100 * (0.958 - average_acc):+.2f} ± 0.00" in stack
