@@ -6,6 +6,8 @@
   fold         BatchNorm folded into the conv before it
   int8         real int8 inference (`convert_int8`, `int8_apply`)
   shrink       channel-pruned models made physically smaller
+  cluster      weight sharing: 1-D k-means of a layer's kept weights (Deep Compression)
+  huffman      canonical Huffman coding with a checksum, relative index coding of positions
   package      the compressed-package file format (`save_compressed`, `load_compressed`)
   export       StableHLO exports of inference functions
   layer_table  the per-layer compression report
