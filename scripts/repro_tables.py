@@ -674,7 +674,7 @@ def _test_images(run: Run, count: int = 256):
 
 def ensemble(workdir: str) -> str:
     runs = finished_runs(workdir)
-    rows, wins, ece_wins, stack_minus_avg = [], [], [], []
+    rows, wins, oracle_wins, ece_wins, stack_minus_avg = [], [], [], [], []
     for r in runs:
         e = r.results["ensemble"]
         members = e["members"]
@@ -682,7 +682,8 @@ def ensemble(workdir: str) -> str:
         best_val = max(range(len(members)), key=lambda k: members[k]["validation"]["accuracy"])
         avg, stk = e["average"]["test"], e.get("stacked", {}).get("test")
         mean_ece = statistics.fmean(m["test"]["ece"] for m in members)
-        wins.append(100 * avg["accuracy"] > max(test))
+        wins.append(100 * avg["accuracy"] > test[best_val])
+        oracle_wins.append(100 * avg["accuracy"] > max(test))
         ece_wins.append(avg["ece"] < mean_ece)
         if stk is not None:
             stack_minus_avg.append(100 * (stk["accuracy"] - avg["accuracy"]))
@@ -702,8 +703,10 @@ def ensemble(workdir: str) -> str:
                   "stacked %", "test NLL: members' mean / average / stacked",
                   "test ECE %: members' mean / average / stacked"], rows)
     out += ["",
-            f"- the averaged ensemble beats its best member (by test accuracy, the strictest "
-            f"choice) in {sum(wins)} of {len(wins)} ensembles → {verdict(all(wins))}",
+            f"- the averaged ensemble beats its best member (the member a researcher would pick: "
+            f"highest validation accuracy) on test in {sum(wins)} of {len(wins)} ensembles → "
+            f"{verdict(all(wins))}; it beats the member with the highest *test* accuracy (an "
+            f"oracle that selects on test) in {sum(oracle_wins)} of {len(oracle_wins)}",
             f"- the averaged ensemble's ECE is below its members' mean in {sum(ece_wins)} of "
             f"{len(ece_wins)} → {verdict(all(ece_wins))}",
             f"- stacked − averaged test accuracy: {fmt(stack_minus_avg, sign=True)} points "

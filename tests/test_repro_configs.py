@@ -382,20 +382,25 @@ def test_polino_table_verdict_per_width(tmp_path, taught_acc, holds):
     assert "width 1/8" in text and "width 1/16" in text
 
 
-@pytest.mark.parametrize("average_acc,holds", [(0.96, True), (0.945, False)])
-def test_ensemble_table_beats_best_member_and_calibration(tmp_path, average_acc, holds):
-    def scores(acc, ece):
-        return {split: {"accuracy": acc, "loss": 0.2, "ece": ece, "count": 100}
-                for split in ("validation", "test")}
+@pytest.mark.parametrize("average_acc,holds,oracle", [(0.96, True, 3), (0.945, True, 0),
+                                                     (0.935, False, 0)])
+def test_ensemble_table_beats_the_member_chosen_on_validation(tmp_path, average_acc, holds,
+                                                              oracle):
+    def scores(acc, ece, val=None):
+        return {"test": {"accuracy": acc, "loss": 0.2, "ece": ece, "count": 100},
+                "validation": {"accuracy": acc if val is None else val, "loss": 0.2,
+                               "ece": ece, "count": 100}}
 
-    for seed in (0, 5, 10):
-        record = {"members": [scores(0.94, 0.03), scores(0.95, 0.02)], "weights": [0.4, 0.6],
-                  "average": scores(average_acc, 0.01), "stacked": scores(0.958, 0.04)}
+    for seed in (0, 5, 10):  # the best member on test (0.95) is not the best on validation
+        record = {"members": [scores(0.95, 0.03, val=0.90), scores(0.94, 0.02, val=0.92)],
+                  "weights": [0.4, 0.6], "average": scores(average_acc, 0.01),
+                  "stacked": scores(0.958, 0.04)}
         _fake_point(str(tmp_path), f"seed={seed}", seed,
                     {"model": "lenet300_100", "ensemble": record, "stages": []})
     lines = tables.ensemble(str(tmp_path)).splitlines()
     best = next(x for x in lines if x.startswith("- the averaged ensemble beats"))
-    assert ("**holds**" in best) is holds and "in 3 of 3" in best if holds else "in 0 of 3" in best
+    assert ("→ **holds**" in best) is holds
+    assert f"in {3 if holds else 0} of 3 ensembles" in best and f"in {oracle} of 3" in best
     assert "**holds**" in next(x for x in lines if "ECE is below" in x)
     stack = next(x for x in lines if x.startswith("- stacked − averaged"))
     assert f"{100 * (0.958 - average_acc):+.2f} ± 0.00" in stack
