@@ -1,7 +1,7 @@
 r"""Reproduction: Hinton et al. 2015 — distilling a cnn3 teacher into a 16× narrower cnn3.
 
-The student is cnn3 at width 1/16 (conv 2-4-8, hidden 8: ~1,000 parameters, vs the teacher's
-~330,000) on mnist5k (10% of the training images held out for validation). The same student
+The student is cnn3 at width 1/16 (conv 2-4-8, hidden 8: 1,066 parameters, vs the teacher's
+241,546) on mnist5k (10% of the training images held out for validation). The same student
 and schedule: `distill.alpha=0.0` (hard labels only: the student alone) and
 `distill.alpha=0.9` at T = 20 (the paper's MNIST temperature) and T = 4; 5 seeds each. The
 temperature reported as "distilled" is the one with the higher mean validation accuracy
