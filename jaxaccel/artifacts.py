@@ -15,6 +15,7 @@ import os
 from typing import Any, Sequence
 
 from jaxaccel import loading
+from jaxaccel import stages as stages_lib
 from jaxaccel.compress import export, fold, int8, layer_table, package, quant
 from jaxaccel.workdir import CALIBRATION_FILE
 
@@ -35,22 +36,42 @@ def compression_report(source: str, *, bits: int | None = None, step: int | None
 
 
 def package_run(workdir: str, out: str, *, bits: int = 8, per_channel: bool = True,
-                float16: bool = False, step: int | None = None) -> dict[str, Any]:
+                float16: bool = False, step: int | None = None,
+                entropy: str = "none") -> dict[str, Any]:
     """Write a run's final weights as a compressed package; its sizes and where they came
-    from (see `compress.package.save_compressed`)."""
+    from (see `compress.package.save_compressed`). A run with a `cluster` stage stores its
+    shared kernels as codebook + indices; `entropy` "huffman" entropy-codes codes and
+    positions. `deep_compression_bytes` holds Deep Compression's Table 1 columns for these
+    weights: float32 dense, after pruning (float32 nonzeros + positions), after quantization /
+    sharing (this package's codes, no entropy coding) and after Huffman coding (before zlib)."""
     check_out_file(out)
     package.weight_config(bits)  # bad bits fail before loading anything
+    if entropy not in package.ENTROPY:
+        raise ValueError(f"--entropy {entropy!r} is not valid; choose one of: "
+                         f"{', '.join(package.ENTROPY)}")
     run = loading.final_weights(workdir, step)
+    shared = any(s.kind == "cluster" for s in stages_lib.expand(run.config))
     extra = {"dataset": run.config.dataset.name, "image_shape": list(run.input_shape),
              "source_workdir": os.path.abspath(workdir), "step": run.step, "stage": run.stage}
+    float_dtype = "float16" if float16 else "float32"
     info = package.save_compressed(out, run.model, run.variables, spec=run.spec, bits=bits,
-                                   per_channel=per_channel,
-                                   float_dtype="float16" if float16 else "float32", extra=extra)
+                                   per_channel=per_channel, float_dtype=float_dtype,
+                                   shared=shared, entropy=entropy, extra=extra)
+
+    def payload(entropy_: str) -> int:
+        arrays, _ = package.encode(run.variables, bits=bits, per_channel=per_channel,
+                                   float_dtype=float_dtype, shared=shared, entropy=entropy_)
+        return int(sum(a.nbytes for a in arrays.values()))
+
+    info["deep_compression_bytes"] = {
+        "dense_float32": info["dense_float32_bytes"],
+        "pruned": package.packed_bytes(run.variables, bits=32),
+        "quantized": payload("none"), "coded": payload("huffman")}
     ckpt_bytes = (package.directory_bytes(run.checkpoint_dir)
                   if os.path.isdir(run.checkpoint_dir) else None)
     info.update(checkpoint_dir=run.checkpoint_dir, checkpoint_bytes=ckpt_bytes,
                 checkpoint_ratio=ckpt_bytes / info["package_file_bytes"] if ckpt_bytes else None,
-                step=run.step, stage=run.stage, notes=run.notes)
+                step=run.step, stage=run.stage, notes=run.notes, shared=shared)
     return info
 
 

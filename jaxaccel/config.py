@@ -333,7 +333,7 @@ def flat_keys(config: ml_collections.ConfigDict) -> list[str]:
 # Sections whose keys are free (per-layer maps, model fields); their values are checked by
 # whatever reads them (`validate` for model fields). `*` stands for a stage index.
 FREE_SECTIONS = ("model.kwargs", "imp.per_layer_rates", "stages.*.prune.per_layer",
-                 "stages.*.prune.per_layer_rates")
+                 "stages.*.prune.per_layer_rates", "stages.*.cluster.per_layer")
 
 
 def check_schema(config: ml_collections.ConfigDict) -> None:

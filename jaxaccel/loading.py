@@ -20,12 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jaxaccel import config as config_lib
 from jaxaccel import data, io
 from jaxaccel import stages as stages_lib
 from jaxaccel.checkpoint import Checkpointer
-from jaxaccel.compress import sections
+from jaxaccel.compress import sections, sharing
 from jaxaccel.models.ensemble import Ensemble
 from jaxaccel.state import checkpoint_target
 from jaxaccel.workdir import (CHECKPOINTS_DIR, CONFIG_FILE, DATASET_FILE, ENSEMBLE_FILE,
@@ -194,6 +195,14 @@ def final_weights(workdir: str, step: int | None = None) -> FinalWeights:
                     params, prior)
                 variables = {**variables, "params": params}
                 notes.append(f"stage {st.name!r} (prune) applied again")
+            elif st.kind == "cluster":  # k-means from the same weights: deterministic
+                params = variables["params"]
+                masks = jax.tree.map(lambda p: np.asarray(p) != 0, jax.device_get(params))
+                bits = sharing.layer_bits(params, st.cluster.bits, dict(st.cluster.per_layer))
+                params, _, _ = sharing.share_weights(params, masks, bits, init=st.cluster.init,
+                                                     iters=st.cluster.iters)
+                variables = {**variables, "params": params}
+                notes.append(f"stage {st.name!r} (cluster) applied again")
             elif st.kind == "rewind":
                 notes.append(f"stage {st.name!r} (rewind) not reproduced")
                 continue

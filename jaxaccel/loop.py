@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from jaxaccel import data, io, metrics, parallel
-from jaxaccel.compress import package, prune, quant
+from jaxaccel.compress import package, prune, quant, sharing
 from jaxaccel.preemption import Preempted
 from jaxaccel.state import Setup, TrainState, check_structure, make_eval_step, make_train_step
 
@@ -212,7 +212,8 @@ class Runner:
     def start(self, carry: dict) -> TrainState:
         """A state for this stage from the previous stage's weights, masks and rng.
 
-        The optimizer state is fresh (a stage may change the optimizer); masks carry over.
+        The optimizer state is fresh (a stage may change the optimizer); masks (and the
+        cluster assignments of shared weights) carry over.
         """
         qat = (quant.qat_init(self.setup.model, {"params": carry["params"],
                                                  "batch_stats": carry["batch_stats"]},
@@ -220,6 +221,11 @@ class Runner:
                               self.setup.qat_config)
                if self.setup.qat_config else {})
         opt_state = prune.set_masks(self.setup.tx.init(carry["params"]), carry["masks"])
+        if sharing.has_assignments(opt_state):  # after a cluster stage: its assignments
+            if carry.get("clusters") is None:
+                raise ValueError("this stage fine-tunes shared weights, but no cluster "
+                                 "assignments were carried to it")
+            opt_state = sharing.set_assignments(opt_state, carry["clusters"])
         state = TrainState(step=jnp.zeros((), jnp.int32), params=carry["params"],
                            batch_stats=carry["batch_stats"], opt_state=opt_state,
                            rng=carry["rng"], qat=qat)

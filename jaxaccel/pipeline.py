@@ -34,12 +34,14 @@ from jaxaccel import config as config_lib
 from jaxaccel import data, io, loading, metrics, parallel, stacked
 from jaxaccel import stages as stages_lib
 from jaxaccel.compress import distill as distill_lib
-from jaxaccel.compress import prune, quant, sections
+from jaxaccel.compress import saliency
+from jaxaccel.compress import prune, quant, sections, sharing
 from jaxaccel.loop import Evaluator, Runner, results_record, stage_row, train_loop
 from jaxaccel.preemption import PreemptionGuard
 from jaxaccel.models.ensemble import Ensemble, average_logits
 from jaxaccel.state import (Distillation, Setup, TrainState, build, checkpoint_target,
                             make_eval_step, make_schedule, make_train_step)
+from jaxaccel.state import cross_entropy
 from jaxaccel import workdir as workdir_files
 from jaxaccel.workdir import (CALIBRATION_FILE, CONFIG_FILE, DATASET_FILE, ENSEMBLE_FILE,
                               RESULTS_FILE)
@@ -175,10 +177,51 @@ def run_train(ctx: Context, i: int, st: ml_collections.ConfigDict, carry: dict) 
 
 @stage_kind("prune")
 def run_prune(ctx: Context, i: int, st: ml_collections.ConfigDict, carry: dict) -> Outcome:
-    """One-shot magnitude masks or an IMP round (subsets of the carried masks)."""
-    params, masks = sections.prune_once(carry["params"], carry["masks"], st.prune)
+    """One-shot magnitude masks, an IMP round, SNIP or random masks (subsets of the carried
+    masks)."""
+    params, masks = _prune_once(ctx, i, st.prune, carry)
     carry = {**carry, "params": params, "masks": masks}
     return Outcome(carry, carry, *_evaluate(ctx, i, st, carry))
+
+
+RANDOM_MASK_STREAM = 2  # random masks: key fold_in(fold_in(PRNGKey(seed), this), stage index)
+
+
+def _prune_once(ctx: Context, i: int, p: ml_collections.ConfigDict, carry: dict) -> tuple:
+    """`sections.prune_once` of the carried weights and masks, given what `snip` needs (the
+    scores, `_snip_scores`) and `random` (a key from the run's seed and the stage index, so a
+    resumed or repeated run draws the same mask)."""
+    extra: dict[str, Any] = {}
+    if p.method == "snip":
+        extra["scores"] = _snip_scores(ctx, i, carry, p.batches)
+    elif p.method == "random":
+        key = jax.random.fold_in(jax.random.PRNGKey(ctx.config.seed), RANDOM_MASK_STREAM)
+        extra["key"] = jax.random.fold_in(key, i)
+    return sections.prune_once(carry["params"], carry["masks"], p, **extra)
+
+
+def _snip_scores(ctx: Context, i: int, carry: dict, num_batches: int) -> Any:
+    """`saliency.snip_scores` of the carried weights (host values) on the first `num_batches`
+    training batches, with the loss the train step minimises: cross-entropy (with the
+    config's label smoothing) of a forward pass in training mode (BN on batch statistics;
+    the running statistics are not changed). Params are placed on the run's mesh as the
+    strategy places them (pmap: replicated) and batches split over it, as in a train step."""
+    if jax.process_count() > 1:
+        raise config_lib.ConfigError("prune.method='snip' runs in a single process")
+    setup = ctx.eval_runner(i).setup
+    model, num_classes = setup.model, setup.spec.num_classes
+    smoothing, batch_stats = ctx.config.label_smoothing, carry["batch_stats"]
+
+    def loss_fn(params, batch):
+        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+                                train=True, mutable=["batch_stats"])
+        return cross_entropy(logits, batch["label"], num_classes, smoothing).mean()
+
+    strategy = "fsdp" if ctx.config.parallel.strategy == "fsdp" else "data"
+    params = jax.device_put(carry["params"],
+                            parallel.state_shardings(carry["params"], ctx.mesh, strategy))
+    batches = (parallel.shard_batch(ctx.batches.batch(k), ctx.mesh) for k in range(num_batches))
+    return jax.device_get(saliency.snip_scores(loss_fn, params, batches))
 
 
 @stage_kind("rewind")
@@ -204,13 +247,28 @@ def run_quantize(ctx: Context, i: int, st: ml_collections.ConfigDict, carry: dic
     return Outcome(carry, carry, *_evaluate(ctx, i, st, carry))
 
 
+@stage_kind("cluster")
+def run_cluster(ctx: Context, i: int, st: ml_collections.ConfigDict, carry: dict) -> Outcome:
+    """Weight sharing: every kernel's kept weights replaced by the nearest of 2^bits k-means
+    centroids (`compress.sharing.share_weights`); later train stages fine-tune them."""
+    c = st.cluster
+    bits = sharing.layer_bits(carry["params"], c.bits, dict(c.per_layer))
+    params, assignments, _ = sharing.share_weights(carry["params"], carry["masks"], bits,
+                                                   init=c.init, iters=c.iters)
+    carry = {**carry, "params": params, "clusters": assignments}
+    result, row = _evaluate(ctx, i, st, carry)
+    distinct = sharing.distinct_values(params, carry["masks"])
+    row = {**row, "cluster_bits": bits, "max_shared_values": max(distinct.values(), default=0)}
+    return Outcome(carry, carry, result, row)
+
+
 @stage_kind("evaluate")
 def run_evaluate(ctx: Context, i: int, st: ml_collections.ConfigDict, carry: dict) -> Outcome:
-    """The carried model evaluated; with a one-shot prune section, the carried weights under
-    those masks (the carry itself passes on unchanged)."""
+    """The carried model evaluated; with a one-shot (or snip / random) prune section, the
+    carried weights under those masks (the carry itself passes on unchanged)."""
     evaluated = carry
     if st.prune.method != "none":
-        params, masks = sections.prune_once(carry["params"], carry["masks"], st.prune)
+        params, masks = _prune_once(ctx, i, st.prune, carry)
         evaluated = {**carry, "params": params, "masks": masks}
     return Outcome(carry, evaluated, *_evaluate(ctx, i, st, evaluated))
 
@@ -459,10 +517,14 @@ def check_teacher(path: str, teacher: data.DatasetSpec, student: data.DatasetSpe
 
 
 def carry_of(runner: Runner, state: TrainState) -> dict:
-    """What passes from one stage to the next: weights, BN stats, masks, rng."""
+    """What passes from one stage to the next: weights, BN stats, masks, rng (and the cluster
+    assignments of shared weights)."""
     host = runner.to_host(state)
-    return {"params": host.params, "batch_stats": host.batch_stats,
-            "masks": prune.get_masks(host.opt_state), "rng": host.rng}
+    carry = {"params": host.params, "batch_stats": host.batch_stats,
+             "masks": prune.get_masks(host.opt_state), "rng": host.rng}
+    if sharing.has_assignments(host.opt_state):
+        carry["clusters"] = sharing.get_assignments(host.opt_state)
+    return carry
 
 
 # ----------------------------------------------------------------------------------------
@@ -499,6 +561,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
                                 cache=pcount == 1)  # several processes: each reads its rows only
     evaluator = Evaluator(splits, first.spec, batch_size=config.eval_batch_size,
                           process_index=pid, process_count=pcount)
+    check_cluster_layers(stages, first)
     for i, setup in setups.items():
         check_model(config, setup)
         if stages[i].distill.teacher:  # before anything is written
@@ -646,6 +709,19 @@ def check_model(config: ml_collections.ConfigDict, setup: Setup) -> None:
 # ----------------------------------------------------------------------------------------
 # The workdir
 # ----------------------------------------------------------------------------------------
+def check_cluster_layers(stages: list[ml_collections.ConfigDict], setup: Setup) -> None:
+    """Every cluster stage's per-layer bits name real kernels (shapes only, nothing runs)."""
+    clusters = [s for s in stages if s.kind == "cluster"]
+    if not clusters:
+        return
+    params = jax.eval_shape(setup.init_state, jax.random.PRNGKey(0)).params
+    for s in clusters:
+        try:
+            sharing.layer_bits(params, s.cluster.bits, dict(s.cluster.per_layer))
+        except ValueError as e:
+            raise config_lib.ConfigError(f"stage {s.name!r}: {e}") from None
+
+
 def dataset_record(spec: data.DatasetSpec, splits: data.Splits) -> dict[str, Any]:
     """What `dataset.json` holds: what the model takes (raw uint8 images of `image_shape`,
     normalised inside `predict` with `mean`/`std`) and what its logits mean (`class_names`,

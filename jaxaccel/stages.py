@@ -11,15 +11,21 @@ A config's `stages` is an ordered tuple of stage ConfigDicts made with `stage(..
                  round (`prune.method="imp"`: prune `rate` of the weights still kept); the
                  new masks are a subset of the carried ones, and a one-shot sparsity counts
                  the weights already pruned, so prune → train → prune (higher) → train … is
-                 iterative pruning (Han et al. 2015);
+                 iterative pruning (Han et al. 2015); or pruning by another score, also at
+                 initialization: `snip` (|grad · w| summed over `prune.batches` training
+                 batches, one global top-k; Lee et al. 2019) or `random` (the control);
   * `rewind`   — weights back to the snapshot taken at `config.rewind_step` (0 = init), or to
                  fresh random weights (`rewind="random"`, the lottery-ticket control), masked;
   * `quantize` — post-training quantization: fold BN, calibrate activations, evaluate W/A
                  fake-quant and real int8 (`quant.*`);
+  * `cluster`  — weight sharing (Deep Compression): each kernel's kept weights clustered
+                 into 2^`cluster.bits` shared values by 1-D k-means; the following `train`
+                 stages fine-tune the shared values (centroids) with assignments and masks
+                 fixed (`compress.sharing`);
   * `evaluate` — evaluate the current state; with a one-shot `prune` section
-                 (`prune.method="one_shot"`, any of its fields) it evaluates the current
-                 weights with those magnitude masks applied (on top of the current masks)
-                 and leaves the state unchanged: "pruned, without retraining" as its own
+                 (`prune.method="one_shot"`, any of its fields; or snip / random) it
+                 evaluates the current weights with those masks applied (on top of the
+                 current masks) and leaves the state unchanged: "pruned, without retraining" as its own
                  row (its sparsity / packed_bytes describe the pruned evaluation) while the
                  next stage starts from the weights and masks this one was given.
 Masks carry from stage to stage (a pruned weight stays exactly zero afterwards). A config
@@ -28,7 +34,7 @@ IMP rounds (train → prune → rewind) without writing them out.
 
 Owns `stage`, `KINDS`, `choices`, `KEY_HELP`, the section defaults and `expand`. Imports
 nothing of jaxaccel but compress's choice constants (`compress.prune`, `compress.quant`,
-inside a function); never config, state or anything above.
+`compress.cluster`, inside a function); never config, state or anything above.
 """
 from __future__ import annotations
 
@@ -37,34 +43,38 @@ from typing import Any
 
 import ml_collections
 
-KINDS = ("train", "prune", "rewind", "quantize", "evaluate")
-PRUNE_METHODS = ("none", "one_shot", "gradual", "imp")
+KINDS = ("train", "prune", "rewind", "quantize", "evaluate", "cluster")
+PRUNE_METHODS = ("none", "one_shot", "gradual", "imp", "snip", "random")
 QUANT_MODES = ("none", "ptq", "qat")
 REWIND_TO = ("snapshot", "random")
-EVALUATE_PRUNE_METHODS = ("none", "one_shot")  # evaluate with one-shot masks, state unchanged
+EVALUATE_PRUNE_METHODS = ("none", "one_shot", "snip", "random")  # masks applied, state unchanged
 
 
 def choices() -> dict[str, tuple]:
     """The valid values of a stage's choice fields (`stages.<i>.<key>`)."""
-    from jaxaccel.compress import prune, quant
+    from jaxaccel.compress import cluster, prune, quant
     return {"kind": KINDS, "prune.method": PRUNE_METHODS, "prune.scope": prune.SCOPES,
             "prune.granularity": prune.GRANULARITIES, "prune.distribution": prune.DISTRIBUTIONS,
-            "quant.mode": QUANT_MODES, "quant.observer": quant.OBSERVERS, "rewind": REWIND_TO}
+            "quant.mode": QUANT_MODES, "quant.observer": quant.OBSERVERS, "rewind": REWIND_TO,
+            "cluster.init": cluster.INITS}
 
 
 # One line per field of a stage (`jaxaccel config` shows them).
 KEY_HELP: dict[str, str] = {
     "name": "the stage's name (rows, metrics and logs carry it)",
-    "kind": "train | prune | rewind | quantize | evaluate",
+    "kind": "train | prune | rewind | quantize | evaluate | cluster",
     "steps": "train stages: optimizer steps",
     "optimizer": "train stages: overrides of the config's optimizer fields",
-    "prune.method": "one_shot / imp (prune stages), gradual (train stages), one_shot (evaluate)",
-    "prune.sparsity": "one_shot / gradual: target fraction of kernel weights pruned",
+    "prune.method": "one_shot / imp / snip / random (prune stages), gradual (train stages), "
+                    "one_shot / snip / random (evaluate)",
+    "prune.sparsity": "one_shot / gradual / snip / random: target fraction of kernel weights "
+                      "pruned",
+    "prune.batches": "snip: training batches whose |grad * weight| are summed (>= 1)",
     "prune.initial": "gradual: sparsity at begin_step",
     "prune.begin_step": "gradual: first pruning step of the stage",
     "prune.end_step": "gradual: last pruning step (0 = 3/4 of the stage)",
     "prune.frequency": "gradual: steps between mask updates",
-    "prune.scope": "rank weights per layer or across all layers",
+    "prune.scope": "rank weights per layer or across all layers (snip: always global)",
     "prune.granularity": "unstructured weights, whole output channels, or n:m blocks",
     "prune.n": "n:m: weights kept per block",
     "prune.m": "n:m: block size",
@@ -86,6 +96,10 @@ KEY_HELP: dict[str, str] = {
     "quant.delay": "qat: steps before fake-quant switches on",
     "quant.int8": "ptq: also run real int8 inference (8-bit symmetric only)",
     "rewind": "rewind stages: to the snapshot at rewind_step, or to random weights",
+    "cluster.bits": "cluster stages: index bits per kernel (2^bits shared values), 1..8",
+    "cluster.per_layer": "cluster stages: per-layer bits, e.g. {'fc1/kernel': 6}",
+    "cluster.init": "cluster stages: k-means initialisation (linear: Han et al.'s best)",
+    "cluster.iters": "cluster stages: k-means (Lloyd) iterations at most",
     "distill.teacher": "train stages: a finished run's workdir to distil from ('' = off)",
     "distill.temperature": "distillation temperature T (> 0) of the soft targets",
     "distill.alpha": "weight of the soft (distillation) term, in [0, 1]; 1 - alpha: labels",
@@ -115,6 +129,7 @@ def prune_defaults() -> ml_collections.ConfigDict:
     p.round = 0                 # imp: set by expansion
     p.per_layer_rates = ml_collections.ConfigDict()  # imp: e.g. {"fc3/kernel": 0.1}
     p.per_layer = ml_collections.ConfigDict()        # one_shot/gradual per-leaf sparsities
+    p.batches = 1               # snip: training batches the sensitivities are summed over
     return p
 
 
@@ -144,9 +159,20 @@ def distill_defaults() -> ml_collections.ConfigDict:
     return d
 
 
+def cluster_defaults() -> ml_collections.ConfigDict:
+    """Fields of a stage's `cluster` section (weight sharing, `compress.sharing`)."""
+    c = ml_collections.ConfigDict()
+    c.bits = 5                   # 2^bits shared values per kernel
+    c.per_layer = ml_collections.ConfigDict()  # per-kernel bits, e.g. {"fc1/kernel": 6}
+    c.init = "linear"            # linear | random | density (compress.cluster.INITS)
+    c.iters = 30
+    return c
+
+
 def stage(name: str, kind: str, *, steps: int = 0, optimizer: dict | None = None,
           prune: dict | None = None, quant: dict | None = None,
-          distill: dict | None = None, rewind: str = "snapshot") -> ml_collections.ConfigDict:
+          distill: dict | None = None, rewind: str = "snapshot",
+          cluster: dict | None = None) -> ml_collections.ConfigDict:
     """One stage; `optimizer` holds overrides of the config's optimizer (e.g. a lower lr)."""
     s = ml_collections.ConfigDict()
     s.name = name
@@ -157,6 +183,7 @@ def stage(name: str, kind: str, *, steps: int = 0, optimizer: dict | None = None
     s.quant = _filled(quant_defaults(), quant, f"stage {name!r} quant")
     s.distill = _filled(distill_defaults(), distill, f"stage {name!r} distill")
     s.rewind = rewind
+    s.cluster = _filled(cluster_defaults(), cluster, f"stage {name!r} cluster")
     return s
 
 
@@ -278,8 +305,16 @@ def _validate(i: int, s: ml_collections.ConfigDict) -> None:
         raise ValueError(f"{where}.steps={s.steps} must be >= 0 for a train stage")
     if s.kind != "train" and s.steps:
         raise ValueError(f"{where}.steps={s.steps}: only train stages take steps")
-    if s.kind == "prune" and s.prune.method not in ("one_shot", "imp"):
-        raise ValueError(f"{where}.prune.method={s.prune.method!r}: a prune stage is one_shot or imp")
+    if s.kind == "prune" and s.prune.method not in ("one_shot", "imp", "snip", "random"):
+        raise ValueError(f"{where}.prune.method={s.prune.method!r}: a prune stage is "
+                         f"one_shot or imp (magnitude), snip or random")
+    if not isinstance(s.prune.batches, int) or isinstance(s.prune.batches, bool) or \
+            s.prune.batches < 1:
+        raise ValueError(f"{where}.prune.batches={s.prune.batches!r} must be an int >= 1")
+    if s.prune.method == "snip" and (s.prune.granularity != "unstructured" or
+                                     s.prune.distribution != "uniform" or s.prune.per_layer):
+        raise ValueError(f"{where}.prune.method='snip' ranks single weights globally: "
+                         f"granularity must be unstructured, distribution uniform, no per_layer")
     if s.kind == "evaluate" and s.prune.method not in EVALUATE_PRUNE_METHODS:
         raise ValueError(f"{where}.prune.method={s.prune.method!r} is not valid for an evaluate "
                          f"stage; choose one of: {', '.join(EVALUATE_PRUNE_METHODS)}")
@@ -303,6 +338,15 @@ def _validate(i: int, s: ml_collections.ConfigDict) -> None:
         raise ValueError(f"{where}.distill.temperature={s.distill.temperature} must be > 0")
     if not 0.0 <= s.distill.alpha <= 1.0:
         raise ValueError(f"{where}.distill.alpha={s.distill.alpha} must be in [0, 1]")
+    if s.kind != "cluster" and s.cluster.to_dict() != cluster_defaults().to_dict():
+        raise ValueError(f"{where}.cluster: only cluster stages cluster; this stage is "
+                         f"{s.kind!r}")
+    for key, bits in [("bits", s.cluster.bits),
+                      *[(f"per_layer.{k}", v) for k, v in s.cluster.per_layer.items()]]:
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise ValueError(f"{where}.cluster.{key}={bits!r} must be an int in 1..8")
+    if s.cluster.iters < 1:
+        raise ValueError(f"{where}.cluster.iters={s.cluster.iters} must be >= 1")
     for key, valid in choices().items():
         section, _, field = key.rpartition(".")
         value = s[section][field] if section else s[field]

@@ -21,7 +21,7 @@ import optax
 from jaxaccel import data, models
 from jaxaccel import stages as stages_lib
 from jaxaccel.compress import distill as distill_lib
-from jaxaccel.compress import prune, quant, sections
+from jaxaccel.compress import prune, quant, sections, sharing
 
 
 @flax.struct.dataclass
@@ -161,6 +161,9 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
                 (grads, loss, accuracy, batch_stats, qat_state), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if sharing.has_assignments(opt_state):  # shared weights stay exactly shared
+            params = sharing.snap(params, sharing.get_assignments(opt_state),
+                                  prune.get_masks(opt_state))
         if mask_update is not None:
             masks = mask_update(params, prune.get_masks(opt_state), state.step)
             params = prune.apply_masks(params, masks)
@@ -237,6 +240,11 @@ def build(config: ml_collections.ConfigDict,
                              **dict(config.model.kwargs))
     inner, schedule = make_optimizer(stages_lib.stage_optimizer(config, stage),
                                      max(stage.steps, 1))
+    if after_cluster(config, stage):  # fine-tune shared values: gradients summed per cluster
+        if stage.prune.method == "gradual":
+            raise ValueError(f"stage {stage.name!r}: gradual pruning after a cluster stage "
+                             f"would break the shared weights; prune before clustering")
+        inner = sharing.tied(inner)
     tx = prune.masked(inner)
     input_shape = (1,) + tuple(spec.image_shape)
     qat_config = sections.qat_config(stage.quant) if stage.quant.mode == "qat" else None
@@ -260,6 +268,16 @@ def build(config: ml_collections.ConfigDict,
 
     return Setup(config, stage, spec, model, tx, schedule, input_shape, init_state, predict_fn,
                  mask_update, qat_config)
+
+
+def after_cluster(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict) -> bool:
+    """Whether a `cluster` stage comes before `stage` in the config's pipeline (its train
+    stages then fine-tune shared weights)."""
+    stages = stages_lib.expand(config)
+    names = [s.name for s in stages]
+    if stage.name not in names:
+        return False
+    return any(s.kind == "cluster" for s in stages[:names.index(stage.name)])
 
 
 def check_structure(expected: Any, got: Any) -> None:

@@ -241,7 +241,7 @@ def test_predict_takes_raw_pixels_normalisation_inside(tmp_path):
     path = tmp_path / "m.npz"
     package.save_compressed(path, model, variables, spec=TOY, bits=8)
     pkg = package.load_compressed(path)
-    assert pkg.spec == TOY and package.read_package(path)[0]["version"] == 2  # every field back
+    assert pkg.spec == TOY and package.read_package(path)[0]["version"] == package.VERSION
     raw = np.asarray(jax.random.randint(jax.random.key(1), (6, 8, 8, 3), 0, 256), np.uint8)
     want = _reference_predict(pkg.variables, raw)
     chex.assert_trees_all_close(pkg.predict(raw), want, atol=1e-6, rtol=1e-6)

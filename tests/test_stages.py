@@ -38,8 +38,9 @@ def test_a_stage_has_every_section_field_with_its_default():
 
 def test_choices_name_every_kind():
     assert stages.choices()["kind"] == stages.KINDS == (
-        "train", "prune", "rewind", "quantize", "evaluate")
+        "train", "prune", "rewind", "quantize", "evaluate", "cluster")
     assert stages.choices()["rewind"] == stages.REWIND_TO
+    assert stages.choices()["cluster.init"] == ("linear", "random", "density")
 
 
 def test_a_config_without_stages_is_one_train_stage():

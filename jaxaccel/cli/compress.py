@@ -3,7 +3,8 @@ package, StableHLO export of a run (the work is `jaxaccel.artifacts`).
 
     jaxaccel compress report WORKDIR [--json PATH] [--bits N] [--step S] [--input-shape H,W,C]
     jaxaccel compress report PACKAGE.npz [--json PATH]
-    jaxaccel compress package WORKDIR --out FILE [--bits 8] [--per-tensor] [--float16] [--json PATH]
+    jaxaccel compress package WORKDIR --out FILE [--bits 8] [--per-tensor] [--float16]
+        [--entropy none|huffman] [--json PATH]
     jaxaccel compress export WORKDIR --out FILE [--int8 | --fake-quant] [--step S]
 
 Imports artifacts, `compress.layer_table` (to render) and io; never another subcommand's module.
@@ -39,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--float16", action="store_true",
                    help="store scales, biases and BN as float16 (default float32)")
     k.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    k.add_argument("--entropy", default="none",
+                   help="none | huffman: Huffman-code the kernels' codes and positions "
+                        "(Deep Compression; default none)")
     k.add_argument("--json", dest="json_path", default=None, help="also write the sizes here")
     e = sub.add_parser("export", help="write the run's inference function as serialized "
                                       "StableHLO (jax.export, symbolic batch): float, "
@@ -88,13 +92,19 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.compress_command == "package":
         info = artifacts.package_run(args.workdir, args.out, bits=args.bits,
                                      per_channel=not args.per_tensor, float16=args.float16,
-                                     step=args.step)
+                                     step=args.step, entropy=args.entropy)
         print(f"wrote {info['path']}: {info['package_file_bytes']:,} bytes on disk "
-              f"({info['bits']}-bit codes of {info['kernel_nonzeros']:,} nonzero kernel "
+              f"({'shared-value indices' if info['shared'] else str(info['bits']) + '-bit codes'}"
+              f" of {info['kernel_nonzeros']:,} nonzero kernel "
               f"weights, {100 * info['sparsity']:.1f}% sparse; step {info['step']}, stage "
               f"{info['stage']})")
         print(f"  vs float32 dense parameters: {info['dense_float32_bytes']:,} bytes "
               f"-> {info['ratio']:.1f}x smaller")
+        dc = info["deep_compression_bytes"]
+        print(f"  Deep Compression columns (bytes before zlib): dense float32 "
+              f"{dc['dense_float32']:,} -> pruned {dc['pruned']:,} -> "
+              f"{'shared' if info['shared'] else 'quantized'} {dc['quantized']:,} -> "
+              f"Huffman-coded {dc['coded']:,} ({dc['dense_float32'] / dc['coded']:.1f}x)")
         if info["checkpoint_bytes"]:
             print(f"  vs float32 orbax checkpoint {info['checkpoint_dir']}: "
                   f"{info['checkpoint_bytes']:,} bytes -> {info['checkpoint_ratio']:.1f}x "

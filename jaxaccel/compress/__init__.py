@@ -1,6 +1,7 @@
 """Compression of trained models, as pure functions of models and weights.
 
   prune        magnitude masks (unstructured, channel), `execution_order`, `masked` optimizers
+  saliency     pruning by other scores: SNIP (`snip_scores`, `score_masks`), `random_masks`
   schedules    sparsity schedules (one-shot, gradual, IMP) and rewinding
   quant        fake quantization, observers, calibration, QAT
   fold         BatchNorm folded into the conv before it

@@ -8,7 +8,15 @@
   for 2..7 bits the offset codes ``q - qmin`` packed ``bits`` per entry,
 * ``scale``: symmetric per-output-channel (or per-tensor) scales,
 
-so no float copy of the weights exists. Codes follow ``quant.quantize`` with the same
+so no float copy of the weights exists. With ``shared=True`` (a run with a `cluster` stage:
+weight sharing, Deep Compression), a kernel whose kept values number at most 256 is stored as
+``codebook`` (its distinct kept values, float32, sorted) and ``codes`` (each kept weight's
+index into it, ``ceil(log2(len(codebook)))`` bits each), which rebuilds the shared weights
+exactly. With ``entropy="huffman"`` the codes and the positions (Deep Compression's relative
+index coding: the gap to the previous kept weight, `compress.huffman.relative_positions`,
+``INDEX_BITS`` bits, fillers for longer gaps) are stored as checksummed canonical Huffman
+streams (``values``, ``positions``) instead of fixed-width codes and a bit-mask; a damaged
+stream is refused, never decoded. Codes follow ``quant.quantize`` with the same
 weight config as the project's PTQ stage (symmetric, narrow range, e.g. [-127, 127]), so the
 dequantized kernel ``codes * scale`` equals ``quant.quantize_weights`` of the (masked)
 float kernel bit for bit. Biases, BatchNorm parameters and statistics are stored as float32
@@ -41,12 +49,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel import data, io, models
-from jaxaccel.compress import prune, quant
+from jaxaccel.compress import huffman, prune, quant
 
 PyTree = Any
 
 FORMAT = "jaxaccel-compressed"
-VERSION = 2  # 2: the dataset's normalisation and image shape are stored ("dataset")
+VERSION = 3  # 2: the dataset's normalisation and image shape; 3: shared kernels, entropy coding
+READABLE_VERSIONS = (2, 3)
+ENTROPY = ("none", "huffman")
+INDEX_BITS = 5  # relative index coding of positions (Han et al. 2016 use 5 bits for fc layers)
 FLOAT_DTYPES = ("float32", "float16")
 _META_KEY = "meta"
 
@@ -301,16 +312,20 @@ def _flatten(variables: Mapping[str, PyTree]) -> list[tuple[str, np.ndarray]]:
 
 
 def encode(variables: Mapping[str, PyTree], masks: PyTree | None = None, *, bits: int = 8,
-           per_channel: bool = True,
-           float_dtype: str = "float32") -> tuple[dict[str, np.ndarray], list[dict]]:
+           per_channel: bool = True, float_dtype: str = "float32", shared: bool = False,
+           entropy: str = "none") -> tuple[dict[str, np.ndarray], list[dict]]:
     """The arrays of a package and the per-leaf records describing them (no file I/O).
 
     ``masks`` (over ``variables["params"]``, True = keep) zero entries first; the stored
-    pattern of a kernel is its nonzeros after that. ValueError names the leaf for bad bits,
-    masks that do not match the params, non-boolean masks and non-finite values.
+    pattern of a kernel is its nonzeros after that. ``shared``: kernels with at most 256
+    distinct kept values are stored as codebook + indices (exact); ``entropy``: "huffman"
+    entropy-codes the integer codes and the positions. ValueError names the leaf for bad
+    bits, masks that do not match the params, non-boolean masks and non-finite values.
     """
     config = weight_config(bits, per_channel)  # validates bits (2..8)
     _check_float_dtype(float_dtype)
+    if entropy not in ENTROPY:
+        raise ValueError(f"entropy={entropy!r} is not valid; choose one of: {', '.join(ENTROPY)}")
     if "params" not in variables:
         raise ValueError(f"variables need a 'params' collection, got {sorted(variables)}")
     variables = {k: _host_tree(v) for k, v in variables.items()}
@@ -327,27 +342,52 @@ def encode(variables: Mapping[str, PyTree], masks: PyTree | None = None, *, bits
     flat = _flatten(variables)
     kernels = {p: np.asarray(v, np.float32) for p, v in flat
                if p.startswith("params/") and prune.is_kernel(p, v)}
-    quantized = _quantize_kernels(kernels, config)
+    codebooks = {p: np.unique(k[k != 0]) for p, k in kernels.items()} if shared else {}
+    codebooks = {p: c for p, c in codebooks.items() if 0 < c.size <= 256}
+    quantized = _quantize_kernels({p: k for p, k in kernels.items() if p not in codebooks},
+                                  config)
     arrays: dict[str, np.ndarray] = {}
     records: list[dict] = []
     for i, (path, leaf) in enumerate(flat):
         leaf = np.asarray(leaf)
         record = {"path": path, "shape": list(leaf.shape), "dtype": leaf.dtype.name}
         if path in kernels:
-            codes, scale = quantized[path]
             nonzero = kernels[path] != 0
             nnz = int(nonzero.sum())
-            record.update(encoding="sparse_int", bits=bits, qmin=config.qmin,
-                          nonzeros=nnz, per_channel=per_channel)
-            if nnz < leaf.size:
-                arrays[f"{i}.mask"] = np.packbits(nonzero.ravel())
-            arrays[f"{i}.codes"] = pack_codes(codes[nonzero], bits, config.qmin)
-            arrays[f"{i}.scale"] = np.atleast_1d(scale).astype(float_dtype)
+            if path in codebooks:
+                book = codebooks[path]
+                leaf_bits = max(1, math.ceil(math.log2(book.size)))
+                symbols = np.searchsorted(book, kernels[path][nonzero]).astype(np.int64)
+                record.update(encoding="shared", bits=leaf_bits, nonzeros=nnz)
+                arrays[f"{i}.codebook"] = book.astype(np.float32)
+                qmin = 0
+            else:
+                codes, scale = quantized[path]
+                record.update(encoding="sparse_int", bits=bits, qmin=config.qmin,
+                              per_channel=per_channel, nonzeros=nnz)
+                arrays[f"{i}.scale"] = np.atleast_1d(scale).astype(float_dtype)
+                symbols, leaf_bits, qmin = codes[nonzero], bits, config.qmin
+            record["entropy"] = entropy
+            if entropy == "huffman":
+                arrays[f"{i}.values"] = _stream(np.asarray(symbols, np.int64) - qmin)
+                if nnz < leaf.size:
+                    record["index_bits"] = INDEX_BITS
+                    arrays[f"{i}.positions"] = _stream(huffman.relative_positions(
+                        nonzero.ravel(), index_bits=INDEX_BITS))
+            else:
+                arrays[f"{i}.codes"] = pack_codes(np.asarray(symbols), leaf_bits, qmin)
+                if nnz < leaf.size:
+                    arrays[f"{i}.mask"] = np.packbits(nonzero.ravel())
         else:
             record.update(encoding="float")
             arrays[f"{i}.value"] = leaf.astype(float_dtype)
         records.append(record)
     return arrays, records
+
+
+def _stream(symbols: np.ndarray) -> np.ndarray:
+    """A checksummed Huffman stream of non-negative symbols, as a uint8 array."""
+    return np.frombuffer(huffman.encode(np.asarray(symbols, np.int64)), np.uint8)
 
 
 def _decode_leaf(record: Mapping[str, Any], arrays: Mapping[str, np.ndarray], i: int) -> np.ndarray:
@@ -356,18 +396,37 @@ def _decode_leaf(record: Mapping[str, Any], arrays: Mapping[str, np.ndarray], i:
         return np.asarray(arrays[f"{i}.value"]).astype(jnp.dtype(record["dtype"])).reshape(shape)
     size = int(np.prod(shape))
     nnz = int(record["nonzeros"])
-    if f"{i}.mask" in arrays:
+    huffman_coded = record.get("entropy", "none") == "huffman"
+    if huffman_coded and f"{i}.positions" in arrays:
+        diffs = huffman.decode(arrays[f"{i}.positions"].tobytes())
+        mask = huffman.absolute_positions(diffs, size,
+                                          index_bits=int(record["index_bits"])).reshape(shape)
+    elif f"{i}.mask" in arrays:
         mask = np.unpackbits(arrays[f"{i}.mask"])[:size].astype(bool).reshape(shape)
     else:
         mask = np.ones(shape, bool)
     if int(mask.sum()) != nnz:
         raise ValueError(f"package leaf {record['path']!r}: mask holds {int(mask.sum())} "
                          f"entries, record says {nnz}")
-    codes = unpack_codes(arrays[f"{i}.codes"], nnz, int(record["bits"]), int(record["qmin"]))
-    scale = np.asarray(arrays[f"{i}.scale"], np.float32)
-    scale = np.broadcast_to(scale, shape)  # (cout,) per channel, (1,) per tensor
+    qmin = int(record.get("qmin", 0))
+    if huffman_coded:
+        codes = huffman.decode(arrays[f"{i}.values"].tobytes()).astype(np.int64) + qmin
+        if codes.size != nnz:
+            raise ValueError(f"package leaf {record['path']!r}: {codes.size} codes for "
+                             f"{nnz} kept weights")
+    else:
+        codes = unpack_codes(arrays[f"{i}.codes"], nnz, int(record["bits"]), qmin)
     out = np.zeros(shape, np.float32)
-    out[mask] = codes.astype(np.float32) * scale[mask]  # as fake_quant: (q - 0) * scale in float32
+    if record["encoding"] == "shared":
+        book = np.asarray(arrays[f"{i}.codebook"], np.float32)
+        if nnz and (codes.min() < 0 or codes.max() >= book.size):
+            raise ValueError(f"package leaf {record['path']!r}: a code is outside its "
+                             f"{book.size}-entry codebook")
+        out[mask] = book[codes]
+    else:
+        scale = np.asarray(arrays[f"{i}.scale"], np.float32)
+        scale = np.broadcast_to(scale, shape)  # (cout,) per channel, (1,) per tensor
+        out[mask] = codes.astype(np.float32) * scale[mask]  # as fake_quant: (q - 0) * scale
     return out.astype(jnp.dtype(record["dtype"]))
 
 
@@ -390,6 +449,7 @@ def decode(arrays: Mapping[str, np.ndarray], records: list[dict],
 def save_compressed(path: str | os.PathLike, model: nn.Module, variables: Mapping[str, PyTree],
                     masks: PyTree | None = None, *, spec: data.DatasetSpec, bits: int = 8,
                     per_channel: bool = True, float_dtype: str = "float32",
+                    shared: bool = False, entropy: str = "none",
                     extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write a compressed checkpoint of ``model``/``variables`` to ``path`` (one .npz file).
 
@@ -405,9 +465,9 @@ def save_compressed(path: str | os.PathLike, model: nn.Module, variables: Mappin
     model_record = model_spec(model)
     check_spec(model, variables, spec)
     arrays, records = encode(variables, masks, bits=bits, per_channel=per_channel,
-                             float_dtype=float_dtype)
+                             float_dtype=float_dtype, shared=shared, entropy=entropy)
     meta = {"format": FORMAT, "version": VERSION, "model": model_record,
-            "dataset": _spec_record(spec), "bits": bits,
+            "dataset": _spec_record(spec), "bits": bits, "entropy": entropy,
             "per_channel": per_channel, "float_dtype": float_dtype,
             "collections": sorted(variables), "leaves": records, "extra": dict(extra or {})}
     buffer = BytesIO()
@@ -424,13 +484,14 @@ def save_compressed(path: str | os.PathLike, model: nn.Module, variables: Mappin
             os.remove(tmp)
     file_bytes = os.path.getsize(path)  # after zlib
     dense = 4 * sum(int(np.prod(r["shape"])) for r in records)
-    kernels = [r for r in records if r["encoding"] == "sparse_int"]
+    kernels = [r for r in records if r["encoding"] in ("sparse_int", "shared")]
     size = sum(int(np.prod(r["shape"])) for r in kernels)
     nnz = sum(r["nonzeros"] for r in kernels)
     return {"path": path, "package_file_bytes": file_bytes,
             "packed_bytes": int(sum(a.nbytes for a in arrays.values())),
             "dense_float32_bytes": dense, "ratio": dense / file_bytes, "bits": bits,
-            "kernel_params": size, "kernel_nonzeros": nnz,
+            "kernel_params": size, "kernel_nonzeros": nnz, "entropy": entropy,
+            "shared_kernels": sum(r["encoding"] == "shared" for r in records),
             "sparsity": 1.0 - nnz / size if size else 0.0}
 
 
@@ -450,13 +511,14 @@ def read_package(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.
         raise ValueError(f"{path!r} is not a jaxaccel compressed package (format="
                          f"{meta.get('format') if isinstance(meta, dict) else None!r})")
     version = meta.get("version")
-    if isinstance(version, int) and not isinstance(version, bool) and version < VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version < min(
+            READABLE_VERSIONS):
         raise ValueError(f"{path!r} is a version-{version} package, which does not record the "
                          f"input normalisation; re-run `jaxaccel compress package WORKDIR --out "
                          f"{path}` to rebuild it (this jaxaccel reads version {VERSION})")
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(f"{path!r}: package version {version!r} is not supported "
-                         f"(this jaxaccel reads version {VERSION})")
+                         f"(this jaxaccel reads versions {READABLE_VERSIONS})")
     return meta, arrays
 
 

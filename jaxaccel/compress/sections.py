@@ -5,7 +5,7 @@ section into masks, a gradual-pruning mask update, QAT / PTQ configs and the pos
 quantization evaluation. Sections are read by attribute (ml_collections ConfigDicts).
 
 Owns `prune_once`, `gradual_mask_update`, `qat_config`, `ptq_configs` and `ptq_evaluate`.
-Imports the other compress modules (prune, schedules, quant, fold, int8); never the config
+Imports the other compress modules (prune, saliency, schedules, quant, fold, int8); never the config
 schema (config, stages), state, the loop or the pipeline.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.compress import fold, int8, prune, quant, schedules
+from jaxaccel.compress import fold, int8, prune, quant, saliency, schedules
 
 
 def _mask_kwargs(p: Any) -> dict[str, Any]:
@@ -45,9 +45,26 @@ def gradual_mask_update(p: Any, steps: int) -> Callable:
     return update
 
 
-def prune_once(params, masks, p: Any):
-    """One-shot or IMP-round masks (subsets of `masks`), and the params they zero."""
+def prune_once(params, masks, p: Any, *, scores: Any = None, key: Any = None):
+    """One-shot, IMP-round, SNIP or random masks (subsets of `masks`), and the params they zero.
+
+    `snip` needs `scores` (`saliency.snip_scores` of `params`) and ranks them in one global
+    top-k (`prune.scope` does not apply); `random` needs a PRNG `key` and draws a uniformly
+    random mask at the counts a magnitude mask of the section would have (`saliency`).
+    """
     kwargs = _mask_kwargs(p)
+    if p.method == "snip":
+        if scores is None:
+            raise ValueError("prune.method='snip' needs the weights' scores (snip_scores)")
+        new = saliency.score_masks(scores, p.sparsity, scope="global",
+                                   filter_fn=kwargs["filter_fn"], prior_masks=masks)
+        return prune.apply_masks(params, new), new
+    if p.method == "random":
+        if key is None:
+            raise ValueError("prune.method='random' needs a PRNG key")
+        sparsity = None if p.granularity == "n:m" else p.sparsity
+        new = saliency.random_masks(key, params, sparsity, prior_masks=masks, **kwargs)
+        return prune.apply_masks(params, new), new
     if p.method == "imp":
         kwargs.pop("per_layer")
         new = schedules.imp_masks(params, masks, p.round, rate=p.rate,
