@@ -5,21 +5,27 @@ and its StableHLO export (`jaxaccel compress report|package|export`).
 (`loading.final_weights`), apply the compress functions, write one file and return a JSON-able
 summary. Exports and packages take raw uint8 NHWC images, the dataset's normalisation inside,
 exactly like `jaxaccel.load(W).predict`; `--int8` / `--fake-quant` use the activation
-calibration the run's quantize stage wrote (`calibration.json`).
+calibration the run's quantize stage wrote (`calibration.json`). `sensitivity_run` measures
+each layer's sensitivity to pruning and quantization on the validation split and allocates
+per-layer sparsities and bits for a size or MAC target (`jaxaccel compress sensitivity`).
 
-Imports loading and compress; never the pipeline, the loop, sweeps or the CLI.
+Imports loading, data, io and compress; never the pipeline, the loop, sweeps or the CLI.
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Sequence
 
-from jaxaccel import loading
+import jax
+
+from jaxaccel import data, io, loading
 from jaxaccel import stages as stages_lib
-from jaxaccel.compress import export, fold, int8, layer_table, package, quant
+from jaxaccel.compress import export, fold, int8, layer_table, package, quant, sensitivity
 from jaxaccel.workdir import CALIBRATION_FILE
 
 EXPORT_KINDS = ("float", "fake-quant", "int8")
+SENSITIVITY_DIR = "sensitivity"  # default --out of `compress sensitivity`, in the workdir
+SENSITIVITY_SPLITS = ("validation", "test")
 
 
 def compression_report(source: str, *, bits: int | None = None, step: int | None = None,
@@ -143,3 +149,81 @@ def export_run(workdir: str, out: str, *, kind: str = "float",
     return {"path": out, "kind": kind, "workdir": workdir, "step": run.step, "stage": run.stage,
             "bytes": os.path.getsize(out), "image_shape": list(spec.image_shape),
             "num_classes": int(exported.out_avals[0].shape[-1])}
+
+
+def sensitivity_run(workdir: str, *, sparsities: Sequence[float] = sensitivity.DEFAULT_SPARSITIES,
+                    bits: Sequence[int] = sensitivity.DEFAULT_BITS, split: str | None = None,
+                    target_bytes: int | None = None, target_macs: int | None = None,
+                    out: str | None = None, json_path: str | None = None) -> dict[str, Any]:
+    """Per-layer sensitivity of a run's final weights (`compress.sensitivity`) on ``split``
+    and, with a target, the allocation; writes ``sensitivity.json`` and ``sensitivity.png``
+    into ``out`` (default WORKDIR/sensitivity) and returns the record.
+
+    ``split`` None means validation; a run without one is refused unless ``split="test"``
+    is asked for explicitly (then the record says the allocation was selected on test).
+    Every input is checked, and a target below what the grids can reach refused, before
+    anything is evaluated or written.
+    """
+    sparsities, bits = sensitivity.check_grid(sparsities, bits)
+    target = sensitivity.check_targets(target_bytes, target_macs)
+    if split is not None and split not in SENSITIVITY_SPLITS:
+        raise ValueError(f"--split {split!r} is not valid; choose one of: "
+                         f"{', '.join(SENSITIVITY_SPLITS)}")
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"{workdir!r} is not a directory (a run's workdir)")
+    out = out or os.path.join(workdir, SENSITIVITY_DIR)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out={out!r} is a file; give a directory")
+    if json_path:
+        check_out_file(json_path)
+    config = loading.read_config(workdir)
+    if not config.dataset.validation_split and split != "test":
+        raise ValueError(f"{workdir!r} holds out no validation split "
+                         f"(dataset.validation_split=0) and the allocation must not be "
+                         f"selected on test: train with --config.dataset.validation_split=0.1, "
+                         f"or pass --split test to select on the test split knowingly")
+    if config.ensemble.members > 1:
+        raise ValueError(f"{workdir!r} is an ensemble run ({config.ensemble.members} "
+                         f"members); sensitivity takes a single model")
+    split = split or "validation"
+    run = loading.final_weights(workdir)
+    sizes = sensitivity.layer_sizes(run.model, run.variables, run.input_shape)
+    sensitivity.check_reachable(sizes, sparsities, bits, target)
+    splits = data.splits_for(run.config.dataset)
+    source = splits.validation if split == "validation" else splits.test
+    evaluate = sensitivity.make_evaluate(
+        run.model, run.variables,
+        data.eval_batches(source, run.spec, batch_size=run.config.eval_batch_size))
+    params = run.variables["params"]
+    masks = jax.tree.map(lambda p: p != 0, params)
+    table = sensitivity.layer_sensitivity(evaluate, params, masks, list(sizes["layers"]),
+                                          sparsities, bits)
+    for row in table["layers"]:
+        info = sizes["layers"][row["layer"]]
+        row.update(params=info["size"], nonzeros=info["nonzeros"],
+                   macs_dense=info["positions"] * info["size"])
+    notes = list(run.notes)
+    if split == "test":
+        notes.append("measured on the TEST split (--split test): an allocation chosen here is "
+                     "selected on test, so its test accuracy is no unbiased estimate")
+    record = {"workdir": workdir, "model": run.config.model.name, "step": run.step,
+              "stage": run.stage, "split": split, "selected_on_test": split == "test",
+              **table, "fixed_bytes": sizes["fixed_bytes"], "allocation": None, "notes": notes,
+              "smallest": sensitivity.smallest(sizes, sparsities, bits)}
+    if target is not None:
+        alloc = sensitivity.allocate(table, sizes, **{f"target_{target[0]}": target[1]})
+        per_layer = io.dumps(alloc["prune_per_layer"], indent=None, sort_keys=False)
+        alloc["prune_stage"] = (f'stage("prune", "prune", prune={{"method": "one_shot", '
+                                f'"per_layer": {per_layer}}})')
+        alloc["bits_note"] = ("per-kernel weight bits, measured with symmetric per-channel "
+                              "uniform quantization (e.g. a cluster stage's per_layer bits, "
+                              "which shares 2^bits values by k-means instead)")
+        record["allocation"] = alloc
+    record["paths"] = {"json": os.path.join(out, "sensitivity.json"),
+                       "png": os.path.join(out, "sensitivity.png")}
+    os.makedirs(out, exist_ok=True)
+    io.write_json(record["paths"]["json"], record, sort_keys=False)
+    sensitivity.plot(record["paths"]["png"], record)
+    if json_path:
+        io.write_json(json_path, record, sort_keys=False)
+    return record

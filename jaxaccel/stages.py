@@ -6,7 +6,10 @@ weights is `jaxaccel.compress.sections`.
 
 A config's `stages` is an ordered tuple of stage ConfigDicts made with `stage(...)`. Kinds:
   * `train`    — `steps` optimizer steps (its own `optimizer` overrides); optional gradual
-                 pruning (`prune.method="gradual"`) or QAT (`quant.mode="qat"`) inside the step;
+                 pruning (`prune.method="gradual"`), dynamic sparse training at a fixed
+                 sparsity (`"set"`, `"rigl"`: masks drop and regrow weights every
+                 `prune.update_every` steps, `compress.dynamic`) or QAT (`quant.mode="qat"`)
+                 inside the step;
   * `prune`    — one-shot magnitude pruning of the current weights (`prune.*`), or an IMP
                  round (`prune.method="imp"`: prune `rate` of the weights still kept); the
                  new masks are a subset of the carried ones, and a one-shot sparsity counts
@@ -44,7 +47,8 @@ from typing import Any
 import ml_collections
 
 KINDS = ("train", "prune", "rewind", "quantize", "evaluate", "cluster")
-PRUNE_METHODS = ("none", "one_shot", "gradual", "imp", "snip", "random")
+PRUNE_METHODS = ("none", "one_shot", "gradual", "imp", "snip", "random", "set", "rigl")
+TRAIN_PRUNE_METHODS = ("none", "gradual", "set", "rigl")  # masks updated inside the step
 QUANT_MODES = ("none", "ptq", "qat")
 REWIND_TO = ("snapshot", "random")
 EVALUATE_PRUNE_METHODS = ("none", "one_shot", "snip", "random")  # masks applied, state unchanged
@@ -65,14 +69,18 @@ KEY_HELP: dict[str, str] = {
     "kind": "train | prune | rewind | quantize | evaluate | cluster",
     "steps": "train stages: optimizer steps",
     "optimizer": "train stages: overrides of the config's optimizer fields",
-    "prune.method": "one_shot / imp / snip / random (prune stages), gradual (train stages), "
-                    "one_shot / snip / random (evaluate)",
-    "prune.sparsity": "one_shot / gradual / snip / random: target fraction of kernel weights "
-                      "pruned",
+    "prune.method": "one_shot / imp / snip / random (prune stages), gradual / set / rigl "
+                    "(train stages), one_shot / snip / random (evaluate)",
+    "prune.sparsity": "one_shot / gradual / snip / random / set / rigl: target fraction of "
+                      "kernel weights pruned",
     "prune.batches": "snip: training batches whose |grad * weight| are summed (>= 1)",
     "prune.initial": "gradual: sparsity at begin_step",
     "prune.begin_step": "gradual: first pruning step of the stage",
-    "prune.end_step": "gradual: last pruning step (0 = 3/4 of the stage)",
+    "prune.end_step": "gradual: last pruning step; set / rigl: masks fixed from this step on "
+                      "(0 = 3/4 of the stage)",
+    "prune.update_every": "set / rigl: steps between mask updates (drop and regrow), > 0",
+    "prune.drop_fraction": "set / rigl: fraction of each layer's kept weights dropped (and "
+                           "regrown) at step 0, cosine-decayed to 0 at end_step; in [0, 1)",
     "prune.frequency": "gradual: steps between mask updates",
     "prune.scope": "rank weights per layer or across all layers (snip: always global)",
     "prune.granularity": "unstructured weights, whole output channels, or n:m blocks",
@@ -130,6 +138,8 @@ def prune_defaults() -> ml_collections.ConfigDict:
     p.per_layer_rates = ml_collections.ConfigDict()  # imp: e.g. {"fc3/kernel": 0.1}
     p.per_layer = ml_collections.ConfigDict()        # one_shot/gradual per-leaf sparsities
     p.batches = 1               # snip: training batches the sensitivities are summed over
+    p.update_every = 100        # set/rigl: steps between mask updates
+    p.drop_fraction = 0.3       # set/rigl: initial drop fraction (cosine decay to end_step)
     return p
 
 
@@ -229,6 +239,24 @@ def iterative_pruning(final_sparsity: dict[str, float], *, rounds: int, dense_st
     return tuple(out)
 
 
+def deep_compression(final_sparsity: dict[str, float], bits: dict[str, int] | int, *,
+                     dense_steps: int, retrain_steps: int, finetune_steps: int, rounds: int = 3,
+                     retrain_optimizer: dict | None = None) -> tuple:
+    """Han et al. 2016's pipeline as stages: Han et al. 2015's iterated pruning
+    (`iterative_pruning`: `dense`, `no_retrain`, `rounds` prune/retrain rounds to the per-leaf
+    `final_sparsity`, the last retraining named `retrain`), then weight sharing (`cluster`:
+    `bits` per kernel, an int or a per-leaf map) and `finetune` of the shared values at the
+    `retrain_optimizer` overrides. Huffman coding happens when the run is packaged
+    (`jaxaccel compress package W --entropy huffman`)."""
+    per_layer = bits if isinstance(bits, dict) else {}
+    default_bits = bits if isinstance(bits, int) else max(per_layer.values())
+    return (*iterative_pruning(final_sparsity, rounds=rounds, dense_steps=dense_steps,
+                               retrain_steps=retrain_steps, retrain_optimizer=retrain_optimizer),
+            stage("cluster", "cluster", cluster={"bits": default_bits,
+                                                 "per_layer": dict(per_layer)}),
+            stage("finetune", "train", steps=finetune_steps, optimizer=retrain_optimizer))
+
+
 def imp_defaults() -> ml_collections.ConfigDict:
     """`config.imp`: iterative magnitude pruning rounds (lottery tickets)."""
     i = ml_collections.ConfigDict()
@@ -318,9 +346,23 @@ def _validate(i: int, s: ml_collections.ConfigDict) -> None:
     if s.kind == "evaluate" and s.prune.method not in EVALUATE_PRUNE_METHODS:
         raise ValueError(f"{where}.prune.method={s.prune.method!r} is not valid for an evaluate "
                          f"stage; choose one of: {', '.join(EVALUATE_PRUNE_METHODS)}")
-    if s.kind == "train" and s.prune.method not in ("none", "gradual"):
+    if s.kind == "train" and s.prune.method not in TRAIN_PRUNE_METHODS:
         raise ValueError(f"{where}.prune.method={s.prune.method!r}: a train stage prunes "
-                         f"only gradually (or none)")
+                         f"only gradually, or trains sparse with set or rigl (or none)")
+    if s.kind != "train" and s.prune.method in ("set", "rigl"):
+        raise ValueError(f"{where}.prune.method={s.prune.method!r}: dynamic sparse training "
+                         f"happens in train stages")
+    update_every = s.prune.update_every
+    if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every < 1:
+        raise ValueError(f"{where}.prune.update_every={update_every!r} must be an int > 0")
+    if not 0.0 <= s.prune.drop_fraction < 1.0:
+        raise ValueError(f"{where}.prune.drop_fraction={s.prune.drop_fraction!r} must be in "
+                         f"[0, 1)")
+    if s.prune.method in ("set", "rigl") and s.prune.granularity != "unstructured":
+        raise ValueError(f"{where}.prune.granularity={s.prune.granularity!r}: "
+                         f"{s.prune.method} drops and grows single weights; use unstructured")
+    if s.prune.method in ("set", "rigl") and s.prune.end_step < 0:
+        raise ValueError(f"{where}.prune.end_step={s.prune.end_step!r} must be >= 0")
     if s.kind == "quantize" and s.quant.mode != "ptq":
         raise ValueError(f"{where}.quant.mode={s.quant.mode!r}: a quantize stage is ptq")
     if s.kind == "train" and s.quant.mode not in ("none", "qat"):

@@ -21,7 +21,7 @@ import optax
 from jaxaccel import data, models
 from jaxaccel import stages as stages_lib
 from jaxaccel.compress import distill as distill_lib
-from jaxaccel.compress import prune, quant, sections, sharing
+from jaxaccel.compress import dynamic, prune, quant, sections, sharing
 
 
 @flax.struct.dataclass
@@ -122,8 +122,11 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
                     qat_config: Any = None, distill: Distillation | None = None) -> Callable:
     """`(state, batch) -> (state, metrics)`; with `axis_name`, averages over that pmap axis.
 
-    `mask_update(params, masks, step) -> masks` re-prunes inside the step (gradual pruning;
-    `tx` must be `prune.masked(...)`); `qat_config` runs the forward pass with fake-quant
+    `mask_update(params, masks, step, grads=, rng=) -> masks` re-prunes inside the step after
+    the optimizer update (gradual pruning, set / rigl; `tx` must be `prune.masked(...)`);
+    `grads` are the step's dense gradients (before masking, averaged over devices), `rng` the
+    step's key; weights a new mask grows are exactly 0 and get zeroed optimizer moments
+    (`dynamic.zero_moments`). `qat_config` runs the forward pass with fake-quant
     (straight-through gradients) and tracks activation ranges in `state.qat`. With `distill`
     the loss is `kd_loss` against the teacher's logits; a teacher computed in the step makes
     the step `(state, batch, teacher_variables) -> (state, metrics)`.
@@ -165,9 +168,11 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
             params = sharing.snap(params, sharing.get_assignments(opt_state),
                                   prune.get_masks(opt_state))
         if mask_update is not None:
-            masks = mask_update(params, prune.get_masks(opt_state), state.step)
+            old_masks = prune.get_masks(opt_state)
+            masks = mask_update(params, old_masks, state.step, grads=grads, rng=rng)
             params = prune.apply_masks(params, masks)
-            opt_state = prune.set_masks(opt_state, masks)
+            opt_state = dynamic.zero_moments(prune.set_masks(opt_state, masks),
+                                             dynamic.grown(old_masks, masks))
         grad_norm = optax.tree.norm(grads)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state, qat=qat_state)
@@ -241,15 +246,18 @@ def build(config: ml_collections.ConfigDict,
     inner, schedule = make_optimizer(stages_lib.stage_optimizer(config, stage),
                                      max(stage.steps, 1))
     if after_cluster(config, stage):  # fine-tune shared values: gradients summed per cluster
-        if stage.prune.method == "gradual":
-            raise ValueError(f"stage {stage.name!r}: gradual pruning after a cluster stage "
-                             f"would break the shared weights; prune before clustering")
+        if stage.prune.method in ("gradual", "set", "rigl"):
+            raise ValueError(f"stage {stage.name!r}: {stage.prune.method} pruning after a "
+                             f"cluster stage would break the shared weights; prune before "
+                             f"clustering")
         inner = sharing.tied(inner)
     tx = prune.masked(inner)
     input_shape = (1,) + tuple(spec.image_shape)
     qat_config = sections.qat_config(stage.quant) if stage.quant.mode == "qat" else None
     mask_update = (sections.gradual_mask_update(stage.prune, stage.steps)
-                   if stage.prune.method == "gradual" else None)
+                   if stage.prune.method == "gradual" else
+                   sections.dynamic_mask_update(stage.prune, stage.steps)
+                   if stage.prune.method in ("set", "rigl") else None)
 
     def init_state(rng: jax.Array) -> TrainState:
         init_rng, state_rng = jax.random.split(rng)

@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("jaxaccel.cli.bench", "time training, scaling, input, inference; print tables, "
                                     "write JSON"),
     "compress": ("jaxaccel.cli.compress", "per-layer compression report; compressed checkpoint "
-                                          "package; StableHLO export"),
+                                          "package; StableHLO export; layer sensitivity"),
     "sweep": ("jaxaccel.cli.sweep", "run every point of an experiment's get_sweep() in "
                                     "sub-workdirs"),
     "report": ("jaxaccel.cli.report", "rebuild a sweep's results.csv/md and plots from its "

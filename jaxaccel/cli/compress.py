@@ -6,8 +6,11 @@ package, StableHLO export of a run (the work is `jaxaccel.artifacts`).
     jaxaccel compress package WORKDIR --out FILE [--bits 8] [--per-tensor] [--float16]
         [--entropy none|huffman] [--json PATH]
     jaxaccel compress export WORKDIR --out FILE [--int8 | --fake-quant] [--step S]
+    jaxaccel compress sensitivity WORKDIR [--sparsities 0.5,0.7,0.8,0.9,0.95] [--bits 8,6,4,3,2]
+        [--split validation|test] [--target-bytes N | --target-macs N] [--out DIR] [--json PATH]
 
-Imports artifacts, `compress.layer_table` (to render) and io; never another subcommand's module.
+Imports artifacts, `compress.layer_table` and `compress.sensitivity` (to render) and io; never
+another subcommand's module.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from jaxaccel import io
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="compress_command", required=True,
-                           metavar="{report,package,export}")
+                           metavar="{report,package,export,sensitivity}")
     r = sub.add_parser("report", help="per-layer table: shape, params, nonzeros, sparsity, bits, "
                                       "bytes, MACs dense vs effective; totals",
                        description="Per-layer compression table of a run's final weights (or "
@@ -62,6 +65,67 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--fake-quant", action="store_true",
                    help="the fake-quant simulation of the run's PTQ (any bit width)")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    s = sub.add_parser("sensitivity", help="per-layer accuracy when only that layer is pruned "
+                                           "or quantized; per-layer sparsity and bits for a "
+                                           "size or MAC target",
+                       description="Accuracy on the validation split when only one layer is "
+                                   "magnitude-pruned (on top of its mask) or its weights "
+                                   "fake-quantized, for every layer; with a target, the "
+                                   "per-layer sparsities and bits of least predicted (additive) "
+                                   "accuracy drop. Writes sensitivity.json and sensitivity.png.")
+    s.add_argument("workdir", metavar="WORKDIR", help="a finished run's workdir")
+    s.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95",
+                   help="comma-separated sparsities in [0, 1) (default 0.5,0.7,0.8,0.9,0.95)")
+    s.add_argument("--bits", default="8,6,4,3,2",
+                   help="comma-separated weight bits in 2..8 (default 8,6,4,3,2)")
+    s.add_argument("--split", default=None, metavar="SPLIT",
+                   help="validation (default) | test: only when asked for, and then the "
+                        "allocation is selected on test")
+    s.add_argument("--target-bytes", default=None, metavar="N",
+                   help="allocate for at most N package bytes (codes + masks + scales + "
+                        "biases/BN)")
+    s.add_argument("--target-macs", default=None, metavar="N",
+                   help="allocate for at most N effective MACs per image")
+    s.add_argument("--out", default=None, help="directory for sensitivity.json and "
+                                               "sensitivity.png (default WORKDIR/sensitivity)")
+    s.add_argument("--json", dest="json_path", default=None, help="also write the record here")
+
+
+def _numbers(text: str, flag: str, kind: type) -> list:
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        raise ValueError(f"{flag}={text!r} must be comma-separated {what}") from None
+
+
+def _target(text: str | None, flag: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise ValueError(f"{flag}={text!r} must be a positive integer") from None
+    if value <= 0:
+        raise ValueError(f"{flag}={text!r} must be a positive integer")
+    return value
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    from jaxaccel import artifacts
+    from jaxaccel.compress import sensitivity
+
+    target_bytes = _target(args.target_bytes, "--target-bytes")
+    target_macs = _target(args.target_macs, "--target-macs")
+    if target_bytes is not None and target_macs is not None:
+        raise ValueError("choose one of --target-bytes and --target-macs")
+    record = artifacts.sensitivity_run(
+        args.workdir, sparsities=_numbers(args.sparsities, "--sparsities", float),
+        bits=_numbers(args.bits, "--bits", int), split=args.split, target_bytes=target_bytes,
+        target_macs=target_macs, out=args.out, json_path=args.json_path)
+    print(sensitivity.to_markdown(record), end="")
+    print(f"wrote {record['paths']['json']} and {record['paths']['png']}")
+    return 0
 
 
 def _input_shape(text: str | None) -> tuple[int, ...] | None:
@@ -82,6 +146,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if overrides:
         raise ValueError(f"compress takes no --config overrides, got --config.{overrides[0]}")
+    if args.compress_command == "sensitivity":
+        return _sensitivity(args)
     if args.compress_command == "report":
         rep = artifacts.compression_report(args.source, bits=args.bits, step=args.step,
                                            input_shape=_input_shape(args.input_shape))

@@ -4,9 +4,9 @@ The stage schema (`jaxaccel.stages`) says which fields a section has; this modul
 section into masks, a gradual-pruning mask update, QAT / PTQ configs and the post-training
 quantization evaluation. Sections are read by attribute (ml_collections ConfigDicts).
 
-Owns `prune_once`, `gradual_mask_update`, `qat_config`, `ptq_configs` and `ptq_evaluate`.
-Imports the other compress modules (prune, saliency, schedules, quant, fold, int8); never the config
-schema (config, stages), state, the loop or the pipeline.
+Owns `prune_once`, `gradual_mask_update`, `dynamic_mask_update`, `qat_config`, `ptq_configs`
+and `ptq_evaluate`. Imports the other compress modules (prune, saliency, schedules, dynamic,
+quant, fold, int8); never the config schema (config, stages), state, the loop or the pipeline.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.compress import fold, int8, prune, quant, saliency, schedules
+from jaxaccel.compress import dynamic, fold, int8, prune, quant, saliency, schedules
 
 
 def _mask_kwargs(p: Any) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def gradual_mask_update(p: Any, steps: int) -> Callable:
     if p.granularity == "n:m":
         raise ValueError("prune.granularity='n:m' has a fixed sparsity; use a one_shot prune stage")
 
-    def update(params, masks, step):
+    def update(params, masks, step, grads=None, rng=None):
         # Masks are recomputed on the weights after the update at steps t0, t0+Δt, …, end.
         target = schedules.polynomial(step, initial=p.initial, final=p.sparsity,
                                       begin_step=p.begin_step, end_step=end,
@@ -41,6 +41,55 @@ def gradual_mask_update(p: Any, steps: int) -> Callable:
             schedules.should_update(step, p.begin_step, end, p.frequency),
             lambda: prune.magnitude_masks(params, target, prior_masks=masks, **kwargs),
             lambda: masks)
+
+    return update
+
+
+def dynamic_mask_update(p: Any, steps: int) -> Callable:
+    """`(params, masks, step, grads, rng) -> masks` for dynamic sparse training (`p.method`
+    "set" or "rigl") inside a train step of a stage of `steps` steps.
+
+    Step 0 of the stage: masks at `p.sparsity` as the section's magnitude masks would have
+    them (distribution, scope, skip_first/skip_last, per_layer), applied only where the
+    carried masks are denser (a sparser carried layer stays as it is): `set` prunes uniformly
+    at random among the kept weights (as Mocanu et al.), `rigl` by magnitude (the weights
+    after the step's update). Then at the update steps `p.update_every`, 2 * … < end_step
+    (`p.end_step`, 0 = 3/4 of the stage): `dynamic.set_update` (random growth from `rng`) or
+    `dynamic.rigl_update` (growth by |grads|, the dense gradient of the step) with the
+    cosine-decayed `dynamic.drop_fraction`. Other steps return `masks` unchanged.
+    """
+    if p.method not in ("set", "rigl"):
+        raise ValueError(f"prune.method={p.method!r}: dynamic sparse training is set or rigl")
+    if p.granularity != "unstructured":
+        raise ValueError(f"prune.method={p.method!r} drops and grows single weights; "
+                         f"granularity must be unstructured, got {p.granularity!r}")
+    end = p.end_step or max(1, (3 * steps) // 4)
+    kwargs = _mask_kwargs(p)
+
+    def update(params, masks, step, grads=None, rng=None):
+        if p.method == "rigl" and grads is None:
+            raise ValueError("prune.method='rigl' needs the step's dense gradients (grads)")
+        if rng is None:
+            raise ValueError(f"prune.method={p.method!r} needs a PRNG key (rng)")
+        key = jax.random.fold_in(rng, 0x5E7)  # apart from the step's dropout key
+
+        def initial():
+            if p.method == "set":
+                return saliency.random_masks(key, params, p.sparsity, prior_masks=masks,
+                                             **kwargs)
+            return prune.magnitude_masks(params, p.sparsity, prior_masks=masks, **kwargs)
+
+        def regrow():
+            fraction = dynamic.drop_fraction(step, initial=p.drop_fraction, end_step=end)
+            if p.method == "set":
+                return dynamic.set_update(key, params, masks, fraction,
+                                          filter_fn=kwargs["filter_fn"])
+            return dynamic.rigl_update(params, masks, grads, fraction,
+                                       filter_fn=kwargs["filter_fn"])
+
+        branch = jnp.where(step == 0, 1, jnp.where(
+            dynamic.is_update_step(step, update_every=p.update_every, end_step=end), 2, 0))
+        return jax.lax.switch(branch, [lambda: masks, initial, regrow])
 
     return update
 
