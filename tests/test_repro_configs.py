@@ -88,7 +88,9 @@ def _random_params(config):
 # Kernel sparsity after the first prune stage(s) (all of Han's: its iterations end at its
 # per-layer ratios, ~8% kept; the lottery's first two rounds).
 EXPECTED_SPARSITY = {"repro_han_lenet300.py": (0.91, 0.925), "repro_han_lenet5.py": (0.91, 0.925),
-                     "repro_lottery.py": (0.35, 0.37)}
+                     "repro_lottery.py": (0.35, 0.37),
+                     "repro_deep_compression_lenet300.py": (0.91, 0.925),
+                     "repro_deep_compression_lenet5.py": (0.91, 0.925)}
 PRUNE_STAGES_CHECKED = {"repro_lottery.py": 2}  # default: all
 
 
@@ -96,7 +98,8 @@ PRUNE_STAGES_CHECKED = {"repro_lottery.py": 2}  # default: all
 def test_prune_stages_run_on_the_models_params(path):
     """The first prune stages run on the model's params (per-layer paths must be real leaves)."""
     config = config_lib.load_experiment(path)
-    prune_stages = [s for s in stages.expand(config) if s.kind == "prune"][
+    prune_stages = [s for s in stages.expand(config)  # magnitude methods: no data needed
+                    if s.kind == "prune" and s.prune.method in ("one_shot", "imp")][
         :PRUNE_STAGES_CHECKED.get(os.path.basename(path))]
     if not prune_stages:
         pytest.skip("no prune stage")
@@ -404,3 +407,35 @@ def test_ensemble_table_beats_the_member_chosen_on_validation(tmp_path, average_
     assert "**holds**" in next(x for x in lines if "ECE is below" in x)
     stack = next(x for x in lines if x.startswith("- stacked − averaged"))
     assert f"{100 * (0.958 - average_acc):+.2f} ± 0.00" in stack
+
+
+@pytest.mark.parametrize("snip_acc,holds", [(0.95, True), (0.90, False)])
+def test_snip_table_compares_at_every_sparsity(tmp_path, snip_acc, holds):
+    for seed in range(3):
+        for s in (0.9, 0.95):
+            for method, acc in (("snip", snip_acc), ("random", 0.92), ("magnitude", 0.96)):
+                rows = [_row(f"{method}_{s:.2f}/prune", 0.1, s, "prune"),
+                        _row(f"{method}_{s:.2f}/train", acc, s, steps=10)]
+                _fake_point(str(tmp_path), f"{method}{s},seed={seed}", seed,
+                            {"model": "lenet300_100", "test_accuracy": acc, "sparsity": s,
+                             "stages": rows})
+    lines = tables.snip(str(tmp_path)).splitlines()
+    verdict_line = next(x for x in lines if x.startswith("- SNIP beats random"))
+    assert ("→ **holds**" in verdict_line) is holds
+    row = next(x for x in lines if x.startswith("| 90% "))
+    assert f"{100 * (snip_acc - 0.92):+.2f} ± 0.00" in row
+    assert f"{100 * (snip_acc - 0.96):+.2f} ± 0.00" in row
+
+
+@pytest.mark.parametrize("rigl_acc,holds", [(0.95, True), (0.90, False)])
+def test_rigl_table_checks_the_order_in_every_cell(tmp_path, rigl_acc, holds):
+    for seed in range(3):
+        for model in ("lenet300_100", "cnn3"):
+            for method, acc in (("static", 0.91), ("set", 0.93), ("rigl", rigl_acc)):
+                rows = [_row(f"{method}_0.90/train", acc, 0.9, steps=10)]
+                _fake_point(str(tmp_path), f"{model}{method},seed={seed}", seed,
+                            {"model": model, "test_accuracy": acc, "validation_accuracy": acc,
+                             "sparsity": 0.9, "stages": rows})
+    lines = tables.rigl(str(tmp_path)).splitlines()
+    final = next(x for x in lines if x.startswith("- RigL ≥ SET ≥ static"))
+    assert ("→ **holds**" in final) is holds and f"in {2 if holds else 0} of 2" in final
