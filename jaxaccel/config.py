@@ -39,7 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.strategy": ("data", "fsdp", "pmap"),
     "model.dtype": ("float32", "bfloat16"),
     "nonfinite": ("stop", "skip"),
-    "ensemble.combine": ("average", "stack"),
+    "ensemble.combine": ("average", "stack", "logistic"),
 }
 
 
@@ -80,7 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.imp = stages_lib.imp_defaults()
     c.rewind_step = 0
     c.distill = stages_lib.distill_defaults()
-    c.ensemble = ml_collections.ConfigDict(dict(members=1, combine="average"))
+    c.ensemble = ml_collections.ConfigDict(dict(members=1, combine="average", overrides=()))
     return c
 
 
@@ -150,9 +150,14 @@ KEY_HELP: dict[str, str] = {
     "distill.alpha": "weight of the soft (distillation) term, in [0, 1]; 1 - alpha: labels",
     "distill.precompute": "teacher logits computed once per training example (needs no "
                           "augmentation) instead of a teacher forward pass in every step",
-    "ensemble.members": "K > 1 trains K members (seeds seed..seed+K-1) as one program",
-    "ensemble.combine": "how members combine: average (probabilities) or stack (weights fit "
-                        "on the validation split)",
+    "ensemble.members": "K > 1 trains K members (seeds seed..seed+K-1 unless ensemble.overrides "
+                        "sets them) as one program",
+    "ensemble.combine": "how members combine: average (probabilities), stack (weights fit "
+                        "on the validation split) or logistic (a logistic regression over "
+                        "all members' logits, fit on the validation split)",
+    "ensemble.overrides": "() or one dict per member of shape-keeping overrides (seed, "
+                          "optimizer.lr/weight_decay/b1/b2/momentum, label_smoothing), "
+                          "e.g. ({'optimizer.lr': 0.1}, {'optimizer.lr': 0.03})",
 }
 
 
@@ -483,6 +488,9 @@ def _check_ensemble(config: ml_collections.ConfigDict, stages: list) -> None:
     if isinstance(members, bool) or not isinstance(members, int) or members < 1:
         raise ConfigError(f"ensemble.members={members!r} must be an integer >= 1")
     if members == 1:
+        if config.ensemble.overrides:
+            raise ConfigError("ensemble.overrides sets each member's hyperparameters; it needs "
+                              "ensemble.members > 1")
         return
     if len(stages) != 1 or stages[0].kind != "train":
         raise ConfigError(f"ensemble.members={members} trains single-stage configs (one train "
@@ -490,11 +498,74 @@ def _check_ensemble(config: ml_collections.ConfigDict, stages: list) -> None:
     if config.parallel.strategy != "data":
         raise ConfigError(f"ensemble.members={members} runs with parallel.strategy='data' (the "
                           f"members are stacked), not {config.parallel.strategy!r}")
-    if config.ensemble.combine == "stack" and not config.dataset.validation_split:
-        raise ConfigError("ensemble.combine='stack' fits the combination on the validation "
-                          "split; set dataset.validation_split > 0 (it never reads test)")
+    if config.ensemble.combine in ("stack", "logistic") and not config.dataset.validation_split:
+        raise ConfigError(f"ensemble.combine={config.ensemble.combine!r} fits the combination "
+                          f"on the validation split; set dataset.validation_split > 0 (it never "
+                          f"reads test)")
     if config.init_from:
         raise ConfigError("ensemble.members > 1 does not support init_from")
+    _check_member_overrides(config)
+
+
+# Keys `ensemble.overrides` may set per member: they keep every shape and the program (the
+# members' hyperparameters are traced inputs of the one stacked step, as in a vectorized
+# sweep).
+MEMBER_OVERRIDES = ("seed", "optimizer.lr", "optimizer.weight_decay", "optimizer.b1",
+                    "optimizer.b2", "optimizer.momentum", "label_smoothing")
+
+
+def _check_member_overrides(config: ml_collections.ConfigDict) -> None:
+    overrides, members = config.ensemble.overrides, config.ensemble.members
+    if not overrides:
+        return
+    if not isinstance(overrides, (tuple, list)) or len(overrides) != members:
+        raise ConfigError(f"ensemble.overrides must be () or a tuple of ensemble.members="
+                          f"{members} dicts (one per member), got {overrides!r}")
+    for k, member in enumerate(overrides):
+        if not isinstance(member, (dict, ml_collections.ConfigDict)):
+            raise ConfigError(f"ensemble.overrides[{k}]={member!r} must be a dict of config "
+                              f"overrides")
+        for key, value in member.items():
+            if key not in MEMBER_OVERRIDES:
+                raise ConfigError(
+                    f"ensemble.overrides[{k}]: {key!r} cannot differ between members (they "
+                    f"train as one program of one shape); allowed: {', '.join(MEMBER_OVERRIDES)}"
+                    f" (training members that change shapes or the program one after another "
+                    f"is not supported)")
+            ok = (isinstance(value, int) and value >= 0 if key == "seed"
+                  else isinstance(value, (int, float)) and value >= 0)
+            if isinstance(value, bool) or not ok:
+                raise ConfigError(f"ensemble.overrides[{k}]: {key}={value!r} must be a number "
+                                  f">= 0" + (" (an integer)" if key == "seed" else ""))
+    # The optimizer's structure (a decay term, SGD momentum) is the config's: one program.
+    opts = [member_optimizer(member_config(config, k)) for k in range(members)]
+    base = member_optimizer(config)
+    if base.name != "adamw" and base.weight_decay <= 0 and any(o.weight_decay > 0 for o in opts):
+        raise ConfigError("ensemble.overrides: a member's optimizer.weight_decay > 0 needs "
+                          "optimizer.weight_decay > 0 in the config (the decay term is part of "
+                          "the one program; members may override it with 0)")
+    if base.name == "sgd" and any((o.momentum > 0) != (base.momentum > 0) for o in opts):
+        raise ConfigError(f"ensemble.overrides: optimizer.momentum must be > 0 in every member "
+                          f"or in none, as in the config ({base.momentum}) (SGD with and without "
+                          f"momentum keep different state)")
+
+
+def member_optimizer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The optimizer section of a single-stage config's train stage."""
+    return stages_lib.stage_optimizer(config, stages_lib.expand(config)[0])
+
+
+def member_config(config: ml_collections.ConfigDict, k: int) -> ml_collections.ConfigDict:
+    """Member k's own config: its seed (seed + k unless overridden) and its overrides (from
+    `ensemble.overrides`), as a single run of it would be configured (ensemble.members 1)."""
+    out = from_json(to_json(config))
+    out.seed = config.seed + k
+    for key, value in (dict(config.ensemble.overrides[k]) if config.ensemble.overrides
+                       else {}).items():
+        set_value(out, key, value)
+    out.ensemble.members, out.ensemble.overrides = 1, ()
+    out.ensemble.combine = "average"
+    return out
 
 
 def _check_teacher(d: ml_collections.ConfigDict, *, where: str, augmenting: bool) -> None:

@@ -51,7 +51,7 @@ class Loaded:
     `predict(images)` takes raw images (uint8 or 0..255 floats, NHWC) and normalises them;
     `model.apply(variables, x, train=False)` is the bare network on normalised `x` (for an
     ensemble run, a `models.Ensemble` whose variables stack the members' and whose logits
-    are the log of their combined probabilities). `spec` holds the run's dataset shape and
+    are the log of their combined probabilities, or a logistic stacker's logits). `spec` holds the run's dataset shape and
     normalisation; `class_names[i]` names logit i (from the run's dataset.json; the labels'
     numbers for runs written before it existed).
     """
@@ -113,9 +113,11 @@ def load(workdir: str, step: int | None = None) -> Loaded:
     model, predict_fn = setup.model, setup.predict_fn
     if "states" in payload:  # an ensemble run: its members combined as the run combined them
         combination = os.path.join(workdir, ENSEMBLE_FILE)
-        weights = (io.read_json(combination).get("weights") if os.path.isfile(combination)
-                   else None)
-        model = Ensemble(setup.model, tuple(weights) if weights else None)
+        record = io.read_json(combination) if os.path.isfile(combination) else {}
+        weights, logistic = record.get("weights"), record.get("logistic")
+        model = Ensemble(setup.model, tuple(weights) if weights else None,
+                         (tuple(map(tuple, logistic["kernel"])), tuple(logistic["bias"]))
+                         if logistic else None)
         predict_fn = predict_function(model, setup.spec)
     return Loaded(model=model, variables=variables, config=config, step=step,
                   predict_fn=predict_fn, class_names=names, spec=setup.spec)

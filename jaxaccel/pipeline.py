@@ -38,10 +38,10 @@ from jaxaccel.compress import saliency
 from jaxaccel.compress import prune, quant, sections, sharing
 from jaxaccel.loop import Evaluator, Runner, results_record, stage_row, train_loop
 from jaxaccel.preemption import PreemptionGuard
-from jaxaccel.models.ensemble import Ensemble, average_logits
+from jaxaccel.models.ensemble import Ensemble, average_logits, logistic_logits
 from jaxaccel.state import (Distillation, Setup, TrainState, build, checkpoint_target,
                             make_eval_step, make_schedule, make_train_step)
-from jaxaccel.state import cross_entropy
+from jaxaccel.state import HYPERPARAMETERS, cross_entropy, make_optimizer
 from jaxaccel import workdir as workdir_files
 from jaxaccel.workdir import (CALIBRATION_FILE, CONFIG_FILE, DATASET_FILE, ENSEMBLE_FILE,
                               RESULTS_FILE)
@@ -332,6 +332,7 @@ class EnsemblePlan:
     layout: str
     scan: bool
     target: Any  # abstract stacked states with their shardings
+    configs: list = dataclasses.field(default_factory=list)  # each member's own config
 
 
 def ensemble_plan(ctx: Context, i: int) -> EnsemblePlan:
@@ -346,8 +347,41 @@ def ensemble_plan(ctx: Context, i: int) -> EnsemblePlan:
     shardings = stacked.state_shardings(abstract, ctx.mesh, layout)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, shardings)
-    return EnsemblePlan(members, [config.seed + k for k in range(members)], abstract, mode,
-                        layout, scan, target)
+    configs = [config_lib.member_config(config, k) for k in range(members)]
+    return EnsemblePlan(members, [c.seed for c in configs], abstract, mode, layout, scan, target,
+                        configs)
+
+
+def member_hyperparameters(configs: list[ml_collections.ConfigDict]
+                           ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The members' step hyperparameters (`state.HYPERPARAMETERS` and label_smoothing):
+    ((K,) float32 arrays of those that differ between members, the shared values of the
+    others)."""
+    opts = [config_lib.member_optimizer(c) for c in configs]
+    table = {name: [float(o[name]) for o in opts] for name in HYPERPARAMETERS}
+    table["label_smoothing"] = [float(c.label_smoothing) for c in configs]
+    varying = {k: np.asarray(v, np.float32) for k, v in table.items() if len(set(v)) > 1}
+    return varying, {k: v[0] for k, v in table.items() if k not in varying}
+
+
+def _member_step(setup: Setup, st: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                 shared: dict[str, float]) -> Callable:
+    """One member's train step with its hyperparameters `hp` (traced (K,) entries, per
+    member) over the `shared` ones; the optimizer's structure is the config's (one program)."""
+    opt = stages_lib.stage_optimizer(config, st)
+
+    def step_fn(state: TrainState, batch: dict, hp: dict):
+        values = {**shared, **hp}
+        inner, schedule = make_optimizer(opt, max(st.steps, 1),
+                                         {k: values[k] for k in HYPERPARAMETERS})
+        step = make_train_step(setup.model, prune.masked(inner), schedule,
+                               num_classes=setup.spec.num_classes,
+                               label_smoothing=values["label_smoothing"],
+                               skip_nonfinite=config.nonfinite == "skip",
+                               mask_update=setup.mask_update, qat_config=setup.qat_config)
+        return step(state, batch)
+
+    return step_fn
 
 
 def _train_ensemble(ctx: Context, i: int, st: ml_collections.ConfigDict) -> Outcome:
@@ -379,8 +413,13 @@ def _train_ensemble(ctx: Context, i: int, st: ml_collections.ConfigDict) -> Outc
     block = (stacked.block_steps((config.log_every, config.checkpoint_every, config.eval_every,
                                   st.steps), plan.members, config.batch_size,
                                  batches.example_bytes, start) if plan.scan else 1)
-    runner = stacked.StackedRunner(lambda s, b, hp: step(s, b), eval_fn, plan.abstract, batches,
-                                   {}, ctx.mesh, mode=plan.mode, layout=plan.layout,
+    hp: dict[str, np.ndarray] = {}
+    member_step = lambda s, b, hp: step(s, b)  # noqa: E731
+    if tuple(config.ensemble.overrides):  # per-member hyperparameters, traced in the one step
+        hp, shared = member_hyperparameters(plan.configs)
+        member_step = _member_step(setup, st, config, shared)
+    runner = stacked.StackedRunner(member_step, eval_fn, plan.abstract, batches,
+                                   hp, ctx.mesh, mode=plan.mode, layout=plan.layout,
                                    scan=plan.scan, block=block, start=start, num_steps=st.steps)
     with contextlib.ExitStack() as stack:
         writers = [stack.enter_context(metrics.MetricWriter(
@@ -401,24 +440,34 @@ def _train_ensemble(ctx: Context, i: int, st: ml_collections.ConfigDict) -> Outc
     host = jax.device_get(states)
     carry = {"params": host.params, "batch_stats": host.batch_stats,
              "masks": prune.get_masks(host.opt_state), "rng": host.rng}
-    record, result, weights = combine_ensemble(setup, carry, ctx.evaluator, config.ensemble)
+    record, result, fitted = combine_ensemble(setup, carry, ctx.evaluator, config.ensemble)
+    weights = fitted if config.ensemble.combine == "stack" else None
+    overrides = tuple(config.ensemble.overrides)
+    for k, member in enumerate(record["members"]):
+        member.update(seed=plan.seeds[k], overrides=dict(overrides[k]) if overrides else {})
+    logistic = fitted if config.ensemble.combine == "logistic" else None
     if ctx.is_main:
         io.write_json(os.path.join(ctx.workdir, ENSEMBLE_FILE),
                       {"members": plan.members, "seeds": plan.seeds,
                        "combine": config.ensemble.combine,
-                       "weights": None if weights is None else [float(w) for w in weights]})
+                       "weights": None if weights is None else [float(w) for w in weights],
+                       "logistic": None if logistic is None else
+                       {"kernel": np.asarray(logistic[0], np.float64).tolist(),
+                        "bias": np.asarray(logistic[1], np.float64).tolist()}})
     return Outcome(carry, carry, result, {"ensemble": record})
 
 
 def combine_ensemble(setup: Setup, members: dict, evaluator: Evaluator,
-                     ensemble: ml_collections.ConfigDict) -> tuple[dict, dict, np.ndarray | None]:
+                     ensemble: ml_collections.ConfigDict) -> tuple[dict, dict, Any]:
     """Evaluate every member and their combinations on every evaluation split.
 
-    `average`: the mean of the members' probabilities; `stacked` (with a validation split):
-    per-member weights fit on the validation split only (`distill.stack_weights`) — never on
-    test. Each gets accuracy, loss (NLL) and expected calibration error per split. Returns
-    (the `ensemble` record of results.json, the chosen combination's evaluation, its weights
-    or None for the plain average).
+    `average`: the mean of the members' probabilities; with a validation split, fit on it
+    only (never on test), `stacked`: per-member weights (`distill.stack_weights`) and
+    `logistic`: a logistic regression over all the members' logits
+    (`distill.fit_logistic_stacker`). Each gets accuracy, loss (NLL) and expected calibration
+    error per split. Returns (the `ensemble` record of results.json, the chosen
+    (`ensemble.combine`) combination's evaluation, its parameters: the weights for "stack",
+    (kernel, bias) for "logistic", None for the plain average).
     """
     model = Ensemble(setup.model)
     member_logits = jax.jit(model.member_logits)
@@ -431,23 +480,25 @@ def combine_ensemble(setup: Setup, members: dict, evaluator: Evaluator,
             rows.append(np.asarray(member_logits(variables, jnp.asarray(b["image"])))[:, keep])
             ys.append(np.asarray(b["label"])[keep])
         logits[split], labels[split] = np.concatenate(rows, axis=1), np.concatenate(ys)
-    weights = None
-    combos = {"average": None}
+    weights = logistic = None
+    combos = {"average": lambda z: average_logits(z)}
     if "validation" in logits:
         weights = distill_lib.stack_weights(logits["validation"], labels["validation"])
-        combos["stacked"] = weights
+        logistic = distill_lib.fit_logistic_stacker(logits["validation"], labels["validation"])
+        combos["stacked"] = lambda z: average_logits(z, weights)
+        combos["logistic"] = lambda z: logistic_logits(z, *logistic)
     record: dict[str, Any] = {"members": [], "weights": None if weights is None
                               else [float(w) for w in weights]}
     for k in range(next(iter(logits.values())).shape[0]):
         record["members"].append({split: _scores(logits[split][k], labels[split])
                                   for split in logits})
-    for name, w in combos.items():
-        record[name] = {split: _scores(np.asarray(average_logits(jnp.asarray(logits[split]), w)),
+    for name, combine in combos.items():
+        record[name] = {split: _scores(np.asarray(combine(jnp.asarray(logits[split]))),
                                        labels[split]) for split in logits}
-    chosen = "stacked" if ensemble.combine == "stack" else "average"
+    chosen = {"stack": "stacked", "logistic": "logistic"}.get(ensemble.combine, "average")
     result = {split: {"loss": s["loss"], "accuracy": s["accuracy"], "count": s["count"]}
               for split, s in record[chosen].items()}
-    return record, result, weights if chosen == "stacked" else None
+    return record, result, {"stacked": weights, "logistic": logistic}.get(chosen)
 
 
 def _scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """compress.distill: Hinton et al.'s loss against an independent numpy implementation and its
-analytic gradient; renormalisation between dataset specs; calibration error; stacking weights."""
+analytic gradient; renormalisation between dataset specs; calibration error; stacking weights;
+the logistic stacker against scikit-learn."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 
 from jaxaccel import data
 from jaxaccel.compress import distill
+from jaxaccel.models import ensemble as ensemble_lib
 
 
 def _reference(s, t, y, temperature, alpha):
@@ -105,3 +107,31 @@ def test_stack_weights_favour_the_member_that_is_right():
     weights = distill.stack_weights(np.stack([noise, good, noise]), labels)
     assert weights.shape == (3,) and weights.sum() == pytest.approx(1, abs=1e-5)
     assert weights[1] > 0.9
+
+
+def test_logistic_stacker_matches_sklearn():
+    """The same L2-regularised multinomial logistic regression as scikit-learn's (whose
+    objective is ours times 1 / (N * l2)): the same predictions and the same validation NLL."""
+    LogisticRegression = pytest.importorskip("sklearn.linear_model").LogisticRegression
+    rng = np.random.default_rng(0)
+    k, n, c, l2 = 3, 300, 5, 1e-2
+    labels = rng.integers(0, c, n)
+    logits = (rng.normal(0, 2, (k, n, c))
+              + np.eye(c)[labels][None] * np.array([1.0, 3.0, 0.2])[:, None, None])
+    kernel, bias = distill.fit_logistic_stacker(logits, labels, l2=l2)
+    assert kernel.shape == (k * c, c) and bias.shape == (c,)
+    x = logits.transpose(1, 0, 2).reshape(n, k * c)  # member-major, written out independently
+    np.testing.assert_allclose(ensemble_lib.logistic_features(logits), x)
+    ref = LogisticRegression(C=1 / (n * l2), tol=1e-12, max_iter=10000).fit(x, labels)
+
+    def centred(z):  # logits are defined up to a constant per example
+        return z - z.mean(-1, keepdims=True)
+
+    ours, theirs = x @ kernel + bias, ref.decision_function(x)
+    np.testing.assert_allclose(centred(ours), centred(theirs), atol=2e-3)
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+    z = np.asarray(ensemble_lib.logistic_logits(jnp.asarray(logits), kernel, bias))
+    np.testing.assert_allclose(z, ours, rtol=1e-4, atol=1e-4)
+    again = distill.fit_logistic_stacker(logits, labels, l2=l2)  # deterministic
+    np.testing.assert_array_equal(again[0], kernel)
+    np.testing.assert_array_equal(again[1], bias)

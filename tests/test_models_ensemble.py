@@ -30,3 +30,17 @@ def test_ensemble_applies_every_member_and_clones():
     assert ensemble.clone(conv_impl="xla").model.conv_impl == "xla"
     with pytest.raises(ValueError, match="inference"):
         ensemble.apply(stacked, x, train=True)
+
+
+def test_an_ensemble_with_a_logistic_stacker_applies_it():
+    model = get_model("lenet300_100", 4, width=0.1)
+    members = [init_variables(model, jax.random.key(k), (8, 8, 1)) for k in range(2)]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *members)
+    x = jax.random.normal(jax.random.key(9), (3, 8, 8, 1))
+    rng = np.random.default_rng(1)
+    kernel, bias = rng.normal(size=(8, 4)), rng.normal(size=4)
+    ensemble = Ensemble(model, logistic=(tuple(map(tuple, kernel)), tuple(bias)))
+    singles = np.stack([np.asarray(model.apply(v, x, train=False)) for v in members])
+    want = np.concatenate([singles[0], singles[1]], axis=1) @ kernel + bias
+    np.testing.assert_allclose(ensemble.apply(stacked, x), want, rtol=1e-4, atol=1e-5)
+    assert ensemble.clone(conv_impl="xla").logistic == ensemble.logistic

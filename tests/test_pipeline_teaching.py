@@ -218,8 +218,9 @@ def test_ensemble_members_equal_separate_runs_with_their_seeds(ensemble, tmp_pat
         got = jax.tree.map(lambda x, k=k: x[k], members.variables["params"])
         _assert_params_close(got, want, 1e-5)
     record = results["ensemble"]
-    assert len(record["members"]) == 3 and set(record) >= {"members", "average", "stacked"}
-    for combo in ("average", "stacked"):
+    assert len(record["members"]) == 3
+    assert set(record) >= {"members", "average", "stacked", "logistic"}  # all, with validation
+    for combo in ("average", "stacked", "logistic"):
         assert set(record[combo]) == {"validation", "test"}
         assert set(record[combo]["test"]) == {"accuracy", "loss", "ece", "count"}
     assert results["test_accuracy"] == record["stacked"]["test"]["accuracy"]

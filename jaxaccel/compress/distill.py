@@ -7,6 +7,7 @@
 (the T**2 keeps the soft term's gradient scale comparable across temperatures). A teacher that
 is an ensemble gives the log of its members' mean probabilities as its logits
 (`models.ensemble.average_logits`),
+or, stacked by `fit_logistic_stacker`, a logistic regression over all their logits,
 so its soft targets at temperature T are those of the averaged model. `renormalize` maps images
 normalised for one dataset spec to another's, so a teacher trained with its own normalisation
 sees what it was trained on.
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.models.ensemble import average_logits
+from jaxaccel.models.ensemble import average_logits, logistic_features
 
 
 def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, *,
@@ -110,3 +111,40 @@ def stack_weights(member_logits: np.ndarray, labels: np.ndarray, *, steps: int =
         m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
         theta = theta - lr * (m / (1 - 0.9 ** i)) / (jnp.sqrt(v / (1 - 0.999 ** i)) + 1e-8)
     return np.asarray(jax.nn.softmax(theta))
+
+
+def fit_logistic_stacker(member_logits: np.ndarray, labels: np.ndarray, *, l2: float = 1e-2,
+                         max_iter: int = 1000, tol: float = 1e-10
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """A logistic-regression stacker (Wolpert 1992): the multinomial logistic regression
+    `logits = features @ W + b` over the members' concatenated logits
+    (`logistic_features`, K*C features -> C classes) that minimises
+
+        mean_n CE(features_n @ W + b, labels_n) + l2 / 2 * ||W||^2
+
+    (the bias is not penalised), fit by L-BFGS in float64 from the plain average of the
+    members' logits (W = [I; ...; I] / K, b = 0). Deterministic; fit it on validation
+    examples only. `member_logits` (K, N, C), `labels` (N,) -> (W (K*C, C), b (C,)), float32.
+    The objective is strictly convex for l2 > 0, so the optimum is unique.
+    """
+    from scipy import optimize  # jax's own dependency; only this fit needs it
+
+    x = logistic_features(np.asarray(member_logits, np.float64))
+    y = np.asarray(labels, np.int64)
+    k, n, c = np.shape(member_logits)
+    onehot = np.eye(c)[y]
+
+    def objective(theta):
+        w, b = theta[:-c].reshape(k * c, c), theta[-c:]
+        z = x @ w + b
+        z = z - z.max(-1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        loss = -np.mean(np.sum(onehot * log_p, -1)) + 0.5 * l2 * np.sum(w * w)
+        dz = (np.exp(log_p) - onehot) / n
+        return loss, np.concatenate([(x.T @ dz + l2 * w).ravel(), dz.sum(0)])
+
+    theta0 = np.concatenate([np.tile(np.eye(c), (k, 1)).ravel() / k, np.zeros(c)])
+    fit = optimize.minimize(objective, theta0, jac=True, method="L-BFGS-B",
+                            options={"maxiter": max_iter, "ftol": tol, "gtol": 1e-8})
+    return (fit.x[:-c].reshape(k * c, c).astype(np.float32), fit.x[-c:].astype(np.float32))
+

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def average_logits(member_logits: jax.Array, weights: jax.Array | Sequence[float] | None = None
@@ -32,12 +33,31 @@ def average_logits(member_logits: jax.Array, weights: jax.Array | Sequence[float
     return jax.scipy.special.logsumexp(log_p + log_w[:, None, None], axis=0)
 
 
+def logistic_features(member_logits: Any) -> Any:
+    """(K, N, C) member logits -> (N, K*C) features of a logistic stacker: each example's
+    members' logits side by side, member-major (feature k*C + c is member k's logit c).
+    numpy in, numpy out; jax arrays otherwise."""
+    k, n, c = member_logits.shape
+    xp = np if isinstance(member_logits, np.ndarray) else jnp
+    return xp.transpose(member_logits, (1, 0, 2)).reshape(n, k * c)
+
+
+def logistic_logits(member_logits: jax.Array, kernel: Any, bias: Any) -> jax.Array:
+    """Logits of a logistic-regression stacker, (K, B, C) -> (B, C):
+    `logistic_features(member_logits) @ kernel + bias` (kernel (K*C, C), bias (C,))."""
+    features = logistic_features(jnp.asarray(member_logits, jnp.float32))
+    return features @ jnp.asarray(kernel, jnp.float32) + jnp.asarray(bias, jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Ensemble:
     """K members of `model`, combined by averaging their probabilities (`weights`: per-member
-    weights fit by stacking, or None for the plain average)."""
+    weights fit by stacking, or None for the plain average) or, when `logistic` is given, by
+    a logistic-regression stacker: `(kernel, bias)` as nested tuples, kernel (K*C, C) rows
+    and bias (C,) (`compress.distill.fit_logistic_stacker`; `logistic_logits`)."""
     model: Any
     weights: tuple[float, ...] | None = None
+    logistic: tuple[tuple[tuple[float, ...], ...], tuple[float, ...]] | None = None
 
     @property
     def conv_impl(self) -> str:
@@ -59,4 +79,6 @@ class Ensemble:
         """The ensemble's logits on normalised `x` (inference only)."""
         if train:
             raise ValueError("an Ensemble is for inference; train its members (ensemble.members)")
+        if self.logistic is not None:
+            return logistic_logits(self.member_logits(variables, x), *self.logistic)
         return average_logits(self.member_logits(variables, x), self.weights)
