@@ -13,7 +13,7 @@ from jaxaccel import cli, data, pipeline
 from jaxaccel.compress import export as ex
 from jaxaccel.loop import Evaluator
 from jaxaccel.state import build
-from tiny_runs import tiny_config
+from tiny_runs import fits_on_two_test_sets, tiny_config
 
 OVERRIDES = ({"optimizer.lr": 3e-3}, {"optimizer.lr": 1e-3, "seed": 7})
 SINGLES = ({"seed": 0, "optimizer.lr": 3e-3}, {"seed": 7, "optimizer.lr": 1e-3})
@@ -72,16 +72,7 @@ def test_a_loaded_logistic_ensemble_predicts_its_recorded_combination(logistic):
 
 def test_the_logistic_stacker_reads_only_the_validation_split(logistic):
     wd, config, _ = logistic
-    run = jaxaccel.load(wd)
-    setup = build(config)
-    members = {"params": run.variables["params"], "batch_stats": run.variables["batch_stats"]}
-    splits = data.splits_for(config.dataset)
-    fits = []
-    for test in (splits.test, data.Subset(splits.test, np.arange(50))):  # another test set
-        evaluator = Evaluator(data.Splits(splits.train, splits.validation, test), setup.spec,
-                              batch_size=120)
-        _, _, fitted = pipeline.combine_ensemble(setup, members, evaluator, config.ensemble)
-        fits.append(fitted)
+    fits = fits_on_two_test_sets(wd, config)
     for a, b in zip(*fits):  # kernel, bias
         np.testing.assert_array_equal(a, b)
 

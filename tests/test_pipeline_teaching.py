@@ -16,7 +16,7 @@ from jaxaccel.loop import Evaluator
 from jaxaccel.preemption import Preempted
 from jaxaccel.stages import stage
 from jaxaccel.state import build
-from tiny_runs import tiny_config
+from tiny_runs import fits_on_two_test_sets, tiny_config
 
 
 def _leaves(tree):
@@ -239,16 +239,7 @@ def test_a_loaded_ensemble_predicts_its_combination(ensemble):
 
 def test_stacking_reads_only_the_validation_split(ensemble):
     wd, config, _ = ensemble
-    run = jaxaccel.load(wd)
-    setup = build(config)
-    members = {"params": run.variables["params"], "batch_stats": run.variables["batch_stats"]}
-    splits = data.splits_for(config.dataset)
-    weights = []
-    for test in (splits.test, data.Subset(splits.test, np.arange(50))):  # another test set
-        evaluator = Evaluator(data.Splits(splits.train, splits.validation, test), setup.spec,
-                              batch_size=120)
-        _, _, w = pipeline.combine_ensemble(setup, members, evaluator, config.ensemble)
-        weights.append(np.asarray(w))
+    weights = [np.asarray(w) for w in fits_on_two_test_sets(wd, config)]
     np.testing.assert_array_equal(weights[0], weights[1])
 
 

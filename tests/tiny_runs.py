@@ -146,3 +146,25 @@ def wait_until(condition, proc, what, deadline=240):
 
 def train_rows(workdir):
     return [r for r in metrics.read_metrics(workdir) if r["split"] == "train"]
+
+
+def fits_on_two_test_sets(workdir, config):
+    """What `pipeline.combine_ensemble` fits for an ensemble run when evaluated with its own
+    test split and with another one (the first 50 test examples): equal fits mean the
+    combination never reads the test split."""
+    import numpy as np
+
+    from jaxaccel import data, pipeline
+    from jaxaccel.loop import Evaluator
+    from jaxaccel.state import build
+
+    run = jaxaccel.load(workdir)
+    setup = build(config)
+    members = {"params": run.variables["params"], "batch_stats": run.variables["batch_stats"]}
+    splits = data.splits_for(config.dataset)
+    fits = []
+    for test in (splits.test, data.Subset(splits.test, np.arange(50))):
+        evaluator = Evaluator(data.Splits(splits.train, splits.validation, test), setup.spec,
+                              batch_size=120)
+        fits.append(pipeline.combine_ensemble(setup, members, evaluator, config.ensemble)[2])
+    return fits
