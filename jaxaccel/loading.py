@@ -26,7 +26,7 @@ from jaxaccel import config as config_lib
 from jaxaccel import data, io
 from jaxaccel import stages as stages_lib
 from jaxaccel.checkpoint import Checkpointer
-from jaxaccel.compress import sections, sharing
+from jaxaccel.compress import prune, sections, sharing
 from jaxaccel.models.ensemble import Ensemble
 from jaxaccel.state import checkpoint_target
 from jaxaccel.workdir import (CHECKPOINTS_DIR, CONFIG_FILE, DATASET_FILE, ENSEMBLE_FILE,
@@ -106,7 +106,9 @@ def load(workdir: str, step: int | None = None) -> Loaded:
         ckpt.close()
     setup = setups["setup"]
     state = payload["state"] if "state" in payload else payload["states"]
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    # the model is params ⊙ masks (a no-op except under straight-through masks, prune.ste)
+    params = prune.apply_masks(state.params, prune.get_masks(state.opt_state))
+    variables = {"params": params, "batch_stats": state.batch_stats}
     record = os.path.join(workdir, DATASET_FILE)
     names = (tuple(io.read_json(record)["class_names"]) if os.path.isfile(record)
              else setup.spec.names())

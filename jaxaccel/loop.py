@@ -140,13 +140,13 @@ class Runner:
                                   label_smoothing=config.label_smoothing, axis_name=axis,
                                   skip_nonfinite=config.nonfinite == "skip",
                                   mask_update=setup.mask_update, qat_config=setup.qat_config,
-                                  distill=setup.distill)
+                                  distill=setup.distill, ste=setup.ste)
         in_step_teacher = setup.distill is not None and setup.distill.teacher_apply is not None
         if in_step_teacher and teacher is None:
             raise ValueError("this stage distils from a teacher computed in the step: pass its "
                              "variables (teacher=...)")
         eval_fn = make_eval_step(setup.model, num_classes=spec.num_classes, axis_name=axis,
-                                 qat_config=setup.qat_config)
+                                 qat_config=setup.qat_config, ste=setup.ste)
         self.abstract = jax.eval_shape(setup.init_state, jax.random.PRNGKey(0))
         if pmap:
             devices = list(mesh.devices.flat)

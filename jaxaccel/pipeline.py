@@ -374,11 +374,12 @@ def _member_step(setup: Setup, st: ml_collections.ConfigDict, config: ml_collect
         values = {**shared, **hp}
         inner, schedule = make_optimizer(opt, max(st.steps, 1),
                                          {k: values[k] for k in HYPERPARAMETERS})
-        step = make_train_step(setup.model, prune.masked(inner), schedule,
+        step = make_train_step(setup.model, prune.masked(inner, ste=setup.ste), schedule,
                                num_classes=setup.spec.num_classes,
                                label_smoothing=values["label_smoothing"],
                                skip_nonfinite=config.nonfinite == "skip",
-                               mask_update=setup.mask_update, qat_config=setup.qat_config)
+                               mask_update=setup.mask_update, qat_config=setup.qat_config,
+                               ste=setup.ste)
         return step(state, batch)
 
     return step_fn
@@ -399,9 +400,10 @@ def _train_ensemble(ctx: Context, i: int, st: ml_collections.ConfigDict) -> Outc
                            num_classes=setup.spec.num_classes,
                            label_smoothing=config.label_smoothing,
                            skip_nonfinite=config.nonfinite == "skip",
-                           mask_update=setup.mask_update, qat_config=setup.qat_config)
+                           mask_update=setup.mask_update, qat_config=setup.qat_config,
+                           ste=setup.ste)
     eval_fn = make_eval_step(setup.model, num_classes=setup.spec.num_classes,
-                             qat_config=setup.qat_config)
+                             qat_config=setup.qat_config, ste=setup.ste)
     if ctx.restored is not None:
         states, ctx.restored = ctx.restored, None
     else:  # each member starts as its own run with its seed would
@@ -438,8 +440,9 @@ def _train_ensemble(ctx: Context, i: int, st: ml_collections.ConfigDict) -> Outc
         raise FloatingPointError(f"ensemble member {k} (seed {plan.seeds[k]}): {message}")
     ctx.add_stats({**stats, "nonfinite_steps": stats["nonfinite_steps"]})
     host = jax.device_get(states)
-    carry = {"params": host.params, "batch_stats": host.batch_stats,
-             "masks": prune.get_masks(host.opt_state), "rng": host.rng}
+    masks = prune.get_masks(host.opt_state)
+    carry = {"params": prune.apply_masks(host.params, masks),  # params ⊙ masks
+             "batch_stats": host.batch_stats, "masks": masks, "rng": host.rng}
     record, result, fitted = combine_ensemble(setup, carry, ctx.evaluator, config.ensemble)
     weights = fitted if config.ensemble.combine == "stack" else None
     overrides = tuple(config.ensemble.overrides)
@@ -571,8 +574,9 @@ def carry_of(runner: Runner, state: TrainState) -> dict:
     """What passes from one stage to the next: weights, BN stats, masks, rng (and the cluster
     assignments of shared weights)."""
     host = runner.to_host(state)
-    carry = {"params": host.params, "batch_stats": host.batch_stats,
-             "masks": prune.get_masks(host.opt_state), "rng": host.rng}
+    masks = prune.get_masks(host.opt_state)
+    carry = {"params": prune.apply_masks(host.params, masks),  # straight-through: dense → model
+             "batch_stats": host.batch_stats, "masks": masks, "rng": host.rng}
     if sharing.has_assignments(host.opt_state):
         carry["clusters"] = sharing.get_assignments(host.opt_state)
     return carry

@@ -94,6 +94,8 @@ KEY_HELP: dict[str, str] = {
     "prune.round": "imp: the round (set by expansion)",
     "prune.per_layer_rates": "imp: per-layer rates, e.g. {'fc3/kernel': 0.1}",
     "prune.per_layer": "one_shot / gradual: per-layer sparsities, e.g. {'fc1/kernel': 0.9}",
+    "prune.ste": "gradual: straight-through masks: the forward pass uses the masked weights, "
+                 "the dense weights keep training and pruned ones can come back",
     "quant.mode": "ptq (quantize stages) or qat (train stages)",
     "quant.weight_bits": "weight bits, 2..8",
     "quant.act_bits": "activation bits, 2..8",
@@ -137,6 +139,7 @@ def prune_defaults() -> ml_collections.ConfigDict:
     p.round = 0                 # imp: set by expansion
     p.per_layer_rates = ml_collections.ConfigDict()  # imp: e.g. {"fc3/kernel": 0.1}
     p.per_layer = ml_collections.ConfigDict()        # one_shot/gradual per-leaf sparsities
+    p.ste = False               # gradual: straight-through masks (jaxpruner's magnitude_ste)
     p.batches = 1               # snip: training batches the sensitivities are summed over
     p.update_every = 100        # set/rigl: steps between mask updates
     p.drop_fraction = 0.3       # set/rigl: initial drop fraction (cosine decay to end_step)
@@ -346,6 +349,10 @@ def _validate(i: int, s: ml_collections.ConfigDict) -> None:
     if s.kind == "evaluate" and s.prune.method not in EVALUATE_PRUNE_METHODS:
         raise ValueError(f"{where}.prune.method={s.prune.method!r} is not valid for an evaluate "
                          f"stage; choose one of: {', '.join(EVALUATE_PRUNE_METHODS)}")
+    if s.prune.ste and not (s.kind == "train" and s.prune.method == "gradual"):
+        raise ValueError(f"{where}.prune.ste=True: straight-through masks are an option of "
+                         f"gradual pruning in a train stage, not of {s.prune.method!r} in a "
+                         f"{s.kind} stage")
     if s.kind == "train" and s.prune.method not in TRAIN_PRUNE_METHODS:
         raise ValueError(f"{where}.prune.method={s.prune.method!r}: a train stage prunes "
                          f"only gradually, or trains sparse with set or rigl (or none)")

@@ -119,8 +119,13 @@ class Distillation:
 def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                     num_classes: int, label_smoothing: Any = 0.0, axis_name: str | None = None,
                     skip_nonfinite: bool = False, mask_update: Callable | None = None,
-                    qat_config: Any = None, distill: Distillation | None = None) -> Callable:
+                    qat_config: Any = None, distill: Distillation | None = None,
+                    ste: bool = False) -> Callable:
     """`(state, batch) -> (state, metrics)`; with `axis_name`, averages over that pmap axis.
+
+    With `ste` (straight-through masks; `tx` must be `prune.masked(..., ste=True)`) the
+    forward pass uses params ⊙ masks while the gradient reaches every dense weight, and mask
+    updates leave the dense weights as they are (a pruned weight can come back).
 
     `mask_update(params, masks, step, grads=, rng=) -> masks` re-prunes inside the step after
     the optimizer update (gradual pruning, set / rigl; `tx` must be `prune.masked(...)`);
@@ -147,7 +152,13 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
             teacher_logits = (batch["teacher_logits"] if distill.teacher_apply is None
                               else distill.teacher_apply(teacher, batch["image"]))
 
+        masks_now = prune.get_masks(state.opt_state) if ste else None
+
         def loss_fn(params):
+            if ste:  # value params ⊙ masks, gradient 1 for every weight (straight-through)
+                params = jax.tree.map(
+                    lambda p, m: p + jax.lax.stop_gradient(jnp.where(m, p, 0).astype(p.dtype)
+                                                           - p), params, masks_now)
             (logits, mutated), qat_state = forward(params, state, batch["image"], rng)
             if distill is None:
                 loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
@@ -170,7 +181,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
         if mask_update is not None:
             old_masks = prune.get_masks(opt_state)
             masks = mask_update(params, old_masks, state.step, grads=grads, rng=rng)
-            params = prune.apply_masks(params, masks)
+            if not ste:
+                params = prune.apply_masks(params, masks)
             opt_state = dynamic.zero_moments(prune.set_masks(opt_state, masks),
                                              dynamic.grown(old_masks, masks))
         grad_norm = optax.tree.norm(grads)
@@ -189,11 +201,14 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
 
 
 def make_eval_step(model, *, num_classes: int, axis_name: str | None = None,
-                   qat_config: Any = None) -> Callable:
-    """`(state, batch) -> sums of loss, correct, count` over the unmasked rows."""
+                   qat_config: Any = None, ste: bool = False) -> Callable:
+    """`(state, batch) -> sums of loss, correct, count` over the unmasked rows (with `ste`,
+    of the model params ⊙ masks)."""
 
     def eval_fn(state: TrainState, batch: dict) -> dict:
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        params = (prune.apply_masks(state.params, prune.get_masks(state.opt_state)) if ste
+                  else state.params)
+        variables = {"params": params, "batch_stats": state.batch_stats}
         if qat_config is None:
             logits = model.apply(variables, batch["image"], train=False)
         else:
@@ -229,6 +244,7 @@ class Setup:
     mask_update: Callable | None = None
     qat_config: Any = None
     distill: Distillation | None = None  # set by the pipeline, which loads the teacher
+    ste: bool = False                    # straight-through masks (gradual, prune.ste)
 
 
 def build(config: ml_collections.ConfigDict,
@@ -251,7 +267,8 @@ def build(config: ml_collections.ConfigDict,
                              f"cluster stage would break the shared weights; prune before "
                              f"clustering")
         inner = sharing.tied(inner)
-    tx = prune.masked(inner)
+    ste = stage.prune.method == "gradual" and bool(stage.prune.ste)
+    tx = prune.masked(inner, ste=ste)
     input_shape = (1,) + tuple(spec.image_shape)
     qat_config = sections.qat_config(stage.quant) if stage.quant.mode == "qat" else None
     mask_update = (sections.gradual_mask_update(stage.prune, stage.steps)
@@ -275,7 +292,7 @@ def build(config: ml_collections.ConfigDict,
         return model.apply(variables, x, train=False)
 
     return Setup(config, stage, spec, model, tx, schedule, input_shape, init_state, predict_fn,
-                 mask_update, qat_config)
+                 mask_update, qat_config, ste=ste)
 
 
 def after_cluster(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict) -> bool:

@@ -74,3 +74,58 @@ def test_gradual_mask_update_follows_the_cubic_schedule():
                                                      "granularity": "n:m"}).prune
     with pytest.raises(ValueError, match="n:m"):
         sections.gradual_mask_update(n_m, 4)
+
+
+def _ste_config(ste):
+    from tiny_runs import tiny_config
+    from jaxaccel.stages import stage
+    c = tiny_config(**{"checkpoint_every": 10, "optimizer.lr": 3e-3})
+    c.stages = (stage("sparse", "train", steps=40,
+                      prune={"method": "gradual", "sparsity": 0.8, "begin_step": 0,
+                             "end_step": 30, "frequency": 10, "ste": ste}),)
+    return c
+
+
+@pytest.fixture(scope="module")
+def ste_runs(tmp_path_factory):
+    import jaxaccel
+    out = {}
+    for ste in (False, True):
+        wd = str(tmp_path_factory.mktemp(f"ste{ste}"))
+        out[ste] = (wd, jaxaccel.train(_ste_config(ste), wd))
+    return out
+
+
+def _state_at(config, wd, step):
+    from jaxaccel.checkpoint import Checkpointer
+    from jaxaccel.state import checkpoint_target
+    _, target = checkpoint_target(config, 0)
+    with Checkpointer(wd, read_only=True) as ckpt:
+        payload, _ = ckpt.restore(step, target)
+    return payload["state"]
+
+
+def test_straight_through_masks_keep_dense_weights_and_let_pruned_ones_return(ste_runs):
+    """prune.ste (jaxpruner's magnitude_ste): the dense weights keep training under the
+    masks, a weight pruned at one update can be kept at a later one, and everything that reads
+    the model (rows, load, predict) sees params ⊙ masks at the target sparsity."""
+    import jaxaccel
+    from jaxaccel.compress import prune as prune_lib
+    for ste, (wd, results) in ste_runs.items():
+        config = _ste_config(ste)
+        early, late = _state_at(config, wd, 20), _state_at(config, wd, 40)
+        m_early = [np.asarray(m) for m in jax.tree.leaves(prune_lib.get_masks(early.opt_state))]
+        m_late = [np.asarray(m) for m in jax.tree.leaves(prune_lib.get_masks(late.opt_state))]
+        returned = sum(int((~a & b).sum()) for a, b in zip(m_early, m_late))
+        dense_pruned = sum(int((np.asarray(p)[~m] != 0).sum()) for p, m in
+                           zip(jax.tree.leaves(late.params), m_late))
+        assert (returned > 0) is ste and (dense_pruned > 0) is ste
+        assert results["sparsity"] == pytest.approx(0.8, abs=0.01)
+        loaded = jaxaccel.load(wd).variables["params"]
+        for p, m in zip(jax.tree.leaves(loaded), m_late):
+            assert np.all(np.asarray(p)[~m] == 0)
+    bad = _ste_config(True)
+    bad.stages[0].prune.method = "none"
+    from jaxaccel import config as config_lib
+    with pytest.raises((ValueError, config_lib.ConfigError), match="prune.ste=True"):
+        jaxaccel.train(bad, "/nonexistent/never-written")

@@ -82,7 +82,7 @@ def step_flops(setup: Any, batch_size: int, conv_impl: str | None = None) -> flo
 
     kwargs: dict[str, Any] = {"num_classes": setup.spec.num_classes,
                               "label_smoothing": setup.config.label_smoothing}
-    for extra in ("mask_update", "qat_config"):  # fields newer Setups carry
+    for extra in ("mask_update", "qat_config", "ste"):  # fields newer Setups carry
         if getattr(setup, extra, None) is not None:
             kwargs[extra] = getattr(setup, extra)
     model = setup.model

@@ -453,8 +453,15 @@ class MaskedState(NamedTuple):
     inner_state: optax.OptState
 
 
-def masked(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+def masked(inner: optax.GradientTransformation, *, ste: bool = False
+           ) -> optax.GradientTransformation:
     """Wrap ``inner`` so pruned weights (mask False) become and stay exactly zero.
+
+    With ``ste`` (straight-through masks, jaxpruner's ``magnitude_ste``) nothing is zeroed
+    here: the dense weights keep their gradients and updates, the forward pass applies the
+    masks (``make_train_step(..., ste=True)``) and whatever reads the model applies them
+    (`apply_masks` with `get_masks` of the state), so the invariant becomes "the model is
+    params ⊙ masks".
 
     Gradients are masked before ``inner``; for pruned entries the final update is
     ``-params``, so after ``optax.apply_updates`` they are exactly 0 whatever momentum,
@@ -468,10 +475,11 @@ def masked(inner: optax.GradientTransformation) -> optax.GradientTransformation:
     def update(updates, state: MaskedState, params: Params | None = None):
         if params is None:
             raise ValueError("masked(...).update needs params (to zero pruned weights)")
-        grads = apply_masks(updates, state.masks)
+        grads = updates if ste else apply_masks(updates, state.masks)
         new_updates, inner_state = inner.update(grads, state.inner_state, params)
-        new_updates = jax.tree.map(lambda u, mk, p: jnp.where(mk, u, -p).astype(u.dtype),
-                                   new_updates, state.masks, params)
+        if not ste:
+            new_updates = jax.tree.map(lambda u, mk, p: jnp.where(mk, u, -p).astype(u.dtype),
+                                       new_updates, state.masks, params)
         return new_updates, MaskedState(state.masks, inner_state)
 
     return optax.GradientTransformation(init, update)

@@ -39,7 +39,10 @@ def gradual_mask_update(p: Any, steps: int) -> Callable:
                                       frequency=p.frequency)
         return jax.lax.cond(
             schedules.should_update(step, p.begin_step, end, p.frequency),
-            lambda: prune.magnitude_masks(params, target, prior_masks=masks, **kwargs),
+            # straight-through (p.ste): ranked on the dense weights afresh, so pruned
+            # weights can come back; otherwise the masks only shrink
+            lambda: prune.magnitude_masks(params, target,
+                                          prior_masks=None if p.ste else masks, **kwargs),
             lambda: masks)
 
     return update

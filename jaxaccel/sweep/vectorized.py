@@ -134,10 +134,11 @@ def make_point_step(setup: Setup, configs: Sequence[ml_collections.ConfigDict]) 
         inner, schedule = make_optimizer(opt, max(config.num_steps, 1),
                                          {k: v for k, v in hp.items() if k in HYPERPARAMETERS})
         step = make_train_step(
-            setup.model, prune.masked(inner), schedule, num_classes=setup.spec.num_classes,
+            setup.model, prune.masked(inner, ste=setup.ste), schedule,
+            num_classes=setup.spec.num_classes,
             label_smoothing=hp.get("label_smoothing", config.label_smoothing),
             skip_nonfinite=config.nonfinite == "skip", mask_update=setup.mask_update,
-            qat_config=setup.qat_config)
+            qat_config=setup.qat_config, ste=setup.ste)
         return step(state, batch)
 
     return step_fn
@@ -268,7 +269,7 @@ def _train(runs: list[sweep_points.PointRun], *, mode: str, on_change: Callable[
                                   config.num_steps), k_points, config.batch_size,
                                   batches.example_bytes, start) if scan else 1)
     eval_fn = make_eval_step(setup.model, num_classes=setup.spec.num_classes,
-                             qat_config=setup.qat_config)
+                             qat_config=setup.qat_config, ste=setup.ste)
     runner = stacked.StackedRunner(make_point_step(setup, configs), eval_fn, abstract, batches,
                                    hp, mesh, mode=mode, layout=layout, scan=scan, block=block,
                                    start=start, num_steps=config.num_steps)
@@ -311,8 +312,9 @@ def _train(runs: list[sweep_points.PointRun], *, mode: str, on_change: Callable[
                            "epoch": config.num_steps // batches.steps_per_epoch,
                            "vectorized": True})
                 ckpt.close()
-            weights = {"params": state.params, "batch_stats": state.batch_stats,
-                       "masks": prune.get_masks(state.opt_state)}
+            masks = prune.get_masks(state.opt_state)
+            weights = {"params": prune.apply_masks(state.params, masks),  # params ⊙ masks
+                       "batch_stats": state.batch_stats, "masks": masks}
             results = results_record(
                 config, [stage_row(stage, finals[i], weights)], steps=config.num_steps,
                 stats={**stats, "nonfinite_steps": stats["nonfinite_steps"][i]},
