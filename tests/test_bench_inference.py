@@ -9,8 +9,13 @@ from jaxaccel.kernels import int8 as int8_cpu
 def test_infer_bench_variants_and_speedups():
     out = bench_infer("lenet300_100", 16, (8, 8, 1), sparsities=(0.5,), warmup=0, repeats=2)
     names = [r["variant"] for r in out["results"]]
-    assert names[:2] == ["float32", "fake-quant"] and names[-1] == "pruned 50%"
-    pruned = out["results"][-1]
+    assert names[:2] == ["float32", "fake-quant"] and names[-2] == "pruned 50%"
+    pruned = out["results"][-2]
+    clustered = out["results"][-1]  # decoded from a Huffman-coded package: dense float32
+    assert clustered["variant"] == "clustered 5-bit (decoded)" and clustered["mac_fraction"] == 1
+    assert out["clustered"]["decode_ms_median"] > 0
+    assert out["clustered"]["package_file_bytes"] < out["clustered"]["dense_float32_bytes"] / 4
+    assert any("clustered: every kernel shared among 32 values" in n for n in out["notes"])
     assert 0 < pruned["mac_fraction"] < 0.6  # 50% of each hidden width: about a quarter of fc2
     assert out["pruned_50_speedup"] > 0 and out["float32_ms_median"] > 0
     assert out["int8_float_layers"] == []  # every layer int8 by default

@@ -61,8 +61,11 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
                 input_shape: Sequence[int] = workload.DEFAULT_INPUT_SHAPE, *,
                 sparsities: Sequence[float] = DEFAULT_SPARSITIES, int8_skip: str | Sequence[str] = "none",
                 conv_impl: str = "auto", warmup: int = 3, repeats: int = 20,
-                seed: int = 0) -> dict[str, Any]:
-    """Median forward time of float32, fake-quant, int8 and pruned+shrunk models; speed-ups."""
+                seed: int = 0, cluster_bits: int = 5) -> dict[str, Any]:
+    """Median forward time of float32, fake-quant, int8, pruned+shrunk and clustered models;
+    speed-ups. The clustered model (every kernel shared among 2^`cluster_bits` values,
+    packaged with Huffman coding) is timed as it runs after `load_compressed` decodes it —
+    dense float32 — and the decode itself is timed at load."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -110,6 +113,15 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
         fns[name] = (forward(small), (small_vars, x))
         macs[name] = shrink.flops(small, input_shape)
 
+    clustered = _clustered(net, variables, input_shape, cluster_bits)
+    fns[clustered["variant"]] = (forward(net), (clustered.pop("variables"), x))
+    macs[clustered["variant"]] = dense_macs
+    notes.append(f"clustered: every kernel shared among {2 ** cluster_bits} values, packaged with "
+                 f"Huffman coding ({clustered['package_file_bytes']:,} bytes vs "
+                 f"{clustered['dense_float32_bytes']:,} float32); decoding it at load takes "
+                 f"{clustered['decode_ms_median']:.1f} ms; it then runs as dense float32 (no "
+                 f"kernel computes on shared values, so the gain is size, not speed)")
+
     outputs = {name: np.asarray(fn(*args)) for name, (fn, args) in fns.items()}  # compiles
     works = {name: (lambda fn=fn, args=args: jax.block_until_ready(fn(*args))) for name, (fn, args) in fns.items()}
     timings = timing.time_interleaved(works, warmup=warmup, repeats=repeats)
@@ -155,11 +167,44 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
                      f"XLA's int8 dot ({c['speedup']:.2f}×, interleaved){kernel}. Amdahl bound: if those MACs cost "
                      f"the float32 model what the plain matmuls cost and the rest stays float32, XLA's int8 dot "
                      f"gains at most {c['bound_speedup']:.2f}× for the whole model (goal {GOAL_INT8}×)")
+    out["clustered"] = clustered
     if "pruned_50_speedup" in out:
         out["pruned_50_goal_met"] = out["pruned_50_speedup"] >= GOAL_PRUNED_50
     out["notes"] = notes
     out["table"] = _table(out)
     return out
+
+
+def _clustered(net: Any, variables: Any, input_shape: Sequence[int], bits: int) -> dict[str, Any]:
+    """`variables` with every kernel weight-shared (2^bits k-means values), written as a
+    Huffman-coded package and decoded again (timed); the decoded variables for timing."""
+    import os
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    from jaxaccel import data
+    from jaxaccel.compress import package, sharing
+
+    params = variables["params"]
+    masks = jax.tree.map(lambda p: np.ones(np.shape(p), bool), params)
+    shared, _, _ = sharing.share_weights(params, masks, sharing.layer_bits(params, bits))
+    variables = {**variables, "params": shared}
+    c = int(input_shape[-1])
+    spec = data.DatasetSpec(name="synthetic", num_classes=workload.NUM_CLASSES,
+                            image_shape=tuple(input_shape), mean=(0.5,) * c, std=(0.25,) * c,
+                            kind="builtin")
+    with tempfile.TemporaryDirectory(prefix="jaxaccel-bench-cluster-") as tmp:
+        path = os.path.join(tmp, "clustered.npz")
+        info = package.save_compressed(path, net, variables, spec=spec, shared=True,
+                                       entropy="huffman")
+        decode = timing.time_calls(lambda: package.load_compressed(path), warmup=1, repeats=5)
+        decoded = package.load_compressed(path).variables
+    return {"variant": f"clustered {bits}-bit (decoded)", "bits": bits,
+            "package_file_bytes": info["package_file_bytes"],
+            "dense_float32_bytes": info["dense_float32_bytes"],
+            "decode_ms_median": decode.median_ms, "variables": decoded}
 
 
 def int8_matmul_ceiling(shapes: Sequence[tuple[int, int, int]], float_model_ms: float, *,
