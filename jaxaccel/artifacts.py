@@ -64,7 +64,9 @@ def package_run(workdir: str, out: str, *, bits: int = 8, per_channel: bool = Tr
                                    per_channel=per_channel, float_dtype=float_dtype,
                                    shared=shared, entropy=entropy, extra=extra)
 
-    def payload(entropy_: str) -> int:
+    def payload(entropy_: str) -> int:  # the written package's own payload, or the other's
+        if entropy_ == entropy:
+            return info["packed_bytes"]
         arrays, _ = package.encode(run.variables, bits=bits, per_channel=per_channel,
                                    float_dtype=float_dtype, shared=shared, entropy=entropy_)
         return int(sum(a.nbytes for a in arrays.values()))

@@ -130,8 +130,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
     `mask_update(params, masks, step, grads=, rng=) -> masks` re-prunes inside the step after
     the optimizer update (gradual pruning, set / rigl; `tx` must be `prune.masked(...)`);
     `grads` are the step's dense gradients (before masking, averaged over devices), `rng` the
-    step's key; weights a new mask grows are exactly 0 and get zeroed optimizer moments
-    (`dynamic.zero_moments`). `qat_config` runs the forward pass with fake-quant
+    step's key; when `mask_update.grows` (set / rigl), weights a new mask grows are exactly 0
+    and get zeroed optimizer moments (`dynamic.zero_moments`); gradual masks only shrink. `qat_config` runs the forward pass with fake-quant
     (straight-through gradients) and tracks activation ranges in `state.qat`. With `distill`
     the loss is `kd_loss` against the teacher's logits; a teacher computed in the step makes
     the step `(state, batch, teacher_variables) -> (state, metrics)`.
@@ -183,8 +183,9 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
             masks = mask_update(params, old_masks, state.step, grads=grads, rng=rng)
             if not ste:
                 params = prune.apply_masks(params, masks)
-            opt_state = dynamic.zero_moments(prune.set_masks(opt_state, masks),
-                                             dynamic.grown(old_masks, masks))
+            opt_state = prune.set_masks(opt_state, masks)
+            if getattr(mask_update, "grows", False):  # set / rigl: grown weights start afresh
+                opt_state = dynamic.zero_moments(opt_state, dynamic.grown(old_masks, masks))
         grad_norm = optax.tree.norm(grads)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state, qat=qat_state)

@@ -193,19 +193,11 @@ def han(workdirs: Sequence[str]) -> str:
 _VARIANT = re.compile(r"^(gradual|one_shot)_([0-9.]+)/")
 
 
-def _zg_variant(run: Run) -> tuple[str, float]:
-    for name in run.rows:
-        m = _VARIANT.match(name)
-        if m:
-            return m.group(1), float(m.group(2))
-    raise SystemExit(f"{run.workdir}: no gradual_/one_shot_ stage; not a repro_zhu_gupta run")
-
-
 def zhu_gupta(workdir: str) -> str:
     runs = finished_runs(workdir)
     groups: dict[tuple[str, float], list[Run]] = {}
     for r in runs:
-        groups.setdefault(_zg_variant(r), []).append(r)
+        groups.setdefault(_variant(r, _VARIANT), []).append(r)
     sparsities = sorted({s for _, s in groups})
 
     def final(r: Run) -> float:

@@ -94,6 +94,7 @@ def dynamic_mask_update(p: Any, steps: int) -> Callable:
             dynamic.is_update_step(step, update_every=p.update_every, end_step=end), 2, 0))
         return jax.lax.switch(branch, [lambda: masks, initial, regrow])
 
+    update.grows = True  # the step zeroes the optimizer moments of grown weights
     return update
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from jaxaccel.compress import cluster
-from jaxaccel.trees import is_kernel, path_str
+from jaxaccel.trees import is_kernel, named_leaves, path_str
 
 PyTree = Any
 MAX_CLUSTERS = 256        # 8 bits
@@ -130,7 +130,7 @@ def layer_bits(params: PyTree, bits: int, per_layer: Mapping[str, int] | None = 
     """Index bits of every clustered leaf: `per_layer[path]` where given, else `bits`; a
     `per_layer` key that names no clustered leaf is a one-line ValueError."""
     per_layer = dict(per_layer or {})
-    names = [p for p, leaf in _named(params) if clustered(p, leaf)]
+    names = [p for p, leaf in named_leaves(params) if clustered(p, leaf)]
     unknown = sorted(set(per_layer) - set(names))
     if unknown:
         raise ValueError(f"cluster.per_layer key {unknown[0]!r} matches no clustered layer; "
@@ -141,10 +141,6 @@ def layer_bits(params: PyTree, bits: int, per_layer: Mapping[str, int] | None = 
         cluster.bits_to_clusters(b)  # 1..8, one-line error otherwise
         out[name] = int(b)
     return out
-
-
-def _named(tree: PyTree) -> list[tuple[str, Any]]:
-    return [(path_str(kp), leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def share_weights(params: PyTree, masks: PyTree, bits: Mapping[str, int], *,
@@ -179,14 +175,9 @@ def share_weights(params: PyTree, masks: PyTree, bits: Mapping[str, int], *,
 def distinct_values(params: PyTree, masks: PyTree | None = None,
                     clustered: Callable[[str, Any], bool] = is_kernel) -> dict[str, int]:
     """Number of distinct kept values of every clustered leaf (≤ 2^bits while shared)."""
-    host = jax.device_get(params)
-    host_masks = jax.device_get(masks) if masks is not None else None
-    out = {}
-    for (name, w), m in zip(_named(host),
-                            jax.tree.leaves(host_masks) if host_masks is not None
-                            else [None] * len(jax.tree.leaves(host))):
-        if clustered(name, w):
-            w = np.asarray(w)
-            kept = w[np.asarray(m, bool)] if m is not None else w.ravel()
-            out[name] = int(np.unique(kept).size)
-    return out
+    if masks is None:
+        masks = jax.tree.map(lambda w: np.ones(np.shape(w), bool), params)
+    kept = dict(named_leaves(jax.tree.map(lambda w, m: np.asarray(w)[np.asarray(m, bool)],
+                                          jax.device_get(params), jax.device_get(masks))))
+    return {name: int(np.unique(kept[name]).size)
+            for name, w in named_leaves(params) if clustered(name, w)}
