@@ -55,6 +55,11 @@ def package_run(workdir: str, out: str, *, bits: int = 8, per_channel: bool = Tr
     if entropy not in package.ENTROPY:
         raise ValueError(f"--entropy {entropy!r} is not valid; choose one of: "
                          f"{', '.join(package.ENTROPY)}")
+    members = loading.read_config(workdir).ensemble.members
+    if members > 1:
+        raise ValueError(f"{workdir!r} is an ensemble run ({members} members); a package holds "
+                         f"one model: package a member's run, or export the ensemble "
+                         f"(jaxaccel compress export)")
     run = loading.final_weights(workdir, step)
     shared = any(s.kind == "cluster" for s in stages_lib.expand(run.config))
     extra = {"dataset": run.config.dataset.name, "image_shape": list(run.input_shape),

@@ -26,7 +26,7 @@ import ml_collections
 
 from jaxaccel import io
 from jaxaccel import stages as stages_lib
-from jaxaccel.workdir import CONFIG_FILE
+from jaxaccel.workdir import CHECKPOINTS_DIR, CONFIG_FILE, ENSEMBLE_FILE, RESULTS_FILE
 
 # Keys that only change how a run is executed, not what it computes. A resumed run may
 # change them without being refused as a different experiment.
@@ -495,7 +495,7 @@ def _check_ensemble(config: ml_collections.ConfigDict, stages: list) -> None:
     if len(stages) != 1 or stages[0].kind != "train":
         raise ConfigError(f"ensemble.members={members} trains single-stage configs (one train "
                           f"stage); this config has stages {[s.name for s in stages]}")
-    if config.parallel.strategy != "data":
+    if config.parallel.strategy != "data" and not sequential_members(config):
         raise ConfigError(f"ensemble.members={members} runs with parallel.strategy='data' (the "
                           f"members are stacked), not {config.parallel.strategy!r}")
     if config.ensemble.combine in ("stack", "logistic") and not config.dataset.validation_split:
@@ -509,9 +509,20 @@ def _check_ensemble(config: ml_collections.ConfigDict, stages: list) -> None:
 
 # Keys `ensemble.overrides` may set per member: they keep every shape and the program (the
 # members' hyperparameters are traced inputs of the one stacked step, as in a vectorized
-# sweep).
+# sweep). Any other key (model.*, batch_size, optimizer.name, ...) makes the members
+# different programs: they train one after another, each a run of its own
+# (`sequential_members`), except the keys below, which every member must share.
 MEMBER_OVERRIDES = ("seed", "optimizer.lr", "optimizer.weight_decay", "optimizer.b1",
                     "optimizer.b2", "optimizer.momentum", "label_smoothing")
+SHARED_BY_MEMBERS = ("dataset", "ensemble", "parallel", "distributed", "stages", "progress")
+
+
+def sequential_members(config: ml_collections.ConfigDict) -> bool:
+    """True when an ensemble's members differ in shapes or program (an override outside
+    `MEMBER_OVERRIDES`): they train one after another in WORKDIR/members/member<k>."""
+    return config.ensemble.members > 1 and any(
+        key not in MEMBER_OVERRIDES for member in tuple(config.ensemble.overrides or ())
+        if isinstance(member, (dict, ml_collections.ConfigDict)) for key in member)
 
 
 def _check_member_overrides(config: ml_collections.ConfigDict) -> None:
@@ -526,17 +537,25 @@ def _check_member_overrides(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"ensemble.overrides[{k}]={member!r} must be a dict of config "
                               f"overrides")
         for key, value in member.items():
-            if key not in MEMBER_OVERRIDES:
+            if key.split(".")[0] in SHARED_BY_MEMBERS:
                 raise ConfigError(
-                    f"ensemble.overrides[{k}]: {key!r} cannot differ between members (they "
-                    f"train as one program of one shape); allowed: {', '.join(MEMBER_OVERRIDES)}"
-                    f" (training members that change shapes or the program one after another "
-                    f"is not supported)")
+                    f"ensemble.overrides[{k}]: {key!r} cannot differ between members (they are "
+                    f"trained on one dataset and combined on its splits); members may not "
+                    f"override {', '.join(k_ + '.*' for k_ in SHARED_BY_MEMBERS)}")
+            if key not in MEMBER_OVERRIDES:
+                continue  # a program-changing key: checked with the member's whole config
             ok = (isinstance(value, int) and value >= 0 if key == "seed"
                   else isinstance(value, (int, float)) and value >= 0)
             if isinstance(value, bool) or not ok:
                 raise ConfigError(f"ensemble.overrides[{k}]: {key}={value!r} must be a number "
                                   f">= 0" + (" (an integer)" if key == "seed" else ""))
+    if sequential_members(config):  # each member is a run of its own: validate it as one
+        for k in range(members):
+            try:
+                validate(member_config(config, k))
+            except ConfigError as e:
+                raise ConfigError(f"ensemble.overrides[{k}]: {e}") from None
+        return
     # The optimizer's structure (a decay term, SGD momentum) is the config's: one program.
     opts = [member_optimizer(member_config(config, k)) for k in range(members)]
     base = member_optimizer(config)
@@ -575,8 +594,11 @@ def _check_teacher(d: ml_collections.ConfigDict, *, where: str, augmenting: bool
     if not os.path.isfile(os.path.join(d.teacher, CONFIG_FILE)):
         raise ConfigError(f"{where}.teacher={d.teacher!r} is not a jaxaccel workdir "
                           f"(no {CONFIG_FILE} there)")
-    checkpoints = os.path.join(d.teacher, "checkpoints")
-    if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
+    checkpoints = os.path.join(d.teacher, CHECKPOINTS_DIR)
+    members_done = all(os.path.isfile(os.path.join(d.teacher, f))  # an ensemble of runs
+                       for f in (ENSEMBLE_FILE, RESULTS_FILE))
+    if not members_done and (not os.path.isdir(checkpoints)
+                             or not any(n.isdigit() for n in os.listdir(checkpoints))):
         raise ConfigError(f"{where}.teacher={d.teacher!r} has no finished checkpoint; train it "
                           f"first")
     if d.precompute and augmenting:

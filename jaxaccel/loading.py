@@ -30,7 +30,7 @@ from jaxaccel.compress import prune, sections, sharing
 from jaxaccel.models.ensemble import Ensemble
 from jaxaccel.state import checkpoint_target
 from jaxaccel.workdir import (CHECKPOINTS_DIR, CONFIG_FILE, DATASET_FILE, ENSEMBLE_FILE,
-                              RESULTS_FILE)
+                              MEMBERS_DIR, RESULTS_FILE)
 
 FLOAT_BITS = 32
 
@@ -51,14 +51,16 @@ class Loaded:
     `predict(images)` takes raw images (uint8 or 0..255 floats, NHWC) and normalises them;
     `model.apply(variables, x, train=False)` is the bare network on normalised `x` (for an
     ensemble run, a `models.Ensemble` whose variables stack the members' and whose logits
-    are the log of their combined probabilities, or a logistic stacker's logits). `spec` holds the run's dataset shape and
-    normalisation; `class_names[i]` names logit i (from the run's dataset.json; the labels'
-    numbers for runs written before it existed).
+    are the log of their combined probabilities, or a logistic stacker's logits; members that
+    are runs of their own, `member_workdirs`, are loaded each from its workdir and `step` is
+    None). `spec` holds the run's dataset shape and normalisation; `class_names[i]` names
+    logit i (from the run's dataset.json; the labels' numbers for runs written before it
+    existed).
     """
     model: Any
     variables: dict
     config: ml_collections.ConfigDict
-    step: int
+    step: int | None
     predict_fn: Callable
     class_names: tuple[str, ...] = ()
     spec: data.DatasetSpec | None = None
@@ -73,12 +75,49 @@ class Loaded:
         return self.config.ensemble.members if isinstance(self.model, Ensemble) else 1
 
 
+def member_workdirs(workdir: str) -> list[str]:
+    """The workdirs of an ensemble's members when each is a run of its own (members that
+    differ in shapes or program, `config.sequential_members`); [] for any other run."""
+    path = os.path.join(workdir, ENSEMBLE_FILE)
+    record = io.read_json(path) if os.path.isfile(path) else {}
+    return [os.path.join(workdir, rel) for rel in record.get("workdirs") or ()]
+
+
+def _combined(model: Any, workdir: str) -> Ensemble:
+    """`model` (a module, or a tuple of the members' modules) combined as ensemble.json says."""
+    combination = os.path.join(workdir, ENSEMBLE_FILE)
+    record = io.read_json(combination) if os.path.isfile(combination) else {}
+    weights, logistic = record.get("weights"), record.get("logistic")
+    return Ensemble(model, tuple(weights) if weights else None,
+                    (tuple(map(tuple, logistic["kernel"])), tuple(logistic["bias"]))
+                    if logistic else None)
+
+
+def _class_names(workdir: str, spec: data.DatasetSpec) -> tuple[str, ...]:
+    record = os.path.join(workdir, DATASET_FILE)
+    return tuple(io.read_json(record)["class_names"]) if os.path.isfile(record) else spec.names()
+
+
 def load(workdir: str, step: int | None = None) -> Loaded:
     """Load a run's model and variables (newest usable checkpoint unless `step` is given).
 
     Reads only: a corrupt newest checkpoint is reported and skipped, never moved.
     """
     config = read_config(workdir)
+    members = member_workdirs(workdir)
+    if members:  # an ensemble of runs: each member from its own workdir
+        if step is not None:
+            raise ValueError(f"{workdir!r} is an ensemble of {len(members)} runs of their own; "
+                             f"step={step} names no checkpoint of it (load a member's workdir "
+                             f"under {MEMBERS_DIR}/ for that)")
+        runs = [load(m) for m in members]
+        model = _combined(tuple(r.model for r in runs), workdir)
+        variables = {"params": tuple(r.variables["params"] for r in runs),
+                     "batch_stats": tuple(r.variables["batch_stats"] for r in runs)}
+        spec = data.spec_for(config.dataset)
+        return Loaded(model=model, variables=variables, config=config, step=None,
+                      predict_fn=predict_function(model, spec),
+                      class_names=_class_names(workdir, spec), spec=spec)
     ckpt = Checkpointer(workdir, read_only=True)
     steps = ckpt.all_steps()
     if not steps:
@@ -109,20 +148,13 @@ def load(workdir: str, step: int | None = None) -> Loaded:
     # the model is params ⊙ masks (a no-op except under straight-through masks, prune.ste)
     params = prune.apply_masks(state.params, prune.get_masks(state.opt_state))
     variables = {"params": params, "batch_stats": state.batch_stats}
-    record = os.path.join(workdir, DATASET_FILE)
-    names = (tuple(io.read_json(record)["class_names"]) if os.path.isfile(record)
-             else setup.spec.names())
     model, predict_fn = setup.model, setup.predict_fn
     if "states" in payload:  # an ensemble run: its members combined as the run combined them
-        combination = os.path.join(workdir, ENSEMBLE_FILE)
-        record = io.read_json(combination) if os.path.isfile(combination) else {}
-        weights, logistic = record.get("weights"), record.get("logistic")
-        model = Ensemble(setup.model, tuple(weights) if weights else None,
-                         (tuple(map(tuple, logistic["kernel"])), tuple(logistic["bias"]))
-                         if logistic else None)
+        model = _combined(setup.model, workdir)
         predict_fn = predict_function(model, setup.spec)
     return Loaded(model=model, variables=variables, config=config, step=step,
-                  predict_fn=predict_fn, class_names=names, spec=setup.spec)
+                  predict_fn=predict_fn, class_names=_class_names(workdir, setup.spec),
+                  spec=setup.spec)
 
 
 def predict_function(model: Any, spec: data.DatasetSpec) -> Callable:
@@ -156,7 +188,7 @@ class FinalWeights:
     variables: dict
     config: ml_collections.ConfigDict
     spec: data.DatasetSpec
-    step: int
+    step: int | None  # None: an ensemble of runs of their own (each its own checkpoint)
     stage: str
     bits: int
     input_shape: tuple[int, ...]
@@ -174,6 +206,15 @@ def final_weights(workdir: str, step: int | None = None) -> FinalWeights:
     """
     loaded = load(workdir, step)
     config = loaded.config
+    spec = data.spec_for(config.dataset)
+    if loaded.step is None:  # an ensemble of runs of their own (`member_workdirs`)
+        return FinalWeights(
+            workdir=workdir, model=loaded.model, variables=loaded.variables, config=config,
+            spec=spec, step=None, stage=stages_lib.expand(config)[0].name, bits=FLOAT_BITS,
+            input_shape=tuple(int(d) for d in spec.image_shape),
+            checkpoint_dir=os.path.join(workdir, MEMBERS_DIR),
+            notes=[f"member {k}: {os.path.relpath(m, workdir)}, its final checkpoint"
+                   for k, m in enumerate(member_workdirs(workdir))])
     stages = stages_lib.expand(config)
     ckpt = Checkpointer(workdir, read_only=True)
     try:
@@ -214,7 +255,6 @@ def final_weights(workdir: str, step: int | None = None) -> FinalWeights:
     elif trailing:
         notes.append(f"stages after {stages[at].name!r} not included: "
                      f"{', '.join(s.name for s in trailing)}")
-    spec = data.spec_for(config.dataset)
     return FinalWeights(workdir=workdir, model=loaded.model, variables=variables, config=config,
                         spec=spec, step=int(loaded.step), stage=ran[-1].name,
                         bits=weight_bits(ran),

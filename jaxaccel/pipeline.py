@@ -44,7 +44,7 @@ from jaxaccel.state import (Distillation, Setup, TrainState, build, checkpoint_t
 from jaxaccel.state import HYPERPARAMETERS, cross_entropy, make_optimizer
 from jaxaccel import workdir as workdir_files
 from jaxaccel.workdir import (CALIBRATION_FILE, CONFIG_FILE, DATASET_FILE, ENSEMBLE_FILE,
-                              RESULTS_FILE)
+                              MEMBERS_DIR, RESULTS_FILE)
 
 log = logging.getLogger("jaxaccel")
 
@@ -425,7 +425,7 @@ def _train_ensemble(ctx: Context, i: int, st: ml_collections.ConfigDict) -> Outc
                                    scan=plan.scan, block=block, start=start, num_steps=st.steps)
     with contextlib.ExitStack() as stack:
         writers = [stack.enter_context(metrics.MetricWriter(
-            os.path.join(ctx.workdir, "members", f"member{k}"), enabled=ctx.is_main))
+            os.path.join(ctx.workdir, MEMBERS_DIR, f"member{k}"), enabled=ctx.is_main))
             for k in range(plan.members)]
         for w in writers:
             w.mark_start(ctx.offsets[i] + start)
@@ -444,20 +444,28 @@ def _train_ensemble(ctx: Context, i: int, st: ml_collections.ConfigDict) -> Outc
     carry = {"params": prune.apply_masks(host.params, masks),  # params ⊙ masks
              "batch_stats": host.batch_stats, "masks": masks, "rng": host.rng}
     record, result, fitted = combine_ensemble(setup, carry, ctx.evaluator, config.ensemble)
-    weights = fitted if config.ensemble.combine == "stack" else None
     overrides = tuple(config.ensemble.overrides)
     for k, member in enumerate(record["members"]):
         member.update(seed=plan.seeds[k], overrides=dict(overrides[k]) if overrides else {})
-    logistic = fitted if config.ensemble.combine == "logistic" else None
     if ctx.is_main:
         io.write_json(os.path.join(ctx.workdir, ENSEMBLE_FILE),
-                      {"members": plan.members, "seeds": plan.seeds,
-                       "combine": config.ensemble.combine,
-                       "weights": None if weights is None else [float(w) for w in weights],
-                       "logistic": None if logistic is None else
-                       {"kernel": np.asarray(logistic[0], np.float64).tolist(),
-                        "bias": np.asarray(logistic[1], np.float64).tolist()}})
+                      combination_record(plan.seeds, config.ensemble.combine, fitted))
     return Outcome(carry, carry, result, {"ensemble": record})
+
+
+def combination_record(seeds: list[int], combine: str, fitted: Any,
+                       workdirs: list[str] | None = None) -> dict:
+    """What ensemble.json holds: the members (their seeds; their workdirs, relative to the
+    ensemble's, when each is a run of its own) and how they combine (`combine_logits`'s
+    fitted weights or logistic stacker), as `loading.load` reads it back."""
+    weights = fitted if combine == "stack" else None
+    logistic = fitted if combine == "logistic" else None
+    return {"members": len(seeds), "seeds": list(seeds), "combine": combine,
+            **({"workdirs": list(workdirs)} if workdirs else {}),
+            "weights": None if weights is None else [float(w) for w in weights],
+            "logistic": None if logistic is None else
+            {"kernel": np.asarray(logistic[0], np.float64).tolist(),
+             "bias": np.asarray(logistic[1], np.float64).tolist()}}
 
 
 def combine_ensemble(setup: Setup, members: dict, evaluator: Evaluator,
@@ -472,9 +480,15 @@ def combine_ensemble(setup: Setup, members: dict, evaluator: Evaluator,
     (`ensemble.combine`) combination's evaluation, its parameters: the weights for "stack",
     (kernel, bias) for "logistic", None for the plain average).
     """
-    model = Ensemble(setup.model)
-    member_logits = jax.jit(model.member_logits)
     variables = {"params": members["params"], "batch_stats": members["batch_stats"]}
+    logits, labels = ensemble_logits(Ensemble(setup.model), variables, evaluator)
+    return combine_logits(logits, labels, ensemble.combine)
+
+
+def ensemble_logits(model: Ensemble, variables: Any, evaluator: Evaluator
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every member's logits, (K, N, C), and the labels, (N,), of every evaluation split."""
+    member_logits = jax.jit(model.member_logits)
     logits, labels = {}, {}
     for split in evaluator.splits:
         rows, ys = [], []
@@ -483,6 +497,12 @@ def combine_ensemble(setup: Setup, members: dict, evaluator: Evaluator,
             rows.append(np.asarray(member_logits(variables, jnp.asarray(b["image"])))[:, keep])
             ys.append(np.asarray(b["label"])[keep])
         logits[split], labels[split] = np.concatenate(rows, axis=1), np.concatenate(ys)
+    return logits, labels
+
+
+def combine_logits(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], combine: str
+                   ) -> tuple[dict, dict, Any]:
+    """`combine_ensemble` on the members' logits per split (`ensemble_logits`)."""
     weights = logistic = None
     combos = {"average": lambda z: average_logits(z)}
     if "validation" in logits:
@@ -495,10 +515,10 @@ def combine_ensemble(setup: Setup, members: dict, evaluator: Evaluator,
     for k in range(next(iter(logits.values())).shape[0]):
         record["members"].append({split: _scores(logits[split][k], labels[split])
                                   for split in logits})
-    for name, combine in combos.items():
-        record[name] = {split: _scores(np.asarray(combine(jnp.asarray(logits[split]))),
+    for name, combined in combos.items():
+        record[name] = {split: _scores(np.asarray(combined(jnp.asarray(logits[split]))),
                                        labels[split]) for split in logits}
-    chosen = {"stack": "stacked", "logistic": "logistic"}.get(ensemble.combine, "average")
+    chosen = {"stack": "stacked", "logistic": "logistic"}.get(combine, "average")
     result = {split: {"loss": s["loss"], "accuracy": s["accuracy"], "count": s["count"]}
               for split, s in record[chosen].items()}
     return record, result, {"stacked": weights, "logistic": logistic}.get(chosen)
@@ -513,6 +533,76 @@ def _scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
             "loss": float(-np.mean(logp[np.arange(len(labels)), labels])),
             "ece": distill_lib.expected_calibration_error(logits, labels),
             "count": int(len(labels))}
+
+
+def train_members(config: ml_collections.ConfigDict, workdir: str, *,
+                  overwrite: bool = False) -> dict:
+    """An ensemble whose members differ in shapes or program (`config.sequential_members`:
+    e.g. `ensemble.overrides` setting model.*, batch_size or optimizer.name).
+
+    Each member is a run of its own in WORKDIR/members/member<k> (`config.member_config`),
+    trained (or resumed) one after another; a member that finished is not trained again.
+    Then the members are loaded and combined on the ensemble's evaluation splits exactly as
+    stacked members are (`combine_logits`: average, stack or logistic, fit on validation
+    only); results.json and ensemble.json (with the members' workdirs) as for any ensemble.
+    """
+    if jax.process_count() > 1:
+        raise config_lib.ConfigError("ensemble.members > 1 runs in a single process")
+    members = config.ensemble.members
+    configs = [config_lib.member_config(config, k) for k in range(members)]
+    parallel.set_cpu_devices(config.parallel.cpu_devices)
+    num_devices = config.parallel.num_devices or jax.device_count()
+    for k, c in enumerate(configs):  # every member's problems before anything is written
+        try:
+            config_lib.validate_devices(c, num_devices)
+            check_model(c, build(c, stages_lib.expand(c)[0]))
+        except config_lib.ConfigError as e:
+            raise config_lib.ConfigError(f"ensemble.overrides[{k}]: {e}") from None
+    first = build(config, stages_lib.expand(config)[0])
+    splits = data.splits_for(config.dataset)
+    prepare_workdir(config, workdir, overwrite=overwrite)
+    io.write_json(os.path.join(workdir, DATASET_FILE), dataset_record(first.spec, splits))
+    relative = [os.path.join(MEMBERS_DIR, f"member{k}") for k in range(members)]
+    member_results = []
+    for k, (c, rel) in enumerate(zip(configs, relative)):
+        where = os.path.join(workdir, rel)
+        done = os.path.join(where, RESULTS_FILE)
+        if (os.path.isfile(done) and os.path.isfile(os.path.join(where, CONFIG_FILE))
+                and not config_lib.differences(loading.read_config(where), c)):
+            log.info("ensemble member %d/%d: finished in %s", k + 1, members, where)
+            member_results.append(io.read_json(done))
+            continue
+        log.info("ensemble member %d/%d in %s", k + 1, members, where)
+        member_results.append(train(c, where, overwrite=overwrite))
+
+    # -- Combination: the members' logits on the ensemble's splits -----------------------
+    loaded = [loading.load(os.path.join(workdir, rel)) for rel in relative]
+    model = Ensemble(tuple(m.model for m in loaded))
+    variables = {"params": tuple(m.variables["params"] for m in loaded),
+                 "batch_stats": tuple(m.variables["batch_stats"] for m in loaded)}
+    evaluator = Evaluator(splits, first.spec, batch_size=config.eval_batch_size)
+    record, result, fitted = combine_logits(*ensemble_logits(model, variables, evaluator),
+                                            config.ensemble.combine)
+    overrides = tuple(config.ensemble.overrides)
+    for k, member in enumerate(record["members"]):
+        member.update(seed=configs[k].seed, overrides=dict(overrides[k]), workdir=relative[k],
+                      model=configs[k].model.name, num_params=member_results[k]["num_params"])
+    io.write_json(os.path.join(workdir, ENSEMBLE_FILE),
+                  combination_record([c.seed for c in configs], config.ensemble.combine, fitted,
+                                     relative))
+    params = variables["params"]
+    st = stages_lib.expand(config)[0]
+    row = {**stage_row(st, result, {"params": params, "batch_stats": variables["batch_stats"],
+                                    "masks": jax.tree.map(lambda p: p != 0, params)}),
+           "steps": sum(int(r["steps"]) for r in member_results), "ensemble": record}
+    results = results_record(
+        config, [row], steps=row["steps"],
+        stats={"nonfinite_steps": sum(int(np.sum(r.get("nonfinite_steps", 0)))
+                                      for r in member_results)},
+        sizes=splits.sizes(), num_devices=member_results[0]["num_devices"], num_processes=1,
+        num_params=int(sum(np.size(x) for x in jax.tree.leaves(params))))
+    io.write_json(os.path.join(workdir, RESULTS_FILE), results)
+    return results
 
 
 # ----------------------------------------------------------------------------------------
@@ -545,7 +635,7 @@ def load_teacher(d: ml_collections.ConfigDict, student: Setup,
     variables = jax.device_get(teacher.variables)
     checksums = ckpt_lib.tree_checksums(variables)
     digest = hashlib.sha256(io.dumps(checksums).encode()).hexdigest()[:16]
-    record = {"path": os.path.abspath(d.teacher), "hash": digest, "step": int(teacher.step)}
+    record = {"path": os.path.abspath(d.teacher), "hash": digest, "step": teacher.step}
     if d.precompute:  # one forward per training example, in order; the step reads its rows
         apply = jax.jit(teacher_apply)
         images, _ = data.read_arrays(batches.source, np.arange(batches.num_examples))
@@ -594,6 +684,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     # -- Set-up ------------------------------------------------------------------------
     config = copy.deepcopy(config)  # private copy (stages hold nested sections)
     config_lib.validate(config)
+    if config_lib.sequential_members(config):
+        return train_members(config, workdir, overwrite=overwrite)
     stages = stages_lib.expand(config)
     parallel.set_cpu_devices(config.parallel.cpu_devices)
     parallel.initialize_distributed(config.distributed.coordinator_address,

@@ -12,3 +12,4 @@ CALIBRATION_FILE = "calibration.json"  # a quantize stage's activation ranges (q
 ENSEMBLE_FILE = "ensemble.json"        # an ensemble run's combination (members, weights)
 CHECKPOINTS_DIR = "checkpoints"        # orbax checkpoints (checkpoint.Checkpointer)
 EVENTS_DIR = "events"                  # TensorBoard event files
+MEMBERS_DIR = "members"                # an ensemble's members: member<k>/ (rows, or whole runs)

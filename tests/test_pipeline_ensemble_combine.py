@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 
 import jaxaccel
-from jaxaccel import cli, data, pipeline
+from jaxaccel import cli, data
 from jaxaccel.compress import export as ex
-from jaxaccel.loop import Evaluator
-from jaxaccel.state import build
 from tiny_runs import fits_on_two_test_sets, tiny_config
 
 OVERRIDES = ({"optimizer.lr": 3e-3}, {"optimizer.lr": 1e-3, "seed": 7})
@@ -107,12 +105,10 @@ def get_config():
      "ensemble.combine='logistic' fits the combination on the validation split"),
     ("    c.ensemble.overrides = ({'optimizer.lr': 0.1},)",
      "a tuple of ensemble.members=2 dicts"),
-    ("    c.ensemble.overrides = ({'model.width': 0.5}, {})",
-     "'model.width' cannot differ between members"),
-    ("    c.ensemble.overrides = ({'optimizer.name': 'sgd'}, {})",
-     "allowed: seed, optimizer.lr"),
-    ("    c.ensemble.overrides = ({'batch_size': 16}, {})",
-     "is not supported"),
+    ("    c.ensemble.overrides = ({'dataset.validation_split': 0.5}, {})",
+     "'dataset.validation_split' cannot differ between members"),
+    ("    c.ensemble.overrides = ({'batch_size': 15}, {})",  # a member's own config is checked
+     "ensemble.overrides[0]: batch_size=15 is not divisible"),
     ("    c.ensemble.overrides = ({'optimizer.lr': -1.0}, {})", "must be a number >= 0"),
     ("    c.ensemble.overrides = ({'optimizer.weight_decay': 1e-4}, {})",
      "needs optimizer.weight_decay > 0 in the config"),

@@ -10,12 +10,10 @@ import numpy as np
 import pytest
 
 import jaxaccel
-from jaxaccel import checkpoint, cli, data, loading, pipeline, preemption
+from jaxaccel import checkpoint, cli, data, loading, preemption
 from jaxaccel.compress import export as ex
-from jaxaccel.loop import Evaluator
 from jaxaccel.preemption import Preempted
 from jaxaccel.stages import stage
-from jaxaccel.state import build
 from tiny_runs import fits_on_two_test_sets, tiny_config
 
 

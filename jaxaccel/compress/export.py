@@ -31,6 +31,7 @@ from jaxaccel import data
 from jaxaccel.compress.int8 import Int8Model, int8_apply, resolve_conv_lowering
 from jaxaccel.compress.quant import WEIGHT_CONFIG, QParams, QuantConfig, _layer_filter, apply_fake_quant, quantize_weights
 from jaxaccel.models.conv_impls import portable_conv_impl
+from jaxaccel.models.ensemble import Ensemble
 
 INPUT_DTYPE = jnp.uint8
 
@@ -95,6 +96,8 @@ def _portable(model: nn.Module, symbolic_batch: bool = False) -> nn.Module:
     "cpu_kernel" custom calls (`conv_impls.portable_conv_impl`). With a symbolic batch, a model
     that would run its conv stack in micro-batches (whose count depends on the batch size,
     `conv_impls.microbatch_count`) gets the plain "xla" convs instead: same function, one batch."""
+    if isinstance(model, Ensemble):  # each member made portable on its own
+        return model.map_members(lambda m: _portable(m, symbolic_batch))
     if not hasattr(model, "conv_impl"):
         return model
     impl = portable_conv_impl(model.conv_impl, getattr(model, "AUTO_CPU_CONV_IMPL", "cpu"))

@@ -1,7 +1,10 @@
-"""An ensemble of K members of one architecture, used as one model: `Ensemble(model, weights)`.
+"""An ensemble of K members used as one model: `Ensemble(model, weights)`.
 
-Its variables are the members' variables stacked on a leading axis of size K; `apply` runs
-every member (vmapped) and returns the log of their (weighted) mean probabilities, the
+Members of one architecture (`model` a module): the variables are the members' variables
+stacked on a leading axis of size K and every member runs vmapped. Members of different
+architectures or programs (`model` a tuple of K modules, trained one after another): the
+variables are `{"params": (p_0, ..., p_K-1), "batch_stats": (b_0, ...)}`, member k applied
+with its own. Either way `apply` runs every member and returns the log of their (weighted) mean probabilities, the
 combination that ensembles of deep networks average in (Lakshminarayanan et al. 2017), so
 `argmax` is the ensemble's prediction and softmax its probabilities. It has the module
 methods the rest of the framework calls on a model (`apply`, `clone`, `conv_impl`), so a
@@ -55,24 +58,46 @@ class Ensemble:
     weights fit by stacking, or None for the plain average) or, when `logistic` is given, by
     a logistic-regression stacker: `(kernel, bias)` as nested tuples, kernel (K*C, C) rows
     and bias (C,) (`compress.distill.fit_logistic_stacker`; `logistic_logits`)."""
-    model: Any
+    model: Any  # a module (stacked members) or a tuple of modules (one per member)
     weights: tuple[float, ...] | None = None
     logistic: tuple[tuple[tuple[float, ...], ...], tuple[float, ...]] | None = None
 
     @property
+    def heterogeneous(self) -> bool:
+        """True when the members are different modules (a tuple), not one stacked module."""
+        return isinstance(self.model, tuple)
+
+    @property
+    def member_modules(self) -> tuple[Any, ...]:
+        """The member modules (K of them; the same module K times is not listed: (model,))."""
+        return self.model if self.heterogeneous else (self.model,)
+
+    @property
     def conv_impl(self) -> str:
-        return self.model.conv_impl
+        return self.member_modules[0].conv_impl
 
     @property
     def AUTO_CPU_CONV_IMPL(self) -> str:  # noqa: N802 - the models' attribute name
-        return getattr(self.model, "AUTO_CPU_CONV_IMPL", "cpu")
+        return getattr(self.member_modules[0], "AUTO_CPU_CONV_IMPL", "cpu")
+
+    def map_members(self, fn: Any) -> "Ensemble":
+        """The ensemble of `fn(member)` for every member module (e.g. a portable clone)."""
+        if self.heterogeneous:
+            return dataclasses.replace(self, model=tuple(fn(m) for m in self.model))
+        return dataclasses.replace(self, model=fn(self.model))
 
     def clone(self, **fields: Any) -> "Ensemble":
-        """The ensemble of `model.clone(**fields)` (e.g. another conv_impl)."""
-        return dataclasses.replace(self, model=self.model.clone(**fields))
+        """The ensemble of `member.clone(**fields)` (e.g. another conv_impl)."""
+        return self.map_members(lambda m: m.clone(**fields))
 
     def member_logits(self, variables: Any, x: jax.Array) -> jax.Array:
         """(K, B, C): every member's logits on `x` (eval mode)."""
+        if self.heterogeneous:
+            return jnp.stack([
+                m.apply({"params": variables["params"][k],
+                         "batch_stats": variables["batch_stats"][k]}, x, train=False
+                        ).astype(jnp.float32)
+                for k, m in enumerate(self.model)])
         return jax.vmap(lambda v: self.model.apply(v, x, train=False))(variables)
 
     def apply(self, variables: Any, x: jax.Array, train: bool = False, **kwargs: Any) -> jax.Array:
