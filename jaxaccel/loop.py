@@ -243,6 +243,20 @@ class Runner:
 # ----------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------
+class StoppedEarly(Exception):
+    """`on_evaluation` asked the loop to stop (e.g. a search's pruner): it saved a checkpoint
+    at global step `step` and stopped training there."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped early at step {step} (checkpoint saved)")
+        self.step = step
+
+
+# Called with (global step, `{split: {"loss", "accuracy", "count"}}`) after each evaluation
+# inside a stage; returns True to stop training at that step.
+EvaluationHook = Callable[[int, dict], bool]
+
+
 def train_loop(runner: LoopRunner, state: Any, config: ml_collections.ConfigDict, *,
                num_steps: int, writers: Sequence[metrics.MetricWriter], checkpointer: Any,
                guard: Any, evaluator: Evaluator, step_offset: int = 0,
@@ -250,7 +264,9 @@ def train_loop(runner: LoopRunner, state: Any, config: ml_collections.ConfigDict
                snapshot_at: int | None = None, stage_name: str = "train",
                failed: dict[int, str] | None = None,
                on_failed: Callable[[int, str], None] = lambda i, message: None,
-               show_progress: bool = True) -> tuple[Any, dict, dict, dict[int, str]]:
+               show_progress: bool = True,
+               on_evaluation: EvaluationHook | None = None
+               ) -> tuple[Any, dict, dict, dict[int, str]]:
     """Run a stage's steps `runner.host_step(state) .. num_steps`; returns (state, stats,
     extras, failed).
 
@@ -262,8 +278,13 @@ def train_loop(runner: LoopRunner, state: Any, config: ml_collections.ConfigDict
     `extras`, with `meta()` and the step in the record; with `snapshot_at`, the params after
     that global step are stored as `extras["snapshot"]` (for rewinding). `stats`:
     `train_images_per_sec` (median per point), `compile_seconds`, `nonfinite_steps` (per point).
+    `on_evaluation` (one state only) sees every evaluation every `eval_every` steps (not the
+    stage's final one); when it returns True the loop checkpoints that step and raises
+    `StoppedEarly`.
     """
     points, block = runner.points, runner.block
+    if on_evaluation is not None and points != 1:
+        raise ValueError(f"on_evaluation needs a single-state run, not {points} stacked states")
     failed, extras = dict(failed or {}), dict(extras or {})
     start = runner.host_step(state)
     progress = metrics.Progress(step_offset + num_steps, step_offset + start,
@@ -297,10 +318,13 @@ def train_loop(runner: LoopRunner, state: Any, config: ml_collections.ConfigDict
         if snapshot_at is not None and snapshot_at == step_offset + done:
             extras["snapshot"] = runner.snapshot(state)
         side_work, stopping = False, guard.should_stop()
+        evaluating = bool(config.eval_every) and done % config.eval_every == 0 and done != num_steps
         # Rows are also flushed before every checkpoint and on preemption, so the metrics
-        # always cover the saved steps (and a non-finite step never gets checkpointed).
+        # always cover the saved steps (and a non-finite step never gets checkpointed); with
+        # `on_evaluation`, before every evaluation too (it may stop the run there).
         if (done % config.log_every == 0 or done == num_steps or stopping
-                or done % config.checkpoint_every == 0):
+                or done % config.checkpoint_every == 0
+                or (evaluating and on_evaluation is not None)):
             host = runner.host_metrics(jax.device_get(window))
             elapsed = time.perf_counter() - t0
             rate = timed * config.batch_size / elapsed if timed else None
@@ -333,16 +357,25 @@ def train_loop(runner: LoopRunner, state: Any, config: ml_collections.ConfigDict
                          "images_per_sec": rate * points if rate else None}
             progress.update(step_offset + done, {k: v for k, v in shown.items() if v is not None})
             window, timed, side_work = [], 0, True
-        if config.eval_every and done % config.eval_every == 0 and done != num_steps:
+        stop_early = False
+        if evaluating:
             for i, result in enumerate(runner.evaluate(state, evaluator)):
                 if i not in failed:
                     evaluator.write(writers[i], step_offset + done, result, stage_name)
+                    if on_evaluation is not None:
+                        stop_early = bool(on_evaluation(step_offset + done, result))
             side_work = True
         if done % config.checkpoint_every == 0 or done == num_steps:
             save(done)
             side_work = True
         if side_work:
             t0 = time.perf_counter()
+        if stop_early:
+            if checkpointer.latest_step() != step_offset + done:
+                save(done)
+            checkpointer.close()
+            progress.close()
+            raise StoppedEarly(step_offset + done)
         if stopping:
             if checkpointer.latest_step() != step_offset + done:
                 save(done)

@@ -11,13 +11,15 @@ Strategies:
 All meshes use `AxisType.Auto` so the same jitted step works for every strategy.
 
 Owns `make_mesh`, `state_shardings`, `shard_batch`, `replicate` / `unreplicate`,
-`set_cpu_devices` and `initialize_distributed`. Imports nothing of jaxaccel; every layer above
+`set_cpu_devices`, `initialize_distributed` and `worker_record` (where this process runs).
+Imports nothing of jaxaccel; every layer above
 may use it.
 """
 from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 import jax
@@ -26,6 +28,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "data"
 STRATEGIES = ("data", "fsdp", "pmap")
+RAY_NODE_ENV = "JAXACCEL_RAY_NODE_ID"  # set by a sweep's Ray task for the run it starts
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +147,10 @@ def replicate(tree: Any, devices: list | None = None) -> Any:
 def unreplicate(tree: Any) -> Any:
     """The first device's copy of a pmap-replicated tree."""
     return jax.tree.map(lambda x: x[0], tree)
+
+
+def worker_record() -> dict[str, Any]:
+    """Where this process runs (results.json's `worker`): host, pid and the Ray node id of
+    the sweep task that started it (None outside Ray)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "ray_node_id": os.environ.get(RAY_NODE_ENV) or None}

@@ -88,6 +88,7 @@ class Context:
     restored_meta: dict = dataclasses.field(default_factory=dict)
     _runners: dict[int, Runner] = dataclasses.field(default_factory=dict)
     _teaching: tuple[int, Any] | None = None
+    on_evaluation: Callable[[int, dict], bool] | None = None  # see train(on_evaluation=)
 
     def runner_for(self, i: int) -> Runner:
         """Train stage i's compiled steps (one stage's at a time), with its teacher when the
@@ -164,7 +165,7 @@ def run_train(ctx: Context, i: int, st: ml_collections.ConfigDict, carry: dict) 
         meta=lambda: {"stage": i, "stage_name": st.name, "rows": ctx.rows,
                       **({"teacher": teacher} if teacher is not None else {})},
         extras=extras, snapshot_at=snapshot_at, stage_name=st.name,
-        show_progress=ctx.is_main and ctx.config.progress)
+        show_progress=ctx.is_main and ctx.config.progress, on_evaluation=ctx.on_evaluation)
     ctx.snapshot = extras.get("snapshot", ctx.snapshot)
     ctx.add_stats(stats)
     carry = carry_of(runner, state)
@@ -600,7 +601,8 @@ def train_members(config: ml_collections.ConfigDict, workdir: str, *,
         stats={"nonfinite_steps": sum(int(np.sum(r.get("nonfinite_steps", 0)))
                                       for r in member_results)},
         sizes=splits.sizes(), num_devices=member_results[0]["num_devices"], num_processes=1,
-        num_params=int(sum(np.size(x) for x in jax.tree.leaves(params))))
+        num_params=int(sum(np.size(x) for x in jax.tree.leaves(params))),
+        worker=parallel.worker_record())
     io.write_json(os.path.join(workdir, RESULTS_FILE), results)
     return results
 
@@ -675,15 +677,22 @@ def carry_of(runner: Runner, state: TrainState) -> dict:
 # ----------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------
-def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
+          on_evaluation: Callable[[int, dict], bool] | None = None) -> dict:
     """Train (or resume) the experiment `config` in `workdir`; returns what results.json holds.
 
     Runs the config's stages in order (one `train` stage if it declares none). Checkpoints
     carry the stage and step, so a run killed in any stage resumes there.
+    `on_evaluation(global step, {split: {"loss", "accuracy", "count"}})` sees the train loop's
+    evaluations every `eval_every` steps (single-model runs only); returning True checkpoints
+    that step and raises `loop.StoppedEarly` (a search's pruner).
     """
     # -- Set-up ------------------------------------------------------------------------
     config = copy.deepcopy(config)  # private copy (stages hold nested sections)
     config_lib.validate(config)
+    if on_evaluation is not None and config.ensemble.members > 1:
+        raise ValueError("on_evaluation needs a single-model run, not an ensemble "
+                         f"(ensemble.members={config.ensemble.members})")
     if config_lib.sequential_members(config):
         return train_members(config, workdir, overwrite=overwrite)
     stages = stages_lib.expand(config)
@@ -730,7 +739,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
                       mesh=parallel.make_mesh(num_devices), batches=batches,
                       evaluator=evaluator, writer=None, guard=None, checkpointer=checkpointer,
                       rows=[], uses_snapshot=any(s.kind == "rewind" and s.rewind == "snapshot"
-                                                 for s in stages))
+                                                 for s in stages),
+                      on_evaluation=on_evaluation)
 
         # -- Load checkpoint (resume) or initialise -------------------------------------
         resume_stage, start_step, carry = _resume_or_init(ctx)
@@ -759,7 +769,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
                              sizes=splits.sizes(), num_devices=num_devices,
                              num_processes=pcount,
                              num_params=int(sum(np.size(x)
-                                                for x in jax.tree.leaves(carry["params"]))))
+                                                for x in jax.tree.leaves(carry["params"]))),
+                             worker=parallel.worker_record())
     if is_main:
         io.write_json(os.path.join(workdir, RESULTS_FILE), results)
     return results

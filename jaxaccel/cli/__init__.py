@@ -35,7 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compress": ("jaxaccel.cli.compress", "per-layer compression report; compressed checkpoint "
                                           "package; StableHLO export; layer sensitivity"),
     "sweep": ("jaxaccel.cli.sweep", "run every point of an experiment's get_sweep() in "
-                                    "sub-workdirs"),
+                                    "sub-workdirs, or an Optuna search over its "
+                                    "get_search() (--search)"),
     "report": ("jaxaccel.cli.report", "rebuild a sweep's results.csv/md and plots from its "
                                       "sub-workdirs"),
 }

@@ -1,6 +1,8 @@
-"""`jaxaccel sweep --config X.py --workdir W`: every point of an experiment's get_sweep().
+"""`jaxaccel sweep --config X.py --workdir W`: every point of an experiment's get_sweep();
+with `--search tpe|random|grid|cmaes --trials N`, an Optuna study over its get_search().
 
-Imports sweep (and `sweep.report`) and parallel; never another subcommand's module.
+Imports sweep (and `sweep.report`, `sweep.search`) and parallel; never another subcommand's
+module.
 """
 from __future__ import annotations
 
@@ -10,10 +12,10 @@ from jaxaccel import sweep
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.epilog = ("Extra --config.KEY=VALUE arguments apply to every point. Exit status: 0 all "
-                "points done, 1 some failed, 2 bad input, 3 preempted.")
+    p.epilog = ("Extra --config.KEY=VALUE arguments apply to every point (every trial). Exit "
+                "status: 0 all points (trials) done, 1 some failed, 2 bad input, 3 preempted.")
     p.add_argument("--config", required=True, help="experiment file with get_config() and "
-                   "get_sweep()")
+                   "get_sweep() (get_search() with --search)")
     p.add_argument("--workdir", required=True, help="the sweep's directory; one sub-workdir "
                    "per point")
     p.add_argument("--workers", type=int, default=0,
@@ -26,12 +28,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="simulate N CPU devices (sets parallel.cpu_devices)")
     p.add_argument("--no-report", action="store_true", help="skip results.csv/md and plots")
+    s = p.add_argument_group("search (an Optuna study over the experiment's get_search())")
+    s.add_argument("--search", default=None, choices=("tpe", "random", "grid", "cmaes"),
+                   help="sample get_search()'s space with this Optuna sampler instead of "
+                        "running get_sweep()'s points (grid: every key a choice; cmaes: no "
+                        "choice keys); trials train one after another in WORKDIR/trials/")
+    s.add_argument("--trials", type=int, default=None,
+                   help="trials in total, those of earlier runs of the same search included "
+                        "(a rerun resumes the study)")
+    s.add_argument("--objective", default="validation_accuracy",
+                   choices=("validation_accuracy", "validation_loss"),
+                   help="what the study optimizes: validation accuracy (maximized) or loss "
+                        "(minimized); never the test split")
+    s.add_argument("--pruner", default="none", choices=("asha", "hyperband", "median", "none"),
+                   help="stop unpromising trials early, judged at the evaluations every "
+                        "eval_every steps (asha: successive halving)")
+    s.add_argument("--storage", default=None,
+                   help="Optuna storage URL (default sqlite:///WORKDIR/study.db)")
+    s.add_argument("--study-seed", type=int, default=0, help="the sampler's seed")
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from jaxaccel import parallel
     if args.workers < 0:
         raise ValueError(f"--workers={args.workers} must be >= 0")
+    if args.search:
+        return run_search(args, overrides)
+    given = [f for f, v in (("--trials", args.trials), ("--storage", args.storage),
+                            ("--pruner", None if args.pruner == "none" else args.pruner),
+                            ("--objective", None if args.objective == "validation_accuracy"
+                             else args.objective),
+                            ("--study-seed", args.study_seed or None)) if v is not None]
+    if given:
+        raise ValueError(f"{given[0]} belongs to a search: add --search tpe|random|grid|cmaes")
     overrides = list(overrides)
     if args.cpu_devices is not None:
         overrides.append(f"parallel.cpu_devices={args.cpu_devices}")
@@ -47,4 +76,30 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
           f"before), {len(result.failed)} failed; workdir={args.workdir}")
     for r in result.failed:
         print(f"  failed {r.name}: {r.error}")
+    return 1 if result.failed else 0
+
+
+def run_search(args: argparse.Namespace, overrides: list[str]) -> int:
+    """An Optuna study (`sweep.search.run`); prints its trials and the best one."""
+    if args.workers or args.vectorize:
+        raise ValueError(f"--search trains its trials one after another in this process; "
+                         f"{'--workers' if args.workers else '--vectorize'} is not supported "
+                         f"with it yet")
+    if args.trials is None:
+        raise ValueError("--search needs --trials N (trials in total)")
+    from jaxaccel import parallel
+    from jaxaccel.sweep import search
+    overrides = list(overrides)
+    if args.cpu_devices is not None:
+        overrides.append(f"parallel.cpu_devices={args.cpu_devices}")
+        parallel.set_cpu_devices(args.cpu_devices)  # before the backend starts
+    result = search.run(args.config, args.workdir, sampler=args.search, trials=args.trials,
+                        objective=args.objective, pruner=args.pruner, storage=args.storage,
+                        study_seed=args.study_seed, overrides=overrides)
+    print("\n".join(search.table(result.record)))
+    c = result.record["counts"]
+    print(f"search: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed "
+          f"({len(result.ran)} trained now); workdir={args.workdir}")
+    for t in result.failed:
+        print(f"  failed trial {t['number']}: {t.get('error', '')}")
     return 1 if result.failed else 0

@@ -2,7 +2,8 @@
 
 An experiment file's `get_sweep()` returns a list of points built with these (big_vision's
 `get_hyper` style): `grid`, `seeds`, `product`, `zipit`, `concat`, and `sample` over
-`uniform` / `loguniform` / `choice` distributions. Pure Python; imports nothing of jaxaccel.
+`uniform` / `loguniform` / `intrange` / `choice` distributions (which an experiment's
+`get_search()` also uses: `sweep.search`). Pure Python; imports nothing of jaxaccel.
 """
 from __future__ import annotations
 
@@ -62,16 +63,24 @@ def concat(*sweeps: Sequence[Point]) -> list[Point]:
 
 @dataclasses.dataclass(frozen=True)
 class Distribution:
-    """A random value for `sample`: uniform, log-uniform or a choice among values."""
-    kind: str
+    """A random value for `sample` (and a searched key of `get_search()`): uniform,
+    log-uniform, an integer range or a choice among values."""
+    kind: str  # "uniform", "loguniform", "intrange" or "choice"
     low: float = 0.0
     high: float = 0.0
     values: tuple = ()
     digits: int = 3
+    step: int = 1      # intrange: low, low + step, ..., high
+    log: bool = False  # intrange: log-uniform over the range
 
     def draw(self, rng: np.random.Generator) -> Any:
         if self.kind == "choice":
             return self.values[int(rng.integers(len(self.values)))]
+        if self.kind == "intrange":
+            if self.log:
+                x = math.exp(rng.uniform(math.log(self.low), math.log(self.high + 1)))
+                return int(min(math.floor(x), self.high))
+            return int(self.low + self.step * rng.integers((self.high - self.low) // self.step + 1))
         if self.kind == "uniform":
             x = rng.uniform(self.low, self.high)
         else:
@@ -91,6 +100,20 @@ def loguniform(low: float, high: float, *, digits: int = 3) -> Distribution:
     if not 0 < low < high:
         raise ValueError(f"loguniform({low}, {high}): need 0 < low < high")
     return Distribution("loguniform", float(low), float(high), digits=digits)
+
+
+def intrange(low: int, high: int, *, step: int = 1, log: bool = False) -> Distribution:
+    """An integer in low, low + step, ..., high (both ends included); `log`: log-uniform
+    (step 1, low >= 1), e.g. widths or step counts."""
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (low, high, step)):
+        raise ValueError(f"intrange({low!r}, {high!r}, step={step!r}): need integers")
+    if not low < high or step < 1 or (high - low) % step:
+        raise ValueError(f"intrange({low}, {high}, step={step}): need low < high, step >= 1 "
+                         f"and high - low a multiple of step")
+    if log and (low < 1 or step != 1):
+        raise ValueError(f"intrange({low}, {high}, step={step}, log=True): need low >= 1 "
+                         f"and step 1")
+    return Distribution("intrange", low, high, step=step, log=bool(log))
 
 
 def choice(values: Iterable[Any]) -> Distribution:
