@@ -43,9 +43,9 @@ def test_all_reproductions_present():
     assert {"repro_han_lenet300.py", "repro_han_lenet5.py", "repro_zhu_gupta.py",
             "repro_lottery.py", "repro_int8.py", "repro_resnet20_cifar10.py"} <= names
     assert {"repro_hinton.py", "repro_polino.py", "repro_ensemble.py",
-            "repro_distill_compressed.py"} <= names
+            "repro_distill_compressed.py", "repro_allocation.py"} <= names
     for name in ("han", "zhu_gupta", "lottery", "int8", "resnet20_cifar10", "hinton", "polino",
-                 "ensemble", "distill_compressed"):
+                 "ensemble", "distill_compressed", "allocation"):
         script = os.path.join(ROOT, "scripts", f"reproduce_{name}.sh")
         assert os.access(script, os.X_OK), script
 
@@ -90,7 +90,8 @@ def _random_params(config):
 EXPECTED_SPARSITY = {"repro_han_lenet300.py": (0.91, 0.925), "repro_han_lenet5.py": (0.91, 0.925),
                      "repro_lottery.py": (0.35, 0.37),
                      "repro_deep_compression_lenet300.py": (0.91, 0.925),
-                     "repro_deep_compression_lenet5.py": (0.91, 0.925)}
+                     "repro_deep_compression_lenet5.py": (0.91, 0.925),
+                     "repro_allocation.py": (0.949, 0.951)}
 PRUNE_STAGES_CHECKED = {"repro_lottery.py": 2}  # default: all
 
 
@@ -439,3 +440,116 @@ def test_rigl_table_checks_the_order_in_every_cell(tmp_path, rigl_acc, holds):
     lines = tables.rigl(str(tmp_path)).splitlines()
     final = next(x for x in lines if x.startswith("- RigL ≥ SET ≥ static"))
     assert ("→ **holds**" in final) is holds and f"in {2 if holds else 0} of 2" in final
+
+
+# ---------------------------------------------------------------------------------------------
+# Sensitivity allocation vs uniform: the experiment's helpers and its table
+# ---------------------------------------------------------------------------------------------
+
+
+def _allocation_module_with_fake_run(monkeypatch):
+    """repro_allocation's module, and `loading.final_weights` returning random LeNet-300-100
+    weights (dense: every weight nonzero) for any workdir."""
+    from types import SimpleNamespace
+
+    from jaxaccel import loading
+
+    path = os.path.join(ROOT, "experiments", "repro_allocation.py")
+    config = config_lib.load_experiment(path)
+    params = _random_params(config)
+    model = models.get_model(config.model.name, 10)
+    monkeypatch.setattr(loading, "final_weights", lambda workdir: SimpleNamespace(
+        model=model, variables={"params": params}, input_shape=(28, 28, 1)))
+    return path, _module(path), params, model
+
+
+def test_allocation_target_overrides_and_global_threshold(monkeypatch):
+    from jaxaccel.compress import sensitivity
+
+    path, al, params, model = _allocation_module_with_fake_run(monkeypatch)
+    # The dense run: stages=() is one train stage of DENSE_STEPS.
+    dense = stages.expand(config_lib.load_experiment(path, ["stages=()"]))
+    assert [(s.kind, s.steps) for s in dense] == [("train", al.DENSE_STEPS)]
+    # The target is the uniform arm's package bytes, as the sensitivity CLI counts them.
+    sizes = sensitivity.layer_sizes(model, {"params": params}, (28, 28, 1))
+    assert list(sizes["layers"]) == list(al.LAYERS)
+    table = {"baseline": {"accuracy": 0.9}, "sparsities": list(al.SENSITIVITY_SPARSITIES),
+             "bits": [al.BITS], "layers": [
+                 {"layer": layer, "prune": {"accuracy": [0.9 - 0.01 * i * k for k, _ in
+                                                         enumerate(al.SENSITIVITY_SPARSITIES)]},
+                  "quant": {"accuracy": [0.9]}} for i, layer in enumerate(al.LAYERS)]}
+    for size in al.SIZES:
+        target = al.target_bytes("dense", size)
+        assert target == sensitivity.predict(table, sizes, size, al.BITS)["bytes"]
+        alloc = sensitivity.allocate(table, sizes, target_bytes=target)
+        assert alloc["bytes"] <= target
+        # The allocation's overrides give the arm's prune stage exactly its sparsities.
+        lines = al.allocation_overrides({"allocation": alloc})
+        arm = config_lib.load_experiment(path, [x.removeprefix("--config.") for x in lines])
+        assert dict(arm.stages[0].prune.per_layer) == alloc["prune_per_layer"]
+        # The global arm: per-layer sparsities whose masks are the global threshold's.
+        per_layer = al.global_per_layer("dense", size)
+        once = prune.magnitude_masks(params, 0.0, per_layer=per_layer)
+        glob = prune.magnitude_masks(params, size, scope="global")
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(once),
+                                                         jax.tree.leaves(glob)))
+    assert al.target_bytes("dense", 0.95) == 49865  # the number in the module doc
+    with pytest.raises(ValueError, match="bits"):
+        al.allocation_overrides({"allocation": {**alloc, "bits_per_layer": {
+            layer: 4 for layer in al.LAYERS}}})
+    with pytest.raises(ValueError, match="no allocation"):
+        al.allocation_overrides({"allocation": None})
+
+
+def _fake_allocation_runs(root, seeds, accuracy):
+    """dense / allocated / uniform / global runs at 95% (accuracy[arm] = (validation, test))."""
+    layers = ("fc1/kernel", "fc2/kernel", "fc3/kernel")
+    record = {"baseline": {"accuracy": 0.95}, "sparsities": [0.9, 0.95], "bits": [8],
+              "layers": [{"layer": layer, "prune": {"accuracy": [0.94, acc95]},
+                          "quant": {"accuracy": [0.95]}}
+                         for layer, acc95 in zip(layers, (0.93, 0.90, 0.50))],
+              "allocation": {"target": {"bytes": 49865}}}
+    per_layer = {"allocated": (0.95, 0.9, 0.0), "uniform": (0.95, 0.95, 0.95),
+                 "global": (0.97, 0.8, 0.47)}
+    for seed in seeds:
+        sub = os.path.join(root, f"dense_seed{seed}")
+        os.makedirs(os.path.join(sub, "sensitivity_0.95"))
+        with open(os.path.join(sub, "sensitivity_0.95", "sensitivity.json"), "w") as f:
+            json.dump(record, f)
+        for name, data in (("config.json", {"seed": seed}), ("results.json", {
+                "validation_accuracy": 0.95, "test_accuracy": 0.94, "stages": []})):
+            with open(os.path.join(sub, name), "w") as f:
+                json.dump(data, f)
+        for arm, (val, test) in accuracy.items():
+            sub = os.path.join(root, f"{arm}_0.95_seed{seed}")
+            os.makedirs(sub)
+            config = {"seed": seed, "stages": [
+                {"prune": {"per_layer": dict(zip(layers, per_layer[arm]))}}]}
+            rows = [_row("prune", 0.5, 0.95, "prune", validation_accuracy=0.5),
+                    _row("finetune", test, 0.95, steps=10, validation_accuracy=val),
+                    _row("w8a8", test, 0.95, "quantize", bits=8,
+                         fake_quant_validation_accuracy=val, fake_quant_test_accuracy=test)]
+            rows[-1]["packed_bytes"] = 49838 if arm == "allocated" else 49865
+            for name, data in (("config.json", config), ("results.json", {"stages": rows})):
+                with open(os.path.join(sub, name), "w") as f:
+                    json.dump(data, f)
+
+
+@pytest.mark.parametrize("allocated,holds", [((0.94, 0.935), True), ((0.94, 0.90), False)])
+def test_allocation_table_pairs_seeds_and_verdict_follows_numbers(tmp_path, allocated, holds):
+    _fake_allocation_runs(str(tmp_path), (0, 1, 2), {
+        "allocated": allocated, "uniform": (0.92, 0.92), "global": (0.945, 0.93)})
+    text = tables.allocation(str(tmp_path))
+    lines = text.splitlines()
+    assert "(49,865 bytes)" in text and "n = 3 seeds (0, 1, 2)" in text
+    row = next(x for x in lines if x.startswith("| allocated | 0 |")).split(" | ")
+    assert row[2:5] == ["95.0 / 90.0 / 0.0", "49,838", "92.00"]  # 95 - 2 (fc1) - 1 (fc2)
+    assert row[5:] == ["50.00", "94.00", f"{100 * allocated[1]:.2f} |"]
+    uniform = next(x for x in lines if x.startswith("| uniform | 0 |")).split(" | ")
+    assert uniform[4] == "43.00"  # 95 - 2 - 5 - 45, additive
+    assert next(x for x in lines if x.startswith("| global | 0 |")).split(" | ")[4] == "—"
+    line = next(x for x in lines if x.startswith("- 95%: allocated − uniform"))
+    assert ("→ **holds**" in line) is holds and "validation +2.00, +2.00, +2.00" in line
+    overall = next(x for x in lines if x.startswith("- the allocation beats uniform"))
+    assert ("→ **holds**" in overall) is holds
+    assert "**" not in next(x for x in lines if x.startswith("- 95%: allocated − global"))
