@@ -40,3 +40,14 @@ def test_run_without_arguments_is_usage_error():
 def test_delete():
     p = dry("delete.sh", "--name", "t1")
     assert p.returncode == 0 and "tpu-vm delete t1" in p.stdout
+
+
+def test_ray_cluster_over_the_hosts_head_on_worker_0():
+    p = dry("ray.sh", "--name", "t1", "--zone", "z1")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.replace("\\", "").splitlines()
+    head = next(line for line in lines if "--worker=0" in line)
+    assert "ray start --head --port=6379" in head and "tpu-vm ssh t1 --zone z1" in head
+    join = next(line for line in lines if "--worker=all" in line)
+    assert "ray start --address=HEAD_IP:6379" in join and "pip install -q -e '.[ray]'" in join
+    assert "--engine ray --address HEAD_IP:6379" in lines[-1]

@@ -28,6 +28,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="simulate N CPU devices (sets parallel.cpu_devices)")
     p.add_argument("--no-report", action="store_true", help="skip results.csv/md and plots")
+    r = p.add_argument_group("engine (where the points run)")
+    r.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local: this machine (in this process, or --workers); ray: each point "
+                        "a Ray task on a cluster (pip install -e '.[ray]')")
+    r.add_argument("--address", default=None,
+                   help="HOST:PORT of a running Ray cluster's head (default: start a local "
+                        "Ray for this sweep and stop it after)")
+    r.add_argument("--trial-cpus", type=float, default=1.0,
+                   help="CPUs each point asks Ray for (one point per slot)")
+    r.add_argument("--trial-gpus", type=float, default=0.0,
+                   help="GPUs each point asks Ray for (Ray sets CUDA_VISIBLE_DEVICES)")
     s = p.add_argument_group("search (an Optuna study over the experiment's get_search())")
     s.add_argument("--search", default=None, choices=("tpe", "random", "grid", "cmaes"),
                    help="sample get_search()'s space with this Optuna sampler instead of "
@@ -67,7 +78,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         if not args.workers:
             parallel.set_cpu_devices(args.cpu_devices)  # before the backend starts
     result = sweep.run(args.config, args.workdir, overrides=overrides, workers=args.workers,
-                 vectorize=args.vectorize, report=not args.no_report)
+                       vectorize=args.vectorize, report=not args.no_report,
+                       engine=args.engine, address=args.address,
+                       trial_cpus=args.trial_cpus, trial_gpus=args.trial_gpus)
     if not args.no_report:  # the table of results.md, so the results are seen at once
         from jaxaccel.sweep import report as report_lib
         print("\n".join(report_lib.results_table(report_lib.collect(args.workdir))) + "\n")
@@ -81,6 +94,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def run_search(args: argparse.Namespace, overrides: list[str]) -> int:
     """An Optuna study (`sweep.search.run`); prints its trials and the best one."""
+    if args.engine != "local":
+        raise ValueError("--search trains its trials in this process; --engine ray is not "
+                         "supported with it yet (run get_sweep() points on Ray)")
     if args.workers or args.vectorize:
         raise ValueError(f"--search trains its trials one after another in this process; "
                          f"{'--workers' if args.workers else '--vectorize'} is not supported "

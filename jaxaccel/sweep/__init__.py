@@ -20,6 +20,7 @@ on demand). The package:
   points      the point-directory protocol: names, files, statuses
   runners     running the points (in process, workers, vectorized) and the report after
   vectorized  K points as one compiled program on `jaxaccel.stacked`
+  ray_engine  the points as Ray tasks on a cluster (`--engine ray`; the `[ray]` extra)
   search      an Optuna study over an experiment's get_search() (`--search`), trial by trial
   report      results.csv / results.md / plots, rebuilt from the point directories
 

@@ -222,6 +222,29 @@ def mark_failed(run: PointRun, message: str, details: str = "") -> None:
     io.write_text(os.path.join(run.workdir, ERROR_FILE), run.error + "\n\n" + details)
 
 
+def log_tail(path: str, lines: int = 40) -> str:
+    """The last `lines` lines of a point's log (LOG_FILE)."""
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def last_error_line(tail: str, returncode: int) -> str:
+    """The one-line error of a failed `jaxaccel train` process, from its log's tail."""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("jaxaccel: error:"):
+            return line[len("jaxaccel: error:"):].strip()
+        if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", line):
+            return line
+    return f"exit status {returncode}" + (f": {lines[-1]}" if lines else "")
+
+
+def mark_failed_from_log(run: PointRun, returncode: int, prefix: str = "") -> None:
+    """Record a point whose process failed: its error line and its log's tail."""
+    tail = log_tail(os.path.join(run.workdir, LOG_FILE))
+    mark_failed(run, prefix + last_error_line(tail, returncode), tail)
+
+
 def write_sweep_file(workdir: str, runs: Sequence[PointRun], *, experiment: str = "",
                      overrides: Sequence[str] = (), mode: str = "") -> None:
     """`workdir/sweep.json`: what the sweep is and every point's status."""

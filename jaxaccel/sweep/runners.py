@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -25,7 +24,8 @@ from typing import Callable, Sequence
 
 from jaxaccel import config as config_lib
 from jaxaccel.sweep.points import (DONE, FAILED, LOG_FILE, PENDING, Point, PointRun,
-                                       cli_overrides, load_sweep, mark_failed, mark_started,
+                                       cli_overrides, load_sweep, mark_failed,
+                                       mark_failed_from_log, mark_started,
                                        plan, read_error, status_of, write_point_file,
                                        write_sweep_file)
 
@@ -108,8 +108,7 @@ def run_workers(experiment: str, runs: Sequence[PointRun], base_overrides: Seque
                 elif proc.returncode == PREEMPTED_EXIT:
                     run.status = PENDING  # it checkpointed; the next run resumes it
                 else:
-                    tail = _log_tail(os.path.join(run.workdir, LOG_FILE))
-                    mark_failed(run, _last_error_line(tail, proc.returncode), tail)
+                    mark_failed_from_log(run, proc.returncode)
                     log.error("sweep point %s failed: %s", run.name, run.error)
                 on_change()
     finally:  # Ctrl-C / errors: stop the workers we started (they checkpoint on SIGTERM)
@@ -128,21 +127,6 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _log_tail(path: str, lines: int = 40) -> str:
-    with open(path, errors="replace") as f:
-        return "".join(f.readlines()[-lines:])
-
-
-def _last_error_line(tail: str, returncode: int) -> str:
-    lines = [line.strip() for line in tail.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith("jaxaccel: error:"):
-            return line[len("jaxaccel: error:"):].strip()
-        if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", line):
-            return line
-    return f"exit status {returncode}" + (f": {lines[-1]}" if lines else "")
-
-
 @dataclasses.dataclass
 class SweepResult:
     """What `run` did: every point with its final status."""
@@ -154,27 +138,46 @@ class SweepResult:
         return [r for r in self.runs if r.status == FAILED]
 
 
+ENGINES = ("local", "ray")
+
+
 def run(experiment: str, workdir: str, *, overrides: Sequence[str] = (), workers: int = 0,
         vectorize: bool | str = False, points: Sequence[Point] | None = None,
-        report: bool = True) -> SweepResult:
+        report: bool = True, engine: str = "local", address: str | None = None,
+        trial_cpus: float = 1.0, trial_gpus: float = 0.0) -> SweepResult:
     """Run (or finish) the sweep of `experiment` in `workdir`.
 
     `overrides` (`key=value` strings) apply to every point. `workers` > 0 runs that many
     `jaxaccel train` processes; `vectorize` (True or a `sweep.vectorized` mode: "auto", "vmap",
-    "loop") trains the pending points as one compiled program. Finished points are
-    skipped; failed and unfinished points run (again).
+    "loop") trains the pending points as one compiled program; `engine="ray"` runs each
+    point as a Ray task on the cluster at `address` (or a local Ray), `trial_cpus` /
+    `trial_gpus` per point (`sweep.ray_engine`). Finished points are skipped; failed and
+    unfinished points run (again).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"--engine {engine!r} is not valid; choose one of: {', '.join(ENGINES)}")
     if workers and vectorize:
         raise ValueError("choose either --workers or --vectorize, not both")
+    if engine == "ray" and (workers or vectorize):
+        raise ValueError(f"--engine ray schedules the points itself (one per --trial-cpus / "
+                         f"--trial-gpus slot); {'--workers' if workers else '--vectorize'} is "
+                         f"not used with it")
+    if address and engine != "ray":
+        raise ValueError(f"--address {address!r} names a Ray cluster: add --engine ray")
+    if engine == "ray":
+        from jaxaccel.sweep import ray_engine
+        ray_engine.check_resources(trial_cpus, trial_gpus)
+        if address:
+            ray_engine.check_address(address)  # before anything is written
     base = config_lib.load_experiment(experiment, list(overrides))
     points = load_sweep(experiment) if points is None else list(points)
     runs = plan(base, points, workdir)
-    if workers:  # each point must survive the trip through the command line
+    if workers or engine == "ray":  # each point must survive the trip through the command line
         for r in runs:
             cli_overrides(r.overrides)
     vmode = ("auto" if vectorize is True else vectorize) if vectorize else None
     mode = (f"vectorize={vmode}" if vmode else f"workers={workers}" if workers
-            else "sequential")
+            else f"ray={address or 'local'}" if engine == "ray" else "sequential")
     save = lambda: write_sweep_file(workdir, runs, experiment=experiment,  # noqa: E731
                                     overrides=overrides, mode=mode)
     skipped = [r.name for r in runs if r.status == DONE]
@@ -191,6 +194,10 @@ def run(experiment: str, workdir: str, *, overrides: Sequence[str] = (), workers
             vectorized.run_points(todo, mode=vmode, on_change=save)
         elif workers and todo:
             run_workers(experiment, todo, overrides, workers, on_change=save)
+        elif engine == "ray" and todo:
+            ray_engine.run_points(todo, lambda r: worker_command(experiment, r, overrides),
+                                  address=address,
+                                  trial_cpus=trial_cpus, trial_gpus=trial_gpus, on_change=save)
         else:
             for r in todo:
                 log.info("sweep: running %s", r.name)
