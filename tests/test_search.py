@@ -157,8 +157,14 @@ def test_search_resumes_after_a_kill_and_counts_trials_in_total(tmp_path):
     ('{"optimizer.lr": [1e-3, 1e-2]}', "", ["--workers", "2"], ["--workers"]),
     ('{"optimizer.lr": [1e-3, 1e-2]}', "c.eval_every = 0", ["--pruner", "asha"],
      ["eval_every"]),
+    ('{"model.width": [0.5, 1.0]}', "", ["--vectorize"], ["--vectorize", "'model.width'"]),
+    ('{"optimizer.lr": [1e-3, 1e-2]}', "", ["--vectorize", "--pruner", "asha"],
+     ["--pruner asha", "--vectorize"]),
+    ('{"optimizer.lr": [1e-3, 1e-2]}', "", ["--vectorize", "--vectorize-trials", "1"],
+     ["--vectorize-trials=1"]),
 ], ids=["unknown-key", "uniform-on-str", "choice-type", "uniform-on-int", "trials", "no-val",
-        "no-get-search", "grid-not-choice", "cmaes-choice", "workers", "pruner-no-eval"])
+        "no-get-search", "grid-not-choice", "cmaes-choice", "workers", "pruner-no-eval",
+        "vectorize-shapes", "vectorize-pruner", "vectorize-k"])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, space, extra, args, words):
     exp = write_experiment(tmp_path, space, extra)
     wd = tmp_path / "wd"
@@ -264,3 +270,23 @@ def test_the_search_experiment_plans():
                     pruner="asha", sampler="tpe")
     assert [k.key for k in p.keys] == ["optimizer.lr", "optimizer.weight_decay", "model.width"]
     assert p.base.dataset.validation_split > 0 and p.study_name == "search_lenet300"
+
+
+def test_vectorized_search_equals_sequential_trials_for_the_same_suggestions(tmp_path):
+    """K suggestions asked at once and trained as one program (`--vectorize loop`, exact on
+    one device) get the objective values the same suggestions get trained one by one."""
+    exp = write_experiment(tmp_path, '{"optimizer.lr": sweep.choice([1e-3, 1e-2]), '
+                                     '"seed": sweep.choice([0, 1])}')
+    values = {}
+    for name, how in (("seq", {}), ("vec", {"vectorize": "loop", "per_program": 2})):
+        result = search.run(exp, str(tmp_path / name), sampler="grid", trials=4, **how)
+        trials = result.record["trials"]
+        assert [t["state"] for t in trials] == ["complete"] * 4
+        values[name] = {json.dumps(t["params"], sort_keys=True): (t["value"], t["test_accuracy"])
+                        for t in trials}
+        if how:
+            assert all(t["vectorized_trials"] == 2 for t in trials), trials
+    assert values["vec"].keys() == values["seq"].keys() and len(values["seq"]) == 4
+    for key, (value, test) in values["seq"].items():
+        assert values["vec"][key] == pytest.approx((value, test), abs=1e-9), key
+

@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--storage", default=None,
                    help="Optuna storage URL (default sqlite:///WORKDIR/study.db)")
     s.add_argument("--study-seed", type=int, default=0, help="the sampler's seed")
+    s.add_argument("--vectorize-trials", type=int, default=4, metavar="K",
+                   help="with --vectorize: ask K suggestions at once and train them as one "
+                        "compiled program (searched keys must keep shapes; no pruner)")
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -69,7 +72,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
                             ("--pruner", None if args.pruner == "none" else args.pruner),
                             ("--objective", None if args.objective == "validation_accuracy"
                              else args.objective),
-                            ("--study-seed", args.study_seed or None)) if v is not None]
+                            ("--study-seed", args.study_seed or None),
+            ("--vectorize-trials", None if args.vectorize_trials == 4 else args.vectorize_trials)
+            ) if v is not None]
     if given:
         raise ValueError(f"{given[0]} belongs to a search: add --search tpe|random|grid|cmaes")
     overrides = list(overrides)
@@ -97,10 +102,9 @@ def run_search(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.engine != "local":
         raise ValueError("--search trains its trials in this process; --engine ray is not "
                          "supported with it yet (run get_sweep() points on Ray)")
-    if args.workers or args.vectorize:
-        raise ValueError(f"--search trains its trials one after another in this process; "
-                         f"{'--workers' if args.workers else '--vectorize'} is not supported "
-                         f"with it yet")
+    if args.workers:
+        raise ValueError("--search trains its trials in this process (one after another, or "
+                         "K at once with --vectorize); --workers is not supported with it")
     if args.trials is None:
         raise ValueError("--search needs --trials N (trials in total)")
     from jaxaccel import parallel
@@ -111,7 +115,8 @@ def run_search(args: argparse.Namespace, overrides: list[str]) -> int:
         parallel.set_cpu_devices(args.cpu_devices)  # before the backend starts
     result = search.run(args.config, args.workdir, sampler=args.search, trials=args.trials,
                         objective=args.objective, pruner=args.pruner, storage=args.storage,
-                        study_seed=args.study_seed, overrides=overrides)
+                        study_seed=args.study_seed, overrides=overrides,
+                        vectorize=args.vectorize, per_program=args.vectorize_trials)
     print("\n".join(search.table(result.record)))
     c = result.record["counts"]
     print(f"search: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed "

@@ -172,6 +172,8 @@ class SearchPlan:
     study_name: str
     study_seed: int
     overrides: list[str]
+    vectorize: str | None = None  # a `sweep.vectorized` mode: K trials as one program
+    per_program: int = 1          # K: trials asked at once and trained as one program
 
     @property
     def direction(self) -> str:
@@ -206,8 +208,11 @@ class SearchPlan:
 def plan(experiment: str, workdir: str, *, sampler: str = "tpe", trials: int,
          objective: str = "validation_accuracy", pruner: str = "none",
          storage: str | None = None, study_seed: int = 0,
-         overrides: Sequence[str] = ()) -> SearchPlan:
-    """Check the search's input (one-line ConfigError/ValueError each; nothing written)."""
+         overrides: Sequence[str] = (), vectorize: str | None = None,
+         per_program: int = 4) -> SearchPlan:
+    """Check the search's input (one-line ConfigError/ValueError each; nothing written).
+    With `vectorize` (a `sweep.vectorized` mode), `per_program` trials are asked at once and
+    trained as one compiled program (searched keys must keep shapes; no pruner)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"--search {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if pruner not in PRUNERS:
@@ -240,11 +245,31 @@ def plan(experiment: str, workdir: str, *, sampler: str = "tpe", trials: int,
         if bad:
             raise config_lib.ConfigError(f"--search cmaes samples numbers only; get_search() key "
                                          f"{bad[0].key!r} is a choice: use tpe, random or grid")
+    if vectorize:
+        from jaxaccel.sweep import vectorized
+        from jaxaccel import stacked
+        stacked.choose_plan(2, 1, vectorize)  # a bad mode fails here
+        if isinstance(per_program, bool) or not isinstance(per_program, int) or per_program < 2:
+            raise ValueError(f"--vectorize-trials={per_program!r} must be an integer >= 2 "
+                             f"(trials trained as one program)")
+        bad = [k.key for k in keys if k.key not in vectorized.VECTORIZABLE]
+        if bad:
+            raise config_lib.ConfigError(
+                f"--vectorize trains trials as one program of one shape; get_search() key "
+                f"{bad[0]!r} may change shapes or the program: only "
+                f"{', '.join(vectorized.VECTORIZABLE)} may be searched with it")
+        if pruner != "none":
+            raise config_lib.ConfigError(f"--pruner {pruner} stops single trials; with "
+                                         f"--vectorize every trial trains to the end (use "
+                                         f"--pruner none)")
+        vectorized.check_vectorizable([base])
     name = os.path.splitext(os.path.basename(experiment))[0]
     return SearchPlan(experiment=experiment, workdir=workdir, base=base, keys=keys,
                       sampler=sampler, pruner=pruner, objective=objective, trials=trials,
                       storage=storage or default_storage(workdir), study_name=name,
-                      study_seed=int(study_seed), overrides=list(overrides))
+                      study_seed=int(study_seed), overrides=list(overrides),
+                      vectorize=vectorize or None,
+                      per_program=int(per_program) if vectorize else 1)
 
 
 def default_storage(workdir: str) -> str:
@@ -462,12 +487,16 @@ class SearchResult:
 def run(experiment: str, workdir: str, *, sampler: str = "tpe", trials: int,
         objective: str = "validation_accuracy", pruner: str = "none",
         storage: str | None = None, study_seed: int = 0, overrides: Sequence[str] = (),
-        train_fn: Callable | None = None) -> SearchResult:
+        train_fn: Callable | None = None, vectorize: str | None = None,
+        per_program: int = 4) -> SearchResult:
     """Run (or resume) the search of `experiment` in `workdir` until `trials` trials count
     (see `counted`; a grid stops at its size). `train_fn` (default `pipeline.train`) trains one
-    trial: `train_fn(config, workdir, on_evaluation=hook)`."""
+    trial: `train_fn(config, workdir, on_evaluation=hook)`. With `vectorize` (a
+    `sweep.vectorized` mode), `per_program` suggestions are asked at once and trained as one
+    compiled program (`_run_vectorized`), each told to the study."""
     p = plan(experiment, workdir, sampler=sampler, trials=trials, objective=objective,
-             pruner=pruner, storage=storage, study_seed=study_seed, overrides=overrides)
+             pruner=pruner, storage=storage, study_seed=study_seed, overrides=overrides,
+             vectorize=vectorize, per_program=per_program)
     check_storage(p)
     if train_fn is None:
         from jaxaccel.pipeline import train as train_fn
@@ -483,13 +512,21 @@ def run(experiment: str, workdir: str, *, sampler: str = "tpe", trials: int,
         now = study.get_trials(deepcopy=False)
         if len(counted(now)) + sum(map(_elsewhere, now)) >= target:
             break
-        trial = study.ask({k.key: k.optuna for k in p.keys})
-        ran.append(trial.number)
+        left = target - len(counted(now)) - sum(map(_elsewhere, now))
+        asked = [study.ask({k.key: k.optuna for k in p.keys})
+                 for _ in range(min(p.per_program, left))]
+        ran.extend(t.number for t in asked)
         try:
-            _run_trial(p, study, trial, train_fn)
+            if p.vectorize:
+                _run_vectorized(p, study, asked)
+            else:
+                _run_trial(p, study, asked[0], train_fn)
         except (Preempted, KeyboardInterrupt):
-            _requeue(study, study.get_trials(deepcopy=False)[trial.number],
-                     study.get_trials(deepcopy=False), trial, "stopped by a signal")
+            for trial in asked:
+                trials_now = study.get_trials(deepcopy=False)
+                if trials_now[trial.number].state == TrialState.RUNNING:
+                    _requeue(study, trials_now[trial.number], trials_now, trial,
+                             "stopped by a signal")
             raise
         finally:
             save()
@@ -543,7 +580,15 @@ def _run_trial(p: SearchPlan, study: optuna.Study, trial: optuna.Trial,
         message = " ".join(f"{type(e).__name__}: {e}".split())
         _fail(study, trial, wd, message, traceback.format_exc())
         return
-    trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
+    _tell_results(p, study, trial, wd, results, time.perf_counter() - t0)
+
+
+def _tell_results(p: SearchPlan, study: optuna.Study, trial: optuna.Trial, wd: str,
+                  results: dict, seconds: float) -> None:
+    """Tell the study a finished trial's objective (from its results.json), recording its
+    steps, time and validation/test metrics as user attrs."""
+    split, metric, _ = OBJECTIVES[p.objective]
+    trial.set_user_attr("seconds", round(seconds, 2))
     trial.set_user_attr("steps", int(results.get("steps", 0)))
     for k, v in results.items():
         if k.startswith(("validation_", "test_")) and isinstance(v, (int, float, type(None))):
@@ -554,6 +599,35 @@ def _run_trial(p: SearchPlan, study: optuna.Study, trial: optuna.Trial,
         return
     study.tell(trial, float(value))
     log.info("search: trial %d %s=%.4g", trial.number, p.objective, value)
+
+
+def _run_vectorized(p: SearchPlan, study: optuna.Study, trials: Sequence[optuna.Trial]) -> None:
+    """Train `trials` (asked together) as one compiled program (`sweep.vectorized`), each in
+    its own trial workdir, then tell the study each one's objective (or failure)."""
+    from jaxaccel.sweep import vectorized
+    from jaxaccel.sweep.points import DONE, RESULTS_FILE, PointRun, read_error, status_of
+    runs = []
+    for trial in trials:
+        wd = trial_workdir(p, trial)
+        trial.set_user_attr("workdir", os.path.basename(wd))
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        trial.set_user_attr("vectorized_trials", len(trials))
+        params = {k.key: k.value(trial.params[k.key]) for k in p.keys}
+        config = point_config(p.base, params)
+        trial.set_user_attr("full_steps", full_steps(config))
+        runs.append(PointRun(overrides=params, name=os.path.basename(wd), config=config,
+                             workdir=wd))
+    log.info("search: trials %s as one program (%s)", ", ".join(str(t.number) for t in trials),
+             p.vectorize)
+    t0 = time.perf_counter()
+    vectorized.run_points(runs, mode=p.vectorize)
+    seconds = time.perf_counter() - t0
+    for trial, run in zip(trials, runs):
+        if status_of(run.workdir, run.config) == DONE:
+            _tell_results(p, study, trial, run.workdir,
+                          io.read_json(os.path.join(run.workdir, RESULTS_FILE)), seconds)
+        else:
+            _fail(study, trial, run.workdir, run.error or read_error(run.workdir) or "failed")
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, wd: str, message: str,
@@ -595,7 +669,9 @@ def record(p: SearchPlan, study: optuna.Study, *, importances: bool = False) -> 
                      "pruned_at": a.get("pruned_at"), "seconds": a.get("seconds"),
                      "workdir": os.path.join(TRIALS_DIR, a["workdir"]) if "workdir" in a else None,
                      **({"error": a["error"]} if "error" in a else {}),
-                     **({"resumes": a["resumes"]} if "resumes" in a else {})})
+                     **({"resumes": a["resumes"]} if "resumes" in a else {}),
+                     **({"vectorized_trials": a["vectorized_trials"]}  # trained K at once
+                        if "vectorized_trials" in a else {})})
     counts = {s: sum(r["state"] == s for r in rows)
               for s in ("complete", "pruned", "failed", "interrupted", "running", "waiting")}
     # Compute: each workdir's steps once (an interrupted trial's go on in the trial resuming it).
