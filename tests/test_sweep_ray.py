@@ -97,6 +97,29 @@ def _worker_of(point_dir):
     return json.load(open(path))["worker"] if os.path.isfile(path) else None
 
 
+def test_a_search_runs_its_trials_as_ray_tasks_on_both_nodes(cluster, tmp_path, capsys):
+    """Trials asked by the sweep, trained (reporting and telling the study) in Ray tasks: as
+    many at once as the cluster has slots (one per node here)."""
+    address = cluster[0]
+    experiment = tmp_path / "search.py"
+    experiment.write_text(EXPERIMENT.replace("c.parallel.num_devices", "c.dataset."
+                                             "validation_split = 0.2\n    c.parallel.num_devices")
+                          + "\ndef get_search():\n"
+                            "    return {'optimizer.lr': sweep.loguniform(1e-4, 1e-2)}\n")
+    workdir = tmp_path / "search"
+    code = cli.main(["sweep", "--config", str(experiment), "--workdir", str(workdir), "--search",
+                     "random", "--trials", "2", "--engine", "ray", "--address", address])
+    assert code == 0, capsys.readouterr()
+    body = json.load(open(workdir / "search.json"))
+    assert [t["state"] for t in body["trials"]] == ["complete"] * 2
+    nodes = {json.load(open(workdir / t["workdir"] / "results.json"))["worker"]["ray_node_id"]
+             for t in body["trials"]}
+    assert len(nodes) == 2 and None not in nodes
+    for t in body["trials"]:  # the value is the trial's own validation accuracy
+        results = json.load(open(workdir / t["workdir"] / "results.json"))
+        assert t["value"] == results["validation_accuracy"]
+
+
 def test_points_run_on_both_nodes_and_survive_a_dead_node(cluster, tmp_path):
     address, _, worker_dir = cluster
     experiment = tmp_path / "exp.py"

@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--storage", default=None,
                    help="Optuna storage URL (default sqlite:///WORKDIR/study.db)")
     s.add_argument("--study-seed", type=int, default=0, help="the sampler's seed")
+    s.add_argument("--run-trial", type=int, default=None, metavar="N",
+                   help="train only trial N, already asked by a search on Ray (what its Ray "
+                        "tasks run)")
     s.add_argument("--vectorize-trials", type=int, default=4, metavar="K",
                    help="with --vectorize: ask K suggestions at once and train them as one "
                         "compiled program (searched keys must keep shapes; no pruner)")
@@ -99,9 +102,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def run_search(args: argparse.Namespace, overrides: list[str]) -> int:
     """An Optuna study (`sweep.search.run`); prints its trials and the best one."""
-    if args.engine != "local":
-        raise ValueError("--search trains its trials in this process; --engine ray is not "
-                         "supported with it yet (run get_sweep() points on Ray)")
     if args.workers:
         raise ValueError("--search trains its trials in this process (one after another, or "
                          "K at once with --vectorize); --workers is not supported with it")
@@ -113,10 +113,18 @@ def run_search(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.cpu_devices is not None:
         overrides.append(f"parallel.cpu_devices={args.cpu_devices}")
         parallel.set_cpu_devices(args.cpu_devices)  # before the backend starts
+    if args.run_trial is not None:  # one trial, in a sweep's Ray task
+        search.run_one_trial(args.config, args.workdir, args.run_trial, sampler=args.search,
+                             trials=args.trials, objective=args.objective, pruner=args.pruner,
+                             storage=args.storage, study_seed=args.study_seed,
+                             overrides=overrides)
+        return 0
     result = search.run(args.config, args.workdir, sampler=args.search, trials=args.trials,
                         objective=args.objective, pruner=args.pruner, storage=args.storage,
                         study_seed=args.study_seed, overrides=overrides,
-                        vectorize=args.vectorize, per_program=args.vectorize_trials)
+                        vectorize=args.vectorize, per_program=args.vectorize_trials,
+                        engine=args.engine, address=args.address, trial_cpus=args.trial_cpus,
+                        trial_gpus=args.trial_gpus)
     print("\n".join(search.table(result.record)))
     c = result.record["counts"]
     print(f"search: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed "

@@ -95,6 +95,22 @@ def connected(address: str | None):
         ray.shutdown()
 
 
+def task_for(ray: Any, trial_cpus: float, trial_gpus: float, max_retries: int = 3) -> Any:
+    """The Ray remote function running one command (`run_command`) with these resources;
+    retried on another node when its node dies, never for the command's own failure."""
+    return ray.remote(run_command).options(num_cpus=trial_cpus, num_gpus=trial_gpus,
+                                           max_retries=max_retries, retry_exceptions=False)
+
+
+def slots(ray: Any, trial_cpus: float, trial_gpus: float) -> int:
+    """How many tasks of these resources the connected cluster runs at once (at least 1)."""
+    total = ray.cluster_resources()
+    n = int(total.get("CPU", 0) // trial_cpus)
+    if trial_gpus > 0:
+        n = min(n, int(total.get("GPU", 0) // trial_gpus))
+    return max(n, 1)
+
+
 def run_points(runs: Sequence[PointRun], command_of: Callable[[PointRun], list[str]], *,
                address: str | None = None, trial_cpus: float = 1.0, trial_gpus: float = 0.0,
                max_retries: int = 3, on_change: Callable[[], None] = lambda: None,
@@ -104,8 +120,7 @@ def run_points(runs: Sequence[PointRun], command_of: Callable[[PointRun], list[s
     (`on_change` after each)."""
     check_resources(trial_cpus, trial_gpus)
     with connected(address) as ray:
-        task = ray.remote(run_command).options(num_cpus=trial_cpus, num_gpus=trial_gpus,
-                                               max_retries=max_retries, retry_exceptions=False)
+        task = task_for(ray, trial_cpus, trial_gpus, max_retries)
         pending: dict[Any, tuple[PointRun, float]] = {}
         for run in runs:
             mark_started(run, engine="ray", address=address or "local")

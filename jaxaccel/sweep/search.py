@@ -45,7 +45,8 @@ from jaxaccel import config as config_lib
 from jaxaccel import io
 from jaxaccel import stages as stages_lib
 from jaxaccel.preemption import Preempted
-from jaxaccel.sweep.points import ERROR_FILE, cli_overrides, format_value, point_config
+from jaxaccel.sweep.points import (ERROR_FILE, LOG_FILE, cli_overrides, format_value,
+                                   point_config)
 from jaxaccel.sweep.space import Distribution, choice
 
 log = logging.getLogger("jaxaccel")
@@ -488,15 +489,30 @@ def run(experiment: str, workdir: str, *, sampler: str = "tpe", trials: int,
         objective: str = "validation_accuracy", pruner: str = "none",
         storage: str | None = None, study_seed: int = 0, overrides: Sequence[str] = (),
         train_fn: Callable | None = None, vectorize: str | None = None,
-        per_program: int = 4) -> SearchResult:
+        per_program: int = 4, engine: str = "local", address: str | None = None,
+        trial_cpus: float = 1.0, trial_gpus: float = 0.0) -> SearchResult:
     """Run (or resume) the search of `experiment` in `workdir` until `trials` trials count
     (see `counted`; a grid stops at its size). `train_fn` (default `pipeline.train`) trains one
     trial: `train_fn(config, workdir, on_evaluation=hook)`. With `vectorize` (a
     `sweep.vectorized` mode), `per_program` suggestions are asked at once and trained as one
-    compiled program (`_run_vectorized`), each told to the study."""
+    compiled program (`_run_vectorized`), each told to the study. With `engine="ray"`, each
+    trial is a Ray task on the cluster at `address` (or a local Ray), as many at once as the
+    cluster has slots of `trial_cpus` / `trial_gpus` (`_run_on_ray`)."""
     p = plan(experiment, workdir, sampler=sampler, trials=trials, objective=objective,
              pruner=pruner, storage=storage, study_seed=study_seed, overrides=overrides,
              vectorize=vectorize, per_program=per_program)
+    if engine not in ("local", "ray"):
+        raise ValueError(f"--engine {engine!r} is not valid; choose one of: local, ray")
+    if engine == "ray":
+        from jaxaccel.sweep import ray_engine
+        if vectorize:
+            raise ValueError("--engine ray runs one trial per Ray task; --vectorize is not "
+                             "used with it")
+        ray_engine.check_resources(trial_cpus, trial_gpus)
+        if address:
+            ray_engine.check_address(address)
+    elif address:
+        raise ValueError(f"--address {address!r} names a Ray cluster: add --engine ray")
     check_storage(p)
     if train_fn is None:
         from jaxaccel.pipeline import train as train_fn
@@ -508,6 +524,13 @@ def run(experiment: str, workdir: str, *, sampler: str = "tpe", trials: int,
     ran: list[int] = []
     save = lambda: write_record(p, study)  # noqa: E731
     save()
+    if engine == "ray":
+        try:
+            _run_on_ray(p, study, target, ran, address=address, trial_cpus=trial_cpus,
+                        trial_gpus=trial_gpus, on_change=save)
+        finally:
+            save()
+        return SearchResult(write_record(p, study, importances=True), ran)
     while True:
         now = study.get_trials(deepcopy=False)
         if len(counted(now)) + sum(map(_elsewhere, now)) >= target:
@@ -534,13 +557,16 @@ def run(experiment: str, workdir: str, *, sampler: str = "tpe", trials: int,
 
 
 def _run_trial(p: SearchPlan, study: optuna.Study, trial: optuna.Trial,
-               train_fn: Callable) -> None:
-    """Train one trial and tell the study how it ended (complete, pruned, failed)."""
-    from jaxaccel import pipeline
+               train_fn: Callable, worker_attr: str = "worker") -> None:
+    """Train one trial and tell the study how it ended (complete, pruned, failed).
+    `worker_attr`: the user attr naming this process (the sweep's own `worker`, which stale
+    detection reads, unless a Ray task of the sweep runs the trial: `ray_worker`)."""
+    from jaxaccel import parallel, pipeline
     from jaxaccel.loop import StoppedEarly
     wd = trial_workdir(p, trial)
     trial.set_user_attr("workdir", os.path.basename(wd))
-    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+    trial.set_user_attr(worker_attr, parallel.worker_record() if worker_attr != "worker"
+                        else {"host": socket.gethostname(), "pid": os.getpid()})
     params = {k.key: k.value(trial.params[k.key]) for k in p.keys}
     split, metric, _ = OBJECTIVES[p.objective]
     last: dict[str, dict] = {}
@@ -581,6 +607,92 @@ def _run_trial(p: SearchPlan, study: optuna.Study, trial: optuna.Trial,
         _fail(study, trial, wd, message, traceback.format_exc())
         return
     _tell_results(p, study, trial, wd, results, time.perf_counter() - t0)
+
+
+def trial_command(p: SearchPlan, number: int) -> list[str]:
+    """The command that trains trial `number` of this search in its own process (a Ray
+    task's): `jaxaccel sweep ... --run-trial N` (`run_one_trial`)."""
+    import sys
+    return [sys.executable, "-m", "jaxaccel", "sweep", "--config", os.path.abspath(p.experiment),
+            "--workdir", os.path.abspath(p.workdir), "--search", p.sampler,
+            "--trials", str(p.trials), "--objective", p.objective, "--pruner", p.pruner,
+            "--storage", p.storage, "--study-seed", str(p.study_seed),
+            "--run-trial", str(number), *[f"--config.{o}" for o in p.overrides]]
+
+
+def run_one_trial(experiment: str, workdir: str, number: int, *, sampler: str = "tpe",
+                  trials: int, objective: str = "validation_accuracy", pruner: str = "none",
+                  storage: str | None = None, study_seed: int = 0,
+                  overrides: Sequence[str] = ()) -> None:
+    """Train trial `number` (asked by a sweep on Ray, still running) here: it reports to the
+    study, may be pruned, and tells the study how it ended. A trial already finished (a
+    retried task whose first attempt got that far) is left as it is."""
+    from jaxaccel.pipeline import train
+    p = plan(experiment, workdir, sampler=sampler, trials=trials, objective=objective,
+             pruner=pruner, storage=storage, study_seed=study_seed, overrides=overrides)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=p.study_name, storage=_open_storage(p.storage),
+                              pruner=make_pruner(p))
+    frozen = study.get_trials(deepcopy=False)
+    if not 0 <= number < len(frozen):
+        raise ValueError(f"--run-trial {number}: study {p.study_name!r} has trials "
+                         f"0..{len(frozen) - 1}")
+    if frozen[number].state != TrialState.RUNNING:
+        log.info("search: trial %d is %s already", number, frozen[number].state.name.lower())
+        return
+    _run_trial(p, study, optuna.trial.Trial(study, frozen[number]._trial_id), train,
+               worker_attr="ray_worker")
+
+
+def _run_on_ray(p: SearchPlan, study: optuna.Study, target: int, ran: list[int], *,
+                address: str | None, trial_cpus: float, trial_gpus: float,
+                on_change: Callable[[], None]) -> None:
+    """Ask trials and train each as a Ray task (`trial_command`), as many at once as the
+    cluster has slots; the task's process reports, prunes and tells the study itself. A task
+    whose node dies is retried elsewhere and resumes its trial from its checkpoint; one that
+    fails without telling the study marks its trial failed with its log's last error."""
+    from jaxaccel.sweep import ray_engine
+    from jaxaccel.sweep.points import last_error_line, log_tail
+    driver = {"host": socket.gethostname(), "pid": os.getpid()}  # stale detection reads this
+    with ray_engine.connected(address) as ray:
+        task = ray_engine.task_for(ray, trial_cpus, trial_gpus)
+        capacity = ray_engine.slots(ray, trial_cpus, trial_gpus)
+        inflight: dict[Any, optuna.Trial] = {}
+        while True:
+            now = study.get_trials(deepcopy=False)
+            have = len(counted(now)) + sum(map(_elsewhere, now)) + len(inflight)
+            while have < target and len(inflight) < capacity:
+                trial = study.ask({k.key: k.optuna for k in p.keys})
+                wd = trial_workdir(p, trial)
+                trial.set_user_attr("workdir", os.path.basename(wd))
+                trial.set_user_attr("worker", driver)
+                os.makedirs(wd, exist_ok=True)
+                open(os.path.join(wd, LOG_FILE), "w").close()
+                inflight[task.remote(trial_command(p, trial.number),
+                                     os.path.join(wd, LOG_FILE))] = trial
+                ran.append(trial.number)
+                have += 1
+                log.info("search: trial %d submitted to Ray", trial.number)
+            if not inflight:
+                return
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                trial = inflight.pop(ref)
+                wd = trial_workdir(p, trial)
+                code = None
+                try:
+                    code = ray.get(ref)["returncode"]
+                    message = last_error_line(log_tail(os.path.join(wd, LOG_FILE)), code)
+                except Exception as e:  # noqa: BLE001 - retries used up
+                    message = f"Ray task failed: {type(e).__name__}: {e}"
+                trials = study.get_trials(deepcopy=False)
+                if trials[trial.number].state != TrialState.RUNNING:
+                    pass  # the task's process told the study
+                elif code == ray_engine.PREEMPTED_EXIT:  # it checkpointed: train it again
+                    _requeue(study, trials[trial.number], trials, trial, "preempted on Ray")
+                else:
+                    _fail(study, trial, wd, message, log_tail(os.path.join(wd, LOG_FILE)))
+                on_change()
 
 
 def _tell_results(p: SearchPlan, study: optuna.Study, trial: optuna.Trial, wd: str,
