@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxaccel import checkpoint as ckpt_lib
 from jaxaccel import config as config_lib
-from jaxaccel import data, io, loading, metrics, parallel, stacked
+from jaxaccel import autotune, data, io, loading, metrics, models, parallel, stacked
 from jaxaccel import stages as stages_lib
 from jaxaccel.compress import distill as distill_lib
 from jaxaccel.compress import saliency
@@ -43,8 +43,8 @@ from jaxaccel.state import (Distillation, Setup, TrainState, build, checkpoint_t
                             make_eval_step, make_schedule, make_train_step)
 from jaxaccel.state import HYPERPARAMETERS, cross_entropy, make_optimizer
 from jaxaccel import workdir as workdir_files
-from jaxaccel.workdir import (CALIBRATION_FILE, CONFIG_FILE, DATASET_FILE, ENSEMBLE_FILE,
-                              MEMBERS_DIR, RESULTS_FILE)
+from jaxaccel.workdir import (CALIBRATION_FILE, CONFIG_FILE, CONV_IMPL_FILE, DATASET_FILE,
+                              ENSEMBLE_FILE, MEMBERS_DIR, RESULTS_FILE)
 
 log = logging.getLogger("jaxaccel")
 
@@ -707,8 +707,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     pid, pcount = jax.process_index(), jax.process_count()
     is_main = pid == 0
 
-    setups = {i: build(config, s) for i, s in enumerate(stages) if s.kind == "train"}
-    first = setups[min(setups)] if setups else build(config, stages[0])
+    conv = conv_impl_choice(config, workdir, pcount)  # what conv_impl "auto" means here
+    built = config
+    if conv.impl != config.model.conv_impl:
+        built = copy.deepcopy(config)
+        built.model.conv_impl = conv.impl
+    setups = {i: build(built, s) for i, s in enumerate(stages) if s.kind == "train"}
+    first = setups[min(setups)] if setups else build(built, stages[0])
     splits = data.splits_for(config.dataset)
     batches = data.TrainBatches(splits.train, first.spec, global_batch_size=config.batch_size,
                                 seed=config.seed, crop_padding=config.dataset.crop_padding,
@@ -729,6 +734,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     prepare_workdir(config, workdir, overwrite=overwrite, is_main=is_main)
     if is_main:
         io.write_json(os.path.join(workdir, DATASET_FILE), dataset_record(first.spec, splits))
+        io.write_json(os.path.join(workdir, CONV_IMPL_FILE), conv.record())
 
     with contextlib.ExitStack() as stack:  # closes writers, restores signal handlers
         checkpointer = stack.enter_context(  # pending saves finish even if the run fails
@@ -770,10 +776,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
                              num_processes=pcount,
                              num_params=int(sum(np.size(x)
                                                 for x in jax.tree.leaves(carry["params"]))),
-                             worker=parallel.worker_record())
+                             worker=parallel.worker_record(), conv_impl=conv.record())
     if is_main:
         io.write_json(os.path.join(workdir, RESULTS_FILE), results)
     return results
+
+
+def conv_impl_choice(config: ml_collections.ConfigDict, workdir: str,
+                     num_processes: int = 1) -> autotune.Choice:
+    """What the run's `model.conv_impl` means (`autotune.choose`): a resumed run keeps the
+    choice it started with (WORKDIR/conv_impl.json), so it never computes differently from
+    an uninterrupted one; a multi-process run is not tuned (every process must agree)."""
+    path = os.path.join(workdir, CONV_IMPL_FILE)
+    if config.model.conv_impl == "auto" and os.path.isfile(path) and trained_steps(workdir):
+        saved = io.read_json(path, lenient=True) or {}
+        if saved.get("impl") in autotune.CANDIDATES:
+            return autotune.Choice(saved["impl"], "chosen when this run started: "
+                                   + str(saved.get("reason", "")), saved.get("key", ""),
+                                   saved.get("timings_ms"))
+    if num_processes > 1 and config.model.conv_impl == "auto":
+        static = getattr(models.MODELS.get(config.model.name), "AUTO_CPU_CONV_IMPL", "cpu")
+        return autotune.Choice(models.resolve_conv_impl("auto", static),
+                               "the model's default (a multi-process run is not tuned)")
+    return autotune.choose(config, mode="train")
 
 
 def _resume_or_init(ctx: Context) -> tuple[int, int, dict | None]:

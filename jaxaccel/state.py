@@ -10,7 +10,7 @@ or the CLI.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import jax
@@ -310,6 +310,29 @@ def check_structure(expected: Any, got: Any) -> None:
     """Fail early (not deep inside jit) if a carried state does not fit the stage."""
     if jax.tree.structure(expected) != jax.tree.structure(got):
         raise ValueError("state structure does not match the stage's optimizer/model")
+
+
+def with_input_shape(setup: Setup, input_shape: Sequence[int]) -> Setup:
+    """`setup` for images of `input_shape` (H, W, C) instead of its dataset's (benchmarks and
+    autotuning time models on synthetic inputs of any shape); unchanged when they agree."""
+    shape = tuple(int(v) for v in input_shape)
+    if tuple(setup.spec.image_shape) == shape:
+        return setup
+    channels = shape[-1]
+    spec = data.DatasetSpec(name="synthetic", num_classes=setup.spec.num_classes,
+                            image_shape=shape, mean=(0.5,) * channels, std=(0.25,) * channels,
+                            kind="builtin")
+    full_shape = (1,) + shape
+
+    def init_state(rng: jax.Array) -> TrainState:
+        init_rng, state_rng = jax.random.split(rng)
+        variables = setup.model.init(init_rng, jnp.zeros(full_shape, jnp.float32), train=False)
+        params = variables["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables.get("batch_stats", {}),
+                          opt_state=setup.tx.init(params), rng=state_rng)
+
+    return dataclasses.replace(setup, spec=spec, input_shape=full_shape, init_state=init_state)
 
 
 def checkpoint_target(config: ml_collections.ConfigDict, stage_index: int) -> tuple[Setup, dict]:

@@ -9,6 +9,7 @@ DATASET_FILE = "dataset.json"          # image shape, normalisation, class names
 RESULTS_FILE = "results.json"          # what a finished run reports (loop.results_record)
 METRICS_FILE = "metrics.jsonl"         # one strict-JSON row per line (metrics.MetricWriter)
 CALIBRATION_FILE = "calibration.json"  # a quantize stage's activation ranges (quant.save_calibration)
+CONV_IMPL_FILE = "conv_impl.json"      # what conv_impl "auto" meant for the run (autotune.Choice)
 ENSEMBLE_FILE = "ensemble.json"        # an ensemble run's combination (members, weights)
 CHECKPOINTS_DIR = "checkpoints"        # orbax checkpoints (checkpoint.Checkpointer)
 EVENTS_DIR = "events"                  # TensorBoard event files

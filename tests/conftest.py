@@ -1,4 +1,4 @@
-"""Test set-up: 8 simulated CPU devices, a private offline data dir, and cheap compiles.
+"""Test set-up: 8 simulated CPU devices, a private offline data dir, cheap compiles, no autotuning.
 
 All of it must happen before JAX's backend starts, so it lives at import time here (pytest
 imports this file in the controller before it starts xdist workers, so the workers and every
@@ -27,6 +27,12 @@ os.environ.setdefault("JAXACCEL_COMPILATION_CACHE",
                       tempfile.mkdtemp(prefix="jaxaccel-xla-cache-"))
 # The int8 CPU kernel is compiled once per test run (not taken from the user's cache).
 os.environ.setdefault("JAXACCEL_KERNEL_CACHE", tempfile.mkdtemp(prefix="jaxaccel-kernels-"))
+# conv_impl "auto" is the models' built-in default in tests: timing every candidate on first use
+# would cost each test process seconds and make runs compared with each other depend on which
+# implementation won on a loaded machine. tests/test_autotune.py turns it on with its own cache.
+os.environ.setdefault("JAXACCEL_AUTOTUNE", "off")
+os.environ.setdefault("JAXACCEL_AUTOTUNE_CACHE", os.path.join(
+    tempfile.mkdtemp(prefix="jaxaccel-autotune-"), "autotune.json"))
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()

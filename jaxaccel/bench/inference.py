@@ -77,13 +77,19 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
     input_shape = workload.parse_input_shape(input_shape)
     workload.check_model(model)
     sparsities = workload.parse_fractions(sparsities, "sparsities")
-    net = models.get_model(model, workload.NUM_CLASSES, conv_impl=conv_impl)
+    from jaxaccel import autotune
+
+    workload.check_conv_impl(conv_impl)
+    choice = autotune.choose(workload.bench_config(model, batch_size, input_shape,
+                                                   conv_impl=conv_impl),
+                             mode="infer", batch=batch_size, image_shape=input_shape)
+    net = models.get_model(model, workload.NUM_CLASSES, conv_impl=choice.impl)
     variables = models.init_variables(net, jax.random.PRNGKey(seed), input_shape)
     x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch_size, *input_shape), jnp.float32)
     calib = x[: min(batch_size, 64)]
     order = prune.execution_order(net, variables, calib, train=False)
     skip = resolve_skip(int8_skip, order)
-    notes: list[str] = []
+    notes: list[str] = [f"conv_impl {conv_impl!r} -> {choice.impl!r}: {choice.reason}"]
 
     def forward(m: Any) -> Any:
         return jax.jit(lambda v, x: m.apply(v, x, train=False))
@@ -143,7 +149,7 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
     by_name = {r["variant"]: r for r in results}
     out: dict[str, Any] = {
         "bench": "infer", "model": model, "batch_size": batch_size, "input_shape": list(input_shape),
-        "conv_impl": conv_impl, "int8_float_layers": list(skip), "int8_conv_lowering": int8_lowering,
+        "conv_impl": conv_impl, "conv_impl_choice": choice.record(), "int8_float_layers": list(skip), "int8_conv_lowering": int8_lowering,
         "sparsities": list(sparsities),
         "warmup": warmup, "repeats": repeats, "results": results,
         "float32_ms_median": base,

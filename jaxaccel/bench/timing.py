@@ -140,20 +140,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-                "avx512_bf16", "amx_int8", "amx_bf16")
-
-
-def vector_features() -> str:
-    """The CPU's SIMD features that decide kernel speed (from /proc/cpuinfo; "" elsewhere),
-    e.g. "avx2 fma" or "avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16"."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f
-                          if line.startswith("flags")), [])
-    except OSError:
-        return ""
-    return " ".join(v for v in VECTOR_FLAGS if v in flags)
+from jaxaccel.kernels.build import VECTOR_FLAGS, vector_features  # noqa: E402,F401 - defined once
 
 
 def load_average() -> list[float] | None:

@@ -139,11 +139,16 @@ def bench_train(model: str = "cnn3", batch_size: int = 128,
     workload.check_model(model)
     workload.check_conv_impl(conv_impl)
     workload.check_conv_impl(baseline_conv_impl)
-    impl = workload.resolved_conv_impl(conv_impl, model)
-    base_impl = workload.resolved_conv_impl(baseline_conv_impl, model)
-    notes: list[str] = []
+    from jaxaccel import autotune
 
-    main = make_step_bench(model, batch_size, input_shape, conv_impl=conv_impl, strategy=strategy,
+    choice = autotune.choose(workload.bench_config(model, batch_size, input_shape,
+                                                   conv_impl=conv_impl, strategy=strategy),
+                             mode="train", batch=batch_size, image_shape=input_shape)
+    impl = choice.impl
+    base_impl = workload.resolved_conv_impl(baseline_conv_impl, model)
+    notes: list[str] = [f"conv_impl {conv_impl!r} -> {impl!r}: {choice.reason}"]
+
+    main = make_step_bench(model, batch_size, input_shape, conv_impl=impl, strategy=strategy,
                            num_devices=num_devices)
     first_step_s = main.first_step()
     first_loss = main.loss()
@@ -182,7 +187,7 @@ def bench_train(model: str = "cnn3", batch_size: int = 128,
     out: dict[str, Any] = {
         "bench": "train", "model": model, "batch_size": batch_size, "input_shape": list(input_shape),
         "strategy": strategy, "devices": num_devices, "conv_impl": conv_impl,
-        "conv_impl_resolved": impl, "warmup": warmup,
+        "conv_impl_resolved": impl, "conv_impl_choice": choice.record(), "warmup": warmup,
         **step.as_dict("step"),
         "train_images_per_sec": batch_size / step_s,
         "first_step_s": first_step_s,

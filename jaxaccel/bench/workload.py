@@ -12,7 +12,6 @@ sweeps or the CLI.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
@@ -116,30 +115,9 @@ def bench_config(model: str = "cnn3", batch_size: int = 128,
 
 def bench_setup(config: Any, input_shape: Sequence[int]) -> Any:
     """`jaxaccel.state.build(config)`, adapted to `input_shape` if its dataset has another."""
-    import jax
-    import jax.numpy as jnp
+    from jaxaccel.state import build, with_input_shape
 
-    from jaxaccel import data
-    from jaxaccel.state import TrainState, build
-
-    setup = build(config)
-    shape = tuple(int(v) for v in input_shape)
-    if tuple(setup.spec.image_shape) == shape:
-        return setup
-    channels = shape[-1]
-    spec = data.DatasetSpec(name="synthetic", num_classes=setup.spec.num_classes, image_shape=shape,
-                            mean=(0.5,) * channels, std=(0.25,) * channels, kind="builtin")
-    full_shape = (1,) + shape
-
-    def init_state(rng: jax.Array) -> Any:
-        init_rng, state_rng = jax.random.split(rng)
-        variables = setup.model.init(init_rng, jnp.zeros(full_shape, jnp.float32), train=False)
-        params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                batch_stats=variables.get("batch_stats", {}),
-                                opt_state=setup.tx.init(params), rng=state_rng)
-
-    return dataclasses.replace(setup, spec=spec, input_shape=full_shape, init_state=init_state)
+    return with_input_shape(build(config), input_shape)
 
 
 def synthetic_batch(batch_size: int, input_shape: Sequence[int], *, num_classes: int = NUM_CLASSES,
