@@ -1,4 +1,5 @@
-"""`conv_impl="auto"` measured, not assumed (cuDNN's benchmark mode, for jaxaccel's convs).
+"""`conv_impl="auto"` (and the int8 conv lowering "auto") measured, not assumed (cuDNN's
+benchmark mode, for jaxaccel's convs).
 
 On first use for a key — model (name, width, kwargs), image shape, batch, dtype, train or
 infer, backend and the CPU's vector features — every conv implementation that can run here
@@ -131,18 +132,59 @@ def choose(config: ml_collections.ConfigDict, *, mode: str = "train",
         return Choice(default, "no convs to tune")
     batch = int(batch or (config.batch_size if mode == "train" else config.eval_batch_size))
     key = tune_key(config.model, image_shape, batch, mode)
+    return cached_or_measured(
+        key, CANDIDATES, lambda: measure(config, spec.num_classes, image_shape, batch, mode),
+        f"conv_impl for {config.model.name} {mode} batch {batch}")
+
+
+def cached_or_measured(key: str, valid: tuple[str, ...], measure_fn: Any, what: str) -> Choice:
+    """The cached choice for `key`, or `measure_fn()`'s fastest (ms per candidate), cached."""
     cached = read_cache().get(key)
-    if isinstance(cached, dict) and cached.get("choice") in CANDIDATES:
+    if isinstance(cached, dict) and cached.get("choice") in valid:
         return Choice(cached["choice"], f"measured on {cached.get('measured', '?')} (cached in "
                       f"{cache_path()})", key, cached.get("timings_ms"))
-    timings = measure(config, spec.num_classes, image_shape, batch, mode)
+    timings = measure_fn()
     best = min(timings, key=timings.get)
     _write_cache(key, {"choice": best, "timings_ms": timings,
                        "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
     shown = ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(timings.items(), key=lambda kv: kv[1]))
-    log.info("autotune: conv_impl %s for %s %s batch %d (%s)", best, config.model.name, mode,
-             batch, shown)
+    log.info("autotune: %s: %s (%s)", what, best, shown)
     return Choice(best, f"measured now: {shown}", key, timings)
+
+
+def choose_int8_lowering(model: Any, int8_model: Any, images: jax.Array, *,
+                         model_key: dict[str, Any]) -> Choice:
+    """Which int8 conv lowering (`compress.int8.CONV_LOWERINGS`) "auto" means for this int8
+    model at `images`' shape: measured on first use and cached like `choose` (every lowering
+    computes the same integers; only speed differs). `model_key` names the model (name,
+    width, ...) in the cache key."""
+    from jaxaccel.compress import int8
+    default = int8.resolve_conv_lowering("auto")
+    if jax.default_backend() != "cpu":
+        return Choice(default, f"not tuned on {jax.default_backend()}")
+    if not enabled():
+        return Choice(default, f"the built-in default ({ENV_SWITCH}=off)")
+    lowerings = tuple(lo for lo in int8.CONV_LOWERINGS if lo != "auto"
+                      and (lo != "cpu_kernel" or default == "cpu_kernel"))
+    key = json.dumps({**model_key, "int8_images": list(images.shape), "mode": "int8-infer",
+                      "backend": jax.default_backend(), "cpu": vector_features()},
+                     sort_keys=True)
+
+    def measure_lowerings() -> dict[str, float]:
+        timings = {}
+        for lowering in lowerings:
+            fn = jax.jit(lambda m, x, lo=lowering: int8.int8_apply(model, m, x, conv_lowering=lo))
+            jax.block_until_ready(fn(int8_model, images))  # compiles
+            times = []
+            for _ in range(TIMED_STEPS):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(int8_model, images))
+                times.append((time.perf_counter() - t0) * 1000)
+            timings[lowering] = round(statistics.median(times), 3)
+        return timings
+
+    return cached_or_measured(key, lowerings, measure_lowerings,
+                              f"int8 conv lowering for {model_key.get('model', '?')}")
 
 
 def candidates() -> list[str]:

@@ -70,3 +70,26 @@ def test_a_run_records_its_choice_and_keeps_it_when_resumed(tuning, monkeypatch,
     kept = pipeline.conv_impl_choice(config, wd)
     assert kept.impl == "xla" and kept.reason.startswith("chosen when this run started")
     assert autotune.choose(config).impl == "cpu"  # a new run would take the cached choice
+
+
+def test_the_int8_lowering_is_measured_then_cached_and_every_lowering_agrees(tuning,
+                                                                            monkeypatch):
+    import jax
+    import numpy as np
+
+    from jaxaccel import models
+    from jaxaccel.compress import int8, quant
+
+    net = models.get_model("cnn_bn", 10, width=0.25)
+    variables = models.init_variables(net, jax.random.PRNGKey(0), (8, 8, 1))
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, 8, 8, 1))
+    int8_model = int8.convert_int8(variables, quant.calibrate(net, variables, [x]))
+    choice = autotune.choose_int8_lowering(net, int8_model, x, model_key={"model": "cnn_bn"})
+    assert choice.reason.startswith("measured now") and choice.impl in choice.timings_ms
+    outputs = [np.asarray(int8.int8_apply(net, int8_model, x, conv_lowering=lo))
+               for lo in choice.timings_ms]
+    for other in outputs[1:]:  # the choice changes speed only
+        np.testing.assert_array_equal(other, outputs[0])
+    monkeypatch.setattr(autotune, "TIMED_STEPS", None)  # measuring again would fail
+    again = autotune.choose_int8_lowering(net, int8_model, x, model_key={"model": "cnn_bn"})
+    assert again.impl == choice.impl and "cached" in again.reason

@@ -101,9 +101,13 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
     int8_lib, int8_status = _int8_module()
     int8_lowering = None
     if int8_lib is not None:
-        int8_lowering = int8_lib.resolve_conv_lowering("auto")
         int8_model = int8_lib.convert_int8(variables, act_qparams, skip=skip)
-        fns["int8"] = (jax.jit(lambda m, x: int8_lib.int8_apply(net, m, x)), (int8_model, x))
+        lowering_choice = autotune.choose_int8_lowering(
+            net, int8_model, x, model_key={"model": model, "input_shape": list(input_shape)})
+        int8_lowering = lowering_choice.impl
+        notes.append(f"int8 conv lowering 'auto' -> {int8_lowering!r}: {lowering_choice.reason}")
+        fns["int8"] = (jax.jit(lambda m, x: int8_lib.int8_apply(
+            net, m, x, conv_lowering=int8_lowering)), (int8_model, x))
         shapes = [mkn for path, mkn in shrink.layer_matmul_shapes(net, variables, x) if path in int8_model.layers]
     else:
         notes.append(f"int8 skipped: {int8_status}")
