@@ -1,6 +1,7 @@
 """jaxaccel.bench.sweep: sequential vs vectorized sweeps, skipped with a clear message when
-it cannot run."""
+it cannot run; TPE + ASHA vs the full grid of the same space (`bench sweep --search`)."""
 import importlib.util
+import os
 
 import pytest
 
@@ -23,3 +24,55 @@ def test_sweep_skips_with_a_clear_message(monkeypatch):
 def test_sweep_bench_sequential_vs_vectorized():
     out = sweep.bench_sweep(2, steps=5)
     assert out["skipped"] is False and out["vectorized_speedup"] > 0
+
+
+TINY_SEARCH = '''
+from jaxaccel import sweep
+from jaxaccel.config import default_config
+
+def get_config():
+    c = default_config()
+    c.dataset.name = "digits"
+    c.dataset.validation_split = 0.2
+    c.model.name = "lenet300_100"
+    c.model.width = 0.25
+    c.batch_size = 32
+    c.eval_batch_size = 360
+    c.num_steps = 8
+    c.eval_every = 2
+    c.parallel.num_devices = 1
+    return c
+
+def get_search():
+    return {"optimizer.lr": sweep.choice([1e-3, 3e-3])}
+'''
+
+
+def test_search_bench_tpe_asha_vs_the_grid(tmp_path, capsys):
+    """`bench sweep --search` at a tiny size: a 2-point grid vs 2 TPE + ASHA trials of 2 steps,
+    each study in its own workdir under --search-workdir, both through sweep.search."""
+    import json
+
+    from jaxaccel import cli
+    exp = tmp_path / "exp.py"
+    exp.write_text(TINY_SEARCH)
+    wd, path = tmp_path / "bench", tmp_path / "out.json"
+    assert cli.main(["bench", "sweep", "--search", "--sweep-config", str(exp),
+                     "--search-trials", "2", "--search-seeds", "1", "--search-steps", "2",
+                     "--search-workdir", str(wd), "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    assert out["bench"] == "sweep_search" and out["grid_points"] == 2 and out["seeds"] == 1
+    assert out["grid"]["complete"] == 2 and out["grid"]["steps_trained"] == 2 * 2
+    (arm,) = out["search"]
+    assert arm["complete"] + arm["pruned"] == 2 and 0 < arm["steps_trained"] <= 4
+    # Every complete trial trains with the same seed: TPE's best is one of the grid's points.
+    assert arm["best_validation_accuracy"] in out["grid_validation_accuracies"]
+    assert out["grid"]["best_validation_accuracy"] == max(out["grid_validation_accuracies"])
+    assert out["median"]["best_validation_accuracy"] == arm["best_validation_accuracy"]
+    assert out["steps_fraction"] == arm["steps_trained"] / 4
+    assert isinstance(out["goal_met"], bool) and "--search" in out["command"]
+    assert sorted(os.listdir(wd)) == ["grid", "tpe-asha-seed0"]
+    assert json.loads((wd / "grid" / "search.json").read_text())["sampler"] == "grid"
+    assert "| TPE + ASHA, study seed 0 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="already holds grid"):  # no resumed (cheaper) rerun
+        sweep.bench_search(experiment=str(exp), trials=2, seeds=1, steps=2, workdir=str(wd))

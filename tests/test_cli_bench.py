@@ -74,6 +74,7 @@ def test_cli_train_with_ensemble(tmp_path, capsys):
     (["--repeats", "0"], ["--repeats 0"]),
     (["--ensemble", "1"], ["--ensemble 1", ">= 2"]),
     (["--student-width", "0"], ["--student-width 0"]),
+    (["--search"], ["--search", "bench sweep"]),
 ])
 def test_bad_input_is_one_line_exit_2(argv, needles, capsys):
     rc = cli.main(["bench", "train", *argv])

@@ -38,7 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                     "sub-workdirs, or an Optuna search over its "
                                     "get_search() (--search)"),
     "report": ("jaxaccel.cli.report", "rebuild a sweep's results.csv/md and plots from its "
-                                      "sub-workdirs"),
+                                      "sub-workdirs, or a search's search.md, trials.csv and "
+                                      "plots from its study"),
 }
 
 

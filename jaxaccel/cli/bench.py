@@ -49,7 +49,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-points", type=int, default=4, help="sweep: K points (default 4)")
     p.add_argument("--sweep-steps", type=int, default=50, help="sweep: steps per point (default 50)")
     p.add_argument("--sweep-config", default=None,
-                   help="sweep: experiment file (default experiments/digits_lenet5.py)")
+                   help="sweep: experiment file (default experiments/digits_lenet5.py; with "
+                        "--search: experiments/search_lenet300_grid.py, an all-choice "
+                        "get_search())")
+    p.add_argument("--search", action="store_true",
+                   help="sweep: TPE + ASHA (`jaxaccel sweep --search tpe --pruner asha`) with a "
+                        "trial budget vs the full grid of the same space: best validation "
+                        "accuracy and steps spent, median over --search-seeds study seeds")
+    p.add_argument("--search-trials", type=int, default=15,
+                   help="sweep --search: trials per TPE study (default 15)")
+    p.add_argument("--search-seeds", type=int, default=3,
+                   help="sweep --search: study seeds (default 3)")
+    p.add_argument("--search-steps", type=int, default=None,
+                   help="sweep --search: steps per trial (default: the experiment's; "
+                        "evaluated every steps // 8)")
+    p.add_argument("--search-workdir", default=None,
+                   help="sweep --search: keep the studies' workdirs here (default: a "
+                        "temporary directory, removed after)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (medians are reported)")
     p.add_argument("--matmul-size", type=int, default=2048, help="train: n of the n³ matmul peak")
@@ -131,8 +147,11 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--student-width {args.student_width} must be > 0")
     if args.ensemble and args.ensemble < 2:
         raise ValueError(f"--ensemble {args.ensemble} must be >= 2 (members to compare)")
+    if args.search and args.suite != "sweep":
+        raise ValueError(f"--search belongs to `jaxaccel bench sweep`, not {args.suite}")
     for name in ("batch_size", "warmup", "repeats", "devices", "matmul_size", "sweep_points",
-                 "sweep_steps", "ensemble_steps"):
+                 "sweep_steps", "ensemble_steps", "search_trials", "search_seeds",
+                 "search_steps"):
         value = getattr(args, name)
         minimum = 0 if name == "warmup" else 1
         if value is not None and value < minimum:
@@ -170,6 +189,11 @@ def _runner(name: str, args: argparse.Namespace) -> Callable[[], dict[str, Any]]
         return lambda: bench_infer(args.model, batch, shape, sparsities=args.sparsities,
                                    int8_skip=args.int8_skip, conv_impl=args.conv_impl,
                                    warmup=warmup, repeats=repeats)
+    if name == "sweep" and args.search:
+        from jaxaccel.bench.sweep import bench_search
+        return lambda: bench_search(experiment=args.sweep_config, trials=args.search_trials,
+                                    seeds=args.search_seeds, steps=args.search_steps,
+                                    workdir=args.search_workdir)
     if name == "sweep":
         from jaxaccel.bench.sweep import bench_sweep
         return lambda: bench_sweep(args.sweep_points, experiment=args.sweep_config,

@@ -125,6 +125,9 @@ def run_search(args: argparse.Namespace, overrides: list[str]) -> int:
                         vectorize=args.vectorize, per_program=args.vectorize_trials,
                         engine=args.engine, address=args.address, trial_cpus=args.trial_cpus,
                         trial_gpus=args.trial_gpus)
+    if not args.no_report:  # search.md, trials.csv and plots, as `jaxaccel report W` builds
+        from jaxaccel.sweep import search_report
+        search_report.build(args.workdir)
     print("\n".join(search.table(result.record)))
     c = result.record["counts"]
     print(f"search: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed "
