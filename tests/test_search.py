@@ -162,9 +162,14 @@ def test_search_resumes_after_a_kill_and_counts_trials_in_total(tmp_path):
      ["--pruner asha", "--vectorize"]),
     ('{"optimizer.lr": [1e-3, 1e-2]}', "", ["--vectorize", "--vectorize-trials", "1"],
      ["--vectorize-trials=1"]),
+    ('{"optimizer.lr": [1e-3, 1e-2]}', "", ["--storage", "sqlite:////no/such/dir/study.db"],
+     ["--storage sqlite:////no/such/dir/study.db", "cannot be opened"]),
+    ('{"optimizer.lr": [1e-3, 1e-2]}', "", ["--storage", "postgresql://u@127.0.0.1:1/db"],
+     ["--storage", "cannot be opened"]),
 ], ids=["unknown-key", "uniform-on-str", "choice-type", "uniform-on-int", "trials", "no-val",
         "no-get-search", "grid-not-choice", "cmaes-choice", "workers", "pruner-no-eval",
-        "vectorize-shapes", "vectorize-pruner", "vectorize-k"])
+        "vectorize-shapes", "vectorize-pruner", "vectorize-k", "storage-missing-dir",
+        "storage-unreachable"])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, space, extra, args, words):
     exp = write_experiment(tmp_path, space, extra)
     wd = tmp_path / "wd"

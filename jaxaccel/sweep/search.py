@@ -343,6 +343,8 @@ def check_storage(p: SearchPlan) -> None:
             raise ValueError(f"{p.workdir} holds the search of study {saved.get('study')!r} in "
                              f"{saved.get('storage')}; use another --workdir")
     if not tables:
+        if p.storage != default_storage(p.workdir):  # reachable, before the workdir exists
+            _open_storage(p.storage).remove_session()
         return
     storage = _open_storage(p.storage)
     try:
