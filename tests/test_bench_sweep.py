@@ -76,3 +76,16 @@ def test_search_bench_tpe_asha_vs_the_grid(tmp_path, capsys):
     assert "| TPE + ASHA, study seed 0 |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="already holds grid"):  # no resumed (cheaper) rerun
         sweep.bench_search(experiment=str(exp), trials=2, seeds=1, steps=2, workdir=str(wd))
+
+
+def test_vectorized_search_bench_compares_the_same_suggestions(tmp_path):
+    """`bench sweep --search --search-vectorize` at a tiny size: 2 random suggestions trained
+    one by one and as one program, the same values (loop mode on one device is exact)."""
+    exp = tmp_path / "exp.py"
+    exp.write_text(TINY_SEARCH)
+    out = sweep.bench_vectorized_search(experiment=str(exp), trials=2, steps=2, mode="loop")
+    assert out["trials"] == 2 and out["max_objective_difference"] == 0
+    assert out["sequential_s"] > 0 and out["vectorized_s"] > 0
+    assert out["table"]["rows"][1][0] == "one program (loop)"
+    with pytest.raises(ValueError, match="--search-trials 1 must be >= 2"):
+        sweep.bench_vectorized_search(experiment=str(exp), trials=1)

@@ -56,7 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sweep: TPE + ASHA (`jaxaccel sweep --search tpe --pruner asha`) with a "
                         "trial budget vs the full grid of the same space: best validation "
                         "accuracy and steps spent, median over --search-seeds study seeds")
-    p.add_argument("--search-trials", type=int, default=15,
+    p.add_argument("--search-vectorize", action="store_true",
+                   help="sweep --search: instead, a random search of --search-trials (default "
+                        "4 here) lr/weight-decay suggestions trained one by one vs as one "
+                        "program (--vectorize), --search-steps (default 300) each")
+    p.add_argument("--search-trials", type=int, default=None,
                    help="sweep --search: trials per TPE study (default 15)")
     p.add_argument("--search-seeds", type=int, default=3,
                    help="sweep --search: study seeds (default 3)")
@@ -147,6 +151,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--student-width {args.student_width} must be > 0")
     if args.ensemble and args.ensemble < 2:
         raise ValueError(f"--ensemble {args.ensemble} must be >= 2 (members to compare)")
+    if args.search_vectorize and not args.search:
+        raise ValueError("--search-vectorize belongs to `jaxaccel bench sweep --search`")
     if args.search and args.suite != "sweep":
         raise ValueError(f"--search belongs to `jaxaccel bench sweep`, not {args.suite}")
     for name in ("batch_size", "warmup", "repeats", "devices", "matmul_size", "sweep_points",
@@ -189,9 +195,14 @@ def _runner(name: str, args: argparse.Namespace) -> Callable[[], dict[str, Any]]
         return lambda: bench_infer(args.model, batch, shape, sparsities=args.sparsities,
                                    int8_skip=args.int8_skip, conv_impl=args.conv_impl,
                                    warmup=warmup, repeats=repeats)
+    if name == "sweep" and args.search and args.search_vectorize:
+        from jaxaccel.bench.sweep import bench_vectorized_search
+        return lambda: bench_vectorized_search(experiment=args.sweep_config,
+                                               trials=args.search_trials or 4,
+                                               steps=args.search_steps or 300)
     if name == "sweep" and args.search:
         from jaxaccel.bench.sweep import bench_search
-        return lambda: bench_search(experiment=args.sweep_config, trials=args.search_trials,
+        return lambda: bench_search(experiment=args.sweep_config, trials=args.search_trials or 15,
                                     seeds=args.search_seeds, steps=args.search_steps,
                                     workdir=args.search_workdir)
     if name == "sweep":
