@@ -1,5 +1,5 @@
 """What a finished run turns into: its per-layer compression report, its compressed package
-and its StableHLO export (`jaxaccel compress report|package|export`).
+and its StableHLO or ONNX export (`jaxaccel compress report|package|export`).
 
 `compression_report`, `package_run` and `export_run` each read the weights a run ended with
 (`loading.final_weights`), apply the compress functions, write one file and return a JSON-able
@@ -9,7 +9,8 @@ calibration the run's quantize stage wrote (`calibration.json`). `sensitivity_ru
 each layer's sensitivity to pruning and quantization on the validation split and allocates
 per-layer sparsities and bits for a size or MAC target (`jaxaccel compress sensitivity`).
 
-Imports loading, data, io and compress; never the pipeline, the loop, sweeps or the CLI.
+Imports loading, data, io, compress and `models.ensemble`; never the pipeline, the loop, sweeps or
+the CLI.
 """
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ import jax
 
 from jaxaccel import data, io, loading
 from jaxaccel import stages as stages_lib
-from jaxaccel.compress import export, fold, int8, layer_table, package, quant, sensitivity
+from jaxaccel.compress import (export, fold, int8, layer_table, onnx_export, package, quant,
+                               sensitivity)
+from jaxaccel.models.ensemble import Ensemble
 from jaxaccel.workdir import CALIBRATION_FILE
 
 EXPORT_KINDS = ("float", "fake-quant", "int8")
+EXPORT_FORMATS = ("stablehlo", "onnx")
 SENSITIVITY_DIR = "sensitivity"  # default --out of `compress sensitivity`, in the workdir
 SENSITIVITY_SPLITS = ("validation", "test")
 
@@ -122,21 +126,38 @@ def read_calibration(workdir: str, kind: str) -> tuple[dict, quant.QuantConfig, 
     return act_qparams, weight_config, meta
 
 
-def export_run(workdir: str, out: str, *, kind: str = "float",
-               step: int | None = None) -> dict[str, Any]:
-    """Export a run's final weights as a StableHLO inference function of raw uint8 NHWC
-    images (symbolic batch; `kind` float, fake-quant or int8); what was written."""
+def export_run(workdir: str, out: str, *, kind: str = "float", step: int | None = None,
+               format: str = "stablehlo") -> dict[str, Any]:
+    """Export a run's final weights as an inference function of raw uint8 NHWC images (batch
+    size free; `kind` float, fake-quant or int8): serialized StableHLO (`format` "stablehlo",
+    `compress.export`) or an ONNX graph ("onnx": float or int8 QDQ, `compress.onnx_export`);
+    what was written. Every input is checked before the weights are read; the file appears
+    whole or not at all."""
     if kind not in EXPORT_KINDS:
         raise ValueError(f"export kind {kind!r} is not valid; choose one of: "
                          f"{', '.join(EXPORT_KINDS)}")
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"--format {format!r} is not valid; choose one of: "
+                         f"{', '.join(EXPORT_FORMATS)}")
+    onnx = format == "onnx"
+    if onnx and kind == "fake-quant":
+        raise ValueError("--fake-quant exports StableHLO only (the simulation at any bit "
+                         "width); --format onnx exports float, or int8 with --int8")
     check_out_file(out)
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"{workdir!r} is not a directory (a run's workdir)")
+    if onnx:
+        onnx_export.require_onnx()
     calibration = None if kind == "float" else read_calibration(workdir, kind)
     run = loading.final_weights(workdir, step)
     spec = run.spec
+    if onnx and calibration is not None and isinstance(run.model, Ensemble):
+        raise onnx_export.OnnxExportError(onnx_export.ENSEMBLE_INT8)
     if calibration is None:
-        exported = export.export_float(run.model, run.variables, spec, out)
+        if onnx:
+            written = onnx_export.export_float(run.model, run.variables, spec, out)
+        else:
+            exported = export.export_float(run.model, run.variables, spec, out)
     else:
         act_qparams, weight_config, meta = calibration
         calibrated_step = meta.get("step")
@@ -147,15 +168,24 @@ def export_run(workdir: str, out: str, *, kind: str = "float",
         # The quantize stage calibrates the BN-folded model: fold the same way first.
         model, variables = fold.fold_bn(run.model, run.variables,
                                         input_shape=(1,) + tuple(spec.image_shape))
-        if kind == "int8":
+        if onnx:
+            written = onnx_export.export_int8(model, variables, act_qparams, spec, out,
+                                              weight_config=weight_config)
+        elif kind == "int8":
             int8_model = int8.convert_int8(variables, act_qparams, weight_config=weight_config)
             exported = export.export_int8(model, int8_model, spec, out)
         else:
             exported = export.export_fake_quant(model, variables, act_qparams, spec, out,
                                                 weight_config=weight_config)
-    return {"path": out, "kind": kind, "workdir": workdir, "step": run.step, "stage": run.stage,
-            "bytes": os.path.getsize(out), "image_shape": list(spec.image_shape),
-            "num_classes": int(exported.out_avals[0].shape[-1])}
+    info = {"path": out, "kind": kind, "format": format, "workdir": workdir, "step": run.step,
+            "stage": run.stage, "bytes": os.path.getsize(out),
+            "image_shape": list(spec.image_shape)}
+    if onnx:
+        info.update(num_classes=written["num_classes"], opset=written["opset"],
+                    input=onnx_export.INPUT_NAME, output=onnx_export.OUTPUT_NAME)
+    else:
+        info["num_classes"] = int(exported.out_avals[0].shape[-1])
+    return info
 
 
 def sensitivity_run(workdir: str, *, sparsities: Sequence[float] = sensitivity.DEFAULT_SPARSITIES,

@@ -1,11 +1,12 @@
 """`jaxaccel compress report|package|export`: per-layer compression table, compressed
-package, StableHLO export of a run (the work is `jaxaccel.artifacts`).
+package, StableHLO or ONNX export of a run (the work is `jaxaccel.artifacts`).
 
     jaxaccel compress report WORKDIR [--json PATH] [--bits N] [--step S] [--input-shape H,W,C]
     jaxaccel compress report PACKAGE.npz [--json PATH]
     jaxaccel compress package WORKDIR --out FILE [--bits 8] [--per-tensor] [--float16]
         [--entropy none|huffman] [--json PATH]
     jaxaccel compress export WORKDIR --out FILE [--int8 | --fake-quant] [--step S]
+        [--format stablehlo|onnx]
     jaxaccel compress sensitivity WORKDIR [--sparsities 0.5,0.7,0.8,0.9,0.95] [--bits 8,6,4,3,2]
         [--split validation|test] [--target-bytes N | --target-macs N] [--out DIR] [--json PATH]
 
@@ -48,15 +49,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(Deep Compression; default none)")
     k.add_argument("--json", dest="json_path", default=None, help="also write the sizes here")
     e = sub.add_parser("export", help="write the run's inference function as serialized "
-                                      "StableHLO (jax.export, symbolic batch): float, "
-                                      "fake-quant or int8; raw uint8 images in",
+                                      "StableHLO (jax.export, symbolic batch) or ONNX "
+                                      "(--format onnx): float, fake-quant or int8; raw uint8 "
+                                      "images in",
                        description="Export a run's final weights as a StableHLO inference "
                                    "function of raw uint8 NHWC images (normalisation inside, "
                                    "batch size free) that plain jax loads and runs: "
                                    "jax.export.deserialize(bytearray(open(PATH, 'rb').read()))"
                                    ".call(x). "
                                    "--int8 and --fake-quant use the activation calibration the "
-                                   "run's quantize stage wrote (WORKDIR/calibration.json).")
+                                   "run's quantize stage wrote (WORKDIR/calibration.json). "
+                                   "--format onnx writes an ONNX graph instead (float, or int8 "
+                                   "QDQ with --int8) that ONNX Runtime runs: input 'images' "
+                                   "uint8 NHWC, output 'logits', batch size free.")
     e.add_argument("workdir", metavar="WORKDIR",
                    help="a run's workdir (--int8/--fake-quant: with the calibration.json its "
                         "quantize stage wrote)")
@@ -65,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--fake-quant", action="store_true",
                    help="the fake-quant simulation of the run's PTQ (any bit width)")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    e.add_argument("--format", default="stablehlo", metavar="{stablehlo,onnx}",
+                   help="stablehlo (default: jax.export, loads with plain jax) or onnx (ONNX "
+                        "Runtime; needs pip install 'jaxaccel[onnx]')")
     s = sub.add_parser("sensitivity", help="per-layer accuracy when only that layer is pruned "
                                            "or quantized; per-layer sparsity and bits for a "
                                            "size or MAC target",
@@ -181,8 +189,16 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.int8 and args.fake_quant:
         raise ValueError("choose one of --int8 and --fake-quant (neither: float)")
     kind = "int8" if args.int8 else "fake-quant" if args.fake_quant else "float"
-    info = artifacts.export_run(args.workdir, args.out, kind=kind, step=args.step)
+    info = artifacts.export_run(args.workdir, args.out, kind=kind, step=args.step,
+                                format=args.format)
     h, w, c = info["image_shape"]
+    if info["format"] == "onnx":
+        print(f"wrote {info['path']}: {kind} inference of {info['workdir']} (step "
+              f"{info['step']}, stage {info['stage']}) as ONNX (opset {info['opset']}), "
+              f"{info['bytes']:,} bytes; input {info['input']!r} uint8 (batch, {h}, {w}, {c}) "
+              f"NHWC raw pixels (normalisation inside), output {info['output']!r} float32 "
+              f"(batch, {info['num_classes']}) logits, any batch size")
+        return 0
     print(f"wrote {info['path']}: {kind} inference of {info['workdir']} (step {info['step']}, "
           f"stage {info['stage']}) as StableHLO, {info['bytes']:,} bytes; input uint8 "
           f"(b, {h}, {w}, {c}) NHWC raw pixels (normalisation inside), output float32 "
