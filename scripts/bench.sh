@@ -2,7 +2,8 @@
 # The whole benchmark suite (`make bench`): markdown tables on stdout, and
 # runs/bench/latest.json + runs/bench/latest.md (copy the tables into BENCHMARKS.md).
 # Extra arguments go to `jaxaccel bench all`, e.g. `bash scripts/bench.sh --repeats 10`.
-# The PyTorch comparison runs when torch is installed (`pip install -e '.[bench]'`).
+# The PyTorch comparison runs when torch is installed (`pip install -e '.[bench]'`), the ONNX
+# Runtime one (inference) when onnxruntime is (`pip install -e '.[onnx]'`, in the test extra).
 #
 # On a CPU host the process simulates 8 CPU devices (so the scaling table runs in-process) and
 # the train benchmark (and so its PyTorch comparison) runs data-parallel over TRAIN_DEVICES of
@@ -24,5 +25,5 @@ if [[ "$backend" == "cpu" ]]; then
   DEVICES=(--cpu-devices "$(( train_devices > 8 ? train_devices : 8 ))" --devices "$train_devices")
 fi
 start=$(date +%s)
-"$PY" -m jaxaccel bench all --compare-torch "${DEVICES[@]}" --json "$OUT/latest.json" --markdown "$OUT/latest.md" "$@"
+"$PY" -m jaxaccel bench all --compare-torch --compare-onnxruntime "${DEVICES[@]}" --json "$OUT/latest.json" --markdown "$OUT/latest.md" "$@"
 echo "bench.sh: the whole suite took $(( $(date +%s) - start )) s"

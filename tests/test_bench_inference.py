@@ -39,6 +39,22 @@ def test_infer_bench_variants_and_speedups():
         assert any("int8 ceiling" in n for n in out["notes"])
 
 
+def test_infer_bench_times_onnxruntime_beside_jaxaccel():
+    """--compare-onnxruntime: the same model's ONNX float and int8 graphs run in ONNX Runtime,
+    timed with the rest; their top-1 agrees with jaxaccel's own float32 / int8 (no timing
+    asserts)."""
+    pytest.importorskip("onnxruntime")
+    out = bench_infer("cnn_bn", 16, (8, 8, 1), sparsities=(0.5,), warmup=0, repeats=2,
+                      compare_onnxruntime=True)
+    rows = {r["variant"]: r for r in out["results"]}
+    assert rows["onnxruntime float32"]["top1_agreement_vs_jaxaccel_float32"] == 1.0
+    if out["int8_speedup"] is not None:
+        assert rows["onnxruntime int8"]["top1_agreement_vs_jaxaccel_int8"] >= 0.9
+        assert set(out["vs_onnxruntime"]) == {"float32", "int8"}
+    assert out["vs_onnxruntime"]["float32"] > 0 and out["onnxruntime_version"]
+    assert any("ONNX Runtime" in n for n in out["notes"])
+
+
 def test_resolve_skip():
     order = ["conv1", "conv2", "fc1"]
     assert resolve_skip("first", order) == ("conv1",)

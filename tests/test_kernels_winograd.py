@@ -51,7 +51,7 @@ def test_conv_and_filter_grad_equal_xla_on_any_shape(n, h, w, c8, k16, seed):
 
 
 @needs_kernel
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(n=st.integers(1, 3), h2=st.integers(1, 5), w2=st.integers(1, 5), c8=st.integers(1, 2),
        k16=st.integers(1, 2), seed=st.integers(0, 2**16))
 def test_fused_max_pool_equals_pooling_the_conv_and_routes_gradients_alike(n, h2, w2, c8, k16, seed):

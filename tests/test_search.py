@@ -280,18 +280,17 @@ def test_the_search_experiment_plans():
 def test_vectorized_search_equals_sequential_trials_for_the_same_suggestions(tmp_path):
     """K suggestions asked at once and trained as one program (`--vectorize loop`, exact on
     one device) get the objective values the same suggestions get trained one by one."""
-    exp = write_experiment(tmp_path, '{"optimizer.lr": sweep.choice([1e-3, 1e-2]), '
-                                     '"seed": sweep.choice([0, 1])}')
+    exp = write_experiment(tmp_path, '{"optimizer.lr": sweep.choice([1e-3, 1e-2])}')
     values = {}
     for name, how in (("seq", {}), ("vec", {"vectorize": "loop", "per_program": 2})):
-        result = search.run(exp, str(tmp_path / name), sampler="grid", trials=4, **how)
+        result = search.run(exp, str(tmp_path / name), sampler="grid", trials=2, **how)
         trials = result.record["trials"]
-        assert [t["state"] for t in trials] == ["complete"] * 4
+        assert [t["state"] for t in trials] == ["complete"] * 2
         values[name] = {json.dumps(t["params"], sort_keys=True): (t["value"], t["test_accuracy"])
                         for t in trials}
         if how:
             assert all(t["vectorized_trials"] == 2 for t in trials), trials
-    assert values["vec"].keys() == values["seq"].keys() and len(values["seq"]) == 4
+    assert values["vec"].keys() == values["seq"].keys() and len(values["seq"]) == 2
     for key, (value, test) in values["seq"].items():
         assert values["vec"][key] == pytest.approx((value, test), abs=1e-9), key
 

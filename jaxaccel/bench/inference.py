@@ -61,11 +61,15 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
                 input_shape: Sequence[int] = workload.DEFAULT_INPUT_SHAPE, *,
                 sparsities: Sequence[float] = DEFAULT_SPARSITIES, int8_skip: str | Sequence[str] = "none",
                 conv_impl: str = "auto", warmup: int = 3, repeats: int = 20,
-                seed: int = 0, cluster_bits: int = 5) -> dict[str, Any]:
+                seed: int = 0, cluster_bits: int = 5,
+                compare_onnxruntime: bool = False) -> dict[str, Any]:
     """Median forward time of float32, fake-quant, int8, pruned+shrunk and clustered models;
     speed-ups. The clustered model (every kernel shared among 2^`cluster_bits` values,
     packaged with Huffman coding) is timed as it runs after `load_compressed` decodes it —
-    dense float32 — and the decode itself is timed at load."""
+    dense float32 — and the decode itself is timed at load. With `compare_onnxruntime`, the
+    same model exported to ONNX (`compress.onnx_export`, float and int8 QDQ from the same
+    calibration) runs in ONNX Runtime sessions (threads = cores), timed interleaved with the
+    rest; `vs_onnxruntime` holds jaxaccel's speed relative to them (> 1: jaxaccel faster)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -95,24 +99,37 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
         return jax.jit(lambda v, x: m.apply(v, x, train=False))
 
     fns: dict[str, tuple[Any, tuple]] = {"float32": (forward(net), (variables, x))}
-    act_qparams = quant.calibrate(net, variables, [calib], skip=skip)
-    fake = jax.jit(lambda v, q, x: quant.apply_fake_quant(net, v, x, q, skip=skip))
+    # The quantized variants run the model as `conv_impl` itself resolves (under cnn3's
+    # "cpu_kernel" the int8 path fuses each conv with its pool): the float32 choice above was
+    # timed for float32 alone. Same parameters either way.
+    qnet = models.get_model(model, workload.NUM_CLASSES, conv_impl=conv_impl)
+    act_qparams = quant.calibrate(qnet, variables, [calib], skip=skip)
+    fake = jax.jit(lambda v, q, x: quant.apply_fake_quant(qnet, v, x, q, skip=skip))
     fns["fake-quant"] = (fake, (variables, act_qparams, x))
     int8_lib, int8_status = _int8_module()
     int8_lowering = None
     if int8_lib is not None:
         int8_model = int8_lib.convert_int8(variables, act_qparams, skip=skip)
         lowering_choice = autotune.choose_int8_lowering(
-            net, int8_model, x, model_key={"model": model, "input_shape": list(input_shape)})
+            qnet, int8_model, x, model_key={"model": model, "input_shape": list(input_shape),
+                                            "conv_impl": workload.resolved_conv_impl(conv_impl,
+                                                                                     model)})
         int8_lowering = lowering_choice.impl
         notes.append(f"int8 conv lowering 'auto' -> {int8_lowering!r}: {lowering_choice.reason}")
         fns["int8"] = (jax.jit(lambda m, x: int8_lib.int8_apply(
-            net, m, x, conv_lowering=int8_lowering)), (int8_model, x))
+            qnet, m, x, conv_lowering=int8_lowering)), (int8_model, x))
         shapes = [mkn for path, mkn in shrink.layer_matmul_shapes(net, variables, x) if path in int8_model.layers]
     else:
         notes.append(f"int8 skipped: {int8_status}")
         shapes = []
 
+    ort_checks: dict[str, dict] = {}
+    if compare_onnxruntime:
+        ort_fns, ort_checks = _onnxruntime_variants(
+            net, variables, act_qparams, input_shape, batch_size, seed=seed, skip=skip,
+            int8_model=int8_model if int8_lib is not None else None,
+            int8_lowering=int8_lowering, notes=notes)
+        fns.update(ort_fns)
     dense_macs = shrink.flops(net, input_shape)
     macs: dict[str, int] = {name: dense_macs for name in fns}  # int8 does the same MACs in int8
     filter_fn = shrink.shrinkable_filter(net)
@@ -146,6 +163,7 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
                "macs": macs.get(name), "mac_fraction": timing.ratio(macs.get(name), dense_macs)}
         if name in ("fake-quant", "int8"):
             row["top1_agreement_vs_float32"] = float(np.mean(top1[name] == top1["float32"]))
+        row.update(ort_checks.get(name, {}))
         if name == "int8":
             row["top1_agreement_vs_fake_quant"] = float(np.mean(top1["int8"] == top1["fake-quant"]))
             row["max_abs_diff_vs_fake_quant"] = float(np.max(np.abs(outputs["int8"] - outputs["fake-quant"])))
@@ -177,12 +195,79 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
                      f"XLA's int8 dot ({c['speedup']:.2f}×, interleaved){kernel}. Amdahl bound: if those MACs cost "
                      f"the float32 model what the plain matmuls cost and the rest stays float32, XLA's int8 dot "
                      f"gains at most {c['bound_speedup']:.2f}× for the whole model (goal {GOAL_INT8}×)")
+    if compare_onnxruntime:
+        ort = {"float32": "onnxruntime float32", "int8": "onnxruntime int8"}
+        out["vs_onnxruntime"] = {
+            kind: timing.ratio(timings[name].median_ms, timings[kind].median_ms)
+            for kind, name in ort.items() if name in timings and kind in timings}
+        out["onnxruntime_version"] = ort_checks.get("_version")
     out["clustered"] = clustered
     if "pruned_50_speedup" in out:
         out["pruned_50_goal_met"] = out["pruned_50_speedup"] >= GOAL_PRUNED_50
     out["notes"] = notes
     out["table"] = _table(out)
     return out
+
+
+def _onnxruntime_variants(net: Any, variables: Any, act_qparams: Any, input_shape: Sequence[int],
+                          batch_size: int, *, seed: int, skip: Sequence[str], int8_model: Any,
+                          int8_lowering: str | None, notes: list[str]
+                          ) -> tuple[dict[str, tuple], dict[str, dict]]:
+    """ONNX Runtime sessions (float32; int8 QDQ from the same calibration) of `net` on raw
+    uint8 images: the timed calls, and per variant its top-1 agreement with jaxaccel's own
+    float32 / int8 on the same images (ONNX Runtime's version under "_version")."""
+    import os
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    from jaxaccel import data
+    from jaxaccel.compress import int8 as int8_lib
+    from jaxaccel.compress import onnx_export
+
+    try:
+        onnx_export.require_onnx()
+        import onnxruntime as ort
+    except (ImportError, ValueError) as e:
+        notes.append(f"ONNX Runtime comparison skipped: {e}")
+        return {}, {}
+    channels = int(input_shape[-1])
+    spec = data.DatasetSpec(name="synthetic", num_classes=workload.NUM_CLASSES,
+                            image_shape=tuple(int(v) for v in input_shape),
+                            mean=(0.5,) * channels, std=(0.25,) * channels, kind="builtin")
+    raw = np.random.default_rng(seed + 2).integers(0, 256, (batch_size, *input_shape), np.uint8)
+    x = data.normalize(jax.numpy.asarray(raw), spec)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    fns: dict[str, tuple] = {}
+    checks: dict[str, dict] = {"_version": ort.__version__}
+    references = {"float32": np.asarray(jax.jit(lambda v, x: net.apply(v, x, train=False))(
+        variables, x))}
+    if int8_model is not None and not skip:
+        references["int8"] = np.asarray(jax.jit(lambda m, x: int8_lib.int8_apply(
+            net, m, x, conv_lowering=int8_lowering))(int8_model, x))
+    elif int8_model is not None:
+        notes.append("ONNX Runtime int8 skipped: --int8-skip keeps layers float, which the "
+                     "QDQ export does not do")
+    with tempfile.TemporaryDirectory(prefix="jaxaccel-bench-onnx-") as tmp:
+        for kind in references:
+            path = os.path.join(tmp, f"{kind}.onnx")
+            if kind == "float32":
+                onnx_export.export_float(net, variables, spec, path)
+            else:
+                onnx_export.export_int8(net, variables, act_qparams, spec, path)
+            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            name = f"onnxruntime {kind}"
+            fns[name] = (lambda s=session: s.run(None, {"images": raw})[0], ())
+            got = fns[name][0]()
+            checks[name] = {f"top1_agreement_vs_jaxaccel_{kind}": float(np.mean(
+                got.argmax(-1) == references[kind].argmax(-1)))}
+    notes.append(f"ONNX Runtime {ort.__version__} (CPU provider, {options.intra_op_num_threads} "
+                 f"threads) runs the same model exported by `compress export --format onnx` on "
+                 f"raw uint8 images (normalisation inside); jaxaccel's rows take normalised "
+                 f"float images")
+    return fns, checks
 
 
 def _clustered(net: Any, variables: Any, input_shape: Sequence[int], bits: int) -> dict[str, Any]:
@@ -277,6 +362,10 @@ def _table(r: dict[str, Any]) -> dict[str, Any]:
             check = f"top-1 = float32 on {100 * x['top1_agreement_vs_float32']:.0f}%"
         if "top1_agreement_vs_fake_quant" in x:
             check += f"; = fake-quant on {100 * x['top1_agreement_vs_fake_quant']:.0f}%"
+        for kind in ("float32", "int8"):
+            if f"top1_agreement_vs_jaxaccel_{kind}" in x:
+                check = (f"top-1 = jaxaccel {kind} on "
+                         f"{100 * x[f'top1_agreement_vs_jaxaccel_{kind}']:.1f}%")
         rows.append([x["variant"], f"{x['forward_ms_median']:.2f} (± {x['forward_ms_iqr']:.2f})",
                      f"{x['images_per_sec']:.0f}", f"{x['speedup_vs_float32']:.2f}×",
                      f"{x['mac_fraction']:.2f}" if x["mac_fraction"] is not None else "–", check])

@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (medians are reported)")
     p.add_argument("--matmul-size", type=int, default=2048, help="train: n of the n³ matmul peak")
+    p.add_argument("--compare-onnxruntime", action="store_true",
+                   help="infer: also time the same model exported to ONNX (float and int8 QDQ) "
+                        "in ONNX Runtime sessions (threads = cores), interleaved")
     p.add_argument("--compare-torch", action="store_true",
                    help="train: time the same cnn3 step in PyTorch eager (pip install '.[bench]')")
     p.add_argument("--distill", action="store_true",
@@ -194,7 +197,8 @@ def _runner(name: str, args: argparse.Namespace) -> Callable[[], dict[str, Any]]
         from jaxaccel.bench.inference import bench_infer
         return lambda: bench_infer(args.model, batch, shape, sparsities=args.sparsities,
                                    int8_skip=args.int8_skip, conv_impl=args.conv_impl,
-                                   warmup=warmup, repeats=repeats)
+                                   warmup=warmup, repeats=repeats,
+                                   compare_onnxruntime=args.compare_onnxruntime)
     if name == "sweep" and args.search and args.search_vectorize:
         from jaxaccel.bench.sweep import bench_vectorized_search
         return lambda: bench_vectorized_search(experiment=args.sweep_config,
