@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxaccel import autotune
 from jaxaccel import config as config_lib
 from jaxaccel import data, io
 from jaxaccel import stages as stages_lib
@@ -149,6 +150,10 @@ def load(workdir: str, step: int | None = None) -> Loaded:
     params = prune.apply_masks(state.params, prune.get_masks(state.opt_state))
     variables = {"params": params, "batch_stats": state.batch_stats}
     model, predict_fn = setup.model, setup.predict_fn
+    tuned = autotune.choose(config, mode="infer")  # what conv_impl "auto" means for inference
+    if getattr(model, "conv_impl", tuned.impl) != tuned.impl and "states" not in payload:
+        model = model.clone(conv_impl=tuned.impl)  # the same parameters, another lowering
+        predict_fn = predict_function(model, setup.spec)
     if "states" in payload:  # an ensemble run: its members combined as the run combined them
         model = _combined(setup.model, workdir)
         predict_fn = predict_function(model, setup.spec)

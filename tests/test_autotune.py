@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+import jaxaccel
 from jaxaccel import autotune, pipeline
 from tiny_runs import tiny_config
 
@@ -70,6 +71,11 @@ def test_a_run_records_its_choice_and_keeps_it_when_resumed(tuning, monkeypatch,
     kept = pipeline.conv_impl_choice(config, wd)
     assert kept.impl == "xla" and kept.reason.startswith("chosen when this run started")
     assert autotune.choose(config).impl == "cpu"  # a new run would take the cached choice
+    # Inference (jaxaccel.load) is tuned under its own key (mode infer, the eval batch).
+    monkeypatch.setattr(autotune, "measure", lambda *a, **k: {"xla": 2.0, "winograd": 1.0})
+    loaded = jaxaccel.load(wd)
+    assert loaded.model.conv_impl == "winograd"
+    assert json.loads(autotune.choose(config, mode="infer").key)["batch"] == config.eval_batch_size
 
 
 def test_the_int8_lowering_is_measured_then_cached_and_every_lowering_agrees(tuning,
