@@ -44,7 +44,7 @@ def test_infer_bench_times_onnxruntime_beside_jaxaccel():
     timed with the rest; their top-1 agrees with jaxaccel's own float32 / int8 (no timing
     asserts)."""
     pytest.importorskip("onnxruntime")
-    out = bench_infer("cnn_bn", 16, (8, 8, 1), sparsities=(0.5,), warmup=0, repeats=2,
+    out = bench_infer("lenet300_100", 16, (8, 8, 1), sparsities=(0.5,), warmup=0, repeats=2,
                       compare_onnxruntime=True)
     rows = {r["variant"]: r for r in out["results"]}
     assert rows["onnxruntime float32"]["top1_agreement_vs_jaxaccel_float32"] == 1.0

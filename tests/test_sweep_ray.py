@@ -45,10 +45,11 @@ def _free_port() -> int:
 
 
 def _start(args, temp_dir):
-    subprocess.run([RAY, "start", *args, "--num-cpus=1", f"--temp-dir={temp_dir}",
-                    "--disable-usage-stats", f"--node-manager-port={_free_port()}",
-                    f"--object-manager-port={_free_port()}"],
-                   check=True, capture_output=True, timeout=120)
+    p = subprocess.run([RAY, "start", *args, "--num-cpus=1", f"--temp-dir={temp_dir}",
+                        "--disable-usage-stats", f"--node-manager-port={_free_port()}",
+                        f"--object-manager-port={_free_port()}"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, f"ray start {' '.join(args)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
 
 
 def _pids(marker: str) -> list[int]:
@@ -73,7 +74,11 @@ def _cmdline(pid: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head and a worker node on 127.0.0.1, each with its own temp dir and 1 CPU."""
+    """A head and a worker node on 127.0.0.1, each with its own temp dir and 1 CPU. Ray's
+    token authentication is off for this private loopback cluster (a ~/.ray/auth_token left by
+    another local Ray would otherwise switch it on for the head only)."""
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the nodes, the sweep's driver and its tasks
     head_dir = tempfile.mkdtemp(prefix="jxrh", dir="/tmp")
     worker_dir = tempfile.mkdtemp(prefix="jxrw", dir="/tmp")
     port = _free_port()
@@ -90,6 +95,10 @@ def cluster():
                     pass
         shutil.rmtree(head_dir, ignore_errors=True)
         shutil.rmtree(worker_dir, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
 
 
 def _worker_of(point_dir):
