@@ -14,24 +14,21 @@ Run:
       --search tpe --trials 15 --pruner asha
   jaxaccel bench sweep --search        # both, TPE + ASHA over 3 study seeds
 """
+import importlib.util
+import os
+
 from jaxaccel import sweep
-from jaxaccel.config import default_config
+
+_spec = importlib.util.spec_from_file_location(
+    "search_lenet300", os.path.join(os.path.dirname(os.path.abspath(__file__)), "search_lenet300.py"))
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
 
 
 def get_config():
-    config = default_config()
-    config.dataset.name = "mnist5k"
-    config.dataset.validation_split = 0.1
-    config.model.name = "lenet300_100"
-    config.batch_size = 60
-    config.eval_batch_size = 1000
-    config.num_steps = 2000
-    config.optimizer.name = "adamw"
+    """experiments/search_lenet300.py's config (searched keys aside: lr 1e-3)."""
+    config = _base.get_config()
     config.optimizer.lr = 1e-3
-    config.optimizer.weight_decay = 1e-4
-    config.eval_every = 250
-    config.log_every = 250
-    config.checkpoint_every = 1000
     return config
 
 

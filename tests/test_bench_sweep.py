@@ -78,13 +78,31 @@ def test_search_bench_tpe_asha_vs_the_grid(tmp_path, capsys):
         sweep.bench_search(experiment=str(exp), trials=2, seeds=1, steps=2, workdir=str(wd))
 
 
-def test_vectorized_search_bench_compares_the_same_suggestions(tmp_path):
-    """`bench sweep --search --search-vectorize` at a tiny size: 2 random suggestions trained
-    one by one and as one program, the same values (loop mode on one device is exact)."""
+def test_vectorized_search_bench_compares_the_same_suggestions(tmp_path, monkeypatch):
+    """`bench sweep --search --search-vectorize`: both arms through `search.run` on an
+    experiment whose get_search() keeps shapes, one study seed, the same suggestions; the
+    table and the largest objective difference. (That a vectorized search reproduces the
+    values trial by trial is tests/test_search.py's; here the search is stood in for.)"""
+    from jaxaccel.sweep import search
     exp = tmp_path / "exp.py"
     exp.write_text(TINY_SEARCH)
+    calls = []
+
+    def fake_run(experiment, workdir, **kw):
+        space = search.load_search(experiment)  # the wrapper's get_search() loads and keeps shapes
+        assert set(space) == {"optimizer.lr", "optimizer.weight_decay"}
+        calls.append(kw)
+        value = 0.5 if "vectorize" in kw else 0.5 + 1e-3
+        trials = [{"params": {"optimizer.lr": 1e-3 * (k + 1)}, "value": value}
+                  for k in range(kw["trials"])]
+        return search.SearchResult({"trials": trials}, list(range(kw["trials"])))
+
+    monkeypatch.setattr(search, "run", fake_run)
     out = sweep.bench_vectorized_search(experiment=str(exp), trials=2, steps=2, mode="loop")
-    assert out["trials"] == 2 and out["max_objective_difference"] == 0
+    assert [c.get("vectorize") for c in calls] == [None, "loop"]
+    assert all(c["sampler"] == "random" and c["trials"] == 2 for c in calls)
+    assert calls[1]["per_program"] == 2 and "num_steps=2" in calls[0]["overrides"]
+    assert out["trials"] == 2 and out["max_objective_difference"] == pytest.approx(1e-3)
     assert out["sequential_s"] > 0 and out["vectorized_s"] > 0
     assert out["table"]["rows"][1][0] == "one program (loop)"
     with pytest.raises(ValueError, match="--search-trials 1 must be >= 2"):

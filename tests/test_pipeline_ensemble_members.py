@@ -22,7 +22,8 @@ OVERRIDES = ({}, {"model.width": 0.5, "optimizer.name": "sgd", "optimizer.lr": 0
 def members(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("members"))
     config = tiny_config(**{"ensemble.members": 2, "dataset.validation_split": 0.2,
-                            "ensemble.combine": "logistic", "ensemble.overrides": OVERRIDES})
+                            "ensemble.combine": "logistic", "ensemble.overrides": OVERRIDES,
+                            "num_steps": 10})
     return wd, config, jaxaccel.train(config, wd)
 
 
@@ -30,7 +31,8 @@ def test_each_member_is_its_own_run_equal_to_a_separate_one(members, tmp_path):
     wd, config, results = members
     assert config_lib.sequential_members(config)
     single = str(tmp_path / "single")
-    jaxaccel.train(tiny_config(**{"dataset.validation_split": 0.2, **OVERRIDES[1]}), single)
+    jaxaccel.train(tiny_config(**{"dataset.validation_split": 0.2, "num_steps": 10,
+                                  **OVERRIDES[1]}), single)
     want = jaxaccel.load(single).variables["params"]
     got = jaxaccel.load(os.path.join(wd, "members", "member1")).variables["params"]
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -42,7 +44,7 @@ def test_each_member_is_its_own_run_equal_to_a_separate_one(members, tmp_path):
     assert record[1]["num_params"] < record[0]["num_params"]  # half width
     own = json.load(open(os.path.join(wd, "members", "member1", "results.json")))
     assert record[1]["test"]["accuracy"] == pytest.approx(own["test_accuracy"], abs=1e-9)
-    assert results["steps"] == 40 and results["test_accuracy"] == \
+    assert results["steps"] == 20 and results["test_accuracy"] == \
         results["ensemble"]["logistic"]["test"]["accuracy"]
     stored = json.load(open(os.path.join(wd, "ensemble.json")))
     assert stored["workdirs"] == ["members/member0", "members/member1"]

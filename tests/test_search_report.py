@@ -7,44 +7,19 @@ one line, exit 2."""
 import csv
 import json
 import os
-import textwrap
 
 from PIL import Image
 
 from jaxaccel import cli
 from jaxaccel.sweep import search, search_report
 from jaxaccel.sweep.points import format_value
-
-EXPERIMENT = '''
-from jaxaccel import sweep
-from jaxaccel.config import default_config
-
-def get_config():
-    c = default_config()
-    c.dataset.name = "digits"
-    c.dataset.validation_split = 0.2
-    c.model.name = "lenet300_100"
-    c.model.width = 0.25
-    c.batch_size = 32
-    c.eval_batch_size = 360
-    c.num_steps = 4
-    c.eval_every = 2
-    c.log_every = 4
-    c.checkpoint_every = 4
-    c.progress = False
-    c.parallel.num_devices = 1
-    return c
-
-def get_search():
-    return {"optimizer.lr": sweep.loguniform(1e-3, 3e-2),
-            "optimizer.weight_decay": sweep.loguniform(1e-5, 1e-3)}
-'''
-
+from test_search import write_experiment
 
 def experiment(tmp_path):
-    path = tmp_path / "exp.py"
-    path.write_text(textwrap.dedent(EXPERIMENT))
-    return str(path)
+    """test_search's tiny digits experiment, 4 steps, searching lr and weight decay."""
+    return write_experiment(tmp_path, '{"optimizer.lr": sweep.loguniform(1e-3, 3e-2), '
+                                      '"optimizer.weight_decay": sweep.loguniform(1e-5, 1e-3)}',
+                            extra="c.num_steps = 4")
 
 
 def fmt(v):
