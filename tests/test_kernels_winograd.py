@@ -157,6 +157,7 @@ def test_batch_sharded_step_runs_per_device_and_sums_the_filter_gradient():
     assert "f32[2,6,6,32]{3,2,1,0} custom-call(" in hlo  # the forward per device: 16 / 8 examples
     (val, (dk, dx)), (val1, (dk1, dx1)) = f(k, xs), jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(k, x)
     assert dx.sharding.spec[0] == "data"
+    _close(val, val1, 1e-5)  # the loss too, not only its gradients
     _close(dk, dk1, 1e-5)
     _close(dx, dx1, 1e-5)
     pm = jax.pmap(lambda x: W.conv(x, jnp.asarray(k)))(x.reshape(8, 2, 6, 6, 16))
