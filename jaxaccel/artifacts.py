@@ -127,12 +127,14 @@ def read_calibration(workdir: str, kind: str) -> tuple[dict, quant.QuantConfig, 
 
 
 def export_run(workdir: str, out: str, *, kind: str = "float", step: int | None = None,
-               format: str = "stablehlo") -> dict[str, Any]:
+               format: str = "stablehlo", onnx_weights: str | None = None) -> dict[str, Any]:
     """Export a run's final weights as an inference function of raw uint8 NHWC images (batch
     size free; `kind` float, fake-quant or int8): serialized StableHLO (`format` "stablehlo",
     `compress.export`) or an ONNX graph ("onnx": float or int8 QDQ, `compress.onnx_export`);
-    what was written. Every input is checked before the weights are read; the file appears
-    whole or not at all."""
+    what was written. `onnx_weights` ("uint8", the default, or "int8"): how an ONNX int8
+    graph stores its kernel codes (`onnx_export.export_int8`'s `weight_dtype`; "int8" is ONNX
+    Runtime's usual format, exact on VNNI CPUs). Every input is checked before the weights are
+    read; the file appears whole or not at all."""
     if kind not in EXPORT_KINDS:
         raise ValueError(f"export kind {kind!r} is not valid; choose one of: "
                          f"{', '.join(EXPORT_KINDS)}")
@@ -140,6 +142,12 @@ def export_run(workdir: str, out: str, *, kind: str = "float", step: int | None 
         raise ValueError(f"--format {format!r} is not valid; choose one of: "
                          f"{', '.join(EXPORT_FORMATS)}")
     onnx = format == "onnx"
+    if onnx_weights is not None and not (onnx and kind == "int8"):
+        raise ValueError(f"--onnx-weights {onnx_weights} sets an ONNX int8 graph's kernel "
+                         f"storage: use it with --format onnx --int8")
+    if onnx_weights is not None and onnx_weights not in onnx_export.WEIGHT_DTYPES:
+        raise ValueError(f"--onnx-weights {onnx_weights!r} is not valid; choose one of: "
+                         f"{', '.join(onnx_export.WEIGHT_DTYPES)}")
     if onnx and kind == "fake-quant":
         raise ValueError("--fake-quant exports StableHLO only (the simulation at any bit "
                          "width); --format onnx exports float, or int8 with --int8")
@@ -170,7 +178,8 @@ def export_run(workdir: str, out: str, *, kind: str = "float", step: int | None 
                                         input_shape=(1,) + tuple(spec.image_shape))
         if onnx:
             written = onnx_export.export_int8(model, variables, act_qparams, spec, out,
-                                              weight_config=weight_config)
+                                              weight_config=weight_config,
+                                              weight_dtype=onnx_weights or "uint8")
         elif kind == "int8":
             int8_model = int8.convert_int8(variables, act_qparams, weight_config=weight_config)
             exported = export.export_int8(model, int8_model, spec, out)

@@ -283,10 +283,15 @@ def test_trained_pruned_run_exports_onnx_that_plain_onnxruntime_runs(onnx_run, t
     assert len(raw) == 360 and acc_jax > 0.7, acc_jax
     assert agreement >= 0.995 and abs(acc_ort - acc_jax) <= 0.001 and abs(acc_ort - reported) <= 0.001, \
         (agreement, acc_ort, acc_jax, reported)
+    # --onnx-weights int8: kernel codes stored as int8 (ONNX Runtime's usual format, for VNNI)
+    _export(wd, tmp_path / "int8w.onnx", capsys, "--int8", "--onnx-weights", "int8")
+    stored = {i.name.rsplit("_", 1)[0]: i.data_type
+              for i in onnx.load(str(tmp_path / "int8w.onnx")).graph.initializer}
+    assert stored.get("w_int8") == onnx.TensorProto.INT8 and "w_uint8" not in stored, stored
 
 
 @pytest.mark.parametrize("case", ["format", "fake_quant", "missing_dir", "no_calibration",
-                                  "bfloat16"])
+                                  "bfloat16", "onnx_weights", "onnx_weights_float"])
 def test_bad_onnx_export_input_is_one_line_and_exit_2(case, onnx_run, tmp_path, capsys,
                                                       monkeypatch):
     monkeypatch.delenv("JAXACCEL_DEBUG", raising=False)
@@ -313,6 +318,10 @@ def test_bad_onnx_export_input_is_one_line_and_exit_2(case, onnx_run, tmp_path, 
                                    ["calibration.json", 'stage("quantize", "quantize"']),
         "bfloat16": lambda: ([copy({"dtype": "bfloat16"}), "--out", str(out), "--format", "onnx"],
                              ["cannot express bfloat16", "layer 'CNNBN"]),
+        "onnx_weights": lambda: ([wd, "--out", str(out), "--format", "onnx", "--int8",
+                                  "--onnx-weights", "int4"], ["--onnx-weights 'int4'", "uint8, int8"]),
+        "onnx_weights_float": lambda: ([wd, "--out", str(out), "--format", "onnx",
+                                        "--onnx-weights", "int8"], ["--format onnx --int8"]),
     }
     args, needles = cases[case]()
     assert cli.main(["compress", "export", *args]) == 2

@@ -73,6 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--format", default="stablehlo", metavar="{stablehlo,onnx}",
                    help="stablehlo (default: jax.export, loads with plain jax) or onnx (ONNX "
                         "Runtime; needs pip install 'jaxaccel[onnx]')")
+    e.add_argument("--onnx-weights", default=None, metavar="{uint8,int8}",
+                   help="--format onnx --int8: store kernel codes as uint8 + 128 (default: "
+                        "exact in ONNX Runtime on CPUs without VNNI) or int8 (ONNX Runtime's "
+                        "usual format, for VNNI CPUs)")
     s = sub.add_parser("sensitivity", help="per-layer accuracy when only that layer is pruned "
                                            "or quantized; per-layer sparsity and bits for a "
                                            "size or MAC target",
@@ -190,7 +194,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError("choose one of --int8 and --fake-quant (neither: float)")
     kind = "int8" if args.int8 else "fake-quant" if args.fake_quant else "float"
     info = artifacts.export_run(args.workdir, args.out, kind=kind, step=args.step,
-                                format=args.format)
+                                format=args.format, onnx_weights=args.onnx_weights)
     h, w, c = info["image_shape"]
     if info["format"] == "onnx":
         print(f"wrote {info['path']}: {kind} inference of {info['workdir']} (step "
