@@ -109,6 +109,13 @@ def _has_convs(config: ml_collections.ConfigDict, num_classes: int,
     return any(len(x.shape) == 4 for x in jax.tree.leaves(shapes["params"]))
 
 
+def builtin(config: ml_collections.ConfigDict, reason: str) -> Choice:
+    """What `config.model.conv_impl` means without timing anything: a concrete one as given,
+    "auto" as the model's built-in default (`resolve_conv_impl` with its AUTO_CPU_CONV_IMPL)."""
+    static = getattr(models.MODELS.get(config.model.name), "AUTO_CPU_CONV_IMPL", "cpu")
+    return Choice(resolve_conv_impl(config.model.conv_impl, static), reason)
+
+
 def choose(config: ml_collections.ConfigDict, *, mode: str = "train",
            batch: int | None = None, image_shape: tuple[int, ...] | None = None) -> Choice:
     """What `config.model.conv_impl` means for this run: forced, measured (or cached), or
@@ -118,18 +125,16 @@ def choose(config: ml_collections.ConfigDict, *, mode: str = "train",
     if mode not in MODES:
         raise ValueError(f"autotune mode {mode!r}: choose one of {', '.join(MODES)}")
     impl = config.model.conv_impl
-    static = getattr(models.MODELS.get(config.model.name), "AUTO_CPU_CONV_IMPL", "cpu")
     if impl != "auto":
-        return Choice(resolve_conv_impl(impl, static), "forced by model.conv_impl")
+        return builtin(config, "forced by model.conv_impl")
     if jax.default_backend() != "cpu":
         return Choice("xla", f"not tuned on {jax.default_backend()} (one candidate)")
-    default = resolve_conv_impl("auto", static)
     if not enabled():
-        return Choice(default, f"the model's default ({ENV_SWITCH}=off)")
+        return builtin(config, f"the model's default ({ENV_SWITCH}=off)")
     spec = data.spec_for(config.dataset)
     image_shape = tuple(int(d) for d in (image_shape or spec.image_shape))
     if not _has_convs(config, spec.num_classes, image_shape):
-        return Choice(default, "no convs to tune")
+        return builtin(config, "no convs to tune")
     batch = int(batch or (config.batch_size if mode == "train" else config.eval_batch_size))
     key = tune_key(config.model, image_shape, batch, mode)
     return cached_or_measured(

@@ -99,10 +99,12 @@ def _class_names(workdir: str, spec: data.DatasetSpec) -> tuple[str, ...]:
     return tuple(io.read_json(record)["class_names"]) if os.path.isfile(record) else spec.names()
 
 
-def load(workdir: str, step: int | None = None) -> Loaded:
+def load(workdir: str, step: int | None = None, *, tune: bool = True) -> Loaded:
     """Load a run's model and variables (newest usable checkpoint unless `step` is given).
 
-    Reads only: a corrupt newest checkpoint is reported and skipped, never moved.
+    With `tune`, the model predicts with the conv implementation `autotune` chooses for
+    inference (measured on first use; the same parameters). Reads only: a corrupt newest
+    checkpoint is reported and skipped, never moved.
     """
     config = read_config(workdir)
     members = member_workdirs(workdir)
@@ -111,7 +113,7 @@ def load(workdir: str, step: int | None = None) -> Loaded:
             raise ValueError(f"{workdir!r} is an ensemble of {len(members)} runs of their own; "
                              f"step={step} names no checkpoint of it (load a member's workdir "
                              f"under {MEMBERS_DIR}/ for that)")
-        runs = [load(m) for m in members]
+        runs = [load(m, tune=tune) for m in members]
         model = _combined(tuple(r.model for r in runs), workdir)
         variables = {"params": tuple(r.variables["params"] for r in runs),
                      "batch_stats": tuple(r.variables["batch_stats"] for r in runs)}
@@ -150,8 +152,9 @@ def load(workdir: str, step: int | None = None) -> Loaded:
     params = prune.apply_masks(state.params, prune.get_masks(state.opt_state))
     variables = {"params": params, "batch_stats": state.batch_stats}
     model, predict_fn = setup.model, setup.predict_fn
-    tuned = autotune.choose(config, mode="infer")  # what conv_impl "auto" means for inference
-    if getattr(model, "conv_impl", tuned.impl) != tuned.impl and "states" not in payload:
+    tuned = autotune.choose(config, mode="infer") if tune else None  # "auto" for inference
+    if tuned is not None and getattr(model, "conv_impl", tuned.impl) != tuned.impl \
+            and "states" not in payload:
         model = model.clone(conv_impl=tuned.impl)  # the same parameters, another lowering
         predict_fn = predict_function(model, setup.spec)
     if "states" in payload:  # an ensemble run: its members combined as the run combined them
@@ -209,7 +212,7 @@ def final_weights(workdir: str, step: int | None = None) -> FinalWeights:
     the newest checkpoint are applied again to its weights (magnitude pruning is
     deterministic). ``bits`` follows `weight_bits` over the stages the weights went through.
     """
-    loaded = load(workdir, step)
+    loaded = load(workdir, step, tune=False)  # weights, not speed: reports, packages, exports
     config = loaded.config
     spec = data.spec_for(config.dataset)
     if loaded.step is None:  # an ensemble of runs of their own (`member_workdirs`)

@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxaccel import checkpoint as ckpt_lib
 from jaxaccel import config as config_lib
-from jaxaccel import autotune, data, io, loading, metrics, models, parallel, stacked
+from jaxaccel import autotune, data, io, loading, metrics, parallel, stacked
 from jaxaccel import stages as stages_lib
 from jaxaccel.compress import distill as distill_lib
 from jaxaccel.compress import saliency
@@ -795,9 +795,7 @@ def conv_impl_choice(config: ml_collections.ConfigDict, workdir: str,
                                    + str(saved.get("reason", "")), saved.get("key", ""),
                                    saved.get("timings_ms"))
     if num_processes > 1 and config.model.conv_impl == "auto":
-        static = getattr(models.MODELS.get(config.model.name), "AUTO_CPU_CONV_IMPL", "cpu")
-        return autotune.Choice(models.resolve_conv_impl("auto", static),
-                               "the model's default (a multi-process run is not tuned)")
+        return autotune.builtin(config, "the model's default (a multi-process run is not tuned)")
     return autotune.choose(config, mode="train")
 
 

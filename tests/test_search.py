@@ -162,13 +162,18 @@ def test_search_resumes_after_a_kill_and_counts_trials_in_total(tmp_path):
      ["--pruner asha", "--vectorize"]),
     ('{"optimizer.lr": [1e-3, 1e-2]}', "", ["--vectorize", "--vectorize-trials", "1"],
      ["--vectorize-trials=1"]),
+    ('{"optimizer.lr": [1e-3, 1e-2]}', "", ["--vectorize-trials", "3"],
+     ["--vectorize-trials 3", "add --vectorize"]),
+    ('{"optimizer.lr": [1e-3, 1e-2]}', "", ["--trial-gpus", "1"],
+     ["--trial-gpus", "add --engine ray"]),
     ('{"optimizer.lr": [1e-3, 1e-2]}', "", ["--storage", "sqlite:////no/such/dir/study.db"],
      ["--storage sqlite:////no/such/dir/study.db", "cannot be opened"]),
     ('{"optimizer.lr": [1e-3, 1e-2]}', "", ["--storage", "postgresql://u@127.0.0.1:1/db"],
      ["--storage", "cannot be opened"]),
 ], ids=["unknown-key", "uniform-on-str", "choice-type", "uniform-on-int", "trials", "no-val",
         "no-get-search", "grid-not-choice", "cmaes-choice", "workers", "pruner-no-eval",
-        "vectorize-shapes", "vectorize-pruner", "vectorize-k", "storage-missing-dir",
+        "vectorize-shapes", "vectorize-pruner", "vectorize-k", "vectorize-k-alone",
+        "trial-gpus-local", "storage-missing-dir",
         "storage-unreachable"])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, space, extra, args, words):
     exp = write_experiment(tmp_path, space, extra)

@@ -35,10 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--address", default=None,
                    help="HOST:PORT of a running Ray cluster's head (default: start a local "
                         "Ray for this sweep and stop it after)")
-    r.add_argument("--trial-cpus", type=float, default=1.0,
-                   help="CPUs each point asks Ray for (one point per slot)")
-    r.add_argument("--trial-gpus", type=float, default=0.0,
-                   help="GPUs each point asks Ray for (Ray sets CUDA_VISIBLE_DEVICES)")
+    r.add_argument("--trial-cpus", type=float, default=None,
+                   help="--engine ray: CPUs each point asks Ray for (default 1; one point per "
+                        "slot)")
+    r.add_argument("--trial-gpus", type=float, default=None,
+                   help="--engine ray: GPUs each point asks Ray for (default 0; Ray sets "
+                        "CUDA_VISIBLE_DEVICES)")
     s = p.add_argument_group("search (an Optuna study over the experiment's get_search())")
     s.add_argument("--search", default=None, choices=("tpe", "random", "grid", "cmaes"),
                    help="sample get_search()'s space with this Optuna sampler instead of "
@@ -60,15 +62,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--run-trial", type=int, default=None, metavar="N",
                    help="train only trial N, already asked by a search on Ray (what its Ray "
                         "tasks run)")
-    s.add_argument("--vectorize-trials", type=int, default=4, metavar="K",
-                   help="with --vectorize: ask K suggestions at once and train them as one "
-                        "compiled program (searched keys must keep shapes; no pruner)")
+    s.add_argument("--vectorize-trials", type=int, default=None, metavar="K",
+                   help="with --vectorize: ask K suggestions at once (default 4) and train "
+                        "them as one compiled program (searched keys must keep shapes; no "
+                        "pruner)")
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from jaxaccel import parallel
     if args.workers < 0:
         raise ValueError(f"--workers={args.workers} must be >= 0")
+    if args.engine != "ray":  # nothing a user wrote is silently ignored
+        ray_only = [f for f, v in (("--trial-cpus", args.trial_cpus),
+                                   ("--trial-gpus", args.trial_gpus)) if v is not None]
+        if ray_only:
+            raise ValueError(f"{ray_only[0]} sets what a Ray task asks for: add --engine ray")
     if args.search:
         return run_search(args, overrides)
     given = [f for f, v in (("--trials", args.trials), ("--storage", args.storage),
@@ -76,7 +84,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
                             ("--objective", None if args.objective == "validation_accuracy"
                              else args.objective),
                             ("--study-seed", args.study_seed or None),
-            ("--vectorize-trials", None if args.vectorize_trials == 4 else args.vectorize_trials)
+            ("--vectorize-trials", args.vectorize_trials), ("--run-trial", args.run_trial)
             ) if v is not None]
     if given:
         raise ValueError(f"{given[0]} belongs to a search: add --search tpe|random|grid|cmaes")
@@ -87,8 +95,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             parallel.set_cpu_devices(args.cpu_devices)  # before the backend starts
     result = sweep.run(args.config, args.workdir, overrides=overrides, workers=args.workers,
                        vectorize=args.vectorize, report=not args.no_report,
-                       engine=args.engine, address=args.address,
-                       trial_cpus=args.trial_cpus, trial_gpus=args.trial_gpus)
+                       engine=args.engine, address=args.address, **_trial_resources(args))
     if not args.no_report:  # the table of results.md, so the results are seen at once
         from jaxaccel.sweep import report as report_lib
         print("\n".join(report_lib.results_table(report_lib.collect(args.workdir))) + "\n")
@@ -107,6 +114,9 @@ def run_search(args: argparse.Namespace, overrides: list[str]) -> int:
                          "K at once with --vectorize); --workers is not supported with it")
     if args.trials is None:
         raise ValueError("--search needs --trials N (trials in total)")
+    if args.vectorize_trials is not None and not args.vectorize:
+        raise ValueError(f"--vectorize-trials {args.vectorize_trials} is how many trials "
+                         f"--vectorize trains as one program: add --vectorize")
     from jaxaccel import parallel
     from jaxaccel.sweep import search
     overrides = list(overrides)
@@ -122,9 +132,8 @@ def run_search(args: argparse.Namespace, overrides: list[str]) -> int:
     result = search.run(args.config, args.workdir, sampler=args.search, trials=args.trials,
                         objective=args.objective, pruner=args.pruner, storage=args.storage,
                         study_seed=args.study_seed, overrides=overrides,
-                        vectorize=args.vectorize, per_program=args.vectorize_trials,
-                        engine=args.engine, address=args.address, trial_cpus=args.trial_cpus,
-                        trial_gpus=args.trial_gpus)
+                        vectorize=args.vectorize, per_program=args.vectorize_trials or 4,
+                        engine=args.engine, address=args.address, **_trial_resources(args))
     if not args.no_report:  # search.md, trials.csv and plots, as `jaxaccel report W` builds
         from jaxaccel.sweep import search_report
         search_report.build(args.workdir)
@@ -135,3 +144,9 @@ def run_search(args: argparse.Namespace, overrides: list[str]) -> int:
     for t in result.failed:
         print(f"  failed trial {t['number']}: {t.get('error', '')}")
     return 1 if result.failed else 0
+
+
+def _trial_resources(args: argparse.Namespace) -> dict[str, float]:
+    """--trial-cpus / --trial-gpus as given, else Ray's defaults here: 1 CPU, no GPU."""
+    return {"trial_cpus": 1.0 if args.trial_cpus is None else args.trial_cpus,
+            "trial_gpus": 0.0 if args.trial_gpus is None else args.trial_gpus}

@@ -43,15 +43,6 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def _check_spec(spec: data.DatasetSpec | str) -> data.DatasetSpec:
-    if isinstance(spec, str):
-        spec = data.dataset_spec(spec)
-    if not isinstance(spec, data.DatasetSpec):
-        raise ValueError(f"spec must be the model's jaxaccel.data.DatasetSpec (or a dataset name), "
-                         f"got {spec!r}")
-    return spec
-
-
 def export_inference(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int], path: str | os.PathLike,
                      *, dtype=jnp.float32, batch_size: int | None = None) -> jax_export.Exported:
     """Export `fn(images) -> logits` to `path`; returns the Exported.
@@ -116,7 +107,7 @@ def _raw_pixels(fn: Callable[[jax.Array], jax.Array],
 def export_float(model: nn.Module, variables: Mapping, spec: data.DatasetSpec | str,
                  path: str | os.PathLike, *, batch_size: int | None = None) -> jax_export.Exported:
     """Export the eval-mode float model as a function of raw uint8 images of `spec.image_shape`."""
-    spec = _check_spec(spec)
+    spec = data.as_spec(spec)
     variables, model = _host(variables), _portable(model, batch_size is None)
     return export_inference(
         _raw_pixels(lambda x: model.apply(variables, x, train=False), spec),
@@ -130,7 +121,7 @@ def export_fake_quant(model: nn.Module, variables: Mapping, act_qparams: Mapping
     """Export the fake-quant simulation (`quant.apply_fake_quant`) of raw uint8 images; weights
     are quantized once, here. `model`/`variables` are the ones `act_qparams` were calibrated on
     (the BN-folded model when they come from the pipeline's quantize stage)."""
-    spec = _check_spec(spec)
+    spec = data.as_spec(spec)
     skip, model = tuple(skip), _portable(model, batch_size is None)
     variables = dict(_host(variables))
     if weight_config is not None:
@@ -152,7 +143,7 @@ def export_int8(model: nn.Module, int8_model: Int8Model, spec: data.DatasetSpec 
     backend to "im2col" (CPU) or "native", never to the process-local "cpu_kernel" custom call;
     pass "native" for an artifact meant for GPU/TPU when exporting on a CPU host.
     """
-    spec = _check_spec(spec)
+    spec = data.as_spec(spec)
     int8_model, model = _host(int8_model), _portable(model, batch_size is None)
     lowering = resolve_conv_lowering(conv_lowering, portable=True)  # a bad name fails here, before tracing
     return export_inference(

@@ -731,15 +731,6 @@ def _unstacked(model: Any, variables: Mapping) -> tuple[Any, Mapping]:
              "batch_stats": tuple(m.get("batch_stats", {}) for m in members)})
 
 
-def _check_spec(spec: data.DatasetSpec | str) -> data.DatasetSpec:
-    if isinstance(spec, str):
-        spec = data.dataset_spec(spec)
-    if not isinstance(spec, data.DatasetSpec):
-        raise ValueError(f"spec must be the model's jaxaccel.data.DatasetSpec (or a dataset name), "
-                         f"got {spec!r}")
-    return spec
-
-
 def _num_classes(model: Any) -> int:
     return int(model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value)
 
@@ -748,7 +739,7 @@ def export_float(model: Any, variables: Mapping, spec: data.DatasetSpec | str,
                  path: str | os.PathLike) -> dict[str, Any]:
     """Write the eval-mode float model (or ensemble) as ONNX: raw uint8 images of
     `spec.image_shape` in, float32 logits out. Returns {"bytes", "num_classes", "nodes", "opset"}."""
-    spec = _check_spec(spec)
+    spec = data.as_spec(spec)
     model, variables = _unstacked(_plain(model), jax.device_get(variables))
     proto = to_onnx(lambda x: model.apply(variables, data.normalize(x, spec), train=False),
                     spec.image_shape, doc="jaxaccel float inference: raw uint8 NHWC images -> logits",
@@ -782,7 +773,7 @@ def export_int8(model: Any, variables: Mapping, act_qparams: Mapping[str, QParam
     test images. uint8 x uint8 does not saturate, hence the default; "int8" is ONNX Runtime's
     usual format, exact on VNNI CPUs.
     """
-    spec = _check_spec(spec)
+    spec = data.as_spec(spec)
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype {weight_dtype!r} is not valid; choose one of: "
                          f"{', '.join(WEIGHT_DTYPES)}")

@@ -57,6 +57,7 @@ __all__ = [
     "Splits",
     "Subset",
     "TrainBatches",
+    "as_spec",
     "dataset_spec",
     "default_data_dir",
     "eval_batches",
@@ -179,6 +180,17 @@ def list_datasets(data_dir: str | None = None) -> list[DatasetStatus]:
     first use, catalog datasets must be prepared elsewhere."""
     return [DatasetStatus(name, spec.kind, is_prepared(name, data_dir=data_dir))
             for name, spec in DATASETS.items()]
+
+
+def as_spec(spec: DatasetSpec | str) -> DatasetSpec:
+    """`spec` itself, or the spec of the built-in dataset it names; ValueError otherwise (what
+    exporters take to know a model's input shape and normalisation)."""
+    if isinstance(spec, str):
+        spec = dataset_spec(spec)
+    if not isinstance(spec, DatasetSpec):
+        raise ValueError(f"spec must be the model's jaxaccel.data.DatasetSpec (or a dataset name), "
+                         f"got {spec!r}")
+    return spec
 
 
 def dataset_spec(name: str, *, path: str | None = None, data_dir: str | None = None,

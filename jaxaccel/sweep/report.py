@@ -647,17 +647,23 @@ def plot_plan(records: Sequence[RunRecord]) -> dict[str, Callable[[str], None]]:
     return plan
 
 
-def remove_stale_plots(workdir: str, keep: Sequence[str]) -> list[str]:
-    """Delete the `accuracy_vs_*.png` a previous report wrote that no longer apply (e.g. the
-    sparsity plot once no finished point is sparse), so no plot shows what does not vary."""
-    removed = []
+def write_plots(workdir: str, plan: dict[str, Callable[[str], None]],
+                owned: Callable[[str], bool], *, plots: bool, paths: dict[str, str]) -> list[str]:
+    """Delete the plots (`owned(name)`: a .png this report writes) a previous report wrote
+    that `plan` no longer has (e.g. the sparsity plot once no finished point is sparse), so no
+    plot shows what does not vary; then, with `plots`, draw `plan`'s into `workdir`. Returns
+    the names written; `paths[stem]` gets each one's path."""
     for name in sorted(os.listdir(workdir)):
         path = os.path.join(workdir, name)
-        if (name.startswith(KEY_PLOT_PREFIX) and name.endswith(".png") and name not in keep
-                and os.path.isfile(path)):
+        if name.endswith(".png") and owned(name) and name not in plan and os.path.isfile(path):
             os.remove(path)
-            removed.append(name)
-    return removed
+    written = []
+    if plots:
+        for name, draw in plan.items():
+            draw(os.path.join(workdir, name))
+            written.append(name)
+            paths[name[:-4]] = os.path.join(workdir, name)
+    return written
 
 
 # ----------------------------------------------------------------------------------------
@@ -676,13 +682,8 @@ def build(workdir: str, *, plots: bool = True) -> dict[str, str]:
     stages_path = os.path.join(workdir, "stages.csv")
     if write_stages_csv(stages_path, records):
         paths["stages_csv"] = stages_path
-    plan = plot_plan(records)
-    remove_stale_plots(workdir, list(plan))
-    written = []
-    if plots:
-        for name, draw in plan.items():
-            draw(os.path.join(workdir, name))
-            written.append(name)
-            paths[name[:-4]] = os.path.join(workdir, name)
+    written = write_plots(workdir, plot_plan(records),
+                          lambda name: name.startswith(KEY_PLOT_PREFIX), plots=plots,
+                          paths=paths)
     write_markdown(paths["md"], records, os.path.basename(os.path.abspath(workdir)), written)
     return paths

@@ -582,19 +582,6 @@ def plot_plan(body: dict, trial_curves: dict[int, list], imp: dict[str, float] |
     return plan
 
 
-def remove_stale_plots(workdir: str, keep: Sequence[str]) -> list[str]:
-    """Delete the search plots a previous report wrote that no longer apply."""
-    removed = []
-    for name in sorted(os.listdir(workdir)):
-        path = os.path.join(workdir, name)
-        if (name.endswith(".png") and (name.startswith(KEY_PLOT_PREFIX)
-                                       or name in (HISTORY_PLOT, IMPORTANCES_PLOT))
-                and name not in keep and os.path.isfile(path)):
-            os.remove(path)
-            removed.append(name)
-    return removed
-
-
 # ----------------------------------------------------------------------------------------
 # Everything
 # ----------------------------------------------------------------------------------------
@@ -612,13 +599,9 @@ def build(workdir: str, *, plots: bool = True) -> tuple[dict[str, str], dict[str
     imp, why = importances(body)
     paths = {"md": os.path.join(workdir, SEARCH_MD), "csv": os.path.join(workdir, TRIALS_CSV)}
     write_trials_csv(paths["csv"], body, trial_curves)
-    plan = plot_plan(body, trial_curves, imp)
-    remove_stale_plots(workdir, list(plan))
-    written = []
-    if plots:
-        for name, draw in plan.items():
-            draw(os.path.join(workdir, name))
-            written.append(name)
-            paths[name[:-4]] = os.path.join(workdir, name)
+    written = sweep_report.write_plots(
+        workdir, plot_plan(body, trial_curves, imp),
+        lambda name: name.startswith(KEY_PLOT_PREFIX) or name in (HISTORY_PLOT, IMPORTANCES_PLOT),
+        plots=plots, paths=paths)
     write_markdown(paths["md"], workdir, body, trial_curves, imp, why, written)
     return paths, body
