@@ -21,10 +21,10 @@ needs_kernel = pytest.mark.skipif(not AVX2_HOST or compiler() is None,
 
 @needs_kernel
 def test_build_is_cached_by_source_and_flags(monkeypatch):
-    path = K.KERNEL.build()
+    path = K.library().build()
     mtime = path.stat().st_mtime_ns
-    assert K.KERNEL.build() == path and path.stat().st_mtime_ns == mtime  # loaded, not rebuilt
-    monkeypatch.setattr(K, "KERNEL", dataclasses.replace(K.KERNEL, extra_flags=("-DJAXACCEL_TEST",)))
+    assert K.library().build() == path and path.stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    monkeypatch.setitem(K.KERNELS, K.isa(), dataclasses.replace(K.library(), extra_flags=("-DJAXACCEL_TEST",)))
     assert K.kernel_path() != path  # other flags (or source, compiler, jaxlib): another library
 
 
@@ -32,7 +32,7 @@ def test_a_failing_compiler_is_reported_and_leaves_no_library(tmp_path, monkeypa
     monkeypatch.setenv("JAXACCEL_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
     with pytest.raises(RuntimeError, match="^false .*kernels/int8.cc.* failed"):
-        K.KERNEL.build()
+        K.library("avx2").build()
     assert not list(tmp_path.glob("*.so"))  # nothing half-written is left to load later
 
 
@@ -41,22 +41,41 @@ def test_cache_dir_compiler_and_flags_follow_the_environment(tmp_path, monkeypat
     assert build.cache_dir() == tmp_path
     monkeypatch.setenv("CXX", "/opt/my-c++")
     assert build.compiler() == "/opt/my-c++"
-    kernel = dataclasses.replace(K.KERNEL, extra_flags=("-DX",))
+    kernel = dataclasses.replace(K.library("avx512_vnni"), extra_flags=("-DX",))
     assert kernel.flags[0] == "-O3" and kernel.flags[-1] == "-DX"
-    assert all(f"-m{f}" in kernel.flags for f in kernel.features)
+    assert {"-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vnni"} <= set(kernel.flags)
+    assert kernel.path() != K.library("avx2").path()  # one library per ISA
     path = kernel.path()
     assert path.parent == tmp_path and path.name.startswith("int8-") and path.suffix == ".so"
     monkeypatch.setenv("CXX", "/opt/other-c++")
     assert kernel.path() != path  # another compiler: another library
 
 
-def test_a_kernel_that_cannot_run_here_says_why():
+def test_a_kernel_that_cannot_run_here_says_why(monkeypatch):
     assert not build.cpu_has(("no_such_cpu_flag",))
-    kernel = build.CpuKernel(source=K.KERNEL.source, features=("no_such_cpu_flag",),
+    monkeypatch.setitem(build.ISAS, "future", build.Isa("future", ("avx2", "no_such_cpu_flag"), ()))
+    kernel = build.CpuKernel(source=K.library("avx2").source, isa="future",
                              symbols={}, fallback="im2col runs instead")
     reason = kernel.unavailable_reason()
     assert reason.startswith("the CPU (") and "lacks NO_SUCH_CPU_FLAG" in reason
     assert not kernel.available() and kernel.unavailable_reason() == reason  # checked once
+
+
+def test_the_host_isa_is_the_widest_the_cpu_has_capped_by_the_environment(monkeypatch):
+    monkeypatch.delenv("JAXACCEL_KERNEL_ISA", raising=False)
+    runnable = [i for i in build.ISA_ORDER if build.cpu_has(build.ISAS[i].cpu_flags)]
+    assert build.host_isa(build.ISA_ORDER) == (runnable[-1] if runnable else "avx2")
+    assert build.host_isa(("avx2",)) == "avx2"  # a kernel with AVX2 code only
+    if build.cpu_has(build.ISAS["avx2"].cpu_flags):
+        monkeypatch.setenv("JAXACCEL_KERNEL_ISA", "avx2")  # the portable path on any AVX2 CPU
+        assert build.host_isa(build.ISA_ORDER) == "avx2"
+    monkeypatch.setenv("JAXACCEL_KERNEL_ISA", "avx1024")
+    with pytest.raises(ValueError, match=r"^JAXACCEL_KERNEL_ISA='avx1024' is not one of avx2, avx512, avx512_vnni$"):
+        build.host_isa(build.ISA_ORDER)
+    if not build.cpu_has(build.ISAS["avx512_vnni"].cpu_flags):
+        monkeypatch.setenv("JAXACCEL_KERNEL_ISA", "avx512_vnni")
+        with pytest.raises(ValueError, match="needs the CPU flags avx2 fma avx512f .*avx512_vnni; this CPU has"):
+            build.host_isa(build.ISA_ORDER)
 
 
 def test_vmap_sequentially_maps_one_call_per_index():

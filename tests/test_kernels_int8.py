@@ -15,6 +15,7 @@ from jax import lax
 from jaxaccel.compress import int8 as i8
 from jaxaccel.compress import quant as q
 from jaxaccel.kernels import int8 as K
+from jaxaccel.kernels import build
 from jaxaccel.kernels.build import compiler
 from jaxaccel.models import get_model, init_variables
 from jaxaccel.models.conv_impls import microbatch_count, resolve_conv_impl
@@ -65,6 +66,54 @@ def test_conv_equals_xla_integer_conv(n, h, w, cin, cout, kh, kw, sh, sw, unsign
     np.testing.assert_array_equal(np.asarray(got), _reference(x, kernel, (sh, sw), pool))
 
 
+SIMDE_HEADER = Path("/usr/include/simde/x86/avx512.h")  # Debian/Ubuntu libsimde-dev (`make test` installs it)
+
+
+def _skip_unless_runnable(isa):
+    if isa.endswith("_simde"):
+        if not AVX2_HOST or compiler() is None or not SIMDE_HEADER.exists():
+            pytest.skip(f"the emulated AVX-512 VNNI path needs AVX2, a C++ compiler and {SIMDE_HEADER} (libsimde-dev)")
+    elif not build.cpu_has(build.ISAS[isa].cpu_flags) or compiler() is None:
+        pytest.skip(f"this CPU lacks {isa} ({build.vector_features() or 'no x86 vector flags'})")
+
+
+# Kernel paths the host's default may not take: K odd / not a multiple of 4 (quads padding),
+# channels off the 16-blocks, strides, fused pooling, Winograd, 1x1; both code types.
+ISA_CASES = [  # n, h, w, cin, cout, kh, kw, sh, sw, unsigned, pool
+    (2, 7, 9, 3, 8, 3, 3, 1, 1, True, 1), (1, 9, 8, 5, 20, 2, 3, 2, 1, False, 2),
+    (2, 6, 7, 16, 32, 3, 3, 1, 1, False, 1), (2, 8, 7, 32, 16, 3, 3, 1, 1, True, 2),
+    (1, 5, 5, 37, 19, 1, 1, 1, 1, False, 1), (3, 6, 5, 7, 33, 3, 2, 1, 2, False, 2),
+]
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx512_vnni", "avx512_vnni_simde"])
+def test_every_isa_equals_the_portable_avx2_path(isa):
+    """The AVX-512 (vpmaddwd on zmm) and AVX-512 VNNI (vpdpbusd quads, int8 codes shifted by 128;
+    vpdpwssd Winograd) libraries give the AVX2 library's integers, exactly, extreme codes included.
+    Each runs natively where the CPU has it; the VNNI code also runs everywhere under SIMDe."""
+    _skip_unless_runnable(isa)
+    assert K.available(isa), K.unavailable_reason(isa)
+    conv = jax.jit(K.conv_acc, static_argnums=(2, 3, 4))
+    for i, (n, h, w, cin, cout, kh, kw, sh, sw, unsigned, pool) in enumerate(ISA_CASES):
+        rng = np.random.default_rng(i)
+        lo = 0 if unsigned else -128
+        x = rng.integers(lo, lo + 256, (n, h, w, cin)).astype(np.uint8 if unsigned else np.int8)
+        x.flat[:2] = lo, lo + 255
+        kernel = rng.integers(-128, 128, (kh, kw, cin, cout)).astype(np.int8)
+        kernel.flat[:2] = -128, 127
+        args = (jnp.asarray(x), jnp.asarray(kernel), (sh, sw), pool)
+        got = np.asarray(conv(*args, isa))
+        np.testing.assert_array_equal(got, _reference(x, kernel, (sh, sw), pool), err_msg=str(ISA_CASES[i]))
+        if AVX2_HOST:
+            np.testing.assert_array_equal(got, np.asarray(conv(*args, "avx2")))
+        kind = "winograd" if K.winograd_ok(x.shape, kernel.shape, (sh, sw)) else "conv"
+        assert f"@{K.target(kind, isa)}(" in conv.lower(*args, isa).as_text()
+    x = rng.integers(-128, 128, (3, 41)).astype(np.int8)
+    w = rng.integers(-128, 128, (41, 18)).astype(np.int8)
+    np.testing.assert_array_equal(np.asarray(jax.jit(K.matmul_acc, static_argnums=2)(x, w, isa)),
+                                  x.astype(np.int64) @ w.astype(np.int64))
+
+
 @needs_kernel
 def test_matmul_keeps_leading_dims_and_is_exact():
     rng = np.random.default_rng(0)
@@ -106,7 +155,7 @@ def test_winograd_convs_are_exact(n, h, w, c16, k16, unsigned, pool, extreme, se
         kernel = np.where(np.indices(kernel.shape).sum(0) % 3 == 0, 127, -128).astype(np.int8)
     assert K.winograd_ok(x.shape, kernel.shape, (1, 1))
     got = jax.jit(K.conv_acc, static_argnums=(2, 3))(jnp.asarray(x), jnp.asarray(kernel), (1, 1), pool)
-    assert f"@{K.WINOGRAD_TARGET}(" in jax.jit(K.conv_acc, static_argnums=(2, 3)).lower(
+    assert f"@{K.target('winograd')}(" in jax.jit(K.conv_acc, static_argnums=(2, 3)).lower(
         jnp.asarray(x), jnp.asarray(kernel), (1, 1), pool).as_text()
     np.testing.assert_array_equal(np.asarray(got), _reference(x, kernel, (1, 1), pool))
     assert not K.winograd_ok(x.shape, (3, 3, 208, 16), (1, 1))  # > 192 inputs could overflow int32
@@ -124,12 +173,12 @@ def test_cnn3_int8_runs_every_layer_in_the_kernel_with_pooling_fused():
     run = {low: jax.jit(lambda m, x, low=low: i8.int8_apply(model, m, x, conv_lowering=low))
            for low in ("cpu_kernel", "im2col")}
     hlo = run["cpu_kernel"].lower(qm, x).as_text().splitlines()
-    calls = [line for line in hlo if f"@{K.TARGET}(" in line or f"@{K.WINOGRAD_TARGET}(" in line]
+    calls = [line for line in hlo if f"@{K.target()}(" in line or f"@{K.target('winograd')}(" in line]
     groups = microbatch_count(64, resolve_conv_impl(model.conv_impl, model.AUTO_CPU_CONV_IMPL))
     assert len(calls) == 3 * groups + 2  # each micro-batch's 3 convs, then fc1 and fc2
     assert sum("max_pool = 2" in line for line in calls) == 3 * groups  # every conv's pool is in the kernel
     # conv3 (16 -> 32 channels, 3x3) is an integer Winograd call; conv1/conv2 (3 and 8 inputs) direct
-    assert sum(f"@{K.WINOGRAD_TARGET}(" in line for line in calls) == groups
+    assert sum(f"@{K.target('winograd')}(" in line for line in calls) == groups
     out = np.asarray(run["cpu_kernel"](qm, x))
     assert_equal_up_to_ties(out, np.asarray(run["im2col"](qm, x)))
     fq = np.asarray(jax.jit(lambda v, x: q.apply_fake_quant(model, v, x, act))(variables, x))
@@ -147,7 +196,7 @@ def test_batch_sharded_call_runs_per_device_without_gathering():
     f = jax.jit(K.conv_acc, static_argnums=(2, 3))
     hlo = f.lower(xs, jnp.asarray(k), (1, 1), 2).compile().as_text()
     assert "all-gather" not in hlo
-    assert "s32[2,4,4,24]" in hlo and K.TARGET in hlo  # the per-device call: 16 / 8 examples
+    assert "s32[2,4,4,24]" in hlo and K.target() in hlo  # the per-device call: 16 / 8 examples
     out = f(xs, jnp.asarray(k), (1, 1), 2)
     assert out.sharding.spec[0] == "data"
     np.testing.assert_array_equal(np.asarray(out), _reference(x, k, (1, 1), 2))

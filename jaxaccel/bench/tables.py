@@ -31,7 +31,8 @@ def markdown_header(machine: dict[str, Any], command: str) -> str:
     load_text = " / ".join(f"{x:.2f}" for x in load) if load else "n/a"
     return "\n".join([
         f"- machine: {machine.get('cpu')} "
-        f"(vector features: {machine.get('vector_features') or 'none reported'}), "
+        f"(vector features: {machine.get('vector_features') or 'none reported'}"
+        + (f"; int8 kernel built for {machine['kernel_isa']}" if machine.get("kernel_isa") else "") + "), "
         f"{machine.get('cores')} cores"
         + (f", {machine['memory_gib']} GiB" if "memory_gib" in machine else "")
         + f"; backend {machine.get('backend')} ({machine.get('devices')} devices, "

@@ -140,7 +140,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-from jaxaccel.kernels.build import VECTOR_FLAGS, vector_features  # noqa: E402,F401 - defined once
+from jaxaccel.kernels.build import ISA_ORDER, VECTOR_FLAGS, host_isa, vector_features  # noqa: E402,F401 - defined once
 
 
 def load_average() -> list[float] | None:
@@ -157,7 +157,8 @@ def machine_info() -> dict[str, Any]:
     import jaxlib
 
     info: dict[str, Any] = {
-        "cpu": _cpu_model(), "vector_features": vector_features(), "cores": os.cpu_count(), "load_average": load_average(),
+        "cpu": _cpu_model(), "vector_features": vector_features(), "kernel_isa": host_isa(ISA_ORDER),
+        "cores": os.cpu_count(), "load_average": load_average(),
         "python": platform.python_version(), "platform": platform.platform(),
         "jax": jax.__version__, "jaxlib": jaxlib.__version__,
         "backend": jax.default_backend(), "devices": jax.device_count(),

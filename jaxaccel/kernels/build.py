@@ -74,18 +74,61 @@ def vector_features() -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class Isa:
+    """An instruction set a kernel library is compiled for: the /proc/cpuinfo `cpu_flags` a CPU
+    needs to run it, and the compiler flags that target it."""
+
+    name: str
+    cpu_flags: tuple[str, ...]
+    compiler_flags: tuple[str, ...]
+
+
+_AVX2 = ("-mavx2", "-mfma")
+_AVX512 = (*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl")
+ISAS: Mapping[str, Isa] = {
+    "avx2": Isa("avx2", ("avx2", "fma"), _AVX2),
+    "avx512": Isa("avx512", ("avx2", "fma", "avx512f", "avx512bw", "avx512vl"), _AVX512),
+    "avx512_vnni": Isa("avx512_vnni", ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+                       (*_AVX512, "-mavx512vnni")),
+    # Tests only: the avx512_vnni code on an AVX2 CPU, its AVX-512 intrinsics emulated by SIMDe
+    # (the libsimde-dev headers), so the wide path is checked for equality where it cannot run.
+    "avx512_vnni_simde": Isa("avx512_vnni_simde", ("avx2", "fma"), (*_AVX2, "-DJAXACCEL_SIMDE_AVX512_VNNI")),
+}
+ISA_ORDER = ("avx2", "avx512", "avx512_vnni")  # narrowest first; JAXACCEL_KERNEL_ISA caps it
+
+
+def host_isa(available: Sequence[str]) -> str:
+    """The widest of a kernel's `available` ISAs (names in `ISA_ORDER`) this CPU runs, capped by
+    `$JAXACCEL_KERNEL_ISA` (e.g. "avx2" forces the portable path on an AVX-512 CPU). Falls back to
+    the narrowest (whose `unavailable_reason` then says what the CPU lacks). ValueError (one line)
+    for an unknown cap or one this CPU cannot run."""
+    cap = os.environ.get("JAXACCEL_KERNEL_ISA", "").strip()
+    if cap:
+        if cap not in ISA_ORDER:
+            raise ValueError(f"JAXACCEL_KERNEL_ISA={cap!r} is not one of {', '.join(ISA_ORDER)}")
+        if not cpu_has(ISAS[cap].cpu_flags):
+            raise ValueError(f"JAXACCEL_KERNEL_ISA={cap!r} needs the CPU flags {' '.join(ISAS[cap].cpu_flags)}; "
+                             f"this CPU has {vector_features() or 'none of them'}")
+    allowed = ISA_ORDER[:ISA_ORDER.index(cap) + 1] if cap else ISA_ORDER
+    ordered = [i for i in ISA_ORDER if i in available]
+    runnable = [i for i in ordered if i in allowed and cpu_has(ISAS[i].cpu_flags)]
+    return runnable[-1] if runnable else ordered[0]
+
+
+@dataclasses.dataclass(frozen=True)
 class CpuKernel:
-    """One C++ kernel: `source` (beside its wrapper), needing the x86 CPU `features` (each also
-    a `-m<feature>` compiler flag), whose FFI handlers `symbols` (symbol -> custom-call target)
-    are registered for the CPU; `fallback` says what runs where it cannot (in the warning of a
-    failed build). `extra_flags` are appended to the compiler's flags.
+    """One C++ kernel library: `source` (beside its wrapper) compiled for the instruction set
+    `isa` (a key of `ISAS`), whose FFI handlers `symbols` (symbol -> custom-call target) are
+    registered for the CPU; `fallback` says what runs where it cannot (in the warning of a
+    failed build). `extra_flags` are appended to the compiler's flags. A kernel with code for
+    several ISAs is one `CpuKernel` per ISA, with distinct targets.
 
     Registration and the availability check run once per process (a lock makes concurrent
     first calls wait for one build); a failed registration is retried by the next call.
     """
 
     source: Path
-    features: tuple[str, ...]
+    isa: str
     symbols: Mapping[str, str]
     fallback: str
     extra_flags: tuple[str, ...] = ()
@@ -94,8 +137,8 @@ class CpuKernel:
 
     @property
     def flags(self) -> tuple[str, ...]:
-        """The compiler flags: -O3, one -m<feature> per feature, C++17, a shared library."""
-        return ("-O3", *(f"-m{f}" for f in self.features), "-std=c++17", "-shared", "-fPIC",
+        """The compiler flags: -O3, the ISA's flags, C++17, a shared library."""
+        return ("-O3", *ISAS[self.isa].compiler_flags, "-std=c++17", "-shared", "-fPIC",
                 "-w", *self.extra_flags)  # -w: jaxlib header warnings
 
     def path(self) -> Path:
@@ -154,8 +197,10 @@ class CpuKernel:
     def _find_unavailable_reason(self) -> str | None:
         if jax.default_backend() != "cpu":
             return f"the default backend is {jax.default_backend()!r}, not cpu"
-        if not cpu_has(self.features):
-            return f"the CPU ({platform.machine()}) lacks {' or '.join(f.upper() for f in self.features)}"
+        needed = ISAS[self.isa].cpu_flags
+        if not cpu_has(needed):
+            missing = [f for f in needed if not cpu_has((f,))]
+            return f"the CPU ({platform.machine()}) lacks {' or '.join(f.upper() for f in missing or needed)}"
         if compiler() is None:
             return "no C++ compiler (c++, g++ or clang++; or set CXX)"
         try:

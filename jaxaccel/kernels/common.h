@@ -1,5 +1,29 @@
-// Shared by jaxaccel's XLA FFI CPU kernels (built by build.py): running work on XLA's intra-op pool.
+// Shared by jaxaccel's XLA FFI CPU kernels (built by build.py): the instruction set a build
+// targets, and running work on XLA's intra-op pool.
 #pragma once
+
+// JAXACCEL_AVX512: AVX-512 F + BW (zmm code paths); JAXACCEL_VNNI: also AVX-512 VNNI. Both follow
+// the compiler's target flags (build.py's ISAS). JAXACCEL_SIMDE_AVX512_VNNI (tests only): the
+// AVX-512 VNNI code compiled for an AVX2 CPU with SIMDe's portable implementations of the
+// AVX-512 intrinsics, so the wide paths are tested for equality on a CPU without them.
+#if defined(JAXACCEL_SIMDE_AVX512_VNNI)
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#define JAXACCEL_AVX512 1
+#define JAXACCEL_VNNI 1
+#else
+#include <immintrin.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define JAXACCEL_AVX512 1
+#else
+#define JAXACCEL_AVX512 0
+#endif
+#if JAXACCEL_AVX512 && defined(__AVX512VNNI__)
+#define JAXACCEL_VNNI 1
+#else
+#define JAXACCEL_VNNI 0
+#endif
+#endif
 
 #include <condition_variable>
 #include <cstdint>

@@ -1,4 +1,5 @@
-"""An AVX2 int8 conv/matmul kernel for XLA:CPU, as an XLA FFI custom call compiled on first use.
+"""An int8 conv/matmul kernel for XLA:CPU (AVX2, AVX-512 or AVX-512 VNNI), as an XLA FFI custom
+call compiled on first use.
 
 XLA:CPU's own int8 dot gains little over its float32 matmul on AVX2 CPUs without VNNI, while the
 hardware does twice float32's multiply-adds with `vpmaddwd` (int16 pairs -> exact int32). The
@@ -9,11 +10,17 @@ convs with channels multiples of 16 (`winograd_ok`) run as exact integer Winogra
 instead: the input tiles' transforms fit int16, the kernel's transform times 4 is an integer,
 and the same vpmaddwd matmuls do 16 multiplies per 2x2 outputs instead of 36.
 
+The same source is compiled for the widest instruction set the CPU has (`isa()`, chosen at run
+time from /proc/cpuinfo; `$JAXACCEL_KERNEL_ISA` caps it, e.g. "avx2"): AVX-512 doubles the
+register width, and AVX-512 VNNI multiplies 8-bit codes directly (vpdpbusd, four u8 x s8
+products per int32 lane; vpdpwssd for Winograd's int16 operands). Every ISA gives the same exact
+integers; each has its own custom-call target (`target`).
+
 `available()` says whether it can run here (CPU backend, an x86 CPU with AVX2, a C++ compiler);
-the first call compiles `int8.cc` (`KERNEL`, see `kernels.build`: cached in
+the first call compiles `int8.cc` (`KERNELS`, see `kernels.build`: cached in
 `$JAXACCEL_KERNEL_CACHE`, default `~/.cache/jaxaccel/kernels`), so later processes only load it.
 
-Owns `available`, `conv_acc` (int32 conv, optionally 2x2-max-pooled), `matmul_acc` and
+Owns `available`, `isa`, `conv_acc` (int32 conv, optionally 2x2-max-pooled), `matmul_acc` and
 `winograd_ok`. Imports only `kernels.build` and `kernels.winograd` (its `G`) of jaxaccel;
 never models, compress or anything above.
 """
@@ -26,36 +33,57 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.kernels.build import CpuKernel, batch_partitioned
+from jaxaccel.kernels.build import ISA_ORDER, CpuKernel, batch_partitioned, host_isa
 from jaxaccel.kernels.winograd import G, apply_along
 
 TARGET = "jaxaccel_int8_conv"
 WINOGRAD_TARGET = "jaxaccel_int8_winograd"
-KERNEL = CpuKernel(Path(__file__).with_name("int8.cc"), ("avx2",),
-                   {"JaxaccelInt8Conv": TARGET, "JaxaccelInt8Winograd": WINOGRAD_TARGET},
-                   fallback="int8 layers use XLA's int8 dot")
+# One library per ISA (the tests' "avx512_vnni_simde" runs the VNNI code emulated on AVX2).
+KERNELS = {isa: CpuKernel(Path(__file__).with_name("int8.cc"), isa,
+                          {"JaxaccelInt8Conv": f"{TARGET}_{isa}", "JaxaccelInt8Winograd": f"{WINOGRAD_TARGET}_{isa}"},
+                          fallback="int8 layers use XLA's int8 dot")
+           for isa in (*ISA_ORDER, "avx512_vnni_simde")}
 
 
-def unavailable_reason() -> str | None:
+def isa() -> str:
+    """The instruction set the kernel runs with here: the widest of `ISA_ORDER` this CPU has,
+    capped by `$JAXACCEL_KERNEL_ISA`."""
+    return host_isa(ISA_ORDER)
+
+
+def library(isa_name: str | None = None) -> CpuKernel:
+    """The library for `isa_name` (default: `isa()`)."""
+    return KERNELS[isa_name or isa()]
+
+
+def target(kind: str = "conv", isa_name: str | None = None) -> str:
+    """The custom-call target of the direct ("conv") or Winograd ("winograd") kernel for `isa_name`
+    (default: `isa()`)."""
+    return f"{TARGET if kind == 'conv' else WINOGRAD_TARGET}_{isa_name or isa()}"
+
+
+def unavailable_reason(isa_name: str | None = None) -> str | None:
     """None if the kernel can run in this process, else why not (one line)."""
-    return KERNEL.unavailable_reason()
+    return library(isa_name).unavailable_reason()
 
 
-def available() -> bool:
+def available(isa_name: str | None = None) -> bool:
     """Whether `conv_acc` / `matmul_acc` can run here (builds and registers the kernel once)."""
-    return unavailable_reason() is None
+    return unavailable_reason(isa_name) is None
 
 
-def kernel_path() -> Path:
+def kernel_path(isa_name: str | None = None) -> Path:
     """The compiled library's path (see `CpuKernel.path`)."""
-    return KERNEL.path()
+    return library(isa_name).path()
 
 
-def conv_acc(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), max_pool: int = 1) -> jax.Array:
+def conv_acc(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), max_pool: int = 1,
+             isa_name: str | None = None) -> jax.Array:
     """int32 VALID conv of 8-bit NHWC codes `x` (uint8 or int8) with an int8 HWIO `kernel`.
 
     `max_pool=2` also takes the 2x2 max (stride 2, VALID) of the int32 result inside the kernel,
     so only the pooled values are written (exact: the same as pooling the conv's output).
+    `isa_name` picks the library (default: `isa()`); every ISA gives the same integers.
     """
     if max_pool not in (1, 2):
         raise ValueError(f"int8 kernel max_pool must be 1 or 2, got {max_pool!r}")
@@ -63,7 +91,10 @@ def conv_acc(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), m
         raise ValueError(f"int8 kernel needs uint8/int8 x and an int8 kernel, got {x.dtype} and {kernel.dtype}")
     if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[3]:
         raise ValueError(f"int8 kernel needs NHWC x and HWIO kernel with matching channels, got {x.shape}, {kernel.shape}")
-    KERNEL.register()
+    isa_name = isa_name or isa()
+    if isa_name not in KERNELS:
+        raise ValueError(f"int8 kernel isa must be one of {', '.join(KERNELS)}, got {isa_name!r}")
+    KERNELS[isa_name].register()
     kh, kw, cin, cout = kernel.shape
     sh, sw = (int(s) for s in strides)
     n, h, w, _ = x.shape
@@ -71,8 +102,8 @@ def conv_acc(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), m
     if ho < 1 or wo < 1:
         raise ValueError(f"int8 kernel window {kh}x{kw} is larger than the input {h}x{w}")
     if winograd_ok(x.shape, kernel.shape, (sh, sw)):
-        return _winograd_call(x, kernel, max_pool)
-    return _conv_call(x, kernel.reshape(kh * kw * cin, cout), kh, kw, sh, sw, max_pool)
+        return _winograd_call(x, kernel, max_pool, target("winograd", isa_name))
+    return _conv_call(x, kernel.reshape(kh * kw * cin, cout), kh, kw, sh, sw, max_pool, target("conv", isa_name))
 
 
 def winograd_ok(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int]) -> bool:
@@ -90,18 +121,19 @@ def _winograd_u4(kernel: jax.Array) -> jax.Array:
     return u.reshape(16, *kernel.shape[2:]).astype(jnp.int16)
 
 
-def _ffi_winograd(x: jax.Array, kernel: jax.Array, max_pool: int) -> jax.Array:
+def _ffi_winograd(x: jax.Array, kernel: jax.Array, max_pool: int, name: str) -> jax.Array:
     n, h, w, _ = x.shape
     ho, wo = (h - 2) // max_pool, (w - 2) // max_pool
-    call = jax.ffi.ffi_call(WINOGRAD_TARGET, jax.ShapeDtypeStruct((n, ho, wo, kernel.shape[-1]), jnp.int32),
+    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((n, ho, wo, kernel.shape[-1]), jnp.int32),
                             vmap_method="sequential")
     return call(x, _winograd_u4(kernel), max_pool=np.int64(max_pool))
 
 
-def _ffi_conv(x: jax.Array, w2d: jax.Array, kh: int, kw: int, sh: int, sw: int, max_pool: int) -> jax.Array:
+def _ffi_conv(x: jax.Array, w2d: jax.Array, kh: int, kw: int, sh: int, sw: int, max_pool: int,
+              name: str) -> jax.Array:
     n, h, w, _ = x.shape
     ho, wo = ((h - kh) // sh + 1) // max_pool, ((w - kw) // sw + 1) // max_pool
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n, ho, wo, w2d.shape[1]), jnp.int32),
+    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((n, ho, wo, w2d.shape[1]), jnp.int32),
                             vmap_method="sequential")
     return call(x, w2d, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh), sw=np.int64(sw),
                 max_pool=np.int64(max_pool))
@@ -109,15 +141,15 @@ def _ffi_conv(x: jax.Array, w2d: jax.Array, kh: int, kw: int, sh: int, sw: int, 
 
 # Under a sharded jit each device runs the kernel on its own examples (no gather of the batch).
 _conv_call = batch_partitioned(_ffi_conv, "b h w c, k n -> b i j n",
-                               ("h", "w", "c", "k", "n", "i", "j"), num_static=5)
+                               ("h", "w", "c", "k", "n", "i", "j"), num_static=6)
 
 
 _winograd_call = batch_partitioned(_ffi_winograd, "b h w c, p q r n -> b i j n",
-                                   ("h", "w", "c", "p", "q", "r", "n", "i", "j"), num_static=1)
+                                   ("h", "w", "c", "p", "q", "r", "n", "i", "j"), num_static=2)
 
 
-def matmul_acc(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def matmul_acc(x: jax.Array, kernel: jax.Array, isa_name: str | None = None) -> jax.Array:
     """int32 `x @ kernel` of 8-bit codes `x` (..., K) and an int8 (K, N) kernel."""
     lead = x.shape[:-1]
-    out = conv_acc(x.reshape(-1, 1, 1, x.shape[-1]), kernel.reshape(1, 1, *kernel.shape))
+    out = conv_acc(x.reshape(-1, 1, 1, x.shape[-1]), kernel.reshape(1, 1, *kernel.shape), isa_name=isa_name)
     return out.reshape(*lead, kernel.shape[-1])

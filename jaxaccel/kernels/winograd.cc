@@ -1,4 +1,4 @@
-// Winograd F(2x2, 3x3) float32 convolution for XLA:CPU on AVX2 + FMA: XLA FFI custom calls
+// Winograd F(2x2, 3x3) float32 convolution for XLA:CPU on AVX2 + FMA or AVX-512: XLA FFI custom calls
 // (see winograd.py). Three handlers: JaxaccelWinogradConv (y), JaxaccelWinogradConvPool
 // (y's 2x2 max-pool and each window's first-maximum position) and JaxaccelWinogradFilterGrad
 // (the transformed kernel's gradient; see the "filter gradient" section).
@@ -10,10 +10,9 @@
 // 4x4 transformed tile: 16 multiplies per 2x2 outputs instead of 36 (2.25x fewer).
 // U arrives transformed and packed by the caller ([16][K/16][C][16]); the kernel transforms
 // input tiles into a per-thread buffer (no transformed input in memory), runs the 16 matmuls
-// with a 6 x 16 FMA register tile, and transforms their results straight into y.
-// Chunks of tiles are split over XLA's intra-op thread pool.
-#include <immintrin.h>
-
+// with a 6 x 16 FMA register tile (two ymm, or one zmm per row in an AVX-512 build: the same
+// FMAs in the same order per output, so the same floats), and transforms their results
+// straight into y. Chunks of tiles are split over XLA's intra-op thread pool.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -30,7 +29,7 @@ using jaxaccel::TileAt;
 namespace {
 
 constexpr int64_t kMR = 6;   // tiles per register tile
-constexpr int64_t kNR = 16;  // output channels per register tile (two ymm)
+constexpr int64_t kNR = 16;  // output channels per register tile (two ymm or one zmm)
 
 struct Geometry {
   int64_t n, h, w, c, k;  // input NHWC and output channels (output is n x h x w x k)
@@ -81,6 +80,15 @@ void TransformInput(const float* x, const Geometry& g, int64_t tile, float* v, i
 // m[r][0:16] = sum_c v[r * c_len + c] * u[c][0:16] for R tiles r (a 6 x 16 register tile at most).
 template <int R>
 inline void Tile(const float* v, const float* u, int64_t c_len, float* m) {
+#if JAXACCEL_AVX512
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < c_len; ++c) {
+    const __m512 u0 = _mm512_loadu_ps(u + c * kNR);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(v[r * c_len + c]), u0, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(m + r * kNR, acc[r]);
+#else
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t c = 0; c < c_len; ++c) {
@@ -95,6 +103,7 @@ inline void Tile(const float* v, const float* u, int64_t c_len, float* m) {
     _mm256_storeu_ps(m + r * kNR, acc[r][0]);
     _mm256_storeu_ps(m + r * kNR + 8, acc[r][1]);
   }
+#endif
 }
 
 // The 2x2 outputs A^T M A of tile t, channels [half * 8, half * 8 + 8) of a 16-channel block, as
@@ -219,6 +228,15 @@ void TransformOutputGrad(const float* dy, const Geometry& g, int64_t tile, float
 // du[r][0:16] (rows r of C, stride k_len) += sum_t v[t * c_len + r] * dm[t * k_len + 0:16].
 template <int R>
 inline void TileGrad(const float* v, int64_t c_len, const float* dm, int64_t k_len, int64_t t_len, float* du) {
+#if JAXACCEL_AVX512
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_loadu_ps(du + r * k_len);
+  for (int64_t t = 0; t < t_len; ++t) {
+    const __m512 d0 = _mm512_loadu_ps(dm + t * k_len);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(v[t * c_len + r]), d0, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(du + r * k_len, acc[r]);
+#else
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) {
     acc[r][0] = _mm256_loadu_ps(du + r * k_len);
@@ -236,6 +254,7 @@ inline void TileGrad(const float* v, int64_t c_len, const float* dm, int64_t k_l
     _mm256_storeu_ps(du + r * k_len, acc[r][0]);
     _mm256_storeu_ps(du + r * k_len + 8, acc[r][1]);
   }
+#endif
 }
 
 void TileGradRows(int rows, const float* v, int64_t c_len, const float* dm, int64_t k_len, int64_t t_len, float* du) {

@@ -1,5 +1,5 @@
 """Winograd F(2x2, 3x3): its transform matrices, and float32 conv kernels for XLA:CPU (AVX2 +
-FMA) as XLA FFI custom calls.
+FMA, or AVX-512) as XLA FFI custom calls.
 
 `BT`, `G`, `AT` are the one home of the F(2x2, 3x3) transforms (Lavin & Gray 2016): a 2x2 output
 tile of a 3x3 conv from a 4x4 input tile d is Y = A^T [(G k G^T) * (B^T d B)] A. The portable
@@ -18,8 +18,10 @@ instead of 36. The 3x3 kernel's own transform (`transform_kernel`, 16 x C x K nu
 JAX.
 
 `available()` says whether they can run here (CPU backend, an x86 CPU with AVX2 and FMA, a C++
-compiler); the first call compiles `winograd.cc` (`KERNEL`, see `kernels.build`: cached in
-`$JAXACCEL_KERNEL_CACHE`), so later processes only load it.
+compiler); the first call compiles `winograd.cc` (`KERNELS`, see `kernels.build`: cached in
+`$JAXACCEL_KERNEL_CACHE`), so later processes only load it. It is compiled for the widest ISA
+the CPU has (`isa()`: AVX-512 runs the matmuls' register tile on zmm; `$JAXACCEL_KERNEL_ISA`
+caps it); every ISA computes the same floats (the same FMAs, in the same order, per output).
 
 Imports only `kernels.build` of jaxaccel; never models, compress or anything above.
 """
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.kernels.build import CpuKernel, batch_partitioned, vmap_sequentially
+from jaxaccel.kernels.build import CpuKernel, batch_partitioned, host_isa, vmap_sequentially
 
 BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)  # 4x4 input tile
 G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)           # 3x3 kernel
@@ -44,25 +46,45 @@ TARGET = "jaxaccel_winograd_conv"
 POOL_TARGET = "jaxaccel_winograd_conv_pool"
 GRAD_TARGET = "jaxaccel_winograd_filter_grad"
 PADDING = ((1, 1), (1, 1))  # the only padding the kernel does: "SAME" for a 3x3 window
-KERNEL = CpuKernel(Path(__file__).with_name("winograd.cc"), ("avx2", "fma"),
-                   {"JaxaccelWinogradConv": TARGET, "JaxaccelWinogradConvPool": POOL_TARGET,
-                    "JaxaccelWinogradFilterGrad": GRAD_TARGET},
-                   fallback="convs use XLA's")
+ISAS = ("avx2", "avx512")  # the ISAs winograd.cc has code for (build.ISA_ORDER names)
+# One library per ISA (the tests' "avx512_vnni_simde" runs the AVX-512 code emulated on AVX2).
+KERNELS = {isa: CpuKernel(Path(__file__).with_name("winograd.cc"), isa,
+                          {"JaxaccelWinogradConv": f"{TARGET}_{isa}", "JaxaccelWinogradConvPool": f"{POOL_TARGET}_{isa}",
+                           "JaxaccelWinogradFilterGrad": f"{GRAD_TARGET}_{isa}"},
+                          fallback="convs use XLA's")
+           for isa in (*ISAS, "avx512_vnni_simde")}
 
 
-def unavailable_reason() -> str | None:
+def isa() -> str:
+    """The instruction set the kernels run with here: the widest of `ISAS` this CPU has, capped by
+    `$JAXACCEL_KERNEL_ISA`."""
+    return host_isa(ISAS)
+
+
+def library(isa_name: str | None = None) -> CpuKernel:
+    """The library for `isa_name` (default: `isa()`)."""
+    return KERNELS[isa_name or isa()]
+
+
+def target(kind: str = "conv", isa_name: str | None = None) -> str:
+    """The custom-call target of the "conv", "pool" (conv + max-pool) or "grad" (filter gradient)
+    kernel for `isa_name` (default: `isa()`)."""
+    return f"{dict(conv=TARGET, pool=POOL_TARGET, grad=GRAD_TARGET)[kind]}_{isa_name or isa()}"
+
+
+def unavailable_reason(isa_name: str | None = None) -> str | None:
     """None if the kernel can run in this process, else why not (one line)."""
-    return KERNEL.unavailable_reason()
+    return library(isa_name).unavailable_reason()
 
 
-def available() -> bool:
+def available(isa_name: str | None = None) -> bool:
     """Whether `conv` can run here (builds and registers the kernel once)."""
-    return unavailable_reason() is None
+    return unavailable_reason(isa_name) is None
 
 
-def kernel_path() -> Path:
+def kernel_path(isa_name: str | None = None) -> Path:
     """The compiled library's path (see `CpuKernel.path`)."""
-    return KERNEL.path()
+    return library(isa_name).path()
 
 
 def supports(x_shape: Sequence[int], kernel_shape: Sequence[int], padding: Sequence[Sequence[int]],
@@ -106,38 +128,47 @@ def transform_kernel(kernel: jax.Array) -> jax.Array:
     return u.reshape(16, c, k // 16, 16).transpose(0, 2, 1, 3)
 
 
-def conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Stride-1 "SAME" conv of NHWC float32 `x` with a 3x3 HWIO `kernel` (see `supports`).
+def conv(x: jax.Array, kernel: jax.Array, isa_name: str | None = None) -> jax.Array:
+    """Stride-1 "SAME" conv of NHWC float32 `x` with a 3x3 HWIO `kernel` (see `supports`), by the
+    library for `isa_name` (default: `isa()`).
 
     Differentiable only through `conv_impl="cpu_kernel"`'s custom VJP in `models.conv_impls` (the custom
     call itself has no derivative rule).
     """
-    _check_conv(x, kernel)
-    return _conv_call(x, kernel)
+    isa_name = _check_conv(x, kernel, isa_name)
+    return _calls(isa_name)[0](x, kernel)
 
 
-def _check_conv(x: jax.Array, kernel: jax.Array) -> None:
+def _checked_isa(isa_name: str | None) -> str:
+    isa_name = isa_name or isa()
+    if isa_name not in KERNELS:
+        raise ValueError(f"winograd kernel isa must be one of {', '.join(KERNELS)}, got {isa_name!r}")
+    if not available(isa_name):
+        raise ValueError(f"the winograd CPU kernel cannot run here ({unavailable_reason(isa_name)})")
+    return isa_name
+
+
+def _check_conv(x: jax.Array, kernel: jax.Array, isa_name: str | None) -> str:
     if not supports(x.shape, kernel.shape, PADDING, x.dtype) or kernel.dtype != jnp.float32:
         raise ValueError(f"winograd kernel needs float32 NHWC x (C % 8 == 0) and a 3x3 HWIO kernel "
                          f"(K % 16 == 0) with matching channels, got {x.dtype}{list(x.shape)}, "
                          f"{kernel.dtype}{list(kernel.shape)}")
-    if not available():
-        raise ValueError(f"the winograd CPU kernel cannot run here ({unavailable_reason()})")
+    return _checked_isa(isa_name)
 
 
-def conv_max_pool(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+def conv_max_pool(x: jax.Array, kernel: jax.Array, isa_name: str | None = None) -> tuple[jax.Array, jax.Array]:
     """`conv(x, kernel)` followed by a 2x2 max-pool (stride 2), fused: each Winograd tile is one
     pool window, so only the pooled values are written. Returns (pooled [N, H/2, W/2, K],
     first): `first` (int8) is the row-major position (0-3) of each window's first maximum, the
     pool's gradient's routing (as `models.conv_impls.max_pool_2d`'s). H and W must be even.
     """
-    _check_conv(x, kernel)
+    isa_name = _check_conv(x, kernel, isa_name)
     if x.shape[1] % 2 or x.shape[2] % 2:
         raise ValueError(f"winograd conv + 2x2 max-pool needs an even height and width, got {list(x.shape)}")
-    return _pool_call(x, kernel)
+    return _calls(isa_name)[1](x, kernel)
 
 
-def filter_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+def filter_grad(x: jax.Array, dy: jax.Array, isa_name: str | None = None) -> jax.Array:
     """The 3x3 HWIO kernel's gradient of `conv(x, kernel)` given the output gradient `dy`:
     G^T dU G, dU = the kernel's sum over tiles of (B^T d B)^T (A dY A^T) (16 matmuls)."""
     c, k = x.shape[-1], dy.shape[-1]
@@ -145,39 +176,41 @@ def filter_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
             or c % 8 or k % 16):
         raise ValueError(f"winograd filter gradient needs float32 NHWC x (C % 8 == 0) and dy (K % 16 == 0) "
                          f"of the same N, H, W, got {x.dtype}{list(x.shape)}, {dy.dtype}{list(dy.shape)}")
-    if not available():
-        raise ValueError(f"the winograd CPU kernel cannot run here ({unavailable_reason()})")
-    return apply_along(G.T, apply_along(G.T, _grad_call(x, dy).reshape(4, 4, c, k), 0), 1)
+    grad = _calls(_checked_isa(isa_name))[2](x, dy)
+    return apply_along(G.T, apply_along(G.T, grad.reshape(4, 4, c, k), 0), 1)
 
 
-def _ffi_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
-    call = jax.ffi.ffi_call(GRAD_TARGET, jax.ShapeDtypeStruct((16, x.shape[-1], dy.shape[-1]), jnp.float32),
-                            vmap_method="sequential")
-    return call(x, dy)
+@functools.cache
+def _calls(isa_name: str) -> tuple[Any, Any, Any]:
+    """The (conv, conv + pool, filter gradient) custom calls of the library for `isa_name`."""
+    def ffi_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+        call = jax.ffi.ffi_call(target("grad", isa_name),
+                                jax.ShapeDtypeStruct((16, x.shape[-1], dy.shape[-1]), jnp.float32),
+                                vmap_method="sequential")
+        return call(x, dy)
 
+    # The kernel is transformed inside the partitioned functions, per device, from the (replicated)
+    # HWIO kernel: a transform outside would inherit an FSDP kernel sharding that no longer divides.
+    def ffi_pool(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+        n, h, w, _ = x.shape
+        shape = (n, h // 2, w // 2, kernel.shape[-1])
+        call = jax.ffi.ffi_call(target("pool", isa_name),
+                                (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int8)),
+                                vmap_method="sequential")
+        return call(x, transform_kernel(kernel))
 
-# The kernel is transformed inside the partitioned functions, per device, from the (replicated)
-# HWIO kernel: a transform outside would inherit an FSDP kernel sharding that no longer divides.
-def _ffi_pool(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
-    n, h, w, _ = x.shape
-    shape = (n, h // 2, w // 2, kernel.shape[-1])
-    call = jax.ffi.ffi_call(POOL_TARGET, (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int8)),
-                            vmap_method="sequential")
-    return call(x, transform_kernel(kernel))
+    def ffi_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        call = jax.ffi.ffi_call(target("conv", isa_name),
+                                jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[-1:], jnp.float32),
+                                vmap_method="sequential")
+        return call(x, transform_kernel(kernel))
 
-
-def _ffi_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[-1:], jnp.float32),
-                            vmap_method="sequential")
-    return call(x, transform_kernel(kernel))
-
-
-# Under a sharded jit each device runs the kernel on its own examples (no gather of the batch);
-# under vmap (vectorized sweeps) one call per vmapped index.
-_conv_call = vmap_sequentially(batch_partitioned(
-    _ffi_conv, "b h w c, p q r n -> b h w n", ("h", "w", "c", "p", "q", "r", "n")))
-_pool_call = vmap_sequentially(batch_partitioned(
-    _ffi_pool, "b h w c, p q r n -> b i j n, b i j n", ("h", "w", "c", "p", "q", "r", "n", "i", "j")))
-# The filter gradient sums over the batch: each device sums its examples, then a psum.
-_grad_call = vmap_sequentially(batch_partitioned(
-    _ffi_grad, "b h w c, b h w k -> x c k", ("h", "w", "c", "k", "x"), summed=True))
+    # Under a sharded jit each device runs the kernel on its own examples (no gather of the batch);
+    # under vmap (vectorized sweeps) one call per vmapped index. The filter gradient sums over the
+    # batch: each device sums its examples, then a psum.
+    return (vmap_sequentially(batch_partitioned(ffi_conv, "b h w c, p q r n -> b h w n",
+                                                ("h", "w", "c", "p", "q", "r", "n"))),
+            vmap_sequentially(batch_partitioned(ffi_pool, "b h w c, p q r n -> b i j n, b i j n",
+                                                ("h", "w", "c", "p", "q", "r", "n", "i", "j"))),
+            vmap_sequentially(batch_partitioned(ffi_grad, "b h w c, b h w k -> x c k",
+                                                ("h", "w", "c", "k", "x"), summed=True)))
