@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from jaxaccel import io, models
-from jaxaccel.kernels.build import vector_features
+from jaxaccel.kernels.build import ISA_ORDER, host_isa, vector_features
 from jaxaccel.models.conv_impls import resolve_conv_impl
 
 log = logging.getLogger("jaxaccel")
@@ -97,7 +97,13 @@ def tune_key(model: ml_collections.ConfigDict, image_shape: tuple[int, ...], bat
                                   for k, v in dict(model.kwargs).items()},
                        "image_shape": list(image_shape), "batch": int(batch),
                        "dtype": model.dtype, "mode": mode, "backend": jax.default_backend(),
-                       "cpu": vector_features()}, sort_keys=True)
+                       "cpu": vector_features(), "kernel_isa": _kernel_isa()}, sort_keys=True)
+
+
+def _kernel_isa() -> str | None:
+    """The ISA jaxaccel's CPU kernels are built for here (`JAXACCEL_KERNEL_ISA` may cap it, which
+    changes their speed: part of the key); None off the CPU backend."""
+    return host_isa(ISA_ORDER) if jax.default_backend() == "cpu" else None
 
 
 def _has_convs(config: ml_collections.ConfigDict, num_classes: int,
@@ -172,8 +178,8 @@ def choose_int8_lowering(model: Any, int8_model: Any, images: jax.Array, *,
     lowerings = tuple(lo for lo in int8.CONV_LOWERINGS if lo != "auto"
                       and (lo != "cpu_kernel" or default == "cpu_kernel"))
     key = json.dumps({**model_key, "int8_images": list(images.shape), "mode": "int8-infer",
-                      "backend": jax.default_backend(), "cpu": vector_features()},
-                     sort_keys=True)
+                      "backend": jax.default_backend(), "cpu": vector_features(),
+                      "kernel_isa": _kernel_isa()}, sort_keys=True)
 
     def measure_lowerings() -> dict[str, float]:
         timings = {}

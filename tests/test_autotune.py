@@ -31,7 +31,7 @@ def test_first_use_measures_every_candidate_then_the_cache_answers(tuning, monke
     assert body[first.key]["choice"] == first.impl
     key = json.loads(first.key)
     assert key["mode"] == "infer" and key["batch"] == 8 and key["backend"] == "cpu"
-    assert key["cpu"] == autotune.vector_features()
+    assert key["cpu"] == autotune.vector_features() and key["kernel_isa"] == autotune.host_isa(autotune.ISA_ORDER)
 
     def no_timing(*args, **kwargs):
         raise AssertionError("measured again")
@@ -41,6 +41,11 @@ def test_first_use_measures_every_candidate_then_the_cache_answers(tuning, monke
     assert (again.impl, again.key) == (first.impl, first.key) and "cached" in again.reason
     with pytest.raises(AssertionError, match="measured again"):  # another key: measured
         autotune.choose(conv_config(), mode="infer", batch=16)
+    # kernels built for another ISA (another CPU, or capped by JAXACCEL_KERNEL_ISA) run at
+    # another speed: another key, measured again
+    monkeypatch.setattr(autotune, "host_isa", lambda isas: "avx512_vnni")
+    with pytest.raises(AssertionError, match="measured again"):
+        autotune.choose(conv_config(), mode="infer", batch=8)
 
 
 @pytest.mark.parametrize("changes,env,reason", [
