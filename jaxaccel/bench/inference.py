@@ -187,7 +187,8 @@ def bench_infer(model: str = "cnn3", batch_size: int = 256,
         c = out["int8_ceiling"] = int8_matmul_ceiling(shapes, base, warmup=warmup, repeats=repeats)
         kernel = ""
         if c.get("kernel_speedup") is not None:
-            kernel = (f"; jaxaccel's AVX2 int8 kernel (`kernels.int8`, the `cpu_kernel` lowering) "
+            kernel = (f"; jaxaccel's int8 kernel (`kernels.int8`, the `cpu_kernel` lowering, built for "
+                      f"{c['kernel_isa']}) "
                       f"runs them in {c['kernel_ms_median']:.2f} ms ({c['kernel_speedup']:.2f}×; Amdahl bound "
                       f"{c['kernel_bound_speedup']:.2f}×)")
         notes.append(f"int8 ceiling on this machine: the int8 layers' {c['macs'] / 1e9:.2f} G MACs as plain "
@@ -348,6 +349,7 @@ def int8_matmul_ceiling(shapes: Sequence[tuple[int, int, int]], float_model_ms: 
            "float32_ms_median": f_ms, "int8_ms_median": i_ms, "speedup": speedup, "bound_speedup": amdahl(speedup),
            "kernel_ms_median": None, "kernel_speedup": None, "kernel_bound_speedup": None}
     if "kernel" in t:
+        out["kernel_isa"] = int8_cpu.isa()
         k_speedup = timing.ratio(f_ms, t["kernel"].median_ms)
         out.update(kernel_ms_median=t["kernel"].median_ms, kernel_speedup=k_speedup,
                    kernel_bound_speedup=amdahl(k_speedup))

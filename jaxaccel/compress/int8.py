@@ -19,7 +19,7 @@ Speed on CPU (BENCHMARKS.md, `jaxaccel bench infer`): XLA:CPU's own int8 dot gai
 its float32 matmul on CPUs without VNNI, and XLA fuses a float conv + bias + ReLU + max-pool into
 one kernel that an int8 conv's int32 output cannot join, so with XLA's int8 ops the whole model
 ran slower than float32. `conv_lowering="auto"` therefore runs int8 convs and dense layers on CPU
-in `kernels.int8` (an AVX2 implicit-GEMM kernel, exact; the models' conv + 2x2 max-pool,
+in `kernels.int8` (an AVX2 / AVX-512 / AVX-512 VNNI implicit-GEMM kernel, exact; the models' conv + 2x2 max-pool,
 `conv_impls.Conv.max_pooled`, as one call that writes only the pooled int32 values). Where the
 kernel cannot run, "auto" falls back to "im2col" (one int8 dot of patches, faster than XLA's int8
 conv for narrow layers) on CPU, and to the native int8 conv on GPU/TPU. Exported programs never use the kernel (`portable=True`).
@@ -522,7 +522,7 @@ def int8_apply(model: nn.Module, int8_model: Int8Model, images: jax.Array, *, fu
     int8 layer's codes and the model's ReLU / max-pool run on bytes. Both give the same results
     (up to fused-multiply-add rounding at ties); on XLA:CPU with YNNPACK fusions they also run
     equally fast, hence off by default. `conv_lowering` picks how int8 convs and dense layers run
-    (`CONV_LOWERINGS`; "auto": `kernels.int8` on an AVX2 CPU, else im2col patches @ kernel as one
+    (`CONV_LOWERINGS`; "auto": `kernels.int8` on an x86 CPU with AVX2 or wider, else im2col patches @ kernel as one
     int8 dot on CPU, the native int8 conv on GPU/TPU; see `resolve_conv_lowering`).
     """
     lowering = resolve_conv_lowering(conv_lowering)

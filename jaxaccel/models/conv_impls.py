@@ -26,7 +26,7 @@ Implementations (`CONV_IMPLS`):
               ResNet-20 (BatchNorm between convs) slower, so the other models' "auto" stays
               "cpu".
   * "cpu_kernel": "winograd", but its 3x3 convs run all three passes (forward, input gradient,
-              filter gradient) as Winograd F(2x2, 3x3) in jaxaccel's own AVX2+FMA kernel
+              filter gradient) as Winograd F(2x2, 3x3) in jaxaccel's own AVX2+FMA / AVX-512 kernel
               (`kernels.winograd`, an XLA FFI custom call compiled on first use), which fuses
               the tile transforms into its matmuls and, in `Conv.max_pooled`, the 2x2 max-pool
               into the forward (only the pooled values and each window's int8 first-maximum
