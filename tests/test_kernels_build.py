@@ -21,18 +21,18 @@ needs_kernel = pytest.mark.skipif(not AVX2_HOST or compiler() is None,
 
 @needs_kernel
 def test_build_is_cached_by_source_and_flags(monkeypatch):
-    path = K.library().build()
+    path = K.KERNEL.library().build()
     mtime = path.stat().st_mtime_ns
-    assert K.library().build() == path and path.stat().st_mtime_ns == mtime  # loaded, not rebuilt
-    monkeypatch.setitem(K.KERNELS, K.isa(), dataclasses.replace(K.library(), extra_flags=("-DJAXACCEL_TEST",)))
-    assert K.kernel_path() != path  # other flags (or source, compiler, jaxlib): another library
+    assert K.KERNEL.library().build() == path and path.stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    other = dataclasses.replace(K.KERNEL.library(), extra_flags=("-DJAXACCEL_TEST",))
+    assert other.path() != path  # other flags (or source, compiler, jaxlib): another library
 
 
 def test_a_failing_compiler_is_reported_and_leaves_no_library(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXACCEL_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
     with pytest.raises(RuntimeError, match="^false .*kernels/int8.cc.* failed"):
-        K.library("avx2").build()
+        K.KERNEL.library("avx2").build()
     assert not list(tmp_path.glob("*.so"))  # nothing half-written is left to load later
 
 
@@ -41,10 +41,10 @@ def test_cache_dir_compiler_and_flags_follow_the_environment(tmp_path, monkeypat
     assert build.cache_dir() == tmp_path
     monkeypatch.setenv("CXX", "/opt/my-c++")
     assert build.compiler() == "/opt/my-c++"
-    kernel = dataclasses.replace(K.library("avx512_vnni"), extra_flags=("-DX",))
+    kernel = dataclasses.replace(K.KERNEL.library("avx512_vnni"), extra_flags=("-DX",))
     assert kernel.flags[0] == "-O3" and kernel.flags[-1] == "-DX"
     assert {"-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vnni"} <= set(kernel.flags)
-    assert kernel.path() != K.library("avx2").path()  # one library per ISA
+    assert kernel.path() != K.KERNEL.library("avx2").path()  # one library per ISA
     path = kernel.path()
     assert path.parent == tmp_path and path.name.startswith("int8-") and path.suffix == ".so"
     monkeypatch.setenv("CXX", "/opt/other-c++")
@@ -54,7 +54,7 @@ def test_cache_dir_compiler_and_flags_follow_the_environment(tmp_path, monkeypat
 def test_a_kernel_that_cannot_run_here_says_why(monkeypatch):
     assert not build.cpu_has(("no_such_cpu_flag",))
     monkeypatch.setitem(build.ISAS, "future", build.Isa("future", ("avx2", "no_such_cpu_flag"), ()))
-    kernel = build.CpuKernel(source=K.library("avx2").source, isa="future",
+    kernel = build.CpuKernel(source=K.KERNEL.library("avx2").source, isa="future",
                              symbols={}, fallback="im2col runs instead")
     reason = kernel.unavailable_reason()
     assert reason.startswith("the CPU (") and "lacks NO_SUCH_CPU_FLAG" in reason
@@ -66,6 +66,11 @@ def test_the_host_isa_is_the_widest_the_cpu_has_capped_by_the_environment(monkey
     runnable = [i for i in build.ISA_ORDER if build.cpu_has(build.ISAS[i].cpu_flags)]
     assert build.host_isa(build.ISA_ORDER) == (runnable[-1] if runnable else "avx2")
     assert build.host_isa(("avx2",)) == "avx2"  # a kernel with AVX2 code only
+    assert K.KERNEL.isa() == build.host_isa(build.ISA_ORDER)
+    assert set(K.KERNEL.libraries) == {*build.ISA_ORDER, build.EMULATED_ISA}
+    with pytest.raises(ValueError, match=r"^int8 kernel isa must be one of avx2, avx512, avx512_vnni, "
+                                         r"avx512_vnni_simde, got 'sse2'$"):
+        K.KERNEL.library("sse2")
     if build.cpu_has(build.ISAS["avx2"].cpu_flags):
         monkeypatch.setenv("JAXACCEL_KERNEL_ISA", "avx2")  # the portable path on any AVX2 CPU
         assert build.host_isa(build.ISA_ORDER) == "avx2"

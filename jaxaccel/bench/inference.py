@@ -349,7 +349,7 @@ def int8_matmul_ceiling(shapes: Sequence[tuple[int, int, int]], float_model_ms: 
            "float32_ms_median": f_ms, "int8_ms_median": i_ms, "speedup": speedup, "bound_speedup": amdahl(speedup),
            "kernel_ms_median": None, "kernel_speedup": None, "kernel_bound_speedup": None}
     if "kernel" in t:
-        out["kernel_isa"] = int8_cpu.isa()
+        out["kernel_isa"] = int8_cpu.KERNEL.isa()
         k_speedup = timing.ratio(f_ms, t["kernel"].median_ms)
         out.update(kernel_ms_median=t["kernel"].median_ms, kernel_speedup=k_speedup,
                    kernel_bound_speedup=amdahl(k_speedup))

@@ -1,8 +1,9 @@
 """Building, caching and registering jaxaccel's C++ XLA FFI kernels for the CPU.
 
-Owns `CpuKernel`, the one build-and-register helper every kernel wrapper (`winograd`, `int8`)
-declares an instance of, and the helpers that make a custom call shard over a batch
-(`batch_partitioned`) and vmap (`vmap_sequentially`).
+Owns `CpuKernel` (build and register one library), `KernelFamily` (a kernel source's libraries,
+one per instruction set in `ISAS`; each wrapper, `winograd` and `int8`, declares one),
+`host_isa` (the widest ISA this CPU runs), and the helpers that make a custom call shard over a
+batch (`batch_partitioned`) and vmap (`vmap_sequentially`).
 
 A kernel is one C++ source file beside the Python module that calls it (`winograd.cc`,
 `int8.cc`), plus the shared `common.h`, all in this package (shipped as package data). Its
@@ -210,6 +211,47 @@ class CpuKernel:
             warnings.warn(f"jaxaccel CPU kernel unavailable ({reason}); {self.fallback}")
             return reason
         return None
+
+
+EMULATED_ISA = "avx512_vnni_simde"  # tests: every family also builds its wide code under SIMDe
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelFamily:
+    """One C++ kernel source with code for several instruction sets (`isas`, names in
+    `ISA_ORDER`): a `CpuKernel` library per ISA, plus the tests' `EMULATED_ISA`, each registering
+    the FFI handlers `symbols` (symbol -> target name) as `<target>_<isa>`, so every library can
+    be loaded in one process and compared. Calls go to the widest this CPU runs (`isa()`)."""
+
+    source: Path
+    isas: tuple[str, ...]
+    symbols: Mapping[str, str]
+    fallback: str
+    libraries: Mapping[str, CpuKernel] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "libraries", {
+            isa: CpuKernel(self.source, isa, {sym: f"{t}_{isa}" for sym, t in self.symbols.items()}, self.fallback)
+            for isa in (*self.isas, EMULATED_ISA)})
+
+    def isa(self) -> str:
+        """The ISA calls use here: the widest of `isas` this CPU has, capped by `$JAXACCEL_KERNEL_ISA`."""
+        return host_isa(self.isas)
+
+    def library(self, isa: str | None = None) -> CpuKernel:
+        """The library for `isa` (default: `isa()`); ValueError (one line) for an unknown one."""
+        isa = isa or self.isa()
+        if isa not in self.libraries:
+            raise ValueError(f"{self.source.stem} kernel isa must be one of {', '.join(self.libraries)}, got {isa!r}")
+        return self.libraries[isa]
+
+    def target(self, name: str, isa: str | None = None) -> str:
+        """The custom-call target of handler target `name` in the library for `isa` (default: `isa()`)."""
+        return f"{name}_{isa or self.isa()}"
+
+    def unavailable_reason(self, isa: str | None = None) -> str | None:
+        """None if the library for `isa` can run in this process, else why not (one line)."""
+        return self.library(isa).unavailable_reason()
 
 
 def batch_partitioned(fn: Callable, sharding_rule: str, need_replication_factors: Sequence[str],

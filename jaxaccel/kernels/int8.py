@@ -10,17 +10,17 @@ convs with channels multiples of 16 (`winograd_ok`) run as exact integer Winogra
 instead: the input tiles' transforms fit int16, the kernel's transform times 4 is an integer,
 and the same vpmaddwd matmuls do 16 multiplies per 2x2 outputs instead of 36.
 
-The same source is compiled for the widest instruction set the CPU has (`isa()`, chosen at run
+The same source is compiled for the widest instruction set the CPU has (`KERNEL.isa()`, chosen at run
 time from /proc/cpuinfo; `$JAXACCEL_KERNEL_ISA` caps it, e.g. "avx2"): AVX-512 doubles the
 register width, and AVX-512 VNNI multiplies 8-bit codes directly (vpdpbusd, four u8 x s8
 products per int32 lane; vpdpwssd for Winograd's int16 operands). Every ISA gives the same exact
 integers; each has its own custom-call target (`target`).
 
 `available()` says whether it can run here (CPU backend, an x86 CPU with AVX2, a C++ compiler);
-the first call compiles `int8.cc` (`KERNELS`, see `kernels.build`: cached in
+the first call compiles `int8.cc` (`KERNEL`, see `kernels.build`: cached in
 `$JAXACCEL_KERNEL_CACHE`, default `~/.cache/jaxaccel/kernels`), so later processes only load it.
 
-Owns `available`, `isa`, `conv_acc` (int32 conv, optionally 2x2-max-pooled), `matmul_acc` and
+Owns `KERNEL`, `available`, `target`, `conv_acc` (int32 conv, optionally 2x2-max-pooled), `matmul_acc` and
 `winograd_ok`. Imports only `kernels.build` and `kernels.winograd` (its `G`) of jaxaccel;
 never models, compress or anything above.
 """
@@ -33,48 +33,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.kernels.build import ISA_ORDER, CpuKernel, batch_partitioned, host_isa
+from jaxaccel.kernels.build import ISA_ORDER, KernelFamily, batch_partitioned
 from jaxaccel.kernels.winograd import G, apply_along
 
 TARGET = "jaxaccel_int8_conv"
 WINOGRAD_TARGET = "jaxaccel_int8_winograd"
-# One library per ISA (the tests' "avx512_vnni_simde" runs the VNNI code emulated on AVX2).
-KERNELS = {isa: CpuKernel(Path(__file__).with_name("int8.cc"), isa,
-                          {"JaxaccelInt8Conv": f"{TARGET}_{isa}", "JaxaccelInt8Winograd": f"{WINOGRAD_TARGET}_{isa}"},
-                          fallback="int8 layers use XLA's int8 dot")
-           for isa in (*ISA_ORDER, "avx512_vnni_simde")}
-
-
-def isa() -> str:
-    """The instruction set the kernel runs with here: the widest of `ISA_ORDER` this CPU has,
-    capped by `$JAXACCEL_KERNEL_ISA`."""
-    return host_isa(ISA_ORDER)
-
-
-def library(isa_name: str | None = None) -> CpuKernel:
-    """The library for `isa_name` (default: `isa()`)."""
-    return KERNELS[isa_name or isa()]
+KERNEL = KernelFamily(Path(__file__).with_name("int8.cc"), ISA_ORDER,
+                     {"JaxaccelInt8Conv": TARGET, "JaxaccelInt8Winograd": WINOGRAD_TARGET},
+                     fallback="int8 layers use XLA's int8 dot")
 
 
 def target(kind: str = "conv", isa_name: str | None = None) -> str:
     """The custom-call target of the direct ("conv") or Winograd ("winograd") kernel for `isa_name`
-    (default: `isa()`)."""
-    return f"{TARGET if kind == 'conv' else WINOGRAD_TARGET}_{isa_name or isa()}"
+    (default: `KERNEL.isa()`, the widest this CPU runs)."""
+    return KERNEL.target(TARGET if kind == "conv" else WINOGRAD_TARGET, isa_name)
 
 
-def unavailable_reason(isa_name: str | None = None) -> str | None:
+def unavailable_reason() -> str | None:
     """None if the kernel can run in this process, else why not (one line)."""
-    return library(isa_name).unavailable_reason()
+    return KERNEL.unavailable_reason()
 
 
-def available(isa_name: str | None = None) -> bool:
+def available() -> bool:
     """Whether `conv_acc` / `matmul_acc` can run here (builds and registers the kernel once)."""
-    return unavailable_reason(isa_name) is None
-
-
-def kernel_path(isa_name: str | None = None) -> Path:
-    """The compiled library's path (see `CpuKernel.path`)."""
-    return library(isa_name).path()
+    return unavailable_reason() is None
 
 
 def conv_acc(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), max_pool: int = 1,
@@ -83,7 +65,7 @@ def conv_acc(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), m
 
     `max_pool=2` also takes the 2x2 max (stride 2, VALID) of the int32 result inside the kernel,
     so only the pooled values are written (exact: the same as pooling the conv's output).
-    `isa_name` picks the library (default: `isa()`); every ISA gives the same integers.
+    `isa_name` picks the library (default: `KERNEL.isa()`); every ISA gives the same integers.
     """
     if max_pool not in (1, 2):
         raise ValueError(f"int8 kernel max_pool must be 1 or 2, got {max_pool!r}")
@@ -91,10 +73,8 @@ def conv_acc(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), m
         raise ValueError(f"int8 kernel needs uint8/int8 x and an int8 kernel, got {x.dtype} and {kernel.dtype}")
     if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[3]:
         raise ValueError(f"int8 kernel needs NHWC x and HWIO kernel with matching channels, got {x.shape}, {kernel.shape}")
-    isa_name = isa_name or isa()
-    if isa_name not in KERNELS:
-        raise ValueError(f"int8 kernel isa must be one of {', '.join(KERNELS)}, got {isa_name!r}")
-    KERNELS[isa_name].register()
+    isa_name = isa_name or KERNEL.isa()
+    KERNEL.library(isa_name).register()
     kh, kw, cin, cout = kernel.shape
     sh, sw = (int(s) for s in strides)
     n, h, w, _ = x.shape

@@ -18,9 +18,9 @@ instead of 36. The 3x3 kernel's own transform (`transform_kernel`, 16 x C x K nu
 JAX.
 
 `available()` says whether they can run here (CPU backend, an x86 CPU with AVX2 and FMA, a C++
-compiler); the first call compiles `winograd.cc` (`KERNELS`, see `kernels.build`: cached in
+compiler); the first call compiles `winograd.cc` (`KERNEL`, see `kernels.build`: cached in
 `$JAXACCEL_KERNEL_CACHE`), so later processes only load it. It is compiled for the widest ISA
-the CPU has (`isa()`: AVX-512 runs the matmuls' register tile on zmm; `$JAXACCEL_KERNEL_ISA`
+the CPU has (`KERNEL.isa()`: AVX-512 runs the matmuls' register tile on zmm; `$JAXACCEL_KERNEL_ISA`
 caps it); every ISA computes the same floats (the same FMAs, in the same order, per output).
 
 Imports only `kernels.build` of jaxaccel; never models, compress or anything above.
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.kernels.build import CpuKernel, batch_partitioned, host_isa, vmap_sequentially
+from jaxaccel.kernels.build import KernelFamily, batch_partitioned, vmap_sequentially
 
 BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)  # 4x4 input tile
 G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)           # 3x3 kernel
@@ -46,45 +46,26 @@ TARGET = "jaxaccel_winograd_conv"
 POOL_TARGET = "jaxaccel_winograd_conv_pool"
 GRAD_TARGET = "jaxaccel_winograd_filter_grad"
 PADDING = ((1, 1), (1, 1))  # the only padding the kernel does: "SAME" for a 3x3 window
-ISAS = ("avx2", "avx512")  # the ISAs winograd.cc has code for (build.ISA_ORDER names)
-# One library per ISA (the tests' "avx512_vnni_simde" runs the AVX-512 code emulated on AVX2).
-KERNELS = {isa: CpuKernel(Path(__file__).with_name("winograd.cc"), isa,
-                          {"JaxaccelWinogradConv": f"{TARGET}_{isa}", "JaxaccelWinogradConvPool": f"{POOL_TARGET}_{isa}",
-                           "JaxaccelWinogradFilterGrad": f"{GRAD_TARGET}_{isa}"},
-                          fallback="convs use XLA's")
-           for isa in (*ISAS, "avx512_vnni_simde")}
-
-
-def isa() -> str:
-    """The instruction set the kernels run with here: the widest of `ISAS` this CPU has, capped by
-    `$JAXACCEL_KERNEL_ISA`."""
-    return host_isa(ISAS)
-
-
-def library(isa_name: str | None = None) -> CpuKernel:
-    """The library for `isa_name` (default: `isa()`)."""
-    return KERNELS[isa_name or isa()]
+KERNEL = KernelFamily(Path(__file__).with_name("winograd.cc"), ("avx2", "avx512"),
+                     {"JaxaccelWinogradConv": TARGET, "JaxaccelWinogradConvPool": POOL_TARGET,
+                      "JaxaccelWinogradFilterGrad": GRAD_TARGET},
+                     fallback="convs use XLA's")
 
 
 def target(kind: str = "conv", isa_name: str | None = None) -> str:
     """The custom-call target of the "conv", "pool" (conv + max-pool) or "grad" (filter gradient)
-    kernel for `isa_name` (default: `isa()`)."""
-    return f"{dict(conv=TARGET, pool=POOL_TARGET, grad=GRAD_TARGET)[kind]}_{isa_name or isa()}"
+    kernel for `isa_name` (default: `KERNEL.isa()`, the widest this CPU runs)."""
+    return KERNEL.target(dict(conv=TARGET, pool=POOL_TARGET, grad=GRAD_TARGET)[kind], isa_name)
 
 
-def unavailable_reason(isa_name: str | None = None) -> str | None:
+def unavailable_reason() -> str | None:
     """None if the kernel can run in this process, else why not (one line)."""
-    return library(isa_name).unavailable_reason()
+    return KERNEL.unavailable_reason()
 
 
-def available(isa_name: str | None = None) -> bool:
+def available() -> bool:
     """Whether `conv` can run here (builds and registers the kernel once)."""
-    return unavailable_reason(isa_name) is None
-
-
-def kernel_path(isa_name: str | None = None) -> Path:
-    """The compiled library's path (see `CpuKernel.path`)."""
-    return library(isa_name).path()
+    return unavailable_reason() is None
 
 
 def supports(x_shape: Sequence[int], kernel_shape: Sequence[int], padding: Sequence[Sequence[int]],
@@ -130,7 +111,7 @@ def transform_kernel(kernel: jax.Array) -> jax.Array:
 
 def conv(x: jax.Array, kernel: jax.Array, isa_name: str | None = None) -> jax.Array:
     """Stride-1 "SAME" conv of NHWC float32 `x` with a 3x3 HWIO `kernel` (see `supports`), by the
-    library for `isa_name` (default: `isa()`).
+    library for `isa_name` (default: `KERNEL.isa()`).
 
     Differentiable only through `conv_impl="cpu_kernel"`'s custom VJP in `models.conv_impls` (the custom
     call itself has no derivative rule).
@@ -140,11 +121,10 @@ def conv(x: jax.Array, kernel: jax.Array, isa_name: str | None = None) -> jax.Ar
 
 
 def _checked_isa(isa_name: str | None) -> str:
-    isa_name = isa_name or isa()
-    if isa_name not in KERNELS:
-        raise ValueError(f"winograd kernel isa must be one of {', '.join(KERNELS)}, got {isa_name!r}")
-    if not available(isa_name):
-        raise ValueError(f"the winograd CPU kernel cannot run here ({unavailable_reason(isa_name)})")
+    isa_name = isa_name or KERNEL.isa()
+    reason = KERNEL.unavailable_reason(isa_name)
+    if reason is not None:
+        raise ValueError(f"the winograd CPU kernel cannot run here ({reason})")
     return isa_name
 
 
