@@ -5,29 +5,16 @@ command drives (compress: test_artifacts.py; sweep: test_sweep_runners.py,
 test_sweep_vectorized.py; report: test_sweep_report.py)."""
 import argparse
 import os
-import subprocess
-import sys
 
 import pytest
 
 from jaxaccel import cli
 from jaxaccel.preemption import Preempted
+from tiny_runs import assert_one_line_error, run_cli
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "digits_lenet5.py")
 
 
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "jaxaccel", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "JAXACCEL_DEBUG": ""})
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-    assert "Traceback" not in proc.stderr
-    assert lines[-1].startswith("jaxaccel: error:") or "error:" in lines[-1], proc.stderr
-    for needle in needles:
-        assert needle in lines[-1], lines[-1]
 
 
 @pytest.mark.parametrize("override,needles", [

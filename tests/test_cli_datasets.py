@@ -1,14 +1,9 @@
 """`jaxaccel datasets` (jaxaccel.cli.datasets): every dataset, its kind and whether it is
 prepared; listing prepares nothing."""
 import os
-import subprocess
-import sys
 
 from jaxaccel import cli
-
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "jaxaccel", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "JAXACCEL_DEBUG": ""})
+from tiny_runs import run_cli
 
 
 def test_datasets_lists_builtins():

@@ -12,30 +12,17 @@ batch of 1e12) and a coordinator address (it would wait for peers that never com
 """
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from jaxaccel import cli, config as config_lib
+from tiny_runs import assert_one_line_error, run_cli
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "digits_lenet5.py")
 
 
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "jaxaccel", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "JAXACCEL_DEBUG": ""})
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-    assert "Traceback" not in proc.stderr
-    assert lines[-1].startswith("jaxaccel: error:") or "error:" in lines[-1], proc.stderr
-    for needle in needles:
-        assert needle in lines[-1], lines[-1]
 
 
 def test_train_then_refuse_different_config_keeps_workdir(tmp_path):

@@ -125,9 +125,24 @@ def train_argv(experiment, workdir, *overrides):
             "--workdir", workdir, *[f"--config.{o}" for o in overrides]]
 
 
-def run_command(argv, **kwargs):
-    return subprocess.run(argv, capture_output=True, text=True, timeout=300,
+def run_command(argv, timeout=300, **kwargs):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "JAXACCEL_DEBUG": ""}, **kwargs)
+
+
+def run_cli(*args, timeout=300):
+    """`python -m jaxaccel ARGS...` in a subprocess (tracebacks off, as a user sees it)."""
+    return run_command([sys.executable, "-m", "jaxaccel", *args], timeout=timeout)
+
+
+def assert_one_line_error(proc, *needles):
+    """Exit status 2, no traceback, and a last line that is the error naming every needle."""
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith("jaxaccel: error:") or "error:" in lines[-1], proc.stderr
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
 
 
 def last_line(stderr):
