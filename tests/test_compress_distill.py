@@ -27,6 +27,12 @@ def _reference(s, t, y, temperature, alpha):
     return float(np.mean(alpha * temperature ** 2 * kl + (1 - alpha) * ce))
 
 
+# jitted once, with the temperature and alpha as traced arguments (as in a train step): each
+# example compiles one program for its (batch, classes) shape instead of every op eagerly
+_kd_loss = jax.jit(lambda s, t, y, temperature, alpha: distill.kd_loss(
+    s, t, y, temperature=temperature, alpha=alpha))
+
+
 @settings(max_examples=15, deadline=None)
 @given(batch=st.integers(1, 6), classes=st.integers(2, 7), temperature=st.floats(0.5, 30.0),
        alpha=st.sampled_from([0.0, 0.3, 0.9, 1.0]), seed=st.integers(0, 1000))
@@ -35,8 +41,7 @@ def test_kd_loss_matches_the_definition(batch, classes, temperature, alpha, seed
     s = rng.normal(0, 3, (batch, classes)).astype(np.float32)
     t = rng.normal(0, 3, (batch, classes)).astype(np.float32)
     y = rng.integers(0, classes, batch)
-    got = float(distill.kd_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y),
-                                temperature=temperature, alpha=alpha))
+    got = float(_kd_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), temperature, alpha))
     # the soft term is scaled by T^2, so is float32's rounding of its log-probabilities: the
     # KL of two near-uniform distributions (large T) is a difference of O(1) terms, exact to a
     # few float32 ulps (eps = 1.2e-7) before the T^2 (e.g. T=24.5, 3 classes: 9e-5 after it)

@@ -36,11 +36,13 @@ def test_fold_eval_equivalence(name, kwargs):
     images = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
     folded_model, folded = fold_bn(model, variables, input_shape=(1, 8, 8, 3))
     assert folded_model.use_bn is False
-    want = model.apply(variables, images, train=False)
+    want = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
     got = folded_model.apply(folded, images, train=False)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    # same tree as a fresh use_bn=False model, no BN leaves, no batch stats left
-    fresh = init_variables(folded_model, jax.random.key(0), (8, 8, 3))
+    # same tree as a fresh use_bn=False model, no BN leaves, no batch stats left (its shapes:
+    # initialised abstractly, nothing compiled)
+    fresh = jax.eval_shape(lambda r: folded_model.init(r, jnp.zeros((1, 8, 8, 3)), train=False),
+                           jax.random.key(0))
     chex.assert_trees_all_equal_shapes(folded["params"], fresh["params"])
     assert jax.tree.leaves(folded["batch_stats"]) == []
 
@@ -112,7 +114,7 @@ def test_fold_sharded_params():
     model = get_model("cnn_bn", 10, features=(8, 16))
     variables = _trained_like(init_variables(model, jax.random.key(0), (8, 8, 1)), seed=3)
     images = jax.random.normal(jax.random.key(1), (8, 8, 8, 1))
-    want = model.apply(variables, images, train=False)
+    want = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
 
     def fsdp(x):  # shard the last (output-channel) dim of kernels, replicate the rest
         spec = P(*([None] * (x.ndim - 1)), "d") if x.ndim >= 2 and x.shape[-1] % 8 == 0 else P()

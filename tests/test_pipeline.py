@@ -79,8 +79,9 @@ def test_same_config_and_seed_give_bitwise_identical_runs(reference, tmp_path):
 
 
 def test_training_learns_digits(tmp_path):
-    results = jaxaccel.train(tiny_config(**ALL_DEVICES, num_steps=150, log_every=50,
-                                         checkpoint_every=150), str(tmp_path))
+    # 100 steps: 0.96-0.97 with seeds 0..3, as with 150
+    results = jaxaccel.train(tiny_config(**ALL_DEVICES, num_steps=100, log_every=50,
+                                         checkpoint_every=100), str(tmp_path))
     assert results["test_accuracy"] > 0.9
 
 
@@ -172,7 +173,10 @@ def _params(workdir):
     return jax.tree.leaves(jax.device_get(jaxaccel.load(workdir).variables["params"]))
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "warmup_cosine"])
+# cosine only: the refusal, the untouched files and the overwrite do not depend on which
+# decaying schedule it is; warmup_cosine's message is checked in
+# test_which_num_steps_changes_a_resumed_run_would_change_silently above
+@pytest.mark.parametrize("schedule", ["cosine"])
 def test_more_steps_under_a_decaying_schedule_is_refused(schedule, tmp_path):
     workdir = str(tmp_path / "run")
     c = _config(8, schedule)
