@@ -30,9 +30,9 @@ Implementations (`CONV_IMPLS`):
               (`kernels.winograd`, an XLA FFI custom call compiled on first use), which fuses
               the tile transforms into its matmuls and, in `Conv.max_pooled`, the 2x2 max-pool
               into the forward (only the pooled values and each window's int8 first-maximum
-              position are written). Where the kernel does not cover a conv (float32 only,
-              "SAME", channels multiples of 8 / 16, even sizes for the fused pool) it is
-              "winograd". `CNN3`'s "auto" picks it on CPU when the kernel can run (its train
+              position are written; a pooled first layer's 1-7 input channels are zero-padded
+              to 8 for it). Where the kernel does not cover a conv (float32 only, "SAME",
+              channels multiples of 8 / 16, even sizes for the fused pool) it is "winograd". `CNN3`'s "auto" picks it on CPU when the kernel can run (its train
               step measured faster than "winograd": BENCHMARKS.md).
               It trains on whole batches (micro-batches only at inference, see
               `microbatch_count`). Exports (`portable_conv_impl`) use "winograd" instead.
@@ -476,13 +476,21 @@ class Conv(nn.Module):
 
 def _conv_max_pool(conv_impl: str, x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Any,
                    groups: int, window: int) -> jax.Array:
-    """max_pool_2d(conv(x, kernel), window), fused into one Winograd kernel call where it can be."""
-    # `supports` covers 3x3, "SAME", float32 (x and kernel share a dtype here) and channels % 8 (so
-    # never a first layer that "cpu_kernel" would run as im2col: 9 * 8 > CPU_IM2COL_MAX_PATCH).
+    """max_pool_2d(conv(x, kernel), window), fused into one Winograd kernel call where it can be.
+
+    A first layer's few input channels (1-7, e.g. RGB) are zero-padded to 8 for the kernel, whose
+    Winograd tiles and fused pool then beat im2col even with the extra zeros: the zero channels
+    add nothing to the conv, and the pad's VJP drops their kernel gradient."""
+    # `supports` covers 3x3, "SAME", float32 (x and kernel share a dtype here) and channels % 8.
+    pad_c = 8 - x.shape[-1] if x.shape[-1] < 8 else 0
     if (window == 2 and resolve_conv_impl(conv_impl) == "cpu_kernel" and groups == 1 and strides == (1, 1)
             and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0 and kernel.ndim == 4
-            and winograd.supports(x.shape, kernel.shape, _explicit_padding(padding, x.shape[1:3],
-                                                                           kernel.shape[:2]), x.dtype)):
+            and winograd.supports((*x.shape[:3], x.shape[3] + pad_c), (*kernel.shape[:2], kernel.shape[2] + pad_c,
+                                                                        kernel.shape[3]),
+                                  _explicit_padding(padding, x.shape[1:3], kernel.shape[:2]), x.dtype)):
+        if pad_c:
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad_c)))
+            kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, pad_c), (0, 0)))
         return _winograd_conv_max_pool(x, kernel)
     y = conv_general_dilated_fn(conv_impl)(x, kernel, strides, padding, dimension_numbers=_NHWC,
                                            feature_group_count=groups)
