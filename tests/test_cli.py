@@ -111,3 +111,15 @@ def test_config_overrides_reach_the_command_and_other_arguments_are_refused(monk
     with pytest.raises(SystemExit) as e:
         cli.main(["report", "w", "--bogus"])
     assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_kernel_isa_cap_that_is_not_one_is_one_line_and_writes_nothing(monkeypatch, tmp_path,
+                                                                          capsys):
+    monkeypatch.setenv("JAXACCEL_KERNEL_ISA", "avx1024")
+    workdir = tmp_path / "run"
+    code = cli.main(["train", "--config", EXPERIMENT, "--workdir", str(workdir),
+                     "--config.num_steps=2", "--config.progress=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["jaxaccel: error: JAXACCEL_KERNEL_ISA='avx1024' is not one of "
+                                 "avx2, avx512, avx512_vnni"]
+    assert not workdir.exists()

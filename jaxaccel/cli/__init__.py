@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     from jaxaccel.preemption import Preempted
     enable_compilation_cache()  # before anything compiles; $JAXACCEL_COMPILATION_CACHE=off disables
     module = importlib.import_module(COMMANDS[known.command][0])
+    from jaxaccel.kernels.build import isa_cap
     try:
+        isa_cap()  # a bad $JAXACCEL_KERNEL_ISA is refused before anything runs
         return module.run(known, overrides)
     except Preempted as e:
         _last_words(f"jaxaccel: {e}", program)

@@ -98,18 +98,26 @@ ISAS: Mapping[str, Isa] = {
 ISA_ORDER = ("avx2", "avx512", "avx512_vnni")  # narrowest first; JAXACCEL_KERNEL_ISA caps it
 
 
+def isa_cap() -> str | None:
+    """`$JAXACCEL_KERNEL_ISA` (None if unset): the widest ISA kernels may use. ValueError (one
+    line) for a name not in `ISA_ORDER` or one this CPU cannot run; the CLI checks it first, so
+    a bad value is refused even by a run whose model uses no kernel."""
+    cap = os.environ.get("JAXACCEL_KERNEL_ISA", "").strip()
+    if not cap:
+        return None
+    if cap not in ISA_ORDER:
+        raise ValueError(f"JAXACCEL_KERNEL_ISA={cap!r} is not one of {', '.join(ISA_ORDER)}")
+    if not cpu_has(ISAS[cap].cpu_flags):
+        raise ValueError(f"JAXACCEL_KERNEL_ISA={cap!r} needs the CPU flags {' '.join(ISAS[cap].cpu_flags)}; "
+                         f"this CPU has {vector_features() or 'none of them'}")
+    return cap
+
+
 def host_isa(available: Sequence[str]) -> str:
     """The widest of a kernel's `available` ISAs (names in `ISA_ORDER`) this CPU runs, capped by
-    `$JAXACCEL_KERNEL_ISA` (e.g. "avx2" forces the portable path on an AVX-512 CPU). Falls back to
-    the narrowest (whose `unavailable_reason` then says what the CPU lacks). ValueError (one line)
-    for an unknown cap or one this CPU cannot run."""
-    cap = os.environ.get("JAXACCEL_KERNEL_ISA", "").strip()
-    if cap:
-        if cap not in ISA_ORDER:
-            raise ValueError(f"JAXACCEL_KERNEL_ISA={cap!r} is not one of {', '.join(ISA_ORDER)}")
-        if not cpu_has(ISAS[cap].cpu_flags):
-            raise ValueError(f"JAXACCEL_KERNEL_ISA={cap!r} needs the CPU flags {' '.join(ISAS[cap].cpu_flags)}; "
-                             f"this CPU has {vector_features() or 'none of them'}")
+    `isa_cap()` (e.g. "avx2" forces the portable path on an AVX-512 CPU). Falls back to the
+    narrowest (whose `unavailable_reason` then says what the CPU lacks)."""
+    cap = isa_cap()
     allowed = ISA_ORDER[:ISA_ORDER.index(cap) + 1] if cap else ISA_ORDER
     ordered = [i for i in ISA_ORDER if i in available]
     runnable = [i for i in ordered if i in allowed and cpu_has(ISAS[i].cpu_flags)]
