@@ -6,6 +6,8 @@ import os
 import pytest
 
 from jaxaccel.bench import sweep
+from test_search import write_experiment
+
 
 def test_sweep_skips_with_a_clear_message(monkeypatch):
     real = importlib.util.find_spec
@@ -26,38 +28,15 @@ def test_sweep_bench_sequential_vs_vectorized():
     assert out["skipped"] is False and out["vectorized_speedup"] > 0
 
 
-TINY_SEARCH = '''
-from jaxaccel import sweep
-from jaxaccel.config import default_config
-
-def get_config():
-    c = default_config()
-    c.dataset.name = "digits"
-    c.dataset.validation_split = 0.2
-    c.model.name = "lenet300_100"
-    c.model.width = 0.25
-    c.batch_size = 32
-    c.eval_batch_size = 360
-    c.num_steps = 8
-    c.eval_every = 2
-    c.parallel.num_devices = 1
-    return c
-
-def get_search():
-    return {"optimizer.lr": sweep.choice([1e-3, 3e-3])}
-'''
-
-
 def test_search_bench_tpe_asha_vs_the_grid(tmp_path, capsys):
     """`bench sweep --search` at a tiny size: a 2-point grid vs 2 TPE + ASHA trials of 2 steps,
     each study in its own workdir under --search-workdir, both through sweep.search."""
     import json
 
     from jaxaccel import cli
-    exp = tmp_path / "exp.py"
-    exp.write_text(TINY_SEARCH)
+    exp = write_experiment(tmp_path, '{"optimizer.lr": sweep.choice([1e-3, 3e-3])}')
     wd, path = tmp_path / "bench", tmp_path / "out.json"
-    assert cli.main(["bench", "sweep", "--search", "--sweep-config", str(exp),
+    assert cli.main(["bench", "sweep", "--search", "--sweep-config", exp,
                      "--search-trials", "2", "--search-seeds", "1", "--search-steps", "2",
                      "--search-workdir", str(wd), "--json", str(path)]) == 0
     out = json.loads(path.read_text())
@@ -84,8 +63,7 @@ def test_vectorized_search_bench_compares_the_same_suggestions(tmp_path, monkeyp
     table and the largest objective difference. (That a vectorized search reproduces the
     values trial by trial is tests/test_search.py's; here the search is stood in for.)"""
     from jaxaccel.sweep import search
-    exp = tmp_path / "exp.py"
-    exp.write_text(TINY_SEARCH)
+    exp = write_experiment(tmp_path, '{"optimizer.lr": sweep.choice([1e-3, 3e-3])}')
     calls = []
 
     def fake_run(experiment, workdir, **kw):

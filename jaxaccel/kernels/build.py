@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import os
 import platform
@@ -47,15 +48,23 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The first processor's /proc/cpuinfo flags (empty where there is none), read once: the
+    kernels ask at every trace."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f
+                                   if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
 def cpu_has(features: Sequence[str]) -> bool:
     """Whether this is an x86-64 CPU whose /proc/cpuinfo flags include all `features` (e.g. "avx2")."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return all(f in flags for f in features)
+    return all(f in _cpu_flags() for f in features)
 
 
 VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
@@ -65,13 +74,7 @@ VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
 def vector_features() -> str:
     """The CPU's SIMD features that decide kernel speed (from /proc/cpuinfo; "" elsewhere),
     e.g. "avx2 fma" or "avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16"."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f
-                          if line.startswith("flags")), [])
-    except OSError:
-        return ""
-    return " ".join(v for v in VECTOR_FLAGS if v in flags)
+    return " ".join(v for v in VECTOR_FLAGS if v in _cpu_flags())
 
 
 @dataclasses.dataclass(frozen=True)
