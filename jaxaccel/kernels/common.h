@@ -68,15 +68,16 @@ void Parallel(xla::ffi::ThreadPool& pool, int64_t n, F work) {
   join->cv.wait(lock, [&] { return join->active == 0; });
 }
 
-// Winograd F(2x2, 3x3) tiles: tile `tile` of a batch with a th x tw grid of tiles per image is
-// image `img`, and its 2x2 outputs start at row `row`, column `col`.
+// Winograd tiles of `size` x `size` outputs (2: F(2x2, 3x3), 4: F(4x4, 3x3)): tile `tile` of a
+// batch with a th x tw grid of tiles per image is image `img`, and its outputs start at row `row`,
+// column `col`.
 struct TileOrigin {
   int64_t img, row, col;
 };
 
-inline TileOrigin TileAt(int64_t tile, int64_t th, int64_t tw) {
+inline TileOrigin TileAt(int64_t tile, int64_t th, int64_t tw, int64_t size = 2) {
   const int64_t rem = tile % (th * tw);
-  return {tile / (th * tw), 2 * (rem / tw), 2 * (rem % tw)};
+  return {tile / (th * tw), size * (rem / tw), size * (rem % tw)};
 }
 
 }  // namespace jaxaccel

@@ -1,21 +1,23 @@
-"""Winograd F(2x2, 3x3): its transform matrices, and float32 conv kernels for XLA:CPU (AVX2 +
+"""Winograd transforms F(2x2, 3x3) and F(4x4, 3x3), and float32 conv kernels for XLA:CPU (AVX2 +
 FMA, or AVX-512) as XLA FFI custom calls.
 
 `BT`, `G`, `AT` are the one home of the F(2x2, 3x3) transforms (Lavin & Gray 2016): a 2x2 output
 tile of a 3x3 conv from a 4x4 input tile d is Y = A^T [(G k G^T) * (B^T d B)] A. The portable
-pure-JAX Winograd in `models.conv_impls`, this module's kernel transform and the int8 kernel's
-exact integer one (2G) all derive from them (`winograd.cc` and `int8.cc` spell B and A out).
+pure-JAX Winograd in `models.conv_impls` and the int8 kernel's exact integer one (2G) derive from
+them (`int8.cc` spells B and A out). `BT4`, `G4`, `AT4` are F(4x4, 3x3)'s (4x4 outputs from a 6x6
+input tile), which the float kernels use (`winograd.cc` spells B and A out).
 
 The kernels serve `conv_impl="cpu_kernel"` (`models.conv_impls`) for stride-1 "SAME" 3x3 convs,
 in all three passes: `conv` (the forward and the input gradient, a conv of dy with the flipped
 kernel), `conv_max_pool` (the forward fused with the models' 2x2 max-pool) and `filter_grad`.
 XLA:CPU's direct convs are slow on cnn3's shapes, and the same Winograd expressed as XLA ops
 spends more time in its tile transforms than in its matmuls. The kernels (`winograd.cc`)
-transform input tiles (and output-gradient tiles) into a per-thread buffer, run the 16 matmuls
+transform input tiles (and output-gradient tiles) into a per-thread buffer, run the 36 matmuls
 of each chunk of tiles in a 6x16 FMA register tile, and transform the results straight into the
-output: no transformed tensor is ever written to memory, and 16 multiplies per 2x2 outputs
-instead of 36. The 3x3 kernel's own transform (`transform_kernel`, 16 x C x K numbers) is plain
-JAX.
+output: no transformed tensor is ever written to memory, and 36 multiplies per 4x4 outputs
+instead of 144. F(4x4, 3x3) does 1.78x fewer multiplies than F(2x2, 3x3) at a somewhat larger
+float32 rounding error (still within the tests' 2e-5 of XLA's conv). The 3x3 kernel's own
+transform (`transform_kernel`, 36 x C x K numbers) is plain JAX.
 
 `available()` says whether they can run here (CPU backend, an x86 CPU with AVX2 and FMA, a C++
 compiler); the first call compiles `winograd.cc` (`KERNEL`, see `kernels.build`: cached in
@@ -41,6 +43,13 @@ from jaxaccel.kernels.build import KernelFamily, batch_partitioned, vmap_sequent
 BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)  # 4x4 input tile
 G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)           # 3x3 kernel
 AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)                               # 2x2 output tile
+# F(4x4, 3x3) (interpolation points 0, 1, -1, 2, -2, infinity): the kernels' forward convs.
+BT4 = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float32)  # 6x6 input tile
+G4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+               [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64)     # 3x3 kernel
+AT4 = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+                [0, 1, -1, 8, -8, 1]], np.float32)                                       # 4x4 output tile
 
 TARGET = "jaxaccel_winograd_conv"
 POOL_TARGET = "jaxaccel_winograd_conv_pool"
@@ -103,10 +112,11 @@ def apply_along(m: np.ndarray, t: jax.Array, axis: int) -> jax.Array:
 
 
 def transform_kernel(kernel: jax.Array) -> jax.Array:
-    """HWIO 3x3 `kernel` (C, K channels) -> U = G k G^T packed as the kernel reads it: [16, K/16, C, 16]."""
+    """HWIO 3x3 `kernel` (C, K channels) -> the forward's U = G4 k G4^T packed as the kernel reads
+    it: [36, K/16, C, 16]."""
     c, k = kernel.shape[2:]
-    u = apply_along(G, apply_along(G, kernel, 0), 1)  # (4, 4, C, K)
-    return u.reshape(16, c, k // 16, 16).transpose(0, 2, 1, 3)
+    u = apply_along(G4, apply_along(G4, kernel, 0), 1)  # (6, 6, C, K)
+    return u.reshape(36, c, k // 16, 16).transpose(0, 2, 1, 3)
 
 
 def conv(x: jax.Array, kernel: jax.Array, isa_name: str | None = None) -> jax.Array:
@@ -150,14 +160,14 @@ def conv_max_pool(x: jax.Array, kernel: jax.Array, isa_name: str | None = None) 
 
 def filter_grad(x: jax.Array, dy: jax.Array, isa_name: str | None = None) -> jax.Array:
     """The 3x3 HWIO kernel's gradient of `conv(x, kernel)` given the output gradient `dy`:
-    G^T dU G, dU = the kernel's sum over tiles of (B^T d B)^T (A dY A^T) (16 matmuls)."""
+    G4^T dU G4, dU = the kernel's sum over F(4x4, 3x3) tiles of (B^T d B)^T (A dY A^T) (36 matmuls)."""
     c, k = x.shape[-1], dy.shape[-1]
     if (x.ndim != 4 or dy.shape[:3] != x.shape[:3] or x.dtype != jnp.float32 or dy.dtype != jnp.float32
             or c % 8 or k % 16):
         raise ValueError(f"winograd filter gradient needs float32 NHWC x (C % 8 == 0) and dy (K % 16 == 0) "
                          f"of the same N, H, W, got {x.dtype}{list(x.shape)}, {dy.dtype}{list(dy.shape)}")
     grad = _calls(_checked_isa(isa_name))[2](x, dy)
-    return apply_along(G.T, apply_along(G.T, grad.reshape(4, 4, c, k), 0), 1)
+    return apply_along(G4.T, apply_along(G4.T, grad.reshape(6, 6, c, k), 0), 1)
 
 
 @functools.cache
@@ -165,7 +175,7 @@ def _calls(isa_name: str) -> tuple[Any, Any, Any]:
     """The (conv, conv + pool, filter gradient) custom calls of the library for `isa_name`."""
     def ffi_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
         call = jax.ffi.ffi_call(target("grad", isa_name),
-                                jax.ShapeDtypeStruct((16, x.shape[-1], dy.shape[-1]), jnp.float32),
+                                jax.ShapeDtypeStruct((36, x.shape[-1], dy.shape[-1]), jnp.float32),
                                 vmap_method="sequential")
         return call(x, dy)
 
