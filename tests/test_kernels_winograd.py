@@ -112,6 +112,27 @@ def test_fused_max_pool_equals_pooling_the_conv_and_routes_gradients_alike(n, h2
 
 
 @needs_kernel
+@settings(max_examples=4, deadline=None)
+@given(n=st.integers(1, 2), h2=st.integers(1, 5), w2=st.integers(1, 5), c16=st.integers(1, 2),
+       k16=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_unpooled_gradients_equal_the_kernels_on_the_written_out_gradient(n, h2, w2, c16, k16, seed):
+    """unpool_conv / unpool_filter_grad read the pooled gradient routed to each window's first
+    maximum: bitwise what conv / filter_grad compute on the routed gradient written out
+    (odd pooled sizes leave half-empty 4x4 tiles)."""
+    h, w, c, k = 2 * h2, 2 * w2, 16 * c16, 16 * k16
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((n, h2, w2, k)), jnp.float32)
+    first = jnp.asarray(rng.integers(0, 4, (n, h2, w2, k)), jnp.int8)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, k, c)), jnp.float32)
+    dy = conv_impls._route_to_first(first, g, 2, (n, h, w, k))
+    np.testing.assert_array_equal(np.asarray(jax.jit(W.unpool_conv)(g, first, kernel)),
+                                  np.asarray(jax.jit(W.conv)(dy, kernel)))
+    np.testing.assert_array_equal(np.asarray(jax.jit(W.unpool_filter_grad)(x, g, first)),
+                                  np.asarray(jax.jit(W.filter_grad)(x, dy)))
+
+
+@needs_kernel
 def test_filter_gradient_is_bit_reproducible():
     """Threads take the filter gradient's slices in any order; the sum must not depend on it
     (exact resume and reproducible runs need bit-identical gradients)."""
@@ -160,8 +181,10 @@ def test_cpu_kernel_impl_runs_every_wide_conv_in_the_kernel():
     grad = jax.jit(jax.grad(loss(model)))
     hlo = grad.lower(v["params"]).as_text()
     assert hlo.count(f"@{W.target('pool')}(") == 3  # conv1-3 forward, each with its 2x2 max-pool
-    assert hlo.count(f"@{W.target()}(") == 2  # conv2/conv3's input gradients (conv1's is not needed)
-    assert hlo.count(f"@{W.target('grad')}(") == 3  # every filter gradient
+    # conv2/conv3's input gradients (conv1's is not needed) and every filter gradient, all reading
+    # the pooled gradient unpooled: no plain conv or filter-gradient call
+    assert hlo.count(f"@{W.target('unpool')}(") == 2 and hlo.count(f"@{W.target('unpool_grad')}(") == 3
+    assert f"@{W.target()}(" not in hlo and f"@{W.target('grad')}(" not in hlo
     for a, e in zip(jax.tree.leaves(grad(v["params"])), jax.tree.leaves(jax.grad(loss(plain))(v["params"]))):
         assert np.abs(np.asarray(a) - np.asarray(e)).max() <= 1e-4 * np.abs(np.asarray(e)).max()
 
@@ -191,6 +214,15 @@ def test_batch_sharded_step_runs_per_device_and_sums_the_filter_gradient():
     _close(dx, dx1, 1e-5)
     pm = jax.pmap(lambda x: W.conv(x, jnp.asarray(k)))(x.reshape(8, 2, 6, 6, 16))
     _close(pm.reshape(16, 6, 6, 32), _conv(jnp.asarray(x), jnp.asarray(k)))
+
+    def pooled_loss(k, x):  # conv + pool: its gradients read the pooled gradient per device too
+        return jnp.sum(conv_impls._winograd_conv_max_pool(x, k) ** 2)
+
+    f = jax.jit(jax.grad(pooled_loss, argnums=(0, 1)))
+    hlo = f.lower(k, xs).compile().as_text()
+    assert "all-gather" not in hlo and W.target("unpool") in hlo and W.target("unpool_grad") in hlo
+    for a, e in zip(f(k, xs), jax.jit(jax.grad(pooled_loss, argnums=(0, 1)))(k, x)):
+        _close(a, e, 1e-5)
 
 
 def test_auto_falls_back_to_winograd_and_explicit_kernel_explains_why(monkeypatch):

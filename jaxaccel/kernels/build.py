@@ -266,13 +266,13 @@ class KernelFamily:
 
 
 def batch_partitioned(fn: Callable, sharding_rule: str, need_replication_factors: Sequence[str],
-                      num_static: int = 0, summed: bool = False) -> Callable:
+                      num_static: int = 0, summed: bool = False, batched: int | None = None) -> Callable:
     """`fn(x, *others, *static)` (a custom call; the last `num_static` arguments are static) as a
     `custom_partitioning` along the leading (batch) axis of `x`: under a sharded jit each device
     runs the kernel on its own examples, instead of XLA gathering the whole batch onto every
-    device. The other array arguments are batch-sharded like `x` if their leading axis is the
-    batch (same length; `summed` kernels), else replicated. The result is batch-sharded, or, if
-    `summed` (the result is a sum over the batch, e.g. a weight gradient), replicated: the
+    device. The first `batched` array arguments (default: all if `summed`, else `x` alone) are
+    batch-sharded like `x`; the others (weights) are replicated. The result is batch-sharded,
+    or, if `summed` (the result is a sum over the batch, e.g. a weight gradient), replicated: the
     per-device results are added with a `psum` over the batch's mesh axes. A tuple of results
     is sharded alike."""
     from jax.experimental.custom_partitioning import custom_partitioning
@@ -294,8 +294,9 @@ def batch_partitioned(fn: Callable, sharding_rule: str, need_replication_factors
     def partition(*args):
         static, (mesh, arg_shapes, result_shape) = args[:-3], args[-3:]
         axes = batch_axes(arg_shapes)
-        ins = (sharded(mesh, axes, len(arg_shapes[0].shape)),
-               *(sharded(mesh, axes if summed else None, len(a.shape)) for a in arg_shapes[1:]))
+        n_batched = batched if batched is not None else (len(arg_shapes) if summed else 1)
+        ins = tuple(sharded(mesh, axes if i < n_batched else None, len(a.shape))
+                    for i, a in enumerate(arg_shapes))
 
         def lower(*arrays):
             out = fn(*arrays, *static)

@@ -1,7 +1,9 @@
 // Winograd F(4x4, 3x3) float32 convolution for XLA:CPU on AVX2 + FMA or AVX-512: XLA FFI custom calls
-// (see winograd.py). Three handlers: JaxaccelWinogradConv (y), JaxaccelWinogradConvPool
-// (y's 2x2 max-pool and each window's first-maximum position) and JaxaccelWinogradFilterGrad
-// (the transformed kernel's gradient; see the "filter gradient" section).
+// (see winograd.py). Handlers: JaxaccelWinogradConv (y), JaxaccelWinogradConvPool (y's 2x2
+// max-pool and each window's first-maximum position), JaxaccelWinogradFilterGrad (the transformed
+// kernel's gradient; see the "filter gradient" section), and the two gradients of conv + pool from
+// the pooled gradient, which read it unpooled instead of having it written out (`Unpooled`):
+// JaxaccelWinogradConvUnpool (the input gradient) and JaxaccelWinogradFilterGradUnpool.
 //
 // y = conv(x, g): 3x3 kernel, stride 1, one row/column of zero padding on each side ("SAME"),
 // NHWC. Each 4x4 block of outputs (a tile) is computed from its 6x6 input window d as
@@ -63,8 +65,22 @@ inline void InputRows(const __m256 d[6], __m256 r[6]) {
   r[5] = _mm256_fmadd_ps(four, d[1], _mm256_fnmadd_ps(five, d[3], d[5]));
 }
 
-// V[xi][t][c0:c0+8] = (B^T d B)[xi] for tile `tile` of the chunk, d its 6x6 window (zero outside).
-void TransformInput(const float* x, const Geometry& g, int64_t tile, float* v, int64_t t, int64_t stride) {
+// Unpooling (`route` given): the gradient of a 2x2 max-pool's input, never written out. Position
+// (r, q) of an h x w x c map is the pooled gradient p[r/2][q/2] where `route`[r/2][q/2] (each
+// window's first maximum, row-major 0-3) names it, and +0 elsewhere (pooled maps: h/2 x w/2 x c).
+// These are the exact values of models.conv_impls' _route_to_first.
+inline __m256 Unpooled(const float* pooled, const int8_t* route, int64_t pw, int64_t c, int64_t img_ph, int64_t r,
+                       int64_t q, int64_t c0) {
+  const int64_t at = ((img_ph + (r >> 1)) * pw + (q >> 1)) * c + c0;
+  const __m256i first = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(route + at)));
+  const __m256i here = _mm256_set1_epi32(static_cast<int>(2 * (r & 1) + (q & 1)));
+  return _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(first, here)), _mm256_loadu_ps(pooled + at));
+}
+
+// V[xi][t][c0:c0+8] = (B^T d B)[xi] for tile `tile` of the chunk, d its 6x6 window (zero outside);
+// with `route`, x is pooled and d is read unpooled (`Unpooled`).
+void TransformInput(const float* x, const int8_t* route, const Geometry& g, int64_t tile, float* v, int64_t t,
+                    int64_t stride) {
   const auto [img, out_row, out_col] = TileAt(tile, g.th, g.tw, 4);
   const int64_t r0 = out_row - 1, q0 = out_col - 1;  // the window starts one before: "SAME" padding
   const float* base = x + img * g.h * g.w * g.c;
@@ -76,9 +92,12 @@ void TransformInput(const float* x, const Geometry& g, int64_t tile, float* v, i
       const int64_t q = q0 + j;
       for (int i = 0; i < 6; ++i) {
         const int64_t r = r0 + i;
-        d[i] = (interior || (r >= 0 && r < g.h && q >= 0 && q < g.w))
-                   ? _mm256_loadu_ps(base + (r * g.w + q) * g.c + c0)
-                   : _mm256_setzero_ps();
+        if (!interior && (r < 0 || r >= g.h || q < 0 || q >= g.w))
+          d[i] = _mm256_setzero_ps();
+        else if (route != nullptr)
+          d[i] = Unpooled(x, route, g.w / 2, g.c, img * (g.h / 2), r, q, c0);
+        else
+          d[i] = _mm256_loadu_ps(base + (r * g.w + q) * g.c + c0);
       }
       __m256 col[6];
       InputRows(d, col);
@@ -194,15 +213,15 @@ void TransformOutputPooled(const float* m, int64_t t_len, const Geometry& g, int
 }
 
 // Worker: takes chunks of tiles until none is left; writes y, or (with `first_max`) the pooled y and
-// the first-maximum indices.
-void RunChunks(const float* x, const float* u, const Geometry& g, int64_t chunk, float* y, int8_t* first_max,
-               std::atomic<int64_t>* next) {
+// the first-maximum indices. With `route`, x is a pooled map read unpooled (TransformInput).
+void RunChunks(const float* x, const int8_t* route, const float* u, const Geometry& g, int64_t chunk, float* y,
+               int8_t* first_max, std::atomic<int64_t>* next) {
   const int64_t stride = chunk * g.c;  // floats per xi in the transformed-input buffer
   std::vector<float> v(kXi * stride), m(kXi * chunk * kNR);
   const int64_t chunks = (g.tiles() + chunk - 1) / chunk;
   for (int64_t ci = next->fetch_add(1); ci < chunks; ci = next->fetch_add(1)) {
     const int64_t first = ci * chunk, t_len = std::min(chunk, g.tiles() - first);
-    for (int64_t t = 0; t < t_len; ++t) TransformInput(x, g, first + t, v.data(), t, stride);
+    for (int64_t t = 0; t < t_len; ++t) TransformInput(x, route, g, first + t, v.data(), t, stride);
     for (int64_t kb = 0; kb < g.k / kNR; ++kb) {
       for (int xi = 0; xi < kXi; ++xi) {
         const float* uk = u + (xi * (g.k / kNR) + kb) * g.c * kNR;
@@ -240,8 +259,10 @@ inline void GradRows(const __m256 y[4], __m256 o[6]) {
   o[5] = y[3];
 }
 
-// dm[xi][t][k0:k0+8] = (A dY A^T)[xi] for tile `tile`: A (6x4) spreads its 4x4 block of dY (zero outside).
-void TransformOutputGrad(const float* dy, const Geometry& g, int64_t tile, float* dm, int64_t t, int64_t stride) {
+// dm[xi][t][k0:k0+8] = (A dY A^T)[xi] for tile `tile`: A (6x4) spreads its 4x4 block of dY (zero
+// outside); with `route`, dy is pooled and read unpooled (`Unpooled`).
+void TransformOutputGrad(const float* dy, const int8_t* route, const Geometry& g, int64_t tile, float* dm, int64_t t,
+                         int64_t stride) {
   const auto [img, r0, q0] = TileAt(tile, g.th, g.tw, 4);
   const float* base = dy + img * g.h * g.w * g.k;
   for (int64_t k0 = 0; k0 < g.k; k0 += 8) {
@@ -249,8 +270,9 @@ void TransformOutputGrad(const float* dy, const Geometry& g, int64_t tile, float
     for (int j = 0; j < 4; ++j) {
       __m256 d[4], col[6];
       for (int i = 0; i < 4; ++i)
-        d[i] = (r0 + i < g.h && q0 + j < g.w) ? _mm256_loadu_ps(base + ((r0 + i) * g.w + q0 + j) * g.k + k0)
-                                              : _mm256_setzero_ps();
+        d[i] = (r0 + i >= g.h || q0 + j >= g.w) ? _mm256_setzero_ps()
+               : route != nullptr ? Unpooled(dy, route, g.w / 2, g.k, img * (g.h / 2), r0 + i, q0 + j, k0)
+                                  : _mm256_loadu_ps(base + ((r0 + i) * g.w + q0 + j) * g.k + k0);
       GradRows(d, col);
       for (int a = 0; a < 6; ++a) s[a][j] = col[a];
     }
@@ -307,8 +329,8 @@ void TileGradRows(int rows, const float* v, int64_t c_len, const float* dm, int6
 }
 
 // Adds the dU of chunks [c_begin, c_end) of tiles, in order, into `du` (36 x C x K).
-void RunFilterGradSlice(const float* x, const float* dy, const Geometry& g, int64_t chunk, int64_t c_begin,
-                        int64_t c_end, float* du) {
+void RunFilterGradSlice(const float* x, const float* dy, const int8_t* route, const Geometry& g, int64_t chunk,
+                        int64_t c_begin, int64_t c_end, float* du) {
   // Floats per xi in the two tile buffers, plus one cache line: the transforms store to all 36 xi
   // at once, and strides of a multiple of 4 KiB would put those stores in one L1 cache set.
   const int64_t vs = chunk * g.c + 16, ms = chunk * g.k + 16;
@@ -316,8 +338,8 @@ void RunFilterGradSlice(const float* x, const float* dy, const Geometry& g, int6
   for (int64_t ci = c_begin; ci < c_end; ++ci) {
     const int64_t first = ci * chunk, t_len = std::min(chunk, g.tiles() - first);
     for (int64_t t = 0; t < t_len; ++t) {
-      TransformInput(x, g, first + t, v.data(), t, vs);
-      TransformOutputGrad(dy, g, first + t, dm.data(), t, ms);
+      TransformInput(x, nullptr, g, first + t, v.data(), t, vs);
+      TransformOutputGrad(dy, route, g, first + t, dm.data(), t, ms);
     }
     for (int xi = 0; xi < kXi; ++xi) {
       const float* vx = v.data() + xi * vs;
@@ -342,12 +364,13 @@ const char* ConvGeometry(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& u, Geo
   return "";
 }
 
-void RunConv(ffi::ThreadPool& pool, const float* x, const float* u, const Geometry& g, float* y, int8_t* first_max) {
+void RunConv(ffi::ThreadPool& pool, const float* x, const int8_t* route, const float* u, const Geometry& g, float* y,
+             int8_t* first_max) {
   const int64_t chunk = ChunkTiles(g.c, g.tiles(), std::max<int64_t>(1, pool.num_threads()));
   const int64_t chunks = (g.tiles() + chunk - 1) / chunk;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), chunks));
   std::atomic<int64_t> next{0};
-  Parallel(pool, threads, [&] { RunChunks(x, u, g, chunk, y, first_max, &next); });
+  Parallel(pool, threads, [&] { RunChunks(x, route, u, g, chunk, y, first_max, &next); });
 }
 
 ffi::Error WinogradConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
@@ -355,7 +378,7 @@ ffi::Error WinogradConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   Geometry g;
   const char* error = ConvGeometry(x, u, &g);
   if (*error) return ffi::Error::InvalidArgument(error);
-  RunConv(pool, x.typed_data(), u.typed_data(), g, y->typed_data(), nullptr);
+  RunConv(pool, x.typed_data(), nullptr, u.typed_data(), g, y->typed_data(), nullptr);
   return ffi::Error::Success();
 }
 
@@ -365,16 +388,42 @@ ffi::Error WinogradConvPoolImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
   const char* error = ConvGeometry(x, u, &g);
   if (*error) return ffi::Error::InvalidArgument(error);
   if (g.h % 2 != 0 || g.w % 2 != 0) return ffi::Error::InvalidArgument("winograd conv+pool: h and w must be even");
-  RunConv(pool, x.typed_data(), u.typed_data(), g, pooled->typed_data(), first->typed_data());
+  RunConv(pool, x.typed_data(), nullptr, u.typed_data(), g, pooled->typed_data(), first->typed_data());
   return ffi::Error::Success();
 }
 
-ffi::Error WinogradFilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                                  ffi::ResultBuffer<ffi::F32> du) {
+// Whether `route` (int8) has `pooled`'s shape, the 2x2 max-pool of an n x h x w map (h, w even).
+bool RouteFits(ffi::Buffer<ffi::F32>& pooled, ffi::Buffer<ffi::S8>& route) {
+  const auto pd = pooled.dimensions();
+  const auto rd = route.dimensions();
+  return pd.size() == 4 && rd.size() == 4 && pd[0] == rd[0] && pd[1] == rd[1] && pd[2] == rd[2] && pd[3] == rd[3];
+}
+
+// y = conv(unpool(p, route), g): the input gradient of a conv + 2x2 max-pool from the pooled
+// gradient p and the pool's first-maximum positions, without writing the unpooled gradient.
+ffi::Error WinogradConvUnpoolImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::S8> route,
+                                  ffi::Buffer<ffi::F32> u, ffi::ResultBuffer<ffi::F32> y) {
+  if (!RouteFits(p, route)) return ffi::Error::InvalidArgument("winograd unpool conv: route must be p's shape");
+  Geometry g;
+  const char* error = ConvGeometry(p, u, &g);
+  if (*error) return ffi::Error::InvalidArgument(error);
+  g.h *= 2;
+  g.w *= 2;
+  g.th = (g.h + 3) / 4;
+  g.tw = (g.w + 3) / 4;
+  RunConv(pool, p.typed_data(), route.typed_data(), u.typed_data(), g, y->typed_data(), nullptr);
+  return ffi::Error::Success();
+}
+
+// dU of conv(x, g) given dy, or (with `route`) given the pooled gradient dy of its 2x2 max-pool.
+ffi::Error FilterGrad(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& dy, const int8_t* route,
+                      ffi::ResultBuffer<ffi::F32>& du) {
   const auto xd = x.dimensions();
   const auto yd = dy.dimensions();
-  if (xd.size() != 4 || yd.size() != 4 || yd[0] != xd[0] || yd[1] != xd[1] || yd[2] != xd[2])
-    return ffi::Error::InvalidArgument("winograd filter grad: x and dy must be NHWC of the same N, H, W");
+  const int64_t scale = route != nullptr ? 2 : 1;
+  if (xd.size() != 4 || yd.size() != 4 || yd[0] != xd[0] || yd[1] * scale != xd[1] || yd[2] * scale != xd[2])
+    return ffi::Error::InvalidArgument(route != nullptr ? "winograd unpool filter grad: dy must be x's 2x2 max-pool"
+                                                        : "winograd filter grad: x and dy must be NHWC of the same N, H, W");
   Geometry g{xd[0], xd[1], xd[2], xd[3], yd[3], (xd[1] + 3) / 4, (xd[2] + 3) / 4};
   if (g.c % 8 != 0 || g.k % kNR != 0)
     return ffi::Error::InvalidArgument("winograd filter grad: channels must be multiples of 8 (x) and 16 (dy)");
@@ -394,7 +443,7 @@ ffi::Error WinogradFilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   Parallel(pool, threads, [&] {
     for (int64_t i = next.fetch_add(1); i < slices; i = next.fetch_add(1)) {
       partial[i].assign(size, 0.0f);
-      RunFilterGradSlice(xp, dyp, g, chunk, i * chunks / slices, (i + 1) * chunks / slices, partial[i].data());
+      RunFilterGradSlice(xp, dyp, route, g, chunk, i * chunks / slices, (i + 1) * chunks / slices, partial[i].data());
     }
   });
   float* out = du->typed_data();
@@ -406,6 +455,20 @@ ffi::Error WinogradFilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     for (; i < size; ++i) out[i] += p[i];
   }
   return ffi::Error::Success();
+}
+
+ffi::Error WinogradFilterGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                                  ffi::ResultBuffer<ffi::F32> du) {
+  return FilterGrad(pool, x, dy, nullptr, du);
+}
+
+ffi::Error WinogradFilterGradUnpoolImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> p,
+                                        ffi::Buffer<ffi::S8> route, ffi::ResultBuffer<ffi::F32> du) {
+  if (!RouteFits(p, route))
+    return ffi::Error::InvalidArgument("winograd unpool filter grad: route must be the pooled gradient's shape");
+  if (x.dimensions().size() == 4 && (x.dimensions()[1] % 2 != 0 || x.dimensions()[2] % 2 != 0))
+    return ffi::Error::InvalidArgument("winograd unpool filter grad: h and w must be even");
+  return FilterGrad(pool, x, p, route.typed_data(), du);
 }
 
 }  // namespace
@@ -431,3 +494,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelWinogradConvPool, WinogradConvPoolImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S8>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelWinogradConvUnpool, WinogradConvUnpoolImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxaccelWinogradFilterGradUnpool, WinogradFilterGradUnpoolImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -54,17 +54,24 @@ AT4 = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
 TARGET = "jaxaccel_winograd_conv"
 POOL_TARGET = "jaxaccel_winograd_conv_pool"
 GRAD_TARGET = "jaxaccel_winograd_filter_grad"
+UNPOOL_TARGET = "jaxaccel_winograd_conv_unpool"
+UNPOOL_GRAD_TARGET = "jaxaccel_winograd_filter_grad_unpool"
 PADDING = ((1, 1), (1, 1))  # the only padding the kernel does: "SAME" for a 3x3 window
 KERNEL = KernelFamily(Path(__file__).with_name("winograd.cc"), ("avx2", "avx512"),
                      {"JaxaccelWinogradConv": TARGET, "JaxaccelWinogradConvPool": POOL_TARGET,
-                      "JaxaccelWinogradFilterGrad": GRAD_TARGET},
+                      "JaxaccelWinogradFilterGrad": GRAD_TARGET, "JaxaccelWinogradConvUnpool": UNPOOL_TARGET,
+                      "JaxaccelWinogradFilterGradUnpool": UNPOOL_GRAD_TARGET},
                      fallback="convs use XLA's")
 
 
+_TARGETS = dict(conv=TARGET, pool=POOL_TARGET, grad=GRAD_TARGET, unpool=UNPOOL_TARGET, unpool_grad=UNPOOL_GRAD_TARGET)
+
+
 def target(kind: str = "conv", isa_name: str | None = None) -> str:
-    """The custom-call target of the "conv", "pool" (conv + max-pool) or "grad" (filter gradient)
-    kernel for `isa_name` (default: `KERNEL.isa()`, the widest this CPU runs)."""
-    return KERNEL.target(dict(conv=TARGET, pool=POOL_TARGET, grad=GRAD_TARGET)[kind], isa_name)
+    """The custom-call target of the "conv", "pool" (conv + max-pool), "grad" (filter gradient),
+    "unpool" (`unpool_conv`) or "unpool_grad" (`unpool_filter_grad`) kernel for `isa_name`
+    (default: `KERNEL.isa()`, the widest this CPU runs)."""
+    return KERNEL.target(_TARGETS[kind], isa_name)
 
 
 def unavailable_reason() -> str | None:
@@ -170,9 +177,41 @@ def filter_grad(x: jax.Array, dy: jax.Array, isa_name: str | None = None) -> jax
     return apply_along(G4.T, apply_along(G4.T, grad.reshape(6, 6, c, k), 0), 1)
 
 
+def _check_unpool(pooled: jax.Array, first: jax.Array, what: str) -> None:
+    if pooled.ndim != 4 or pooled.dtype != jnp.float32 or first.shape != pooled.shape or first.dtype != jnp.int8:
+        raise ValueError(f"winograd {what} needs a float32 NHWC pooled gradient and int8 first-maximum "
+                         f"positions of its shape, got {pooled.dtype}{list(pooled.shape)}, "
+                         f"{first.dtype}{list(first.shape)}")
+
+
+def unpool_conv(pooled: jax.Array, first: jax.Array, kernel: jax.Array, isa_name: str | None = None) -> jax.Array:
+    """`conv(unpooled, kernel)` where `unpooled` [N, 2H, 2W, C] holds each 2x2 window's `pooled`
+    [N, H, W, C] value at its `first` position (as `conv_max_pool` returns them) and zeros
+    elsewhere: conv + pool's input gradient, without `unpooled` ever being written."""
+    _check_unpool(pooled, first, "unpool conv")
+    n, h, w, c = pooled.shape
+    isa_name = _check_conv(jax.ShapeDtypeStruct((n, 2 * h, 2 * w, c), pooled.dtype), kernel, isa_name)
+    return _calls(isa_name)[3](pooled, first, kernel)
+
+
+def unpool_filter_grad(x: jax.Array, pooled: jax.Array, first: jax.Array, isa_name: str | None = None) -> jax.Array:
+    """`filter_grad(x, unpooled)` for the `unpooled` of `unpool_conv`: the kernel gradient of conv
+    + 2x2 max-pool from the pooled gradient. H and W of `x` are twice `pooled`'s."""
+    _check_unpool(pooled, first, "unpool filter gradient")
+    c, k = x.shape[-1], pooled.shape[-1]
+    if (x.ndim != 4 or x.dtype != jnp.float32 or x.shape[0] != pooled.shape[0]
+            or tuple(x.shape[1:3]) != (2 * pooled.shape[1], 2 * pooled.shape[2]) or c % 8 or k % 16):
+        raise ValueError(f"winograd unpool filter gradient needs float32 NHWC x (C % 8 == 0) twice the "
+                         f"height and width of the pooled gradient (K % 16 == 0), got "
+                         f"{x.dtype}{list(x.shape)}, {pooled.dtype}{list(pooled.shape)}")
+    grad = _calls(_checked_isa(isa_name))[4](x, pooled, first)
+    return apply_along(G4.T, apply_along(G4.T, grad.reshape(6, 6, c, k), 0), 1)
+
+
 @functools.cache
-def _calls(isa_name: str) -> tuple[Any, Any, Any]:
-    """The (conv, conv + pool, filter gradient) custom calls of the library for `isa_name`."""
+def _calls(isa_name: str) -> tuple[Any, ...]:
+    """The (conv, conv + pool, filter gradient, unpool conv, unpool filter gradient) custom calls of
+    the library for `isa_name`."""
     def ffi_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
         call = jax.ffi.ffi_call(target("grad", isa_name),
                                 jax.ShapeDtypeStruct((36, x.shape[-1], dy.shape[-1]), jnp.float32),
@@ -195,6 +234,19 @@ def _calls(isa_name: str) -> tuple[Any, Any, Any]:
                                 vmap_method="sequential")
         return call(x, transform_kernel(kernel))
 
+    def ffi_unpool(pooled: jax.Array, first: jax.Array, kernel: jax.Array) -> jax.Array:
+        n, h, w, _ = pooled.shape
+        call = jax.ffi.ffi_call(target("unpool", isa_name),
+                                jax.ShapeDtypeStruct((n, 2 * h, 2 * w, kernel.shape[-1]), jnp.float32),
+                                vmap_method="sequential")
+        return call(pooled, first, transform_kernel(kernel))
+
+    def ffi_unpool_grad(x: jax.Array, pooled: jax.Array, first: jax.Array) -> jax.Array:
+        call = jax.ffi.ffi_call(target("unpool_grad", isa_name),
+                                jax.ShapeDtypeStruct((36, x.shape[-1], pooled.shape[-1]), jnp.float32),
+                                vmap_method="sequential")
+        return call(x, pooled, first)
+
     # Under a sharded jit each device runs the kernel on its own examples (no gather of the batch);
     # under vmap (vectorized sweeps) one call per vmapped index. The filter gradient sums over the
     # batch: each device sums its examples, then a psum.
@@ -203,4 +255,8 @@ def _calls(isa_name: str) -> tuple[Any, Any, Any]:
             vmap_sequentially(batch_partitioned(ffi_pool, "b h w c, p q r n -> b i j n, b i j n",
                                                 ("h", "w", "c", "p", "q", "r", "n", "i", "j"))),
             vmap_sequentially(batch_partitioned(ffi_grad, "b h w c, b h w k -> x c k",
-                                                ("h", "w", "c", "k", "x"), summed=True)))
+                                                ("h", "w", "c", "k", "x"), summed=True)),
+            vmap_sequentially(batch_partitioned(ffi_unpool, "b i j c, b i j c, p q r n -> b h w n",
+                                                ("i", "j", "c", "p", "q", "r", "n", "h", "w"), batched=2)),
+            vmap_sequentially(batch_partitioned(ffi_unpool_grad, "b h w c, b i j k, b i j k -> x c k",
+                                                ("h", "w", "c", "i", "j", "k", "x"), summed=True)))

@@ -510,9 +510,16 @@ def _winograd_conv_max_pool_fwd(x, kernel):
 
 
 def _winograd_conv_max_pool_bwd(res, g):
+    # Both gradients read the pooled gradient `g` unpooled (routed to each window's first maximum)
+    # inside the kernel; the conv output's gradient is written out only for an input gradient the
+    # kernel cannot take (fewer than 16 input channels: a first layer's, usually not needed).
     x, kernel, first = res
-    dy = _route_to_first(first, g, 2, x.shape[:3] + kernel.shape[-1:])  # the conv output's gradient
-    return _winograd_input_grad(dy, kernel, winograd.PADDING, True), winograd.filter_grad(x, dy)
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    if winograd.supports((*x.shape[:3], g.shape[-1]), flipped.shape, winograd.PADDING, g.dtype):
+        dx = winograd.unpool_conv(g, first, flipped)
+    else:
+        dx = _input_grad(_route_to_first(first, g, 2, x.shape[:3] + kernel.shape[-1:]), kernel, winograd.PADDING)
+    return dx, winograd.unpool_filter_grad(x, g, first)
 
 
 _winograd_conv_max_pool.defvjp(_winograd_conv_max_pool_fwd, _winograd_conv_max_pool_bwd)
