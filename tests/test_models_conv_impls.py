@@ -266,7 +266,7 @@ def test_microbatched_reassembles_in_order_and_counts():
     assert conv_impls.microbatch_count(1, "cpu") == 1
     if winograd.available():  # whole batches to train, micro-batches at inference
         assert conv_impls.microbatch_count(128, "cpu_kernel", train=True) == 1
-        assert conv_impls.microbatch_count(128, "cpu_kernel") == 128 // conv_impls.CPU_MICROBATCH
+        assert conv_impls.microbatch_count(256, "cpu_kernel") == 256 // conv_impls.KERNEL_MICROBATCH
         assert conv_impls.microbatch_count(128, "cpu_kernel", 64, train=True) == 2  # an explicit size is honoured
     with pytest.raises(ValueError, match="microbatch"):
         conv_impls.microbatch_count(8, "cpu", 0)

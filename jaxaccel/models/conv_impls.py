@@ -26,12 +26,12 @@ Implementations (`CONV_IMPLS`):
               ResNet-20 (BatchNorm between convs) slower, so the other models' "auto" stays
               "cpu".
   * "cpu_kernel": "winograd", but its 3x3 convs run all three passes (forward, input gradient,
-              filter gradient) as Winograd F(2x2, 3x3) in jaxaccel's own AVX2+FMA / AVX-512 kernel
+              filter gradient) as Winograd F(4x4, 3x3) in jaxaccel's own AVX2+FMA / AVX-512 kernel
               (`kernels.winograd`, an XLA FFI custom call compiled on first use), which fuses
               the tile transforms into its matmuls and, in `Conv.max_pooled`, the 2x2 max-pool
               into the forward (only the pooled values and each window's int8 first-maximum
               position are written; a pooled first layer's 1-7 input channels are zero-padded
-              to 8 for it). Where the kernel does not cover a conv (float32 only, "SAME",
+              to 8 for it) and the pool's gradient routing into both conv gradients. Where the kernel does not cover a conv (float32 only, "SAME",
               channels multiples of 8 / 16, even sizes for the fused pool) it is "winograd". `CNN3`'s "auto" picks it on CPU when the kernel can run (its train
               step measured faster than "winograd": BENCHMARKS.md).
               It trains on whole batches (micro-batches only at inference, see
@@ -81,6 +81,9 @@ CPU_IM2COL_MAX_PATCH = 32
 # examples: each micro-batch's activations stay in cache, and XLA:CPU runs independent
 # micro-batches concurrently on its thread pool.
 CPU_MICROBATCH = 32
+# Under "cpu_kernel", inference runs on micro-batches of this many examples (cnn3 at batch 256,
+# F(4x4, 3x3) kernels: about 10% faster than 32 or the whole batch; training runs whole batches).
+KERNEL_MICROBATCH = 128
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -640,19 +643,19 @@ def conv_act_pool(layer: nn.Module, x: jax.Array, act: Callable[[jax.Array], jax
 
 def microbatch_count(batch: int, conv_impl: str, microbatch: int | None = None, train: bool = False) -> int:
     """How many micro-batches to split `batch` into: the largest divisor of `batch` not above
-    batch / size, with size `microbatch` if given, else `CPU_MICROBATCH` under "cpu", "winograd"
-    and (at inference only) "cpu_kernel"; 1 otherwise.
+    batch / size, with size `microbatch` if given, else `CPU_MICROBATCH` under "cpu" and
+    "winograd", `KERNEL_MICROBATCH` under "cpu_kernel" at inference; 1 otherwise.
 
-    Measured on cnn3 (BENCHMARKS.md): a "cpu_kernel" train step is fastest whole (the kernels
-    block for the cache themselves and lose efficiency on small calls), its inference in
-    micro-batches of 32 (with no activations kept for a backward pass, each micro-batch's stay
+    Measured on cnn3: a "cpu_kernel" train step is fastest whole (the kernels block for the
+    cache themselves and lose efficiency on small calls), its inference in micro-batches of
+    `KERNEL_MICROBATCH` (with no activations kept for a backward pass, each micro-batch's stay
     in cache).
     """
     if microbatch is None:
         impl = resolve_conv_impl(conv_impl)
         if impl not in ("cpu", "winograd", "cpu_kernel") or (impl == "cpu_kernel" and train):
             return 1
-        microbatch = CPU_MICROBATCH
+        microbatch = KERNEL_MICROBATCH if impl == "cpu_kernel" else CPU_MICROBATCH
     if microbatch < 1:
         raise ValueError(f"microbatch must be >= 1, got {microbatch!r}")
     target = max(1, batch // microbatch)
