@@ -166,12 +166,14 @@ def test_unsupported_inputs_are_refused_with_the_shapes():
 
 
 @needs_kernel
-def test_cpu_kernel_impl_runs_every_wide_conv_in_the_kernel():
+@pytest.mark.parametrize("features", [(32, 64, 128), (24, 40, 8)])
+def test_cpu_kernel_impl_runs_every_wide_conv_in_the_kernel(features):
     """cnn3 under "cpu_kernel": every conv's forward (with its 2x2 max-pool) and filter gradient
     and conv2/conv3's input gradients are kernel calls — the first layer's 3 input channels
-    zero-padded to 8 — and the gradients match the plain Flax model's."""
-    model = get_model("cnn3", 10, conv_impl="cpu_kernel", microbatch=8)
-    plain = get_model("cnn3", 10, conv_impl="xla")
+    zero-padded to 8, and widths that are not multiples of 16 (a shrunk model's) padded to
+    them — and the gradients match the plain Flax model's."""
+    model = get_model("cnn3", 10, features=features, conv_impl="cpu_kernel", microbatch=8)
+    plain = get_model("cnn3", 10, features=features, conv_impl="xla")
     v = init_variables(plain, jax.random.key(0), (16, 16, 3))
     x = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
 

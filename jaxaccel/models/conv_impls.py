@@ -31,7 +31,8 @@ Implementations (`CONV_IMPLS`):
               the tile transforms into its matmuls and, in `Conv.max_pooled`, the 2x2 max-pool
               into the forward (only the pooled values and each window's int8 first-maximum
               position are written; a pooled first layer's 1-7 input channels are zero-padded
-              to 8 for it) and the pool's gradient routing into both conv gradients. Where the kernel does not cover a conv (float32 only, "SAME",
+              to 8 and output channels to a multiple of 16 for it) and the pool's gradient routing into
+              both conv gradients. Where the kernel does not cover a conv (float32 only, "SAME",
               channels multiples of 8 / 16, even sizes for the fused pool) it is "winograd". `CNN3`'s "auto" picks it on CPU when the kernel can run (its train
               step measured faster than "winograd": BENCHMARKS.md).
               It trains on whole batches (micro-batches only at inference, see
@@ -250,7 +251,7 @@ def winograd_conv(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, 
     padded to whole tiles.
 
     `use_kernel` (conv_impl "cpu_kernel"): all three (forward, input gradient, filter gradient)
-    run as Winograd F(2x2, 3x3) in jaxaccel's CPU kernel (`kernels.winograd`) where it supports
+    run as Winograd F(4x4, 3x3) in jaxaccel's CPU kernel (`kernels.winograd`) where it supports
     the shapes (float32, "SAME", channels multiples of 8 and 16), with every transform fused
     into the kernel's matmuls; elsewhere as above.
     """
@@ -481,20 +482,25 @@ def _conv_max_pool(conv_impl: str, x: jax.Array, kernel: jax.Array, strides: tup
                    groups: int, window: int) -> jax.Array:
     """max_pool_2d(conv(x, kernel), window), fused into one Winograd kernel call where it can be.
 
-    A first layer's few input channels (1-7, e.g. RGB) are zero-padded to 8 for the kernel, whose
-    Winograd tiles and fused pool then beat im2col even with the extra zeros: the zero channels
-    add nothing to the conv, and the pad's VJP drops their kernel gradient."""
-    # `supports` covers 3x3, "SAME", float32 (x and kernel share a dtype here) and channels % 8.
-    pad_c = 8 - x.shape[-1] if x.shape[-1] < 8 else 0
+    Channels the kernel cannot take are zero-padded for it: input channels up to a multiple of 8
+    (a first layer's 1-7, e.g. RGB) and output channels of at least 8 up to a multiple of 16
+    (e.g. 24 in a channel-pruned, shrunk model; the extra outputs are dropped). The kernel's
+    Winograd tiles and fused pool then beat im2col and XLA's convs even with the extra zeros
+    (measured on cnn3 and its shrunk versions); the zeros add nothing to the conv, and the
+    pads' VJPs drop their gradients."""
+    # `supports` covers 3x3, "SAME", float32 (x and kernel share a dtype here) and channels % 8, % 16.
+    pad_c = -x.shape[-1] % 8
+    pad_k = -kernel.shape[-1] % 16 if kernel.ndim == 4 and kernel.shape[-1] >= 8 else 0
     if (window == 2 and resolve_conv_impl(conv_impl) == "cpu_kernel" and groups == 1 and strides == (1, 1)
             and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0 and kernel.ndim == 4
             and winograd.supports((*x.shape[:3], x.shape[3] + pad_c), (*kernel.shape[:2], kernel.shape[2] + pad_c,
-                                                                        kernel.shape[3]),
+                                                                        kernel.shape[3] + pad_k),
                                   _explicit_padding(padding, x.shape[1:3], kernel.shape[:2]), x.dtype)):
-        if pad_c:
-            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad_c)))
-            kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, pad_c), (0, 0)))
-        return _winograd_conv_max_pool(x, kernel)
+        features = kernel.shape[-1]
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad_c))) if pad_c else x
+        kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, pad_c), (0, pad_k))) if pad_c or pad_k else kernel
+        pooled = _winograd_conv_max_pool(x, kernel)
+        return pooled[..., :features] if pad_k else pooled
     y = conv_general_dilated_fn(conv_impl)(x, kernel, strides, padding, dimension_numbers=_NHWC,
                                            feature_group_count=groups)
     return max_pool_2d(y, window)
@@ -515,11 +521,16 @@ def _winograd_conv_max_pool_fwd(x, kernel):
 def _winograd_conv_max_pool_bwd(res, g):
     # Both gradients read the pooled gradient `g` unpooled (routed to each window's first maximum)
     # inside the kernel; the conv output's gradient is written out only for an input gradient the
-    # kernel cannot take (fewer than 16 input channels: a first layer's, usually not needed).
+    # kernel cannot take (fewer than 8 input channels: a first layer's, usually not needed).
+    # x's channels (the input gradient's outputs) are zero-padded as in `_conv_max_pool`.
     x, kernel, first = res
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    if winograd.supports((*x.shape[:3], g.shape[-1]), flipped.shape, winograd.PADDING, g.dtype):
-        dx = winograd.unpool_conv(g, first, flipped)
+    channels = flipped.shape[-1]
+    pad = -channels % 16 if channels >= 8 else 0
+    if winograd.supports((*x.shape[:3], g.shape[-1]), (*flipped.shape[:3], channels + pad), winograd.PADDING,
+                          g.dtype):
+        flipped = jnp.pad(flipped, ((0, 0), (0, 0), (0, 0), (0, pad))) if pad else flipped
+        dx = winograd.unpool_conv(g, first, flipped)[..., :channels]
     else:
         dx = _input_grad(_route_to_first(first, g, 2, x.shape[:3] + kernel.shape[-1:]), kernel, winograd.PADDING)
     return dx, winograd.unpool_filter_grad(x, g, first)
