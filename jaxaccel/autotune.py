@@ -2,7 +2,8 @@
 benchmark mode, for jaxaccel's convs).
 
 On first use for a key — model (name, width, kwargs), image shape, batch, dtype, train or
-infer, backend and the CPU's vector features — every conv implementation that can run here
+infer, backend, the CPU's vector features, the kernels' ISA and a digest of their sources (a
+changed kernel is measured again) — every conv implementation that can run here
 (`CANDIDATES`) is compiled and timed for a few steps, and the fastest is cached on disk, so
 later runs on the same kind of machine reuse the choice without timing. A config that names
 a concrete `model.conv_impl` is never tuned (forced); `JAXACCEL_AUTOTUNE=off` disables tuning
@@ -32,7 +33,7 @@ import ml_collections
 import numpy as np
 
 from jaxaccel import io, models
-from jaxaccel.kernels.build import ISA_ORDER, host_isa, vector_features
+from jaxaccel.kernels.build import ISA_ORDER, host_isa, sources_digest, vector_features
 from jaxaccel.models.conv_impls import resolve_conv_impl
 
 log = logging.getLogger("jaxaccel")
@@ -97,7 +98,8 @@ def tune_key(model: ml_collections.ConfigDict, image_shape: tuple[int, ...], bat
                                   for k, v in dict(model.kwargs).items()},
                        "image_shape": list(image_shape), "batch": int(batch),
                        "dtype": model.dtype, "mode": mode, "backend": jax.default_backend(),
-                       "cpu": vector_features(), "kernel_isa": _kernel_isa()}, sort_keys=True)
+                       "cpu": vector_features(), "kernel_isa": _kernel_isa(),
+                       "kernels": sources_digest()}, sort_keys=True)
 
 
 def _kernel_isa() -> str | None:
@@ -179,7 +181,7 @@ def choose_int8_lowering(model: Any, int8_model: Any, images: jax.Array, *,
                       and (lo != "cpu_kernel" or default == "cpu_kernel"))
     key = json.dumps({**model_key, "int8_images": list(images.shape), "mode": "int8-infer",
                       "backend": jax.default_backend(), "cpu": vector_features(),
-                      "kernel_isa": _kernel_isa()}, sort_keys=True)
+                      "kernel_isa": _kernel_isa(), "kernels": sources_digest()}, sort_keys=True)
 
     def measure_lowerings() -> dict[str, float]:
         timings = {}

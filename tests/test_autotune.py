@@ -32,6 +32,7 @@ def test_first_use_measures_every_candidate_then_the_cache_answers(tuning, monke
     key = json.loads(first.key)
     assert key["mode"] == "infer" and key["batch"] == 8 and key["backend"] == "cpu"
     assert key["cpu"] == autotune.vector_features() and key["kernel_isa"] == autotune.host_isa(autotune.ISA_ORDER)
+    assert key["kernels"] == autotune.sources_digest()  # a changed kernel is measured again
 
     def no_timing(*args, **kwargs):
         raise AssertionError("measured again")

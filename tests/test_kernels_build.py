@@ -94,3 +94,20 @@ def test_vmap_sequentially_maps_one_call_per_index():
     xs, y = jnp.arange(6.0).reshape(3, 2), jnp.ones(2)
     np.testing.assert_array_equal(jax.vmap(f, in_axes=(0, None))(xs, y), xs * 2.0 + 1.0)
     assert calls and all(shape == (2,) for shape in calls)  # unbatched calls only
+
+
+def test_sources_digest_follows_every_kernel_source(tmp_path, monkeypatch):
+    """autotune keys its cached measurements on this digest: editing any kernel source changes it."""
+    digest = build.sources_digest()
+    assert len(digest) == 12 and digest == build.sources_digest()
+    for name in ("winograd.cc", "int8.cc", "common.h"):
+        (tmp_path / name).write_bytes((build.HEADER.parent / name).read_bytes())
+    monkeypatch.setattr(build, "HEADER", tmp_path / "common.h")
+    build.sources_digest.cache_clear()
+    try:
+        assert build.sources_digest() == digest  # the same files elsewhere
+        (tmp_path / "winograd.cc").write_bytes((tmp_path / "winograd.cc").read_bytes() + b"\n")
+        build.sources_digest.cache_clear()
+        assert build.sources_digest() != digest
+    finally:
+        build.sources_digest.cache_clear()

@@ -38,6 +38,16 @@ import jaxlib
 HEADER = Path(__file__).with_name("common.h")
 
 
+@functools.cache
+def sources_digest() -> str:
+    """A short hash of every kernel source in this package (the .cc files and common.h): what
+    a cached measurement of the kernels' speed (`autotune`) is only valid for."""
+    digest = hashlib.sha256()
+    for path in sorted(HEADER.parent.glob("*.cc")) + [HEADER]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def cache_dir() -> Path:
     """Where compiled kernels are kept: `$JAXACCEL_KERNEL_CACHE`, else ~/.cache/jaxaccel/kernels."""
     return Path(os.environ.get("JAXACCEL_KERNEL_CACHE") or Path.home() / ".cache" / "jaxaccel" / "kernels")
