@@ -5,8 +5,8 @@
                      sharding and vmap of custom calls
   common.h           C++ shared by the kernels (the ISA macros, XLA's thread pool, Winograd
                      tile origins)
-  winograd.{py,cc}   the Winograd F(2x2, 3x3) transforms (`G`, ...) and float32 conv kernels
-                     (conv_impl "cpu_kernel")
+  winograd.{py,cc}   the Winograd F(2x2, 3x3) and F(4x4, 3x3) transforms (`G`, `G4`, ...) and
+                     the float32 F(4x4, 3x3) conv kernels (conv_impl "cpu_kernel")
   int8.{py,cc}       int8 conv / matmul kernel (int8 inference's "cpu_kernel" lowering)
 
 Importing it builds nothing; a kernel is compiled when first checked or called. The package

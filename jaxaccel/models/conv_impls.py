@@ -242,7 +242,8 @@ def _winograd_filter_grad(x: jax.Array, dy: jax.Array, padding: Sequence[tuple[i
 
 def winograd_conv(x: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, int]],
                   use_kernel: bool = False) -> jax.Array:
-    """Stride-1 NHWC conv of `x` with a 3x3 HWIO `kernel` whose filter gradient is Winograd F(2x2, 3x3).
+    """Stride-1 NHWC conv of `x` with a 3x3 HWIO `kernel` whose filter gradient is Winograd F(2x2, 3x3)
+    (in XLA ops; F(4x4, 3x3) in the kernel with `use_kernel`).
 
     The forward is XLA's conv (it stays fusable with its neighbours: a Winograd forward measured
     as fast in the cnn3 train step and 2x slower for inference); the input gradient is XLA's conv
