@@ -31,6 +31,19 @@ def _close(got, want, rtol=2e-5):
     assert np.abs(got - want).max() <= rtol * np.abs(want).max(), np.abs(got - want).max() / np.abs(want).max()
 
 
+@pytest.mark.parametrize("bt, g, at", [(W.BT, W.G, W.AT), (W.BT4, W.G4, W.AT4)], ids=["F(2x2,3x3)", "F(4x4,3x3)"])
+def test_transform_matrices_compute_the_3x3_correlation(bt, g, at):
+    """Y = A^T [(G k G^T) * (B^T d B)] A is the "VALID" 3x3 correlation of the input tile d with k."""
+    rng = np.random.default_rng(0)
+    n = bt.shape[0]
+    m = n - 2
+    for _ in range(5):
+        d, k = rng.standard_normal((n, n)), rng.standard_normal((3, 3))
+        want = np.array([[np.sum(d[i:i + 3, j:j + 3] * k) for j in range(m)] for i in range(m)])
+        got = at.astype(np.float64) @ ((g @ k @ g.T) * (bt.astype(np.float64) @ d @ bt.T)) @ at.T
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
 @needs_kernel
 def test_kernel_builds_into_the_cache_and_registers():
     assert W.unavailable_reason() is None and W.available()
